@@ -1,0 +1,122 @@
+"""Max and average pooling over the spatial axes of channels-last images.
+
+    x (N, H, W, C) -> y (N, OH, OW, C),  OH = (H + 2*PH - KH) // SH + 1
+
+Both CPU versions walk the KH*KW window offsets and do one vectorized pass over the
+output per offset (no Python loop over the batch or pixels). On CuPy, max pooling runs
+the hand-written kernels in kernels/maxpool2d.cu; average pooling is array code on both.
+
+Tie rule for max pooling: the gradient goes to the FIRST maximum of the window in
+row-major (kh, kw) order -- the element numpy.argmax picks from the flattened window.
+A NaN counts as a maximum. The CUDA kernel follows the same rule, so routing is identical.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from ..backend import get_array_module, is_cupy_array
+from ._util import check_float, check_rank, output_size, pair
+from .conv import pad_hw
+
+
+def _pool_geometry(x: Any, pool_size, stride, padding, op: str):
+    check_float(x, op)
+    check_rank(x, 4, op, "(N, H, W, C)")
+    kh, kw = pair(pool_size, "pool_size")
+    sh, sw = pair(pool_size if stride is None else stride, "stride")
+    ph, pw = pair(padding, "padding")
+    if ph > kh // 2 or pw > kw // 2:
+        raise ValueError(f"{op}: padding must be at most half the pool size, got padding "
+                         f"({ph}, {pw}) for pool ({kh}, {kw})")
+    oh = output_size(x.shape[1], kh, sh, ph, op, "height")
+    ow = output_size(x.shape[2], kw, sw, pw, op, "width")
+    return (kh, kw), (sh, sw), (ph, pw), oh, ow
+
+
+def window_index_dtype(kh: int, kw: int) -> str:
+    """The argmax of a window is stored in one byte when the window has at most 256 elements."""
+    return "uint8" if kh * kw <= 256 else "int32"
+
+
+def _offset_slice(kh_i: int, kw_j: int, sh: int, sw: int, oh: int, ow: int):
+    """Index of window element (i, j) of every window in a padded (N, Hp, Wp, C) array."""
+    return (slice(None), slice(kh_i, kh_i + sh * (oh - 1) + 1, sh),
+            slice(kw_j, kw_j + sw * (ow - 1) + 1, sw), slice(None))
+
+
+def max_pool2d_forward(x: Any, pool_size: int | tuple[int, int] = 2,
+                       stride: int | tuple[int, int] | None = None,
+                       padding: int | tuple[int, int] = 0) -> tuple[Any, tuple]:
+    """x (N, H, W, C) -> y (N, OH, OW, C), cache. stride defaults to pool_size; padding is -inf."""
+    (kh, kw), (sh, sw), (ph, pw), oh, ow = _pool_geometry(x, pool_size, stride, padding, "max_pool2d")
+    if is_cupy_array(x):
+        from ..cuda import maxpool
+        y, argmax = maxpool.max_pool2d_forward(x, (kh, kw), (sh, sw), (ph, pw))
+    else:
+        y, argmax = _max_pool_numpy(x, kh, kw, sh, sw, ph, pw, oh, ow)
+    return y, (argmax, x.shape, (kh, kw), (sh, sw), (ph, pw))
+
+
+def _max_pool_numpy(x, kh, kw, sh, sw, ph, pw, oh, ow):
+    xp = get_array_module(x)
+    xpad = pad_hw(x, ph, pw, value=-xp.inf)
+    y = xpad[_offset_slice(0, 0, sh, sw, oh, ow)].copy()
+    argmax = xp.zeros(y.shape, dtype=window_index_dtype(kh, kw))
+    y_is_nan = xp.isnan(y)
+    for k in range(1, kh * kw):
+        v = xpad[_offset_slice(k // kw, k % kw, sh, sw, oh, ow)]
+        # Strictly greater keeps the first maximum; a NaN beats anything but an earlier NaN.
+        better = v > y
+        v_is_nan = xp.isnan(v)
+        if v_is_nan.any():
+            better |= v_is_nan & ~y_is_nan
+            y_is_nan |= v_is_nan
+        xp.copyto(y, v, where=better)
+        xp.copyto(argmax, k, where=better, casting="unsafe")
+    return y, argmax
+
+
+def max_pool2d_backward(dy: Any, cache: tuple) -> Any:
+    """dy (N, OH, OW, C) -> dx (N, H, W, C): each gradient goes to its window's argmax."""
+    argmax, x_shape, (kh, kw), (sh, sw), (ph, pw) = cache
+    if is_cupy_array(dy):
+        from ..cuda import maxpool
+        return maxpool.max_pool2d_backward(dy, argmax, x_shape, (kh, kw), (sh, sw), (ph, pw))
+    xp = get_array_module(dy)
+    n, h, w, c = x_shape
+    oh, ow = dy.shape[1], dy.shape[2]
+    dxpad = xp.zeros((n, h + 2 * ph, w + 2 * pw, c), dtype=dy.dtype)
+    for k in range(kh * kw):
+        # += so that overlapping windows (stride < pool) add up, in a fixed order.
+        dxpad[_offset_slice(k // kw, k % kw, sh, sw, oh, ow)] += xp.where(argmax == k, dy, 0)
+    return dxpad[:, ph:ph + h, pw:pw + w, :] if (ph or pw) else dxpad
+
+
+def avg_pool2d_forward(x: Any, pool_size: int | tuple[int, int] = 2,
+                       stride: int | tuple[int, int] | None = None,
+                       padding: int | tuple[int, int] = 0) -> tuple[Any, tuple]:
+    """x (N, H, W, C) -> y (N, OH, OW, C), cache.
+
+    Padding counts as zeros in the average (every window divides by KH*KW), as PyTorch's
+    default count_include_pad=True does.
+    """
+    (kh, kw), (sh, sw), (ph, pw), oh, ow = _pool_geometry(x, pool_size, stride, padding, "avg_pool2d")
+    xpad = pad_hw(x, ph, pw)
+    y = xpad[_offset_slice(0, 0, sh, sw, oh, ow)].copy()
+    for k in range(1, kh * kw):
+        y += xpad[_offset_slice(k // kw, k % kw, sh, sw, oh, ow)]
+    y *= y.dtype.type(1.0 / (kh * kw))
+    return y, (x.shape, (kh, kw), (sh, sw), (ph, pw))
+
+
+def avg_pool2d_backward(dy: Any, cache: tuple) -> Any:
+    """dy (N, OH, OW, C) -> dx (N, H, W, C): each gradient spread evenly over its window."""
+    x_shape, (kh, kw), (sh, sw), (ph, pw) = cache
+    xp = get_array_module(dy)
+    n, h, w, c = x_shape
+    oh, ow = dy.shape[1], dy.shape[2]
+    share = dy * dy.dtype.type(1.0 / (kh * kw))
+    dxpad = xp.zeros((n, h + 2 * ph, w + 2 * pw, c), dtype=dy.dtype)
+    for k in range(kh * kw):
+        dxpad[_offset_slice(k // kw, k % kw, sh, sw, oh, ow)] += share
+    return dxpad[:, ph:ph + h, pw:pw + w, :] if (ph or pw) else dxpad

@@ -1,0 +1,170 @@
+"""Sequential: a model is a list of layers run in order."""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+
+from .backend import backend_of, to_device, to_numpy
+from .layers import Layer, Parameter
+
+DEVICE_ALIASES = {"cpu": "numpy", "numpy": "numpy", "gpu": "cupy", "cuda": "cupy", "cupy": "cupy"}
+
+
+class Sequential:
+    """Layers applied in order. forward(x) -> logits; backward(dlogits) fills every parameter's grad."""
+
+    def __init__(self, layers: Iterable[Layer]) -> None:
+        self.layers = list(layers)
+        self.training = True
+
+    def forward(self, x: Any) -> Any:
+        for layer in self.layers:
+            x = layer.forward(x)
+        return x
+
+    __call__ = forward
+
+    def backward(self, dout: Any) -> None:
+        """Backpropagate dL/d(output). The input gradient of the first layer is never computed."""
+        for i in range(len(self.layers) - 1, -1, -1):
+            dout = self.layers[i].backward(dout, need_dx=i > 0)
+
+    def parameters(self) -> list[Parameter]:
+        return [p for layer in self.layers for p in layer.params.values()]
+
+    def named_parameters(self) -> list[tuple[str, Parameter]]:
+        return [(f"{i}.{name}", p) for i, layer in enumerate(self.layers) for name, p in layer.params.items()]
+
+    def zero_grad(self) -> None:
+        for p in self.parameters():
+            p.grad = None
+
+    def train(self, mode: bool = True) -> "Sequential":
+        self.training = mode
+        for layer in self.layers:
+            layer.training = mode
+        return self
+
+    def eval(self) -> "Sequential":
+        return self.train(False)
+
+    def to(self, device: str) -> "Sequential":
+        """Move every parameter and buffer to 'cpu'/'numpy' or 'gpu'/'cuda'/'cupy'."""
+        if device not in DEVICE_ALIASES:
+            raise ValueError(f"device must be one of {sorted(DEVICE_ALIASES)}, got {device!r}")
+        for layer in self.layers:
+            layer.to(DEVICE_ALIASES[device])
+        return self
+
+    @property
+    def backend(self) -> str:
+        """'numpy' or 'cupy': where the parameters live."""
+        params = self.parameters()
+        return backend_of(params[0].data) if params else "numpy"
+
+    @property
+    def dtype(self) -> np.dtype:
+        params = self.parameters()
+        return params[0].data.dtype if params else np.dtype("float32")
+
+    def num_parameters(self) -> int:
+        return sum(int(np.prod(p.shape)) for p in self.parameters())
+
+    def summary(self, input_shape: tuple[int, ...]) -> str:
+        """A table of each layer's output shape (per sample) and parameter count."""
+        rows = [("layer", "output shape", "params"), ("input", str(tuple(input_shape)), "")]
+        shape = tuple(input_shape)
+        for layer in self.layers:
+            shape = layer.output_shape(shape)
+            count = sum(int(np.prod(p.shape)) for p in layer.params.values())
+            rows.append((repr(layer), str(shape), f"{count:,}" if count else "0"))
+        widths = [max(len(r[i]) for r in rows) for i in range(3)]
+        lines = [f"{r[0]:<{widths[0]}}  {r[1]:<{widths[1]}}  {r[2]:>{widths[2]}}" for r in rows]
+        lines.insert(1, "-" * len(lines[0]))
+        lines.append(f"total parameters: {self.num_parameters():,}")
+        return "\n".join(lines)
+
+    def __repr__(self) -> str:
+        return "Sequential(\n" + "".join(f"  ({i}) {layer!r}\n" for i, layer in enumerate(self.layers)) + ")"
+
+    # ---- state -----------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        """Every parameter and buffer as NumPy arrays, keyed '<layer index>.<name>'."""
+        state = {}
+        for i, layer in enumerate(self.layers):
+            for name, p in layer.params.items():
+                state[f"{i}.{name}"] = to_numpy(p.data).copy()
+            for name, value in layer.buffers.items():
+                state[f"{i}.{name}"] = to_numpy(value).copy()
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Copy arrays into the model (onto its device), checking names, shapes and dtypes first."""
+        expected = self.state_dict()
+        missing = sorted(set(expected) - set(state))
+        unexpected = sorted(set(state) - set(expected))
+        if missing or unexpected:
+            raise ValueError(f"state does not match the model: missing {missing or 'nothing'}, "
+                             f"unexpected {unexpected or 'nothing'}")
+        for key, ref in expected.items():
+            value = state[key]
+            if tuple(value.shape) != ref.shape or value.dtype != ref.dtype:
+                raise ValueError(f"state entry {key!r}: the model expects {ref.dtype} {ref.shape}, "
+                                 f"got {value.dtype} {tuple(value.shape)}")
+        backend = self.backend
+        for i, layer in enumerate(self.layers):
+            for name, p in layer.params.items():
+                p.data = to_device(np.array(to_numpy(state[f"{i}.{name}"])), backend)
+                p.grad = None
+            for name in layer.buffers:
+                layer.buffers[name] = to_device(np.array(to_numpy(state[f"{i}.{name}"])), backend)
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the state to a .npz file atomically: a crash leaves the old file or the new one."""
+        save_npz_atomic(path, self.state_dict())
+
+    def load(self, path: str | os.PathLike) -> "Sequential":
+        """Load a state written by save() (never unpickles)."""
+        self.load_state_dict(load_npz(path))
+        return self
+
+
+def save_npz_atomic(path: str | os.PathLike, arrays: dict[str, np.ndarray]) -> None:
+    """np.savez to a temporary file beside `path`, fsync, then rename over it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, **arrays)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    try:  # make the rename itself durable
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except OSError:
+        pass
+
+
+def load_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """Every array of a .npz file, with pickles refused and a clear error for a damaged file."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return {key: data[key] for key in data.files}
+    except Exception as exc:  # zipfile.BadZipFile, ValueError, EOFError, OSError...
+        raise ValueError(f"{path} is not a readable .npz checkpoint (truncated or corrupted?): {exc}") from exc

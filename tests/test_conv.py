@@ -1,0 +1,90 @@
+import numpy as np
+import pytest
+
+from cnn_gpu.backend import to_numpy
+from cnn_gpu.functional import conv2d_backward, conv2d_forward
+
+from .helpers import assert_close, numerical_gradients, random
+from .references import conv2d_loops
+
+# (N, H, W, C, O, KH, KW, stride, padding): odd and non-square sizes, batch 1, kernels 1/3/5.
+CASES = [
+    (2, 5, 5, 3, 4, 3, 3, 1, 0),
+    (1, 7, 6, 2, 3, 3, 3, 2, 1),
+    (3, 6, 9, 1, 2, 5, 5, 1, 2),
+    (2, 5, 7, 3, 2, 1, 1, 1, 0),
+    (1, 8, 8, 2, 2, 1, 1, 2, 0),
+    (2, 9, 7, 2, 3, 3, 5, (2, 1), (1, 2)),
+    (1, 5, 5, 2, 1, 5, 3, 2, 1),
+]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_forward_matches_loops(xp, rng, case):
+    n, h, w, c, o, kh, kw, stride, padding = case
+    x, wt, b = random(xp, rng, (n, h, w, c)), random(xp, rng, (kh, kw, c, o)), random(xp, rng, (o,))
+    y, _ = conv2d_forward(x, wt, b, stride, padding)
+    pair = lambda v: v if isinstance(v, tuple) else (v, v)
+    ref = conv2d_loops(to_numpy(x), to_numpy(wt), to_numpy(b), pair(stride), pair(padding))
+    assert_close(y, ref, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("bias", [True, False])
+def test_gradients_match_finite_differences(xp, rng, case, bias):
+    n, h, w, c, o, kh, kw, stride, padding = case
+    x, wt = random(xp, rng, (n, h, w, c)), random(xp, rng, (kh, kw, c, o))
+    b = random(xp, rng, (o,)) if bias else None
+    y, cache = conv2d_forward(x, wt, b, stride, padding)
+    dy = random(xp, rng, y.shape)
+    dx, dw, db = conv2d_backward(dy, cache)
+    inputs = [x, wt] + ([b] if bias else [])
+    num = numerical_gradients(lambda *a: conv2d_forward(a[0], a[1], a[2] if bias else None, stride, padding)[0],
+                              inputs, dy)
+    assert_close(dx, num[0], rtol=1e-6, atol=1e-8, what="dx")
+    assert_close(dw, num[1], rtol=1e-6, atol=1e-8, what="dw")
+    if bias:
+        assert_close(db, num[2], rtol=1e-6, atol=1e-8, what="db")
+    else:
+        assert db is None
+
+
+def test_need_dx_false_skips_input_gradient(xp, rng):
+    x, wt = random(xp, rng, (2, 5, 5, 1)), random(xp, rng, (3, 3, 1, 2))
+    y, cache = conv2d_forward(x, wt)
+    dx, dw, _ = conv2d_backward(xp.ones_like(y), cache, need_dx=False)
+    assert dx is None and dw.shape == wt.shape
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_dtype_preserved_and_inputs_untouched(xp, rng, dtype):
+    x, wt, b = random(xp, rng, (2, 6, 6, 3), dtype), random(xp, rng, (3, 3, 3, 4), dtype), random(xp, rng, (4,), dtype)
+    copies = [a.copy() for a in (x, wt, b)]
+    y, cache = conv2d_forward(x, wt, b, 1, 1)
+    dy = random(xp, rng, y.shape, dtype)
+    dy_copy = dy.copy()
+    grads = conv2d_backward(dy, cache)
+    assert y.dtype == dtype and all(g.dtype == dtype for g in grads)
+    for a, c in zip((x, wt, b, dy), copies + [dy_copy]):
+        assert_close(a, c, rtol=0)
+
+
+def test_non_contiguous_input(xp, rng):
+    base = random(xp, rng, (2, 7, 7, 6))
+    x = base[:, ::1, :, ::2]  # every other channel: not contiguous
+    wt = random(xp, rng, (3, 3, 3, 2))
+    y, _ = conv2d_forward(x, wt, None, 1, 1)
+    ref = conv2d_loops(to_numpy(x), to_numpy(wt), None, (1, 1), (1, 1))
+    assert_close(y, ref, rtol=1e-12, atol=1e-12)
+
+
+def test_rejects_bad_input(rng):
+    x, wt = np.zeros((2, 5, 5, 3)), np.zeros((3, 3, 2, 4))
+    with pytest.raises(ValueError, match="3 channels but w expects 2"):
+        conv2d_forward(x, wt)
+    with pytest.raises(ValueError, match=r"4-D \(N, H, W, C\)"):
+        conv2d_forward(np.zeros((5, 5, 3)), wt)
+    with pytest.raises(TypeError, match="float32 or float64.*uint8"):
+        conv2d_forward(np.zeros((2, 5, 5, 2), dtype=np.uint8), wt)
+    with pytest.raises(ValueError, match="smaller than the window"):
+        conv2d_forward(np.zeros((1, 2, 2, 2)), wt)

@@ -1,0 +1,112 @@
+import numpy as np
+import pytest
+
+import cnn_gpu
+from cnn_gpu import SGD, seed_cnn
+from cnn_gpu.backend import to_numpy
+from cnn_gpu.functional import softmax_cross_entropy
+from cnn_gpu.layers import AvgPool2D, BatchNorm2D, Conv2D, Dense, Dropout, Flatten, MaxPool2D, ReLU
+from cnn_gpu.model import Sequential
+
+from .helpers import assert_close, numerical_gradients, random
+
+
+def _small_net(batch_norm=True, dtype="float64"):
+    rng = np.random.default_rng(0)
+    layers = [Conv2D(2, 3, 3, padding=1, rng=rng, dtype=dtype)]
+    layers += [BatchNorm2D(3, dtype=dtype)] if batch_norm else []
+    layers += [ReLU(), MaxPool2D(2), AvgPool2D(2, 1), Flatten(), Dense(3, 4, init="glorot", rng=rng, dtype=dtype)]
+    return Sequential(layers)
+
+
+@pytest.mark.parametrize("batch_norm", [True, False])
+def test_model_gradients_match_finite_differences(xp, rng, batch_norm):
+    model = _small_net(batch_norm).to("cpu" if xp is np else "gpu")
+    x = random(xp, rng, (3, 4, 4, 2))
+    labels = xp.asarray(np.array([0, 3, 1]))
+    loss_of = lambda: softmax_cross_entropy(model.forward(x), labels)[0]
+    _, d = softmax_cross_entropy(model.forward(x), labels)
+    model.backward(d)
+    params = model.parameters()
+    analytic = [to_numpy(p.grad).copy() for p in params]
+    numeric = numerical_gradients(lambda *_: loss_of(), [p.data for p in params], 1.0)
+    for (name, _), a, n in zip(model.named_parameters(), analytic, numeric):
+        assert_close(a, n, rtol=1e-5, atol=1e-8, what=name)
+
+
+def test_seed_cnn_shapes_and_summary():
+    model = seed_cnn(batch_norm=True)
+    text = model.summary((28, 28, 1))
+    assert "(5, 5, 64)" in text and "(1600,)" in text and "(10,)" in text
+    plain = seed_cnn()
+    # conv 1x3x3x32 + 32, conv 32x3x3x64 + 64, dense 1600x128 + 128, dense 128x10 + 10
+    assert plain.num_parameters() == (288 + 32) + (18432 + 64) + (204800 + 128) + (1280 + 10)
+    y = plain.forward(np.zeros((2, 28, 28, 1), dtype=np.float32))
+    assert y.shape == (2, 10) and y.dtype == np.float32
+
+
+def test_same_seed_same_weights_different_seed_different():
+    a, b, c = seed_cnn(seed=3), seed_cnn(seed=3), seed_cnn(seed=4)
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        np.testing.assert_array_equal(pa.data, pb.data)
+    assert not np.array_equal(a.parameters()[0].data, c.parameters()[0].data)
+
+
+def test_save_load_round_trip_reproduces_outputs(tmp_path, rng):
+    model = seed_cnn(batch_norm=True, seed=1)
+    x = rng.standard_normal((4, 28, 28, 1)).astype(np.float32)
+    model.train()
+    model.forward(x)  # moves the running statistics away from their initial values
+    model.eval()
+    before = model.forward(x)
+    model.save(tmp_path / "m.npz")
+    other = seed_cnn(batch_norm=True, seed=99).eval()
+    other.load(tmp_path / "m.npz")
+    np.testing.assert_array_equal(other.forward(x), before)
+
+
+def test_load_rejects_mismatched_state(tmp_path):
+    seed_cnn(batch_norm=True).save(tmp_path / "bn.npz")
+    with pytest.raises(ValueError, match="missing.*unexpected"):
+        seed_cnn(batch_norm=False).load(tmp_path / "bn.npz")
+    state = seed_cnn().state_dict()
+    state["0.weight"] = state["0.weight"].astype(np.float64)
+    with pytest.raises(ValueError, match="'0.weight'.*float32"):
+        seed_cnn().load_state_dict(state)
+    (tmp_path / "broken.npz").write_bytes(b"PK\x03\x04 not really a zip")
+    with pytest.raises(ValueError, match="truncated or corrupted"):
+        seed_cnn().load(tmp_path / "broken.npz")
+
+
+def test_layers_name_what_they_expected():
+    with pytest.raises(ValueError, match=r"Conv2D\(3, 8, 3x3\).*expected input with 3 channels.*\(2, 8, 8, 1\)"):
+        Conv2D(3, 8, 3).forward(np.zeros((2, 8, 8, 1), dtype=np.float32))
+    with pytest.raises(ValueError, match=r"Dense\(10, 2\).*expected input with 10 features"):
+        Dense(10, 2).forward(np.zeros((2, 9), dtype=np.float32))
+    with pytest.raises(ValueError, match=r"BatchNorm2D\(4\).*4-D"):
+        BatchNorm2D(4).forward(np.zeros((2, 4), dtype=np.float32))
+
+
+def test_dropout_layer_train_and_eval():
+    layer = Dropout(0.5, seed=0)
+    x = np.ones((100, 100), dtype=np.float32)
+    assert (layer.forward(x) == 0).any()
+    layer.training = False
+    assert layer.forward(x) is x
+
+
+@pytest.mark.parametrize("batch_norm", [False, True])
+def test_seed_network_learns_a_fixed_batch(batch_norm):
+    rng = np.random.default_rng(0)
+    x = rng.random((32, 28, 28, 1), dtype=np.float32)
+    y = rng.integers(0, 10, 32)
+    model = seed_cnn(batch_norm=batch_norm, seed=0)
+    opt = SGD(model.parameters(), lr=0.05, momentum=0.9)
+    losses = []
+    for _ in range(300):
+        loss, d = softmax_cross_entropy(model.forward(x), y)
+        model.backward(d)
+        opt.step()
+        opt.zero_grad()
+        losses.append(float(loss))
+    assert losses[0] > 1.5 and losses[-1] < 0.01, (losses[0], losses[-1])
