@@ -14,7 +14,7 @@ from cnn_gpu.backend import module_for, to_numpy
 from .conftest import requires_gpu
 from .helpers import relative_error
 
-pytestmark = requires_gpu
+pytestmark = [pytest.mark.gpu, requires_gpu]
 
 DTYPES = ["float32", "float64"]
 TOL = {("pool", "float32"): 1e-5, ("other", "float32"): 1e-4, ("pool", "float64"): 1e-10, ("other", "float64"): 1e-10}
