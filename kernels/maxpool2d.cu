@@ -17,14 +17,21 @@
 //   so every window holds at least one real input position.
 //
 // How the work is divided
-//   A 1-D grid of 1-D blocks walks the flat output (forward) or flat input (backward) with a
-//   grid-stride loop and 64-bit indices, one element per thread per step. The flat index runs
+//   A 1-D grid of 1-D blocks walks the flat output (forward, backward_scatter) or flat input
+//   (backward) with a grid-stride loop, one element per thread per step. Index arithmetic is
+//   of type Idx: unsigned int when every index fits in 32 bits (the caller checks), else
+//   unsigned long long; 64-bit division is emulated in software and made these kernels
+//   instruction-bound, so the 32-bit version is the one that normally runs. The flat index runs
 //   fastest over C, so the 32 threads of a warp touch 32 consecutive channels of the same pixel:
 //   every load and store is coalesced. Any blockDim (a multiple of 32) and gridDim.x work.
 //   The backward pass gathers: each input element visits, in a fixed order (oh, then ow,
 //   ascending), the few windows that cover it and adds dy where that window's argmax points
 //   here. Overlapping windows (stride < pool) therefore need no atomics and the result is
 //   bit-for-bit deterministic.
+//   backward_scatter is for windows that cannot overlap (stride >= pool): one thread per
+//   output writes its whole window (dy at the argmax, 0 elsewhere), so each dx element is
+//   written at most once -- a quarter of the gather's index arithmetic for 2x2 windows. The
+//   caller zero-fills dx first when the windows do not cover every input position.
 
 template <typename T> struct NegInf;
 template <> struct NegInf<float> {
@@ -49,21 +56,21 @@ __device__ __forceinline__ bool greater(float a, float b)
 __device__ __forceinline__ bool greater(double a, double b) { return a > b; }
 
 // x (N, H, W, C) -> y (N, OH, OW, C), argmax (N, OH, OW, C); total = N * OH * OW * C
-template <typename T, typename I>
+template <typename T, typename I, typename Idx>
 __global__ void max_pool2d_forward(const T* __restrict__ x, T* __restrict__ y,
-                                   I* __restrict__ argmax, long long total,
+                                   I* __restrict__ argmax, Idx total,
                                    int H, int W, int C, int OH, int OW,
                                    int KH, int KW, int SH, int SW, int PH, int PW)
 {
     const T neg_inf = NegInf<T>::value();
-    const long long step = (long long)gridDim.x * blockDim.x;
-    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < total; i += step) {
-        const int c = (int)(i % C);
-        long long rest = i / C;
-        const int ow = (int)(rest % OW);
-        rest /= OW;
-        const int oh = (int)(rest % OH);
-        const long long n = rest / OH;
+    const Idx step = (Idx)gridDim.x * blockDim.x;
+    for (Idx i = (Idx)blockIdx.x * blockDim.x + threadIdx.x; i < total; i += step) {
+        Idx rest = i / C;
+        const int c = (int)(i - rest * C);
+        const Idx rest2 = rest / OW;
+        const int ow = (int)(rest - rest2 * OW);
+        const Idx n = rest2 / OH;
+        const int oh = (int)(rest2 - n * OH);
         const int h0 = oh * SH - PH;  // window origin in input coordinates (may be < 0)
         const int w0 = ow * SW - PW;
 
@@ -75,7 +82,7 @@ __global__ void max_pool2d_forward(const T* __restrict__ x, T* __restrict__ y,
             for (int kw = 0; kw < KW; ++kw) {
                 const int iw = w0 + kw;
                 const T v = (row_in && iw >= 0 && iw < W)
-                                ? x[((n * H + ih) * W + iw) * C + c]
+                                ? x[((n * H + (Idx)ih) * W + (Idx)iw) * C + c]
                                 : neg_inf;
                 // Strictly greater keeps the first maximum; the first NaN beats any number
                 // and no later value (not even a NaN) replaces it.
@@ -91,20 +98,20 @@ __global__ void max_pool2d_forward(const T* __restrict__ x, T* __restrict__ y,
 }
 
 // dy (N, OH, OW, C), argmax (N, OH, OW, C) -> dx (N, H, W, C); total = N * H * W * C
-template <typename T, typename I>
+template <typename T, typename I, typename Idx>
 __global__ void max_pool2d_backward(const T* __restrict__ dy, const I* __restrict__ argmax,
-                                    T* __restrict__ dx, long long total,
+                                    T* __restrict__ dx, Idx total,
                                     int H, int W, int C, int OH, int OW,
                                     int KH, int KW, int SH, int SW, int PH, int PW)
 {
-    const long long step = (long long)gridDim.x * blockDim.x;
-    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < total; i += step) {
-        const int c = (int)(i % C);
-        long long rest = i / C;
-        const int iw = (int)(rest % W);
-        rest /= W;
-        const int ih = (int)(rest % H);
-        const long long n = rest / H;
+    const Idx step = (Idx)gridDim.x * blockDim.x;
+    for (Idx i = (Idx)blockIdx.x * blockDim.x + threadIdx.x; i < total; i += step) {
+        Idx rest = i / C;
+        const int c = (int)(i - rest * C);
+        const Idx rest2 = rest / W;
+        const int iw = (int)(rest - rest2 * W);
+        const Idx n = rest2 / H;
+        const int ih = (int)(rest2 - n * H);
         const int hp = ih + PH;  // position in padded coordinates, >= 0
         const int wp = iw + PW;
 
@@ -119,12 +126,45 @@ __global__ void max_pool2d_backward(const T* __restrict__ dy, const I* __restric
             const int kh = hp - oh * SH;  // 0 <= kh < KH
             for (int ow = ow_lo; ow <= ow_hi; ++ow) {
                 const int kw = wp - ow * SW;  // 0 <= kw < KW
-                const long long o = ((n * OH + oh) * OW + ow) * C + c;
+                const Idx o = ((n * OH + (Idx)oh) * OW + (Idx)ow) * C + c;
                 if ((int)argmax[o] == kh * KW + kw) {
                     acc += dy[o];
                 }
             }
         }
         dx[i] = acc;
+    }
+}
+
+// Windows that cannot overlap (SH >= KH, SW >= KW): dy, argmax (N, OH, OW, C) -> dx (N, H, W, C),
+// one thread per output writing its window. total = N * OH * OW * C. Positions outside every
+// window are not written: the caller zero-fills dx when there are any.
+template <typename T, typename I, typename Idx>
+__global__ void max_pool2d_backward_scatter(const T* __restrict__ dy, const I* __restrict__ argmax,
+                                            T* __restrict__ dx, Idx total,
+                                            int H, int W, int C, int OH, int OW,
+                                            int KH, int KW, int SH, int SW, int PH, int PW)
+{
+    const Idx step = (Idx)gridDim.x * blockDim.x;
+    for (Idx i = (Idx)blockIdx.x * blockDim.x + threadIdx.x; i < total; i += step) {
+        Idx rest = i / C;
+        const int c = (int)(i - rest * C);
+        const Idx rest2 = rest / OW;
+        const int ow = (int)(rest - rest2 * OW);
+        const Idx n = rest2 / OH;
+        const int oh = (int)(rest2 - n * OH);
+        const int h0 = oh * SH - PH;
+        const int w0 = ow * SW - PW;
+        const int k = (int)argmax[i];
+        const T g = dy[i];
+        for (int kh = 0; kh < KH; ++kh) {
+            const int ih = h0 + kh;
+            if (ih < 0 || ih >= H) continue;
+            for (int kw = 0; kw < KW; ++kw) {
+                const int iw = w0 + kw;
+                if (iw < 0 || iw >= W) continue;
+                dx[((n * H + (Idx)ih) * W + (Idx)iw) * C + c] = (kh * KW + kw == k) ? g : T(0);
+            }
+        }
     }
 }

@@ -103,6 +103,22 @@ def test_max_pool_matches_reference(cp, case, dtype, ties):
     assert _bits(dx2) == _bits(dx)
 
 
+@pytest.mark.parametrize("case", [((2, 2), (2, 2), (0, 0)), ((3, 3), (2, 2), (1, 1)), ((2, 2), (3, 3), (1, 1))])
+def test_max_pool_64_bit_offsets_give_the_same_result(cp, monkeypatch, case):
+    # The 64-bit instantiations only run for tensors past 2**32 elements; force them here.
+    pool, stride, padding = case
+    x = np.random.default_rng(3).standard_normal((2, 9, 8, 5)).astype(np.float32)
+    y_ref, argmax_ref = max_pool2d_ref(x, pool, stride, padding)
+    dy = np.random.default_rng(4).standard_normal(y_ref.shape).astype(np.float32)
+    dx_ref = max_pool2d_backward_ref(dy, argmax_ref, x.shape, pool, stride, padding)
+    monkeypatch.setattr(maxpool, "_offset_type", lambda *arrays: "unsigned long long")
+    y, argmax = _poisoned_forward(cp, cp.asarray(x), pool, stride, padding)
+    np.testing.assert_array_equal(y.get(), y_ref)
+    np.testing.assert_array_equal(argmax.get(), argmax_ref)
+    dx = _poisoned_backward(cp, cp.asarray(dy), argmax, x.shape, pool, stride, padding)
+    np.testing.assert_allclose(dx.get(), dx_ref, rtol=1e-6, atol=1e-6)
+
+
 @pytest.mark.parametrize("dtype", FLOATS, ids=_ids)
 def test_max_pool_nan_and_infinities_follow_numpy_argmax(cp, dtype):
     rng = np.random.default_rng(7)

@@ -19,7 +19,8 @@ from cnn_gpu import backend
 from cnn_gpu.cuda import batchnorm, loader, maxpool
 
 CTYPES = {"float": np.float32, "double": np.float64, "unsigned char": np.uint8,
-          "int": np.int32, "long long": np.int64}
+          "int": np.int32, "long long": np.int64, "unsigned int": np.uint32,
+          "unsigned long long": np.uint64}
 
 
 class FakeArray(np.ndarray):
@@ -104,7 +105,22 @@ def test_max_pool_launches_match_signatures(launches, dtype, pool):
                                 pool, (2, 2), (1, 1))
     index = "unsigned char" if pool == (2, 2) else "int"
     t = loader.ctype(dtype)
-    assert launches == [f"max_pool2d_forward<{t}, {index}>", f"max_pool2d_backward<{t}, {index}>"]
+    backward = "max_pool2d_backward_scatter" if pool == (2, 2) else "max_pool2d_backward"  # overlap?
+    assert launches == [f"max_pool2d_forward<{t}, {index}, unsigned int>",
+                        f"{backward}<{t}, {index}, unsigned int>"]
+
+
+def test_max_pool_uses_64_bit_offsets_past_32_bits(monkeypatch, launches):
+    x = _fake(np.zeros((1, 4, 4, 1), np.float32))
+    monkeypatch.setattr(maxpool, "_offset_type", lambda *a: "unsigned long long")
+    maxpool.max_pool2d_forward(x, (2, 2), (2, 2), (0, 0))
+    assert launches == ["max_pool2d_forward<float, unsigned char, unsigned long long>"]
+
+
+def test_offset_type_threshold():
+    small, large = SimpleNamespace(size=2**31), SimpleNamespace(size=2**32)
+    assert maxpool.__dict__["_offset_type"](small) == "unsigned int"
+    assert maxpool.__dict__["_offset_type"](large) == "unsigned long long"
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])

@@ -23,6 +23,10 @@ MAX_BLOCKS_PER_SM = 32  # grid cap for the grid-stride loops
 
 Pair = tuple[int, int]
 _INDEX_CTYPES = {np.dtype(np.uint8): "unsigned char", np.dtype(np.int32): "int"}
+# Index arithmetic: 32-bit whenever every flat index (plus one grid stride) fits, because
+# 64-bit division is emulated on the GPU and made the kernels instruction-bound.
+_OFFSET_TYPES = {"unsigned int": np.uint32, "unsigned long long": np.uint64}
+KERNELS = ("max_pool2d_forward", "max_pool2d_backward", "max_pool2d_backward_scatter")
 
 
 def argmax_dtype(pool: Pair) -> np.dtype:
@@ -38,14 +42,21 @@ def output_size(size: int, pool: int, stride: int, padding: int) -> int:
 def name_expressions(dtype: Any) -> tuple[str, ...]:
     """Every template instantiation of maxpool2d.cu for one float dtype."""
     t = loader.ctype(dtype)
-    return tuple(f"{kernel}<{t}, {index}>"
-                 for kernel in ("max_pool2d_forward", "max_pool2d_backward")
-                 for index in _INDEX_CTYPES.values())
+    return tuple(f"{kernel}<{t}, {index}, {offset}>"
+                 for kernel in KERNELS
+                 for index in _INDEX_CTYPES.values()
+                 for offset in _OFFSET_TYPES)
 
 
-def _kernel(kernel: str, dtype: np.dtype, index_dtype: np.dtype) -> Any:
+def _offset_type(*arrays: Any) -> str:
+    """'unsigned int' when the largest flat index plus a grid stride stays below 2**32."""
+    largest = max(a.size for a in arrays)
+    return "unsigned int" if largest + 2**26 < 2**32 else "unsigned long long"
+
+
+def _kernel(kernel: str, dtype: np.dtype, index_dtype: np.dtype, offset: str) -> Any:
     module = loader.load_module(KERNEL_FILE, name_expressions(dtype))
-    return module.get_function(f"{kernel}<{loader.ctype(dtype)}, {_INDEX_CTYPES[index_dtype]}>")
+    return module.get_function(f"{kernel}<{loader.ctype(dtype)}, {_INDEX_CTYPES[index_dtype]}, {offset}>")
 
 
 def _check_geometry(shape: tuple[int, ...], pool: Pair, stride: Pair, padding: Pair) -> Pair:
@@ -74,11 +85,11 @@ def _float_input(cupy: Any, a: Any, name: str) -> Any:
     return cupy.ascontiguousarray(a)
 
 
-def _launch(kernel: Any, total: int, args: tuple) -> None:
+def _launch(kernel: Any, total: int, offset: str, args: tuple) -> None:
     if total == 0:
         return
     blocks = min(-(-total // THREADS), MAX_BLOCKS_PER_SM * loader.current_sm_count())
-    kernel((blocks,), (THREADS,), args)
+    kernel((blocks,), (THREADS,), (*args[:3], _OFFSET_TYPES[offset](total), *args[3:]))
 
 
 def _geometry_args(h: int, w: int, c: int, oh: int, ow: int,
@@ -92,19 +103,40 @@ def _forward_into(x: Any, y: Any, argmax: Any,
     """Run the forward kernel into preallocated contiguous y and argmax (N, OH, OW, C)."""
     n, h, w, c = x.shape
     _, oh, ow, _ = y.shape
-    kernel = _kernel("max_pool2d_forward", x.dtype, argmax.dtype)
-    _launch(kernel, y.size, (x, y, argmax, np.int64(y.size))
-            + _geometry_args(h, w, c, oh, ow, pool, stride, padding))
+    offset = _offset_type(x, y)
+    kernel = _kernel("max_pool2d_forward", x.dtype, argmax.dtype, offset)
+    _launch(kernel, y.size, offset, (x, y, argmax) + _geometry_args(h, w, c, oh, ow, pool, stride, padding))
+
+
+def windows_overlap(pool: Pair, stride: Pair) -> bool:
+    return stride[0] < pool[0] or stride[1] < pool[1]
+
+
+def windows_cover_input(h: int, w: int, pool: Pair, stride: Pair, padding: Pair) -> bool:
+    """True when non-overlapping windows tile every input position (no zero-fill needed)."""
+    oh, ow = output_size(h, pool[0], stride[0], padding[0]), output_size(w, pool[1], stride[1], padding[1])
+    return stride == pool and padding == (0, 0) and oh * pool[0] == h and ow * pool[1] == w
 
 
 def _backward_into(dy: Any, argmax: Any, dx: Any,
                    pool: Pair, stride: Pair, padding: Pair) -> None:
-    """Run the backward kernel into a preallocated contiguous dx (N, H, W, C)."""
+    """Run a backward kernel into a preallocated contiguous dx (N, H, W, C).
+
+    Non-overlapping windows scatter from each output (dx zero-filled first unless the windows
+    tile the input); overlapping ones gather at each input.
+    """
     n, h, w, c = dx.shape
     _, oh, ow, _ = dy.shape
-    kernel = _kernel("max_pool2d_backward", dy.dtype, argmax.dtype)
-    _launch(kernel, dx.size, (dy, argmax, dx, np.int64(dx.size))
-            + _geometry_args(h, w, c, oh, ow, pool, stride, padding))
+    offset = _offset_type(dx, dy)
+    geometry = _geometry_args(h, w, c, oh, ow, pool, stride, padding)
+    if windows_overlap(pool, stride):
+        kernel = _kernel("max_pool2d_backward", dy.dtype, argmax.dtype, offset)
+        _launch(kernel, dx.size, offset, (dy, argmax, dx) + geometry)
+        return
+    if not windows_cover_input(h, w, pool, stride, padding):
+        dx.fill(0)
+    kernel = _kernel("max_pool2d_backward_scatter", dy.dtype, argmax.dtype, offset)
+    _launch(kernel, dy.size, offset, (dy, argmax, dx) + geometry)
 
 
 def max_pool2d_forward(x: Any, pool: Pair, stride: Pair, padding: Pair) -> tuple[Any, Any]:
