@@ -55,6 +55,18 @@ __device__ __forceinline__ bool greater(float a, float b)
 }
 __device__ __forceinline__ bool greater(double a, double b) { return a > b; }
 
+// Split the flat index i of a C-contiguous (N, A, B, C) array into (n, a, b, c).
+template <typename Idx>
+__device__ __forceinline__ void split_nabc(Idx i, int A, int B, int C, Idx& n, int& a, int& b, int& c)
+{
+    const Idx nab = i / C;
+    c = (int)(i - nab * C);
+    const Idx na = nab / B;
+    b = (int)(nab - na * B);
+    n = na / A;
+    a = (int)(na - n * A);
+}
+
 // x (N, H, W, C) -> y (N, OH, OW, C), argmax (N, OH, OW, C); total = N * OH * OW * C
 template <typename T, typename I, typename Idx>
 __global__ void max_pool2d_forward(const T* __restrict__ x, T* __restrict__ y,
@@ -65,12 +77,9 @@ __global__ void max_pool2d_forward(const T* __restrict__ x, T* __restrict__ y,
     const T neg_inf = NegInf<T>::value();
     const Idx step = (Idx)gridDim.x * blockDim.x;
     for (Idx i = (Idx)blockIdx.x * blockDim.x + threadIdx.x; i < total; i += step) {
-        Idx rest = i / C;
-        const int c = (int)(i - rest * C);
-        const Idx rest2 = rest / OW;
-        const int ow = (int)(rest - rest2 * OW);
-        const Idx n = rest2 / OH;
-        const int oh = (int)(rest2 - n * OH);
+        Idx n;
+        int oh, ow, c;
+        split_nabc(i, OH, OW, C, n, oh, ow, c);
         const int h0 = oh * SH - PH;  // window origin in input coordinates (may be < 0)
         const int w0 = ow * SW - PW;
 
@@ -106,12 +115,9 @@ __global__ void max_pool2d_backward(const T* __restrict__ dy, const I* __restric
 {
     const Idx step = (Idx)gridDim.x * blockDim.x;
     for (Idx i = (Idx)blockIdx.x * blockDim.x + threadIdx.x; i < total; i += step) {
-        Idx rest = i / C;
-        const int c = (int)(i - rest * C);
-        const Idx rest2 = rest / W;
-        const int iw = (int)(rest - rest2 * W);
-        const Idx n = rest2 / H;
-        const int ih = (int)(rest2 - n * H);
+        Idx n;
+        int ih, iw, c;
+        split_nabc(i, H, W, C, n, ih, iw, c);
         const int hp = ih + PH;  // position in padded coordinates, >= 0
         const int wp = iw + PW;
 
@@ -147,12 +153,9 @@ __global__ void max_pool2d_backward_scatter(const T* __restrict__ dy, const I* _
 {
     const Idx step = (Idx)gridDim.x * blockDim.x;
     for (Idx i = (Idx)blockIdx.x * blockDim.x + threadIdx.x; i < total; i += step) {
-        Idx rest = i / C;
-        const int c = (int)(i - rest * C);
-        const Idx rest2 = rest / OW;
-        const int ow = (int)(rest - rest2 * OW);
-        const Idx n = rest2 / OH;
-        const int oh = (int)(rest2 - n * OH);
+        Idx n;
+        int oh, ow, c;
+        split_nabc(i, OH, OW, C, n, oh, ow, c);
         const int h0 = oh * SH - PH;
         const int w0 = ow * SW - PW;
         const int k = (int)argmax[i];
