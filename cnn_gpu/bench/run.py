@@ -194,6 +194,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=15, help="timed rounds; medians are reported (default 15)")
     p.add_argument("--inner", type=int, default=None,
                    help="steps per timed round (default 1 on the CPU, 10 on the GPU)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="limit NumPy's BLAS (through threadpoolctl) and PyTorch to N threads; "
+                        "default: the BLAS's own count")
     p.add_argument("--no-torch", action="store_true", help="skip the PyTorch columns")
     p.add_argument("--torch-format", choices=("auto", "NCHW", "channels_last"), default="auto",
                    help="PyTorch memory format; auto tries both per row and keeps the faster")
@@ -210,7 +213,17 @@ def main(argv: list[str] | None = None) -> int:
     xp = module_for(args.backend)  # raises with the reason when CuPy cannot run
     batches = args.batch_sizes or (GPU_BATCHES if gpu else CPU_BATCHES)
     inner = args.inner or (10 if gpu else 1)
+    if args.threads is not None:
+        try:
+            from threadpoolctl import threadpool_limits  # noqa: PLC0415 - optional
+        except ImportError:
+            print("--threads needs threadpoolctl (pip install threadpoolctl); or start with "
+                  "OPENBLAS_NUM_THREADS=N set instead", file=sys.stderr)
+            return 2
+        _limits = threadpool_limits(limits=args.threads, user_api="blas")  # noqa: F841 - held for the run
     threads, thread_source, blas = blas_threads()
+    if args.threads is not None:
+        thread_source = "--threads, applied with threadpoolctl"
 
     torch, torch_reason = (None, "skipped (--no-torch)") if args.no_torch else torch_or_reason()
     device = "cuda" if gpu else "cpu"
@@ -267,8 +280,15 @@ def main(argv: list[str] | None = None) -> int:
                     syncs["torch"] = torch_sync
                 if gpu:  # the allocators' holdings before the first step
                     gpu_before = {impl: gpu_pool_bytes(impl, torch) for impl in steps}
-                t = time_interleaved(steps, syncs, args.warmup, args.repeats, inner)
                 row = {"net": net, "mode": mode, "batch": batch, "torch_format": fmt}
+                for impl in list(steps):  # one untimed step each: a failure is reported, not fatal
+                    try:
+                        steps[impl]()
+                    except Exception as exc:  # e.g. a CUDA kernel module that is not there yet
+                        row[f"{impl}_error"] = f"{type(exc).__name__}: {exc}"
+                        del steps[impl]
+                        print(f"# {net} {mode} {batch}: {impl} failed: {row[f'{impl}_error']}")
+                t = time_interleaved(steps, syncs, args.warmup, args.repeats, inner)
                 for impl, sec in t.items():
                     ips = batch / sec
                     row[f"{impl}_images_per_s"] = ips
@@ -277,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
                 if "torch" in t:
                     row["ratio"] = row["ours_images_per_s"] / row["torch_images_per_s"]
                 if not args.no_memory:
-                    for impl in steps:
+                    for impl in t:
                         if gpu:
                             row[f"{impl}_peak_bytes"] = gpu_pool_bytes(impl, torch) - gpu_before[impl]
                         else:
@@ -333,6 +353,9 @@ def print_row(row: dict, torch_reason: str | None, first: bool) -> None:
     if first:
         print(f"{'net':8} {'mode':5} {'batch':>5} | {'ours img/s':>10} {'%GEMM':>5} {'MB':>5} | "
               f"{'torch img/s':>11} {'%GEMM':>5} {'MB':>5} {'format':>13} | {'ratio':>5}")
+    if "ours_images_per_s" not in row:
+        print(f"{row['net']:8} {row['mode']:5} {row['batch']:5d} | ours failed: {row.get('ours_error')}")
+        return
     torch_cols = (f"{row['torch_images_per_s']:11.0f} {row['torch_gemm_pct']:5.1f} "
                   f"{_mb(row.get('torch_peak_bytes')):>5} {row['torch_format']:>13} | {row['ratio']:5.2f}"
                   if "torch_images_per_s" in row else f"{torch_reason:>37} |     -")
