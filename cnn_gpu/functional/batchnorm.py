@@ -10,42 +10,52 @@ statistics in place with the unbiased variance (PyTorch's convention):
     running = (1 - momentum) * running + momentum * batch_statistic
 Evaluation normalizes with the running statistics.
 
-The variance is a shifted two-pass sum: mean first, then mean((x - mean)^2), both on
-values shifted by one sample so that the sums carry the spread, not the offset. An error
-e in the mean only adds e^2 to the variance, so it stays accurate when |mean| >> std
-(a one-pass E[x^2] - E[x]^2 loses every digit there). On CuPy the per-channel
+The variance is a shifted two-pass sum: a first estimate of the mean, then the sums of
+d = x - estimate and of d^2, so that they carry the spread, not the offset. An error e in
+the estimate only adds e^2 to mean(d^2), and is taken off exactly, so it stays accurate
+when |mean| >> std (a one-pass E[x^2] - E[x]^2 loses every digit there). On CuPy the per-channel
 reductions are the kernels in kernels/batchnorm.cu.
 """
 from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
+
 from ..backend import get_array_module, is_cupy_array
-from ._util import check_float
+from ._util import check_float, column_sum
 
 
-def _channel_mean_var(x2d: Any) -> tuple[Any, Any]:
-    """x2d (M, C) -> per-channel mean (C,), biased variance (C,)."""
+def _channel_stats(x2d: Any) -> tuple[Any, Any, Any, Any]:
+    """x2d (M, C) -> xs (M, C), ref (C,), mean (C,), biased var (C,), with xs - ref = x2d - mean.
+
+    The backward reads the centred input as xs - ref. On CuPy that is x2d itself and the
+    mean (the kernels in kernels/batchnorm.cu give mean and var). On NumPy xs is x2d less a
+    first estimate of the mean, computed anyway for the variance, and ref is the small rest.
+    """
     if is_cupy_array(x2d):
         from ..cuda import batchnorm
-        return batchnorm.channel_mean_var(x2d)
-    # Shift by the first row before summing: the sums then see values of the size of the
-    # spread, not of the mean, so a float32 sum over many rows keeps its digits.
-    shift = x2d[0]
-    d = x2d - shift
-    mean_d = d.mean(axis=0)
-    d -= mean_d
-    var = (d * d).mean(axis=0)
-    return shift + mean_d, var
+        mean, var = batchnorm.channel_mean_var(x2d)
+        return x2d, mean, mean, var
+    m = x2d.shape[0]
+    # Shift by a first estimate of the mean before the sums: they then see values of the size
+    # of the spread, not of the mean, so float32 sums over many rows keep their digits. An
+    # error e left in the estimate only adds e^2 to E[d^2], and is taken off again exactly.
+    estimate = column_sum(x2d) / m
+    d = x2d - estimate
+    rest = column_sum(d) / m
+    var = np.einsum("ij,ij->j", d, d) / m - rest * rest  # einsum reads d once, no temporary
+    return d, rest, estimate + rest, np.maximum(var, 0)  # rounding can leave a hair below 0
 
 
-def _channel_grad_sums(dy2d: Any, x2d: Any, mean: Any, inv_std: Any) -> tuple[Any, Any]:
-    """sum(dy) (C,) and sum(dy * x_hat) (C,) over the M rows, x_hat = (x - mean) * inv_std."""
+def _channel_grad_sums(dy2d: Any, xs: Any, ref: Any, inv_std: Any) -> tuple[Any, Any]:
+    """sum(dy) (C,) and sum(dy * x_hat) (C,) over the M rows, x_hat = (xs - ref) * inv_std."""
     if is_cupy_array(dy2d):
         from ..cuda import batchnorm
-        return batchnorm.channel_grad_sums(dy2d, x2d, mean, inv_std)
-    sum_dy = dy2d.sum(axis=0)
-    sum_dy_xc = (dy2d * (x2d - mean)).sum(axis=0)
+        return batchnorm.channel_grad_sums(dy2d, xs, ref, inv_std)
+    sum_dy = column_sum(dy2d)
+    # sum(dy * (xs - ref)) = sum(dy * xs) - ref * sum(dy); einsum reads both once, no temporary.
+    sum_dy_xc = np.einsum("ij,ij->j", dy2d, xs) - ref * sum_dy
     return sum_dy, sum_dy_xc * inv_std
 
 
@@ -67,7 +77,7 @@ def batch_norm_forward(x: Any, gamma: Any, beta: Any, running_mean: Any = None,
         if m < 2:
             raise ValueError(f"batch_norm: training needs more than one value per channel, "
                              f"got x of shape {tuple(x.shape)}")
-        mean, var = _channel_mean_var(x2d)
+        xs, ref, mean, var = _channel_stats(x2d)
         if running_mean is not None:
             running_mean *= 1 - momentum
             running_mean += momentum * mean
@@ -78,35 +88,36 @@ def batch_norm_forward(x: Any, gamma: Any, beta: Any, running_mean: Any = None,
         if running_mean is None or running_var is None:
             raise ValueError("batch_norm: evaluation (training=False) needs running_mean and running_var")
         mean, var = running_mean.astype(x.dtype, copy=False), running_var.astype(x.dtype, copy=False)
+        xs, ref = x2d, mean
     inv_std = 1.0 / xp.sqrt(var + eps)  # (C,)
-    y = _normalize(x2d, mean, inv_std, gamma, beta)
-    return y.reshape(x.shape), (x2d, mean, inv_std, gamma, training, x.shape)
+    y = _normalize(xs, ref, inv_std, gamma, beta)
+    return y.reshape(x.shape), (xs, ref, inv_std, gamma, training, x.shape)
 
 
-def _normalize(x2d: Any, mean: Any, inv_std: Any, gamma: Any, beta: Any) -> Any:
-    """y = (x - mean) * inv_std * gamma + beta for x2d (M, C) and (C,) vectors."""
-    if is_cupy_array(x2d):
+def _normalize(xs: Any, ref: Any, inv_std: Any, gamma: Any, beta: Any) -> Any:
+    """y = (xs - ref) * inv_std * gamma + beta for xs (M, C) and (C,) vectors; xs - ref = x - mean."""
+    if is_cupy_array(xs):
         from ..cuda import batchnorm
-        return batchnorm.batch_norm_normalize(x2d, mean, inv_std, gamma, beta)
+        return batchnorm.batch_norm_normalize(xs, ref, inv_std, gamma, beta)  # one fused pass
     # Centring first: x * scale - mean * scale would cancel away the digits of a large mean.
     # In-place steps keep it to one temporary.
-    y = x2d - mean
+    y = xs - ref
     y *= gamma * inv_std
     y += beta
     return y
 
 
-def _train_dx(dy2d: Any, x2d: Any, mean: Any, inv_std: Any, gamma: Any, dbeta: Any, dgamma: Any) -> Any:
-    """dx = gamma * inv_std * (dy - (sum(dy) + x_hat * sum(dy * x_hat)) / M), (M, C)."""
+def _train_dx(dy2d: Any, xs: Any, ref: Any, inv_std: Any, gamma: Any, dbeta: Any, dgamma: Any) -> Any:
+    """dx = gamma * inv_std * (dy - (sum(dy) + x_hat * sum(dy * x_hat)) / M), all (M, C)."""
     if is_cupy_array(dy2d):
         from ..cuda import batchnorm
-        return batchnorm.batch_norm_backward_dx(dy2d, x2d, mean, inv_std, gamma, dbeta, dgamma)
+        return batchnorm.batch_norm_backward_dx(dy2d, xs, ref, inv_std, gamma, dbeta, dgamma)
     # Written per element as dy * k + (x - mean) * a + b with per-channel k, a, b.
-    m = x2d.shape[0]
+    m = xs.shape[0]
     k = gamma * inv_std
     a = -k * inv_std * dgamma / m
     b = -k * dbeta / m
-    dx = x2d - mean
+    dx = xs - ref
     dx *= a
     dx += b
     dx += dy2d * k
@@ -115,11 +126,11 @@ def _train_dx(dy2d: Any, x2d: Any, mean: Any, inv_std: Any, gamma: Any, dbeta: A
 
 def batch_norm_backward(dy: Any, cache: tuple) -> tuple[Any, Any, Any]:
     """dy (..., C) -> dx (..., C), dgamma (C,), dbeta (C,)."""
-    x2d, mean, inv_std, gamma, training, shape = cache
-    dy2d = dy.reshape(x2d.shape)
-    dbeta, dgamma = _channel_grad_sums(dy2d, x2d, mean, inv_std)
+    xs, ref, inv_std, gamma, training, shape = cache  # xs - ref = x - mean, see _channel_stats
+    dy2d = dy.reshape(xs.shape)
+    dbeta, dgamma = _channel_grad_sums(dy2d, xs, ref, inv_std)
     if not training:
         # The statistics were constants: y is an affine function of x.
         return (dy2d * (gamma * inv_std)).reshape(shape), dgamma, dbeta
-    dx = _train_dx(dy2d, x2d, mean, inv_std, gamma, dbeta, dgamma)
+    dx = _train_dx(dy2d, xs, ref, inv_std, gamma, dbeta, dgamma)
     return dx.reshape(shape), dgamma, dbeta

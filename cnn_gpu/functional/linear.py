@@ -4,7 +4,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..backend import get_array_module
-from ._util import check_float, check_rank
+from ._util import check_float, check_rank, column_sum
 
 
 def linear_forward(x: Any, w: Any, b: Any = None) -> tuple[Any, tuple]:
@@ -25,6 +25,6 @@ def linear_backward(dy: Any, cache: tuple, need_dx: bool = True) -> tuple[Any, A
     """dy (N, D_out) -> dx (N, D_in) or None, dw (D_in, D_out), db (D_out,) or None."""
     x, w, has_bias = cache
     dw = x.T @ dy
-    db = dy.sum(axis=0) if has_bias else None
+    db = column_sum(dy) if has_bias else None
     dx = dy @ w.T if need_dx else None
     return dx, dw, db

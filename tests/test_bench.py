@@ -1,0 +1,47 @@
+"""The benchmark runs end to end on tiny settings and counts the seed network's FLOPs right.
+Nothing here is timed."""
+import json
+
+from cnn_gpu.bench import main
+from cnn_gpu.bench.flops import layer_flops, model_flops
+from cnn_gpu.models import seed_cnn
+
+# The seed network on 28x28x1, forward multiply-adds per image by hand:
+#   conv 1->32 3x3:  26*26 outputs * 3*3*1 * 32   =   194,688
+#   conv 32->64 3x3: 11*11 outputs * 3*3*32 * 64  = 2,230,272
+#   dense 1600->128: 1600 * 128                   =   204,800
+#   dense 128->10:   128 * 10                     =     1,280
+#   total                                           2,631,040 MACs = 5,262,080 FLOPs
+# A training step adds dW (the same again) and dX (the same, except for layer 0, whose input
+# gradient is never computed): 3 * 5,262,080 - 2 * 194,688 = 15,396,864 FLOPs.
+SEED_FORWARD_FLOPS = 5_262_080
+SEED_TRAINING_FLOPS = 15_396_864
+
+
+def test_seed_flops_match_hand_count():
+    for batch_norm in (False, True):  # batch norm adds no GEMM work
+        assert model_flops(seed_cnn(batch_norm=batch_norm), (28, 28, 1)) == {
+            "forward": SEED_FORWARD_FLOPS, "training": SEED_TRAINING_FLOPS}
+    per_layer = [r["forward_flops"] for r in layer_flops(seed_cnn(), (28, 28, 1)) if r["forward_flops"]]
+    assert per_layer == [2 * 194_688, 2 * 2_230_272, 2 * 204_800, 2 * 1_280]
+
+
+def test_bench_runs_end_to_end_and_writes_json(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    assert main(["--batch-sizes", "8", "--repeats", "1", "--warmup", "0", "--no-torch",
+                 "--gemm-size", "64", "--breakdown", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert {"date", "command", "machine", "gemm_gflops", "flops_per_image", "rows", "breakdown"} <= set(result)
+    assert result["machine"]["torch"] == "skipped (--no-torch)"
+    assert result["gemm_gflops"] > 0
+    assert result["flops_per_image"]["seed"]["training"] == SEED_TRAINING_FLOPS
+    rows = result["rows"]
+    assert {(r["net"], r["mode"], r["batch"]) for r in rows} == {
+        (net, mode, 8) for net in ("seed", "seed_bn") for mode in ("train", "infer")}
+    for r in rows:
+        assert r["ours_images_per_s"] > 0 and r["ours_gemm_pct"] > 0
+        assert r["ours_peak_bytes"] > 0 and r["ours_tracemalloc_bytes"] > 0
+        assert "torch_images_per_s" not in r and "ratio" not in r
+    layers = [b["layer"] for b in result["breakdown"]["seed/train/8"]]
+    assert layers[0].startswith("0 Conv2D") and layers[-1] == "SGD step"
+    assert "skipped (--no-torch)" in capsys.readouterr().out
