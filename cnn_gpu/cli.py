@@ -22,19 +22,20 @@ from typing import Any, Sequence
 import numpy as np
 
 from . import __version__
-from .backend import BackendUnavailableError, cupy_unavailable_reason, require_cupy, resolve_backend
+from .backend import (BackendUnavailableError, cupy_unavailable_reason, require_cupy, resolve_backend, to_device,
+                      to_numpy)
 from .checkpoint import Checkpoint, build_model, load_checkpoint
-from .data import (DatasetNotFoundError, DownloadError, NormStats, augmentation_for, compute_norm_stats,
+from .data import (DatasetNotFoundError, DownloadError, NormStats, augmentation_for,
                    load_dataset, normalize, train_val_split)
 from .data.datasets import DATASETS
+from .functional import softmax
 from .model import Sequential
-from .models import seed_cnn
 from .optim import SGD, Adam, CosineLR, Optimizer, Schedule, StepLR
 from .training import DeviceOutOfMemory, confusion_matrix, evaluate, fit, per_class_accuracy
 
 PROG = "cnn-gpu"
 # Defaults chosen on the validation split (see ACCURACY_RESULTS.md); Adam gets its usual 1e-3.
-DEFAULT_LR = {"sgd": 0.05, "adam": 1e-3}
+DEFAULT_LR = {"sgd": 0.02, "adam": 1e-3}
 DEFAULT_VAL_SIZE = 5000
 # Settings a checkpoint records so that --resume continues the same run.
 RUN_SETTINGS = ("dataset", "batch_size", "lr", "momentum", "optimizer", "schedule", "weight_decay",
@@ -59,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--epochs", type=_positive_int, default=None, help="default 15")
     train.add_argument("--batch-size", type=_positive_int, default=64)
     train.add_argument("--optimizer", choices=("sgd", "adam"), default="sgd")
-    train.add_argument("--lr", type=_positive_float, help="learning rate (default: sgd 0.05, adam 0.001)")
+    train.add_argument("--lr", type=_positive_float, help="learning rate (default: sgd 0.02, adam 0.001)")
     train.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default 0.9)")
     train.add_argument("--weight-decay", type=float, default=5e-4, help="L2 weight decay (default 5e-4)")
     train.add_argument("--schedule", choices=("none", "step", "cosine"), default="cosine",
@@ -166,11 +167,6 @@ def _error(message: str) -> None:
     print(f"{PROG}: error: {message}", file=sys.stderr)
 
 
-def _device(backend_name: str) -> str:
-    """'numpy' or 'cupy' from --backend, saying so once."""
-    return resolve_backend(backend_name)
-
-
 # ---- train -----------------------------------------------------------------------------------------
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -189,7 +185,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(f"resuming {args.resume} at epoch {resume.epoch}; the run's settings come from the checkpoint")
     settings["epochs"] = settings["epochs"] or 15
     s = argparse.Namespace(**settings)
-    backend = _device(args.backend)
+    backend = resolve_backend(args.backend)
     if out is None:
         out = Path("runs") / f"{s.dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
 
@@ -293,8 +289,6 @@ def _model_from(ckpt: Checkpoint, backend: str) -> tuple[Sequential, NormStats]:
 
 def _evaluate_arrays(model: Sequential, stats: NormStats, images: Any, labels: Any, backend: str,
                      batch_size: int = 500) -> tuple[float, float, np.ndarray]:
-    from .backend import to_device
-
     x, y = to_device(images, backend), to_device(np.asarray(labels, np.int64), backend)
     return evaluate(model, x, y, batch_size=batch_size,
                     transform=lambda b: normalize(b, stats, dtype=model.dtype))
@@ -302,7 +296,7 @@ def _evaluate_arrays(model: Sequential, stats: NormStats, images: Any, labels: A
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     ckpt = load_checkpoint(args.checkpoint)
-    backend = _device(args.backend)
+    backend = resolve_backend(args.backend)
     dataset = args.dataset or ckpt.metadata.get("dataset")
     if dataset is None:
         raise UsageError("the checkpoint does not name its dataset; give --dataset")
@@ -348,18 +342,16 @@ def _matrix_text(matrix: np.ndarray, class_names: Sequence[str]) -> str:
 
 def cmd_predict(args: argparse.Namespace) -> int:
     ckpt = load_checkpoint(args.checkpoint)
-    backend = _device(args.backend)
+    backend = resolve_backend(args.backend)
     class_names = ckpt.metadata.get("class_names") or [str(i) for i in range(10)]
     model, stats = _model_from(ckpt, backend)
-    from .backend import to_device, to_numpy
-    from .functional import softmax
-
     model.eval()
     top = min(args.top, len(class_names))
     for path in args.inputs:
         images, names = load_images(path)
-        x = normalize(to_device(images, backend), stats, dtype=model.dtype)
-        probs = to_numpy(softmax(model.forward(x)))
+        x = to_device(images, backend)
+        probs = np.concatenate([to_numpy(softmax(model.forward(normalize(x[i:i + 500], stats, dtype=model.dtype))))
+                                for i in range(0, len(x), 500)])
         for name, p in zip(names, probs):
             order = np.argsort(-p)[:top]
             print(f"{name}: " + ", ".join(f"{class_names[k]} {p[k]:.3f}" for k in order))

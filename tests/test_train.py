@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 
+from cnn_gpu.backend import cupy_available, cupy_unavailable_reason
 from cnn_gpu.checkpoint import load_checkpoint
 from cnn_gpu.data import Augmentation
 from cnn_gpu.optim import SGD, CosineLR
@@ -186,3 +187,20 @@ def test_confusion_matrix_and_per_class_accuracy():
     per_class = per_class_accuracy(labels, predictions, 4)
     np.testing.assert_allclose(per_class[:3], [0.5, 2 / 3, 1.0])
     assert math.isnan(per_class[3])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not cupy_available(), reason=f"needs CuPy and a CUDA device: {cupy_unavailable_reason()}")
+def test_fit_on_the_gpu_matches_the_cpu(tmp_path):
+    """The same run on CuPy and NumPy: the data goes to the device once, and the results agree
+    to float32 rounding (not bit for bit: the GPU sums in another order)."""
+    cpu_model, _, cpu = _run(tmp_path / "cpu", model=small_cnn(batch_norm=True), augment=Augmentation(1, True))
+    gpu_model, _, gpu = _run(tmp_path / "gpu", model=small_cnn(batch_norm=True).to("gpu"),
+                             augment=Augmentation(1, True))
+    assert gpu_model.backend == "cupy"
+    for c, g in zip(cpu.history, gpu.history):
+        assert g["train_loss"] == pytest.approx(c["train_loss"], rel=1e-3, abs=1e-4)
+        assert abs(g["test_accuracy"] - c["test_accuracy"]) <= 2 / 64
+    ckpt = load_checkpoint(tmp_path / "gpu" / "last.npz")  # written from device arrays
+    for key, value in cpu_model.state_dict().items():
+        np.testing.assert_allclose(ckpt.model_state[key], value, rtol=1e-3, atol=1e-4, err_msg=key)
