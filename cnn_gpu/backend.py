@@ -10,6 +10,7 @@ This is the only module that imports CuPy.
 from __future__ import annotations
 
 import os
+import sys
 from types import ModuleType
 from typing import Any
 
@@ -107,8 +108,11 @@ def module_for(name: str | None = None) -> ModuleType:
 
 
 def is_cupy_array(a: Any) -> bool:
-    """True for a cupy.ndarray, without importing CuPy when it was never loaded."""
-    return _cupy is not None and isinstance(a, _cupy.ndarray)
+    """True for a cupy.ndarray, also one made by the user before the backend looked for CuPy.
+
+    Reads the type's module name, so it never imports CuPy itself.
+    """
+    return type(a).__module__.startswith("cupy") and type(a).__name__ == "ndarray"
 
 
 def get_array_module(*arrays: Any) -> ModuleType:
@@ -124,7 +128,7 @@ def get_array_module(*arrays: Any) -> ModuleType:
                               for a in arrays if a is not None)
             raise TypeError(f"arrays of both backends were mixed in one call ({kinds}); "
                             "move them to one device first with cnn_gpu.backend.to_device()")
-        return _cupy  # type: ignore[return-value]
+        return sys.modules["cupy"]
     return np
 
 
@@ -150,5 +154,6 @@ def to_numpy(a: Any) -> np.ndarray:
 
 def synchronize(a: Any = None) -> None:
     """Wait for the GPU to finish queued work (a no-op on the CPU). For timing."""
-    if _cupy is not None:
-        _cupy.cuda.get_current_stream().synchronize()
+    cupy = sys.modules.get("cupy")
+    if cupy is not None and _cupy is not None:
+        cupy.cuda.get_current_stream().synchronize()

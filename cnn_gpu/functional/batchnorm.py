@@ -79,13 +79,38 @@ def batch_norm_forward(x: Any, gamma: Any, beta: Any, running_mean: Any = None,
             raise ValueError("batch_norm: evaluation (training=False) needs running_mean and running_var")
         mean, var = running_mean.astype(x.dtype, copy=False), running_var.astype(x.dtype, copy=False)
     inv_std = 1.0 / xp.sqrt(var + eps)  # (C,)
-    scale = gamma * inv_std
-    # gamma * x_hat + beta, centring first: x * scale - mean * scale would cancel away the
-    # digits of a large mean. In-place steps keep it to one temporary.
-    y = x2d - mean
-    y *= scale
-    y += beta
+    y = _normalize(x2d, mean, inv_std, gamma, beta)
     return y.reshape(x.shape), (x2d, mean, inv_std, gamma, training, x.shape)
+
+
+def _normalize(x2d: Any, mean: Any, inv_std: Any, gamma: Any, beta: Any) -> Any:
+    """y = (x - mean) * inv_std * gamma + beta for x2d (M, C) and (C,) vectors."""
+    if is_cupy_array(x2d):
+        from ..cuda import batchnorm
+        return batchnorm.batch_norm_normalize(x2d, mean, inv_std, gamma, beta)
+    # Centring first: x * scale - mean * scale would cancel away the digits of a large mean.
+    # In-place steps keep it to one temporary.
+    y = x2d - mean
+    y *= gamma * inv_std
+    y += beta
+    return y
+
+
+def _train_dx(dy2d: Any, x2d: Any, mean: Any, inv_std: Any, gamma: Any, dbeta: Any, dgamma: Any) -> Any:
+    """dx = gamma * inv_std * (dy - (sum(dy) + x_hat * sum(dy * x_hat)) / M), (M, C)."""
+    if is_cupy_array(dy2d):
+        from ..cuda import batchnorm
+        return batchnorm.batch_norm_backward_dx(dy2d, x2d, mean, inv_std, gamma, dbeta, dgamma)
+    # Written per element as dy * k + (x - mean) * a + b with per-channel k, a, b.
+    m = x2d.shape[0]
+    k = gamma * inv_std
+    a = -k * inv_std * dgamma / m
+    b = -k * dbeta / m
+    dx = x2d - mean
+    dx *= a
+    dx += b
+    dx += dy2d * k
+    return dx
 
 
 def batch_norm_backward(dy: Any, cache: tuple) -> tuple[Any, Any, Any]:
@@ -96,14 +121,5 @@ def batch_norm_backward(dy: Any, cache: tuple) -> tuple[Any, Any, Any]:
     if not training:
         # The statistics were constants: y is an affine function of x.
         return (dy2d * (gamma * inv_std)).reshape(shape), dgamma, dbeta
-    m = x2d.shape[0]
-    # dx = gamma * inv_std * (dy - mean(dy) - x_hat * mean(dy * x_hat)), written per element as
-    # dy * k + (x - mean) * a + b with per-channel k, a, b.
-    k = gamma * inv_std
-    a = -k * inv_std * dgamma / m
-    b = -k * dbeta / m
-    dx = x2d - mean
-    dx *= a
-    dx += b
-    dx += dy2d * k
+    dx = _train_dx(dy2d, x2d, mean, inv_std, gamma, dbeta, dgamma)
     return dx.reshape(shape), dgamma, dbeta

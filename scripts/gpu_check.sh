@@ -1,0 +1,96 @@
+#!/usr/bin/env bash
+# gpu_check.sh -- the one device check for a GPU machine, in a single call of < 8 minutes.
+#
+# Prints the device and library versions, runs the GPU tests (pytest -m gpu), the kernel
+# bandwidth benchmark, and the lead's training benchmark if cnn_gpu.cli exists yet. Needs
+# only what the machine has: python3 with numpy, cupy, pytest (torch optional); installs
+# nothing. Logs go to $OUT when set (else a temporary folder); a summary table ends it.
+# One failing stage does not stop the others; the exit status is 0 only if none failed.
+#
+#   bash scripts/gpu_check.sh            # from anywhere; it works in the repository root
+set -uo pipefail
+
+cd "$(dirname "$0")/.." || exit 2
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONUNBUFFERED=1
+LOGS="${OUT:-$(mktemp -d -t gpu_check.XXXXXX)}"
+mkdir -p "$LOGS"
+echo "gpu_check: logs in $LOGS"
+
+# Per-stage limits (seconds), 470 s in all, inside the call's 8 minutes.
+T_INFO=40 T_TESTS=240 T_BENCH=100 T_CLI=90
+
+STAGES=() CODES=() SECONDS_TAKEN=()
+run_stage() {  # run_stage NAME LIMIT LOGFILE COMMAND...
+    local name=$1 limit=$2 log=$3
+    shift 3
+    echo
+    echo "=== $name (limit ${limit}s): $*"
+    local start=$SECONDS
+    timeout -k 10 "$limit" "$@" 2>&1 | tee "$LOGS/$log"
+    local rc=${PIPESTATUS[0]}
+    [ "$rc" = 124 ] && echo "gpu_check: $name timed out after ${limit}s" | tee -a "$LOGS/$log"
+    STAGES+=("$name") CODES+=("$rc") SECONDS_TAKEN+=($((SECONDS - start)))
+}
+
+device_info() {
+    nvidia-smi -L || echo "nvidia-smi not available"
+    nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,clocks.max.mem \
+        --format=csv 2>/dev/null
+    python3 - <<'PY'
+import platform
+import numpy, cupy
+print(f"python {platform.python_version()}, numpy {numpy.__version__}, cupy {cupy.__version__}")
+dev = cupy.cuda.Device()
+props = cupy.cuda.runtime.getDeviceProperties(dev.id)
+name = props["name"].decode() if isinstance(props["name"], bytes) else props["name"]
+print(f"device {dev.id}: {name}, compute capability {dev.compute_capability}, "
+      f"{props.get('multiProcessorCount', '?')} SMs, "
+      f"{props.get('totalGlobalMem', 0) / 2**30:.1f} GiB, "
+      f"L2 {props.get('l2CacheSize', 0) / 2**20:.0f} MiB")
+print(f"CUDA runtime {cupy.cuda.runtime.runtimeGetVersion()}, "
+      f"driver {cupy.cuda.runtime.driverGetVersion()}, NVRTC {cupy.cuda.nvrtc.getVersion()}")
+for mod in ("pytest", "torch"):
+    try:
+        print(f"{mod} {__import__(mod).__version__}")
+    except ImportError:
+        print(f"{mod} not installed")
+from cnn_gpu.backend import cupy_unavailable_reason
+print("cnn_gpu backend:", cupy_unavailable_reason() or "cupy usable")
+PY
+}
+
+export -f device_info
+run_stage "device" "$T_INFO" device.log bash -c device_info
+run_stage "pytest -m gpu" "$T_TESTS" pytest.log \
+    python3 -m pytest -m gpu -q -rs -p no:cacheprovider tests
+run_stage "kernel bandwidth" "$T_BENCH" bench.log \
+    python3 -m cnn_gpu.bench.kernel_bandwidth
+if python3 -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('cnn_gpu.cli') is None)"; then
+    run_stage "cli bench" "$T_CLI" cli.log \
+        python3 -m cnn_gpu.cli bench --backend cupy --batch-sizes 64,256,1024
+else
+    echo; echo "=== cli bench: skipped (cnn_gpu.cli does not exist yet)"
+    STAGES+=("cli bench") CODES+=("skipped") SECONDS_TAKEN+=(0)
+fi
+
+failed=0
+for code in "${CODES[@]}"; do
+    case $code in 0|skipped) ;; *) failed=1 ;; esac
+done
+{
+    echo
+    echo "=== summary ($(date -u +%FT%TZ)), logs in $LOGS"
+    printf '%-18s %-10s %s\n' stage result seconds
+    for i in "${!STAGES[@]}"; do
+        case ${CODES[$i]} in
+            0) result=ok ;;
+            skipped) result=skipped ;;
+            124) result=TIMEOUT ;;
+            *) result="FAIL(${CODES[$i]})" ;;
+        esac
+        printf '%-18s %-10s %s\n' "${STAGES[$i]}" "$result" "${SECONDS_TAKEN[$i]}"
+    done
+    echo "pytest: $(grep -E '(passed|failed|skipped|error)' "$LOGS/pytest.log" 2>/dev/null | tail -1)"
+} | tee "$LOGS/summary.txt"
+exit "$failed"

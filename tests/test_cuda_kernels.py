@@ -1,0 +1,364 @@
+"""The CUDA kernels against the NumPy references in tests/gpu_reference.py (needs a GPU).
+
+Outputs (and the batch-norm partials) are poisoned before each launch, through the
+modules' `_*_into` helpers, so an element a kernel forgets to write shows up. Max-pool
+routing must match exactly (argmax compared as integers, ties included); sums match to a
+tolerance set by the dtype and the size of the terms.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from cnn_gpu import backend
+from cnn_gpu.cuda import batchnorm, loader, maxpool
+from tests.conftest import requires_gpu
+from tests.gpu_reference import (batch_norm_backward_dx_ref, channel_grad_sums_ref,
+                                 channel_mean_var_ref, max_pool2d_backward_ref,
+                                 max_pool2d_ref)
+
+pytestmark = [pytest.mark.gpu, requires_gpu]
+
+FLOATS = (np.float32, np.float64)
+RTOL = {np.dtype(np.float32): 2e-5, np.dtype(np.float64): 1e-12}
+
+
+@pytest.fixture(scope="module")
+def cp():
+    return backend.require_cupy()
+
+
+def _ids(v):
+    return np.dtype(v).name if isinstance(v, type) else str(v)
+
+
+def _bits(a) -> bytes:
+    return backend.to_numpy(a).tobytes()
+
+
+# ---------------------------------------------------------------- max pooling
+
+def _pool_cases():
+    """Square pools 1, 2, 3, 5 x strides 1, 2, 3 x every padding 0..pool//2, plus non-square."""
+    cases = [((k, k), (s, s), (p, p)) for k in (1, 2, 3, 5) for s in (1, 2, 3)
+             for p in range(k // 2 + 1)]
+    cases += [((2, 3), (1, 2), (1, 1)), ((3, 1), (2, 1), (1, 0)),
+              ((1, 4), (1, 3), (0, 2)), ((5, 3), (3, 2), (2, 0))]
+    return cases
+
+
+POOL_CASES = _pool_cases()
+SHAPES = [(2, 9, 7, 3), (1, 13, 10, 5), (3, 8, 11, 1), (2, 11, 6, 33), (1, 5, 12, 64)]
+
+
+def _input(rng, shape, dtype, ties):
+    if ties:  # few distinct values: most windows hold several equal maxima
+        return rng.integers(-2, 3, size=shape).astype(dtype)
+    return rng.standard_normal(shape).astype(dtype)
+
+
+def _poisoned_forward(cp, x, pool, stride, padding):
+    n, h, w, c = x.shape
+    oh = maxpool.output_size(h, pool[0], stride[0], padding[0])
+    ow = maxpool.output_size(w, pool[1], stride[1], padding[1])
+    y = cp.full((n, oh, ow, c), np.nan, dtype=x.dtype)
+    index = maxpool.argmax_dtype(pool)
+    argmax = cp.full((n, oh, ow, c), np.iinfo(index).max, dtype=index)
+    maxpool._forward_into(x, y, argmax, pool, stride, padding)
+    return y, argmax
+
+
+def _poisoned_backward(cp, dy, argmax, x_shape, pool, stride, padding):
+    dx = cp.full(x_shape, np.nan, dtype=dy.dtype)
+    maxpool._backward_into(dy, argmax, dx, pool, stride, padding)
+    return dx
+
+
+@pytest.mark.parametrize("ties", [False, True], ids=["distinct", "ties"])
+@pytest.mark.parametrize("dtype", FLOATS, ids=_ids)
+@pytest.mark.parametrize("case", range(len(POOL_CASES)),
+                         ids=[f"k{p}s{s}p{q}" for p, s, q in POOL_CASES])
+def test_max_pool_matches_reference(cp, case, dtype, ties):
+    pool, stride, padding = POOL_CASES[case]
+    rng = np.random.default_rng(case)
+    shape = SHAPES[case % len(SHAPES)]
+    x = _input(rng, shape, dtype, ties)
+    y_ref, argmax_ref = max_pool2d_ref(x, pool, stride, padding)
+
+    y, argmax = _poisoned_forward(cp, cp.asarray(x), pool, stride, padding)
+    assert argmax.dtype == argmax_ref.dtype
+    np.testing.assert_array_equal(argmax.get(), argmax_ref)
+    np.testing.assert_array_equal(y.get(), y_ref)
+
+    dy = rng.standard_normal(y_ref.shape).astype(dtype)
+    dx_ref = max_pool2d_backward_ref(dy, argmax_ref, shape, pool, stride, padding)
+    dx = _poisoned_backward(cp, cp.asarray(dy), argmax, shape, pool, stride, padding)
+    np.testing.assert_allclose(dx.get(), dx_ref, rtol=RTOL[np.dtype(dtype)],
+                               atol=RTOL[np.dtype(dtype)])
+
+    # the public functions give the same bits
+    y2, argmax2 = maxpool.max_pool2d_forward(cp.asarray(x), pool, stride, padding)
+    assert _bits(y2) == _bits(y) and _bits(argmax2) == _bits(argmax)
+    dx2 = maxpool.max_pool2d_backward(cp.asarray(dy), argmax2, shape, pool, stride, padding)
+    assert _bits(dx2) == _bits(dx)
+
+
+@pytest.mark.parametrize("case", [((2, 2), (2, 2), (0, 0)), ((3, 3), (2, 2), (1, 1)), ((2, 2), (3, 3), (1, 1))])
+def test_max_pool_64_bit_offsets_give_the_same_result(cp, monkeypatch, case):
+    # The 64-bit instantiations only run for tensors past 2**32 elements; force them here.
+    pool, stride, padding = case
+    x = np.random.default_rng(3).standard_normal((2, 9, 8, 5)).astype(np.float32)
+    y_ref, argmax_ref = max_pool2d_ref(x, pool, stride, padding)
+    dy = np.random.default_rng(4).standard_normal(y_ref.shape).astype(np.float32)
+    dx_ref = max_pool2d_backward_ref(dy, argmax_ref, x.shape, pool, stride, padding)
+    monkeypatch.setattr(maxpool, "_offset_type", lambda *arrays: "unsigned long long")
+    y, argmax = _poisoned_forward(cp, cp.asarray(x), pool, stride, padding)
+    np.testing.assert_array_equal(y.get(), y_ref)
+    np.testing.assert_array_equal(argmax.get(), argmax_ref)
+    dx = _poisoned_backward(cp, cp.asarray(dy), argmax, x.shape, pool, stride, padding)
+    np.testing.assert_allclose(dx.get(), dx_ref, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", FLOATS, ids=_ids)
+def test_max_pool_nan_and_infinities_follow_numpy_argmax(cp, dtype):
+    rng = np.random.default_rng(7)
+    x = rng.integers(-1, 2, size=(2, 10, 9, 4)).astype(dtype)
+    specials = rng.choice([np.nan, np.inf, -np.inf], size=x.shape)
+    x = np.where(rng.random(x.shape) < 0.2, specials, x).astype(dtype)
+    for pool, stride, padding in [((2, 2), (2, 2), (0, 0)), ((3, 3), (1, 1), (1, 1)),
+                                  ((3, 2), (2, 1), (1, 1))]:
+        y_ref, argmax_ref = max_pool2d_ref(x, pool, stride, padding)
+        y, argmax = _poisoned_forward(cp, cp.asarray(x), pool, stride, padding)
+        np.testing.assert_array_equal(argmax.get(), argmax_ref)
+        np.testing.assert_array_equal(y.get(), y_ref)  # NaN == NaN here
+
+
+@pytest.mark.parametrize("dtype", FLOATS, ids=_ids)
+def test_max_pool_subnormals_and_signed_zeros_follow_numpy_argmax(cp, dtype):
+    """CuPy compiles with -ftz=true; the comparison must still see subnormals (and -0 == 0)."""
+    rng = np.random.default_rng(9)
+    tiny = np.finfo(dtype).smallest_subnormal
+    x = (rng.integers(-3, 4, size=(2, 9, 8, 5)) * tiny).astype(dtype)
+    x[rng.random(x.shape) < 0.2] = -0.0
+    for pool, stride, padding in [((2, 2), (2, 2), (0, 0)), ((3, 3), (1, 1), (1, 1))]:
+        y_ref, argmax_ref = max_pool2d_ref(x, pool, stride, padding)
+        y, argmax = _poisoned_forward(cp, cp.asarray(x), pool, stride, padding)
+        np.testing.assert_array_equal(argmax.get(), argmax_ref)
+        assert _bits(y) == y_ref.tobytes()  # the very same values, -0.0 included
+
+
+@pytest.mark.parametrize("dtype", FLOATS, ids=_ids)
+def test_max_pool_all_minus_inf_routes_to_the_first_position_or_drops(cp, dtype):
+    """Windows of -inf pick position 0, which may lie in the padding: that dy is dropped."""
+    shape, pool, stride, padding = (1, 6, 5, 2), (3, 3), (1, 2), (1, 1)
+    x = np.full(shape, -np.inf, dtype=dtype)
+    y_ref, argmax_ref = max_pool2d_ref(x, pool, stride, padding)
+    assert (argmax_ref == 0).all()
+    y, argmax = _poisoned_forward(cp, cp.asarray(x), pool, stride, padding)
+    np.testing.assert_array_equal(argmax.get(), argmax_ref)
+    np.testing.assert_array_equal(y.get(), y_ref)
+    dy = np.arange(1, y_ref.size + 1, dtype=dtype).reshape(y_ref.shape)
+    dx = _poisoned_backward(cp, cp.asarray(dy), argmax, shape, pool, stride, padding)
+    np.testing.assert_array_equal(dx.get(), max_pool2d_backward_ref(dy, argmax_ref, shape,
+                                                                    pool, stride, padding))
+
+
+@pytest.mark.parametrize("dtype", FLOATS, ids=_ids)
+def test_max_pool_large_window_uses_int32_argmax(cp, dtype):
+    shape, pool, stride, padding = (2, 20, 23, 3), (17, 17), (3, 5), (8, 0)
+    rng = np.random.default_rng(3)
+    x = rng.integers(-3, 4, size=shape).astype(dtype)
+    y_ref, argmax_ref = max_pool2d_ref(x, pool, stride, padding)
+    assert argmax_ref.dtype == np.int32
+    y, argmax = _poisoned_forward(cp, cp.asarray(x), pool, stride, padding)
+    np.testing.assert_array_equal(argmax.get(), argmax_ref)
+    np.testing.assert_array_equal(y.get(), y_ref)
+    dy = rng.standard_normal(y_ref.shape).astype(dtype)
+    dx = _poisoned_backward(cp, cp.asarray(dy), argmax, shape, pool, stride, padding)
+    np.testing.assert_allclose(dx.get(), max_pool2d_backward_ref(dy, argmax_ref, shape, pool,
+                                                                 stride, padding),
+                               rtol=RTOL[np.dtype(dtype)], atol=RTOL[np.dtype(dtype)])
+
+
+@pytest.mark.parametrize("dtype", FLOATS, ids=_ids)
+def test_max_pool_overlapping_backward_is_deterministic(cp, dtype):
+    """stride < pool: up to 9 windows feed one input; two runs give the same bits."""
+    shape, pool, stride, padding = (4, 33, 31, 67), (5, 5), (2, 2), (2, 2)
+    rng = np.random.default_rng(11)
+    x = cp.asarray(rng.integers(-2, 3, size=shape).astype(dtype))
+    y, argmax = maxpool.max_pool2d_forward(x, pool, stride, padding)
+    dy = cp.asarray(rng.standard_normal(y.shape).astype(dtype))
+    first = _poisoned_backward(cp, dy, argmax, shape, pool, stride, padding)
+    second = _poisoned_backward(cp, dy, argmax, shape, pool, stride, padding)
+    assert _bits(first) == _bits(second)
+    ref = max_pool2d_backward_ref(dy.get(), argmax.get(), shape, pool, stride, padding)
+    np.testing.assert_allclose(first.get(), ref, rtol=RTOL[np.dtype(dtype)],
+                               atol=RTOL[np.dtype(dtype)])
+
+
+def test_max_pool_non_contiguous_input_and_input_untouched(cp):
+    rng = np.random.default_rng(5)
+    base = rng.standard_normal((2, 10, 18, 6)).astype(np.float32)
+    x_host = base[:, :, ::2, :]                       # (2, 10, 9, 6), strided
+    x = cp.asarray(base)[:, :, ::2, :]
+    assert not x.flags.c_contiguous
+    y, argmax = maxpool.max_pool2d_forward(x, (3, 2), (2, 2), (1, 0))
+    y_ref, argmax_ref = max_pool2d_ref(x_host, (3, 2), (2, 2), (1, 0))
+    np.testing.assert_array_equal(argmax.get(), argmax_ref)
+    np.testing.assert_array_equal(y.get(), y_ref)
+    np.testing.assert_array_equal(x.get(), x_host)
+
+
+def test_max_pool_rejects_bad_inputs(cp):
+    with pytest.raises(TypeError, match="float32 or float64"):
+        maxpool.max_pool2d_forward(cp.zeros((1, 4, 4, 1), dtype=cp.float16), (2, 2), (2, 2), (0, 0))
+    with pytest.raises(TypeError, match="cupy.ndarray"):
+        maxpool.max_pool2d_forward(np.zeros((1, 4, 4, 1), np.float32), (2, 2), (2, 2), (0, 0))
+    with pytest.raises(ValueError, match="padding"):
+        maxpool.max_pool2d_forward(cp.zeros((1, 4, 4, 1), cp.float32), (2, 2), (2, 2), (2, 0))
+    y, argmax = maxpool.max_pool2d_forward(cp.zeros((1, 4, 4, 1), cp.float32), (2, 2), (2, 2), (0, 0))
+    with pytest.raises(TypeError, match="argmax"):
+        maxpool.max_pool2d_backward(y, argmax.astype(cp.int32), (1, 4, 4, 1), (2, 2), (2, 2), (0, 0))
+
+
+def test_max_pool_empty_batch(cp):
+    y, argmax = maxpool.max_pool2d_forward(cp.zeros((0, 4, 4, 3), cp.float32), (2, 2), (2, 2), (0, 0))
+    assert y.shape == argmax.shape == (0, 2, 2, 3)
+    dx = maxpool.max_pool2d_backward(y, argmax, (0, 4, 4, 3), (2, 2), (2, 2), (0, 0))
+    assert dx.shape == (0, 4, 4, 3)
+
+
+# ---------------------------------------------------------------- batch norm
+
+BN_SIZES = [(m, c) for c in (1, 3, 32, 64) for m in (1, 7, 1000, 1_000_000)]
+BN_SIZES += [(1, 1000), (7, 1000), (20_000, 1000), (300, 33)]
+
+
+def _parts_choices(m, c, blocks_per_sm):
+    """The planned grid, a single block, and more blocks than there are rows to give out."""
+    planned, _ = batchnorm.plan(m, c, blocks_per_sm * loader.current_sm_count())
+    return sorted({planned, 1, 3 * planned + 1})
+
+
+def _poisoned_mean_var(cp, x, parts):
+    m, c = x.shape
+    mean = cp.full(c, np.nan, dtype=x.dtype)
+    var = cp.full(c, np.nan, dtype=x.dtype)
+    batchnorm._mean_var_into(x, mean, var,
+                             cp.full((parts, c), 2**62, dtype=cp.int64),
+                             cp.full((parts, c), np.nan, dtype=x.dtype),
+                             cp.full((parts, c), np.nan, dtype=x.dtype))
+    return mean, var
+
+
+def _poisoned_grad_sums(cp, dy, x, mean, inv_std, parts):
+    c = x.shape[1]
+    sum_dy = cp.full(c, np.nan, dtype=x.dtype)
+    sum_dy_xhat = cp.full(c, np.nan, dtype=x.dtype)
+    batchnorm._grad_sums_into(dy, x, mean, inv_std, sum_dy, sum_dy_xhat,
+                              cp.full((parts, c), np.nan, dtype=x.dtype),
+                              cp.full((parts, c), np.nan, dtype=x.dtype))
+    return sum_dy, sum_dy_xhat
+
+
+@pytest.mark.parametrize("dtype", FLOATS, ids=_ids)
+@pytest.mark.parametrize("m,c", BN_SIZES, ids=[f"M{m}xC{c}" for m, c in BN_SIZES])
+def test_channel_mean_var_matches_reference(cp, m, c, dtype):
+    rng = np.random.default_rng(m + c)
+    x_host = (rng.standard_normal((m, c), dtype=np.float32) * 2.5 + 3.0).astype(dtype)
+    mean_ref, var_ref = channel_mean_var_ref(x_host)
+    rtol = RTOL[np.dtype(dtype)]
+    x = cp.asarray(x_host)
+    results = []
+    for parts in _parts_choices(m, c, batchnorm.MEAN_VAR_BLOCKS_PER_SM):
+        mean, var = _poisoned_mean_var(cp, x, parts)
+        np.testing.assert_allclose(mean.get(), mean_ref, rtol=rtol, atol=rtol * 3.0)
+        np.testing.assert_allclose(var.get(), var_ref, rtol=rtol, atol=rtol * 1e-3)
+        results.append((mean, var))
+    mean, var = batchnorm.channel_mean_var(x)
+    again = batchnorm.channel_mean_var(x)
+    assert _bits(mean) == _bits(again[0]) and _bits(var) == _bits(again[1])  # deterministic
+    np.testing.assert_allclose(var.get(), var_ref, rtol=rtol, atol=rtol * 1e-3)
+    np.testing.assert_array_equal(x.get(), x_host)  # input untouched
+
+
+@pytest.mark.parametrize("c", [3, 64])
+@pytest.mark.parametrize("dtype,tol", [(np.float32, 1e-3), (np.float64, 1e-10)], ids=_ids)
+def test_channel_var_stays_accurate_when_mean_is_1e4_std(cp, dtype, tol, c):
+    rng = np.random.default_rng(c)
+    x_host = (1e4 + rng.standard_normal((200_000, c))).astype(dtype)
+    mean_ref, var_ref = channel_mean_var_ref(x_host)
+    mean, var = batchnorm.channel_mean_var(cp.asarray(x_host))
+    rel = np.abs(var.get() - var_ref) / var_ref
+    assert rel.max() < tol, f"relative error of var up to {rel.max():.3g}"
+    np.testing.assert_allclose(mean.get(), mean_ref, rtol=tol)
+
+
+@pytest.mark.parametrize("dtype", FLOATS, ids=_ids)
+@pytest.mark.parametrize("m,c", BN_SIZES, ids=[f"M{m}xC{c}" for m, c in BN_SIZES])
+def test_channel_grad_sums_match_reference(cp, m, c, dtype):
+    rng = np.random.default_rng(10 * m + c)
+    x_host = (rng.standard_normal((m, c), dtype=np.float32) * 2.0 + 5.0).astype(dtype)
+    dy_host = rng.standard_normal((m, c), dtype=np.float32).astype(dtype)
+    mean64, var64 = channel_mean_var_ref(x_host)
+    mean_host = mean64.astype(dtype)
+    inv_std_host = (1.0 / np.sqrt(var64 + 1e-5)).astype(dtype)
+    sum_dy_ref, sum_dy_xhat_ref = channel_grad_sums_ref(dy_host, x_host, mean_host, inv_std_host)
+    # tolerance in units of the sum of |terms|: what rounding can reach whatever the order
+    scale_dy = np.abs(dy_host.astype(np.float64)).sum(0)
+    scale_xhat = np.abs(dy_host * ((x_host - mean_host) * inv_std_host)).astype(np.float64).sum(0)
+    rtol = RTOL[np.dtype(dtype)]
+    dy, x = cp.asarray(dy_host), cp.asarray(x_host)
+    mean, inv_std = cp.asarray(mean_host), cp.asarray(inv_std_host)
+    for parts in _parts_choices(m, c, batchnorm.GRAD_SUMS_BLOCKS_PER_SM):
+        s, sx = _poisoned_grad_sums(cp, dy, x, mean, inv_std, parts)
+        assert (np.abs(s.get() - sum_dy_ref) <= rtol * scale_dy + 1e-30).all()
+        assert (np.abs(sx.get() - sum_dy_xhat_ref) <= rtol * scale_xhat + 1e-30).all()
+    s, sx = batchnorm.channel_grad_sums(dy, x, mean, inv_std)
+    s2, sx2 = batchnorm.channel_grad_sums(dy, x, mean, inv_std)
+    assert _bits(s) == _bits(s2) and _bits(sx) == _bits(sx2)
+    assert (np.abs(sx.get() - sum_dy_xhat_ref) <= rtol * scale_xhat + 1e-30).all()
+
+
+@pytest.mark.parametrize("dtype", FLOATS, ids=_ids)
+def test_batch_norm_elementwise_kernels(cp, dtype):
+    rng = np.random.default_rng(2)
+    n, h, w, c = 4, 5, 3, 16
+    x_host = (rng.standard_normal((n, h, w, c)) * 3 + 1).astype(dtype)
+    dy_host = rng.standard_normal((n, h, w, c)).astype(dtype)
+    gamma_host = rng.standard_normal(c).astype(dtype)
+    beta_host = rng.standard_normal(c).astype(dtype)
+    mean64, var64 = channel_mean_var_ref(x_host.reshape(-1, c))
+    inv_std64 = 1.0 / np.sqrt(var64 + 1e-5)
+    x, dy = cp.asarray(x_host), cp.asarray(dy_host)
+    mean, inv_std = cp.asarray(mean64.astype(dtype)), cp.asarray(inv_std64.astype(dtype))
+    gamma, beta = cp.asarray(gamma_host), cp.asarray(beta_host)
+    rtol = 1e-5 if dtype == np.float32 else 1e-12
+
+    y = batchnorm.batch_norm_normalize(x, mean, inv_std, gamma, beta)
+    y_ref = (x_host - mean64) * inv_std64 * gamma_host + beta_host
+    np.testing.assert_allclose(y.get(), y_ref, rtol=rtol, atol=rtol * 10)
+
+    s, sx = batchnorm.channel_grad_sums(dy.reshape(-1, c), x.reshape(-1, c), mean, inv_std)
+    dx = batchnorm.batch_norm_backward_dx(dy, x, mean, inv_std, gamma, s, sx)
+    dx_ref = batch_norm_backward_dx_ref(dy_host.reshape(-1, c), x_host.reshape(-1, c),
+                                        mean64, inv_std64, gamma_host.astype(np.float64))
+    np.testing.assert_allclose(dx.get().reshape(-1, c), dx_ref, rtol=10 * rtol, atol=10 * rtol)
+
+
+def test_batch_norm_non_contiguous_and_bad_inputs(cp):
+    rng = np.random.default_rng(4)
+    x_host = rng.standard_normal((500, 40)).astype(np.float64)
+    x = cp.asfortranarray(cp.asarray(x_host))
+    mean, var = batchnorm.channel_mean_var(x)
+    mean_ref, var_ref = channel_mean_var_ref(x_host)
+    np.testing.assert_allclose(var.get(), var_ref, rtol=1e-12)
+    np.testing.assert_allclose(mean.get(), mean_ref, rtol=1e-12, atol=1e-14)
+    with pytest.raises(TypeError, match="float32 or float64"):
+        batchnorm.channel_mean_var(x.astype(cp.float16))
+    with pytest.raises(ValueError, match="2-D"):
+        batchnorm.channel_mean_var(x.reshape(10, 50, 40))
+    with pytest.raises(ValueError, match="at least one row"):
+        batchnorm.channel_mean_var(cp.zeros((0, 4), cp.float32))
+    empty_mean, empty_var = batchnorm.channel_mean_var(cp.zeros((5, 0), cp.float32))
+    assert empty_mean.shape == empty_var.shape == (0,)

@@ -1,0 +1,141 @@
+"""Tests of cnn_gpu/data/transforms.py: scaling and normalization with the training split's
+statistics, and the seeded augmentations checked against plain per-image references."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from cnn_gpu.data.transforms import (
+    Augmentation,
+    augmentation_for,
+    compute_norm_stats,
+    normalize,
+    random_hflip,
+    random_shift,
+    to_unit_float,
+)
+from tests.data_fixtures import skip_without_gpu
+
+
+def images_uint8(n: int = 16, h: int = 28, w: int = 28, c: int = 1, seed: int = 0, high: int = 256) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, high, size=(n, h, w, c), dtype=np.uint8)
+
+
+def shift_reference(images: np.ndarray, shifts: np.ndarray, fill=0) -> np.ndarray:
+    """One image at a time: out[n, i, j] = images[n, i - dy, j - dx], fill outside."""
+    out = np.full_like(images, fill)
+    h, w = images.shape[1:3]
+    for n, (dy, dx) in enumerate(shifts):
+        out[n, max(dy, 0):h + min(dy, 0), max(dx, 0):w + min(dx, 0)] = \
+            images[n, max(-dy, 0):h + min(-dy, 0), max(-dx, 0):w + min(-dx, 0)]
+    return out
+
+
+def test_to_unit_float() -> None:
+    x = np.array([[[[0], [128], [255]]]], dtype=np.uint8)
+    y = to_unit_float(x)
+    assert y.dtype == np.float32 and y.shape == x.shape
+    np.testing.assert_allclose(y.ravel(), [0.0, 128 / 255, 1.0], rtol=1e-6)
+    assert to_unit_float(x, np.float64).dtype == np.float64
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_compute_norm_stats_matches_numpy(channels: int) -> None:
+    x = images_uint8(50, c=channels, high=200)
+    stats = compute_norm_stats(x)
+    ref = x.astype(np.float64) / 255
+    np.testing.assert_allclose(stats.mean, ref.mean(axis=(0, 1, 2)), rtol=1e-12)
+    np.testing.assert_allclose(stats.std, ref.std(axis=(0, 1, 2)), rtol=1e-12)
+    float_stats = compute_norm_stats(ref)  # float input is taken as already in [0, 1]
+    np.testing.assert_allclose(float_stats.mean, stats.mean, rtol=1e-12)
+    np.testing.assert_allclose(float_stats.std, stats.std, rtol=1e-12)
+
+
+def test_normalize_uses_the_training_statistics() -> None:
+    train = images_uint8(64, seed=1, high=128)  # darker than the test split
+    test = images_uint8(32, seed=2)
+    stats = compute_norm_stats(train)
+    train_x, test_x = normalize(train, stats), normalize(test, stats)
+    assert train_x.dtype == np.float32 and train_x.shape == train.shape
+    assert abs(train_x.mean()) < 1e-4 and abs(train_x.std() - 1) < 1e-4
+    expected = (test.astype(np.float64) / 255 - stats.mean) / stats.std
+    np.testing.assert_allclose(test_x, expected, rtol=1e-5, atol=1e-5)
+    assert test_x.mean() > 0.5  # not re-centred on its own statistics
+    assert normalize(test, stats, dtype=np.float64).dtype == np.float64
+
+
+def test_constant_training_images_cannot_be_normalized() -> None:
+    with pytest.raises(ValueError, match="constant"):
+        compute_norm_stats(np.zeros((2, 28, 28, 1), np.uint8))
+
+
+@pytest.mark.parametrize("max_shift", [1, 2, 4])
+def test_random_shift_matches_the_reference(max_shift: int) -> None:
+    x = images_uint8(40, c=2)
+    before = x.copy()
+    y = random_shift(x, max_shift, np.random.default_rng(5))
+    shifts = np.random.default_rng(5).integers(-max_shift, max_shift + 1, size=(40, 2))
+    assert y.shape == x.shape and y.dtype == x.dtype
+    np.testing.assert_array_equal(y, shift_reference(x, shifts))
+    np.testing.assert_array_equal(x, before)  # input untouched
+    assert np.abs(shifts).max() == max_shift  # the full range is drawn
+
+
+def test_random_shift_moves_content() -> None:
+    x = np.zeros((200, 28, 28, 1), np.uint8)
+    x[:, 14, 14] = 255  # one bright pixel in the middle
+    y = random_shift(x, 3, np.random.default_rng(0))
+    rows, cols = np.nonzero(y[..., 0])[1:]
+    assert len(rows) == 200  # every pixel is still there: a shift of 3 cannot push it out
+    assert set(rows - 14) == set(cols - 14) == set(range(-3, 4))
+    z = random_shift(np.full((4, 5, 5, 1), 9, np.uint8), 2, np.random.default_rng(1), fill=7)
+    assert set(np.unique(z)) <= {7, 9}
+    np.testing.assert_array_equal(random_shift(x, 0, np.random.default_rng(0)), x)
+
+
+def test_random_hflip() -> None:
+    x = images_uint8(400)
+    y = random_hflip(x, np.random.default_rng(3))
+    flipped = np.array([np.array_equal(b, a[:, ::-1]) for a, b in zip(x, y)])
+    kept = np.array([np.array_equal(b, a) for a, b in zip(x, y)])
+    assert np.all(flipped ^ kept)
+    np.testing.assert_array_equal(flipped, np.random.default_rng(3).random(400) < 0.5)
+    assert 150 < flipped.sum() < 250
+
+
+def test_augmentation_is_reproducible_from_the_seed() -> None:
+    x = images_uint8(32)
+    policy = augmentation_for("fashion-mnist")
+    a = policy(x, np.random.default_rng(7))
+    np.testing.assert_array_equal(a, policy(x, np.random.default_rng(7)))
+    assert not np.array_equal(a, policy(x, np.random.default_rng(8)))
+
+
+def test_flips_only_for_fashion_mnist() -> None:
+    assert augmentation_for("fashion-mnist") == Augmentation(max_shift=2, hflip=True)
+    assert augmentation_for("mnist") == Augmentation(max_shift=2, hflip=False)
+    x = images_uint8(64)
+    digits = augmentation_for("mnist", max_shift=0)(x, np.random.default_rng(0))
+    np.testing.assert_array_equal(digits, x)  # a digit is never mirrored
+    clothes = augmentation_for("fashion-mnist", max_shift=0)(x, np.random.default_rng(0))
+    assert not np.array_equal(clothes, x)
+
+
+@pytest.mark.parametrize("max_shift", [0, 2])
+@pytest.mark.parametrize("policy", ["mnist", "fashion-mnist"])
+@pytest.mark.gpu
+@skip_without_gpu
+def test_gpu_matches_cpu(max_shift: int, policy: str) -> None:
+    from cnn_gpu.backend import to_device, to_numpy
+    x = images_uint8(64, seed=4)
+    x_gpu = to_device(x, "cupy")
+    augment = augmentation_for(policy, max_shift=max_shift)
+    cpu = augment(x, np.random.default_rng(11))
+    gpu = augment(x_gpu, np.random.default_rng(11))
+    assert type(gpu) is type(x_gpu)
+    np.testing.assert_array_equal(to_numpy(gpu), cpu)
+    stats = compute_norm_stats(x_gpu)
+    cpu_stats = compute_norm_stats(x)
+    np.testing.assert_allclose(stats.mean, cpu_stats.mean, rtol=1e-12)
+    np.testing.assert_allclose(stats.std, cpu_stats.std, rtol=1e-12)
+    np.testing.assert_allclose(to_numpy(normalize(x_gpu, stats)), normalize(x, cpu_stats), rtol=1e-6, atol=1e-6)
