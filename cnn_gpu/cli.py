@@ -470,10 +470,17 @@ def _blas_info() -> str:
 
 def cmd_bench(argv: Sequence[str]) -> int:
     """Forward to cnn_gpu.bench.main(argv), which another part of the project provides."""
-    if importlib.util.find_spec("cnn_gpu.bench") is None:
+    try:
+        bench = importlib.import_module("cnn_gpu.bench")  # lazily: the other commands never need it
+    except ModuleNotFoundError as exc:
+        if exc.name != "cnn_gpu.bench":
+            raise
         _error("the bench command needs cnn_gpu.bench, which this installation does not have yet")
         return 1
-    bench = importlib.import_module("cnn_gpu.bench")
+    if not callable(getattr(bench, "main", None)):
+        _error("cnn_gpu.bench has no main(argv) yet; run its modules directly, e.g. "
+               "python -m cnn_gpu.bench.kernel_bandwidth")
+        return 1
     return int(bench.main(list(argv)) or 0)
 
 

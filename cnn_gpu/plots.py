@@ -36,6 +36,8 @@ def plot_learning_curves(history: Sequence[dict[str, Any]], path: str | os.PathL
     history: fit()'s records (each with epoch, train_loss, train_accuracy, maybe val_* and test_*).
     best_epoch: marked with a dotted vertical line. Returns the PNG's path.
     """
+    from matplotlib.ticker import MaxNLocator
+
     fig = _figure(10, 4)
     loss_ax, acc_ax = fig.subplots(1, 2)
     epochs = [r["epoch"] for r in history]
@@ -49,6 +51,7 @@ def plot_learning_curves(history: Sequence[dict[str, Any]], path: str | os.PathL
             ax.axvline(best_epoch, color="gray", linestyle=":", label=f"best val (epoch {best_epoch})")
         ax.set_title(title)
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         ax.legend()
     path = Path(path)
@@ -66,7 +69,7 @@ def plot_confusion_matrix(matrix: np.ndarray, class_names: Sequence[str], path: 
     fig = _figure(1.0 + 0.65 * k, 0.8 + 0.6 * k)
     ax = fig.subplots()
     image = ax.imshow(fractions, cmap="Blues", vmin=0.0, vmax=1.0)
-    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="fraction of the true class")
+    fig.colorbar(image, ax=ax, shrink=0.8, label="fraction of the true class")
     ax.set_xticks(range(k), class_names, rotation=45, ha="right")
     ax.set_yticks(range(k), class_names)
     ax.set_xlabel("predicted")

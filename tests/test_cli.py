@@ -125,9 +125,32 @@ def test_user_errors_end_in_one_line(argv, code, needle, capsys, monkeypatch):
 
 
 def test_bench_without_the_bench_module_says_so(capsys, monkeypatch):
-    import importlib.util
+    import sys
 
-    real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "cnn_gpu.bench" else real(name, *a))
+    monkeypatch.setitem(sys.modules, "cnn_gpu.bench", None)  # makes `import cnn_gpu.bench` fail
     assert main(["bench", "--quick"]) == 1
     assert "cnn_gpu.bench" in capsys.readouterr().err
+
+
+def test_bench_forwards_its_arguments(capsys, monkeypatch):
+    import sys
+    import types
+
+    seen = []
+    fake = types.ModuleType("cnn_gpu.bench")
+    fake.main = lambda argv: seen.append(argv) or 0
+    monkeypatch.setitem(sys.modules, "cnn_gpu.bench", fake)
+    assert main(["bench", "--batch-sizes", "64", "--json", "out.json"]) == 0
+    assert seen == [["--batch-sizes", "64", "--json", "out.json"]]
+
+
+def test_train_without_matplotlib_or_validation(trained_run, tmp_path, capsys, monkeypatch):
+    from cnn_gpu import plots
+
+    monkeypatch.setattr(plots, "matplotlib_available", lambda: False)
+    data = trained_run[0]
+    assert main(["train", "--data-dir", str(data), "--epochs", "1", "--limit-train", "60", "--val-size", "0",
+                 "--batch-size", "30", "--out", str(tmp_path / "r"), "--no-progress", "--no-augment"]) == 0
+    text = capsys.readouterr().out
+    assert "matplotlib is not installed" in text and "best checkpoint is the last epoch" in text
+    assert not (tmp_path / "r" / "learning_curves.png").exists() and (tmp_path / "r" / "best.npz").exists()
