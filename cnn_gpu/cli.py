@@ -42,6 +42,9 @@ RUN_SETTINGS = ("dataset", "batch_size", "lr", "momentum", "optimizer", "schedul
                 "batch_norm", "augment", "val_size", "seed", "limit_train", "limit_test", "epochs")
 
 
+Split = tuple[np.ndarray, np.ndarray]  # (images (N, 28, 28, 1) uint8, labels (N,) int64)
+
+
 class UsageError(Exception):
     """A mistake in the command line or its inputs; printed as one line, exit code 2."""
 
@@ -178,9 +181,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         recorded = resume.metadata.get("config")
         if not isinstance(recorded, dict):
             raise UsageError(f"{args.resume} records no run settings; it was not written by `{PROG} train`")
-        epochs = args.epochs
-        settings = {**{k: settings[k] for k in RUN_SETTINGS}, **recorded}
-        settings["epochs"] = epochs or recorded.get("epochs")
+        settings = {**settings, **recorded, "epochs": args.epochs or recorded.get("epochs")}
         out = out or Path(args.resume).resolve().parent
         print(f"resuming {args.resume} at epoch {resume.epoch}; the run's settings come from the checkpoint")
     settings["epochs"] = settings["epochs"] or 15
@@ -189,23 +190,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     if out is None:
         out = Path("runs") / f"{s.dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
 
-    train_set = load_dataset(s.dataset, "train", data_dir=args.data_dir, progress=not args.no_progress)
-    test_set = load_dataset(s.dataset, "test", data_dir=args.data_dir, progress=not args.no_progress)
-    images, labels = train_set.images, train_set.labels
-    if s.limit_train is not None and s.limit_train < len(labels):
-        keep = np.sort(np.random.default_rng([s.seed, 7]).permutation(len(labels))[:s.limit_train])
-        images, labels = images[keep], labels[keep]
-    val_size = s.val_size if s.val_size is not None else (
-        DEFAULT_VAL_SIZE if len(labels) >= 10 * DEFAULT_VAL_SIZE else len(labels) // 10)
-    if val_size >= len(labels):
-        raise UsageError(f"--val-size {val_size} leaves no training images (there are {len(labels)})")
-    val_data = None
-    if val_size > 0:
-        images, labels, val_x, val_y = train_val_split(images, labels, val_size=val_size, seed=s.seed)
-        val_data = (val_x, val_y)
-    test_x, test_y = test_set.images, test_set.labels
-    if s.limit_test is not None:
-        test_x, test_y = test_x[:s.limit_test], test_y[:s.limit_test]
+    train_set, (images, labels), val_data, (test_x, test_y) = _training_splits(s, args)
+    val_size = 0 if val_data is None else len(val_data[1])
 
     model_spec = {"name": "seed_cnn", "kwargs": {"num_classes": train_set.num_classes,
                                                  "batch_norm": bool(s.batch_norm), "seed": s.seed}}
@@ -240,6 +226,30 @@ def cmd_train(args: argparse.Namespace) -> int:
         print("no validation split (--val-size 0): the best checkpoint is the last epoch")
     _write_run_plots(out, result, test_x, test_y, train_set.class_names, backend)
     return 0
+
+
+def _training_splits(s: argparse.Namespace, args: argparse.Namespace) -> tuple[Any, Split, Split | None, Split]:
+    """The dataset, and its (images, labels) for training, validation (None with --val-size 0)
+    and test, after --limit-train / --limit-test. The validation images come out of the
+    training split, the same ones for the same seed."""
+    train_set = load_dataset(s.dataset, "train", data_dir=args.data_dir, progress=not args.no_progress)
+    test_set = load_dataset(s.dataset, "test", data_dir=args.data_dir, progress=not args.no_progress)
+    images, labels = train_set.images, train_set.labels
+    if s.limit_train is not None and s.limit_train < len(labels):
+        keep = np.sort(np.random.default_rng([s.seed, 7]).permutation(len(labels))[:s.limit_train])
+        images, labels = images[keep], labels[keep]
+    val_size = s.val_size if s.val_size is not None else (
+        DEFAULT_VAL_SIZE if len(labels) >= 10 * DEFAULT_VAL_SIZE else len(labels) // 10)
+    if val_size >= len(labels):
+        raise UsageError(f"--val-size {val_size} leaves no training images (there are {len(labels)})")
+    val_data = None
+    if val_size > 0:
+        images, labels, val_x, val_y = train_val_split(images, labels, val_size=val_size, seed=s.seed)
+        val_data = (val_x, val_y)
+    test_x, test_y = test_set.images, test_set.labels
+    if s.limit_test is not None:
+        test_x, test_y = test_x[:s.limit_test], test_y[:s.limit_test]
+    return train_set, (images, labels), val_data, (test_x, test_y)
 
 
 def _optimizer(model: Sequential, s: argparse.Namespace) -> Optimizer:
