@@ -69,8 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--schedule", choices=("none", "step", "cosine"), default="cosine",
                        help="learning-rate schedule per epoch (default cosine; step: x0.1 every third of the run)")
     train.add_argument("--batch-norm", action="store_true", help="batch norm after each conv and the dense 128")
-    train.add_argument("--augment", action=argparse.BooleanOptionalAction, default=True,
-                       help="random shifts of up to 2 pixels, and left-right flips for fashion-mnist (default on)")
+    # Off by default: with it the seed network underfits in 15 epochs (validation 0.913 vs 0.920 without).
+    train.add_argument("--augment", action=argparse.BooleanOptionalAction, default=False,
+                       help="random shifts of up to 2 pixels, and left-right flips for fashion-mnist (default off)")
     train.add_argument("--val-size", type=_nonnegative_int, default=None,
                        help=f"training images held out to choose the best epoch (default {DEFAULT_VAL_SIZE}, "
                             "a tenth of a smaller set; 0: no validation, best = last)")
