@@ -1,0 +1,162 @@
+"""Training checkpoints: one .npz file that holds everything needed to continue a run.
+
+A checkpoint holds, under flat keys (np.load(path, allow_pickle=False) reads every one):
+
+    model/<layer>.<name>      the model's parameters and buffers (Sequential.state_dict)
+    optimizer/<key>           the optimizer's lr, step count and momentum/Adam arrays
+    schedule/<key>            the learning-rate schedule's epoch and base lr (absent: no schedule)
+    epoch                     () int64, epochs completed
+    seed                      () int64, the run's seed; every random draw of epoch e derives
+                              from (seed, e), so (seed, epoch) *is* the random state to continue
+    best_epoch, best_score    () the best epoch so far and its validation accuracy (NaN: none yet)
+    norm/mean, norm/std       (C,) float64, the training split's normalization statistics
+    metadata                  () unicode: JSON with the model builder and its kwargs, the dataset,
+                              class names, library version, and the run's settings
+    history                   () unicode: JSON list of the per-epoch records so far
+
+Files are written atomically (temporary file, fsync, rename), so a crash leaves the previous
+checkpoint or the new one, never a mix.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from . import __version__
+from .model import Sequential, load_npz, save_npz_atomic
+from .models import seed_cnn
+from .optim import Optimizer, Schedule
+
+FORMAT_VERSION = 1
+
+# Builders a checkpoint's metadata may name, listed explicitly (no lookup by reflection).
+MODEL_BUILDERS: dict[str, Callable[..., Sequential]] = {"seed_cnn": seed_cnn}
+
+_SCALARS = ("epoch", "seed", "best_epoch", "best_score", "metadata", "history", "format_version")
+
+
+@dataclass
+class Checkpoint:
+    """The contents of a checkpoint file, as NumPy arrays and plain Python values."""
+
+    model_state: dict[str, np.ndarray]
+    optimizer_state: dict[str, np.ndarray]
+    schedule_state: dict[str, np.ndarray] | None
+    epoch: int
+    seed: int
+    norm_mean: np.ndarray | None = None  # (C,) float64
+    norm_std: np.ndarray | None = None  # (C,) float64
+    metadata: dict[str, Any] = field(default_factory=dict)
+    history: list[dict[str, Any]] = field(default_factory=list)
+    best_epoch: int = 0  # 0: no best yet
+    best_score: float = float("nan")
+
+    def build_model(self) -> Sequential:
+        """A new model from the metadata's builder, with this checkpoint's weights loaded."""
+        model = build_model(self.metadata)
+        model.load_state_dict(self.model_state)
+        return model
+
+
+def save_checkpoint(path: str | os.PathLike, ckpt: Checkpoint) -> None:
+    """Write a checkpoint atomically (see the module docstring for the keys)."""
+    arrays: dict[str, np.ndarray] = {f"model/{k}": v for k, v in ckpt.model_state.items()}
+    arrays.update({f"optimizer/{k}": v for k, v in ckpt.optimizer_state.items()})
+    if ckpt.schedule_state is not None:
+        arrays.update({f"schedule/{k}": v for k, v in ckpt.schedule_state.items()})
+    if ckpt.norm_mean is not None:
+        arrays["norm/mean"] = np.asarray(ckpt.norm_mean, dtype=np.float64)
+        arrays["norm/std"] = np.asarray(ckpt.norm_std, dtype=np.float64)
+    arrays.update(
+        format_version=np.array(FORMAT_VERSION, dtype=np.int64),
+        epoch=np.array(ckpt.epoch, dtype=np.int64),
+        seed=np.array(ckpt.seed, dtype=np.int64),
+        best_epoch=np.array(ckpt.best_epoch, dtype=np.int64),
+        best_score=np.array(ckpt.best_score, dtype=np.float64),
+        # JSON in a numpy unicode array: readable with allow_pickle=False, unlike an object array.
+        metadata=np.array(json.dumps(ckpt.metadata)),
+        history=np.array(json.dumps(ckpt.history)),
+    )
+    save_npz_atomic(path, arrays)
+
+
+def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
+    """Read a checkpoint written by save_checkpoint.
+
+    Raises FileNotFoundError when there is no file, and ValueError naming the file when it is
+    truncated, corrupted, or not a training checkpoint (e.g. a bare model state from Sequential.save).
+    """
+    arrays = load_npz(path)  # refuses pickles; a clear ValueError for a damaged zip
+    missing = [k for k in _SCALARS if k not in arrays]
+    if missing:
+        raise ValueError(f"{path} is not a cnn_gpu training checkpoint: missing {', '.join(missing)}")
+    version = int(arrays["format_version"])
+    if version > FORMAT_VERSION:
+        raise ValueError(f"{path} has checkpoint format {version}; this cnn_gpu ({__version__}) "
+                         f"reads up to {FORMAT_VERSION}; upgrade cnn_gpu")
+    try:
+        metadata = json.loads(str(arrays["metadata"]))
+        history = json.loads(str(arrays["history"]))
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: the checkpoint's metadata is not valid JSON: {exc}") from exc
+
+    def section(prefix: str) -> dict[str, np.ndarray]:
+        return {k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)}
+
+    schedule = section("schedule/")
+    return Checkpoint(
+        model_state=section("model/"), optimizer_state=section("optimizer/"),
+        schedule_state=schedule or None, epoch=int(arrays["epoch"]), seed=int(arrays["seed"]),
+        norm_mean=arrays.get("norm/mean"), norm_std=arrays.get("norm/std"),
+        metadata=metadata, history=history, best_epoch=int(arrays["best_epoch"]),
+        best_score=float(arrays["best_score"]))
+
+
+def build_model(metadata: dict[str, Any]) -> Sequential:
+    """The model a checkpoint's metadata describes: {"model": {"name": "seed_cnn", "kwargs": {...}}}."""
+    spec = metadata.get("model")
+    if not isinstance(spec, dict) or "name" not in spec:
+        raise ValueError("the checkpoint's metadata does not say how to build the model "
+                         "(expected {'model': {'name': ..., 'kwargs': {...}}})")
+    name = spec["name"]
+    if name not in MODEL_BUILDERS:
+        raise ValueError(f"the checkpoint names model builder {name!r}; known: {', '.join(MODEL_BUILDERS)}")
+    return MODEL_BUILDERS[name](**spec.get("kwargs", {}))
+
+
+def restore(ckpt: Checkpoint, model: Sequential, optimizer: Optimizer | None = None,
+            schedule: Schedule | None = None) -> None:
+    """Load a checkpoint's states into an existing model, optimizer and schedule (names, shapes
+    and dtypes are checked first by Sequential.load_state_dict)."""
+    model.load_state_dict(ckpt.model_state)
+    if optimizer is not None:
+        if not ckpt.optimizer_state:
+            raise ValueError("the checkpoint holds no optimizer state")
+        optimizer.load_state_dict(ckpt.optimizer_state)
+    if schedule is not None:
+        if ckpt.schedule_state is None:
+            raise ValueError("the checkpoint holds no schedule state, but a schedule was given")
+        schedule.load_state_dict(ckpt.schedule_state)
+
+
+def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
+    """json.dump to a temporary file beside `path`, fsync, then rename over it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(obj, f, indent=1, allow_nan=True)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

@@ -1,0 +1,57 @@
+"""Evaluation of a classifier: loss, accuracy and predictions over a whole split, in batches."""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import numpy as np
+
+from ..backend import get_array_module, to_numpy
+from ..functional import softmax_cross_entropy
+from ..model import Sequential
+
+
+def evaluate(model: Sequential, images: Any, labels: Any, batch_size: int = 500,
+             transform: Callable[[Any], Any] | None = None) -> tuple[float, float, np.ndarray]:
+    """Mean loss, accuracy and predicted classes of a model on a split, in eval mode.
+
+    images (N, H, W, C) and labels (N,) on the model's backend; transform(x) runs on each batch
+    first (e.g. normalization of uint8 images). Returns loss (float), accuracy in [0, 1] (float)
+    and predictions (N,) int64 on the host. The loss is summed on the device and read once.
+    The model's train/eval mode is restored afterwards.
+    """
+    n = len(labels)
+    if n == 0:
+        raise ValueError("evaluate: the split is empty")
+    xp = get_array_module(images, labels)
+    was_training = model.training
+    model.eval()
+    try:
+        loss_sum = xp.zeros((), dtype=np.float64)
+        predictions = []
+        for start in range(0, n, batch_size):
+            x, y = images[start:start + batch_size], labels[start:start + batch_size]
+            logits = model.forward(transform(x) if transform is not None else x)
+            loss, _ = softmax_cross_entropy(logits, y)
+            loss_sum += loss.astype(np.float64) * len(y)
+            predictions.append(logits.argmax(axis=1))
+        predicted = xp.concatenate(predictions).astype(np.int64)
+        correct = (predicted == labels).sum()
+        return float(loss_sum) / n, float(correct) / n, to_numpy(predicted)
+    finally:
+        model.train(was_training)
+
+
+def confusion_matrix(labels: Any, predictions: Any, num_classes: int) -> np.ndarray:
+    """(K, K) int64 counts: row = true class, column = predicted class."""
+    labels, predictions = to_numpy(labels).astype(np.int64), to_numpy(predictions).astype(np.int64)
+    matrix = np.zeros((num_classes, num_classes), dtype=np.int64)
+    np.add.at(matrix, (labels, predictions), 1)
+    return matrix
+
+
+def per_class_accuracy(labels: Any, predictions: Any, num_classes: int) -> np.ndarray:
+    """(K,) float64: the fraction of each true class predicted right (NaN for a class with no samples)."""
+    matrix = confusion_matrix(labels, predictions, num_classes)
+    totals = matrix.sum(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(totals > 0, np.diag(matrix) / np.maximum(totals, 1), np.nan)

@@ -1,0 +1,269 @@
+"""fit(): the epoch loop, with evaluation, history, checkpoints, resume and clear failures.
+
+    result = fit(model, SGD(model.parameters(), lr=0.05, momentum=0.9), (train_x, train_y),
+                 epochs=15, val_data=(val_x, val_y), test_data=(test_x, test_y), out_dir="runs/x")
+
+Images are uint8 (N, H, W, C); fit normalizes each batch with the training split's statistics.
+Randomness: epoch e's shuffle, augmentation and dropout masks all derive from (seed, e) alone,
+so stopping after epoch k and resuming from its checkpoint gives the same weights, bit for bit
+on the CPU, as a run that never stopped.
+
+Honest accuracy: the best epoch is the one with the highest *validation* accuracy (a split held
+out of the training data); the test split is only reported, never used to choose. Without a
+validation split the best epoch is the last.
+"""
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from .. import __version__
+from ..backend import get_array_module, to_device, to_numpy
+from ..checkpoint import Checkpoint, load_checkpoint, restore, save_checkpoint, write_json_atomic
+from ..data import BatchIterator, NormStats, compute_norm_stats, normalize
+from ..functional import softmax_cross_entropy
+from ..layers import Dropout
+from ..model import Sequential
+from ..optim import Optimizer, Schedule
+from .errors import DeviceOutOfMemory, TrainingDiverged, is_out_of_memory
+from .evaluate import evaluate
+from .progress import ProgressBar
+
+Split = tuple[Any, Any]  # (images (N, H, W, C), labels (N,))
+AugmentFn = Callable[[Any, np.random.Generator], Any]
+
+_DROPOUT_STREAM = 2  # BatchIterator uses stream 1 of (seed, epoch) for augmentation
+
+
+@dataclass
+class FitResult:
+    """What fit() leaves behind: one record per epoch and the epoch chosen on validation."""
+
+    history: list[dict[str, Any]] = field(default_factory=list)
+    best_epoch: int = 0  # 1-based; 0 when no epoch ran
+    out_dir: Path | None = None
+
+    @property
+    def best(self) -> dict[str, Any] | None:
+        """The history record of the best epoch."""
+        return next((r for r in self.history if r["epoch"] == self.best_epoch), None)
+
+    @property
+    def last(self) -> dict[str, Any] | None:
+        return self.history[-1] if self.history else None
+
+
+def fit(model: Sequential, optimizer: Optimizer, train_data: Split, *, epochs: int,
+        batch_size: int = 64, schedule: Schedule | None = None, val_data: Split | None = None,
+        test_data: Split | None = None, norm_stats: NormStats | None = None,
+        augment: AugmentFn | None = None, seed: int = 0, out_dir: str | os.PathLike | None = None,
+        resume: str | os.PathLike | Checkpoint | None = None, metadata: dict[str, Any] | None = None,
+        progress: bool = True, eval_batch_size: int = 500,
+        log: Callable[[str], None] | None = print) -> FitResult:
+    """Train `model` for `epochs` epochs (in total, counting those of a resumed checkpoint).
+
+    train_data, val_data, test_data: (images uint8 (N, H, W, C), labels int (N,)) on the host;
+        they are copied to the model's device once.
+    norm_stats: per-channel mean/std; default: computed from train_data's images.
+    augment(x, rng): applied to each uint8 training batch before normalization.
+    out_dir: where history.json, last.npz and best.npz go (None: nothing is written).
+    resume: a checkpoint (path or loaded) whose model, optimizer, schedule, epoch, seed, history
+        and normalization statistics replace the ones given; training continues after its epoch.
+    metadata: stored in checkpoints as JSON (e.g. {"model": {"name": "seed_cnn", "kwargs": {...}},
+        "dataset": ..., "class_names": [...]}); the library version is added.
+    progress: a tqdm bar per epoch when tqdm is installed. log: where the one-line-per-epoch
+        summaries go (None: silent).
+
+    Raises TrainingDiverged on a NaN/Inf loss, DeviceOutOfMemory when a batch does not fit,
+    ValueError for labels outside [0, num_classes).
+    """
+    if epochs < 1:
+        raise ValueError(f"epochs must be >= 1, got {epochs}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    say = log or (lambda _msg: None)
+    history: list[dict[str, Any]] = []
+    start_epoch, best_epoch, best_score = 0, 0, -math.inf
+    if resume is not None:
+        ckpt = resume if isinstance(resume, Checkpoint) else load_checkpoint(resume)
+        restore(ckpt, model, optimizer, schedule)
+        if ckpt.seed != seed:
+            say(f"resuming with the checkpoint's seed {ckpt.seed} (not {seed}) to continue identically")
+        seed, start_epoch, history = ckpt.seed, ckpt.epoch, list(ckpt.history)
+        best_epoch = ckpt.best_epoch
+        best_score = -math.inf if math.isnan(ckpt.best_score) else ckpt.best_score
+        if ckpt.norm_mean is not None:
+            norm_stats = NormStats(mean=ckpt.norm_mean, std=ckpt.norm_std)
+        metadata = {**ckpt.metadata, **(metadata or {})}
+        say(f"resumed from epoch {start_epoch} of a run with seed {seed}")
+    train_x, train_y = train_data
+    num_classes = _num_classes(model, tuple(train_x.shape[1:]))
+    for name, split in (("training", train_data), ("validation", val_data), ("test", test_data)):
+        if split is not None:
+            _check_labels(split, num_classes, name)
+    if norm_stats is None:
+        norm_stats = compute_norm_stats(train_x)
+    metadata = {**(metadata or {}), "cnn_gpu_version": __version__}
+    out = Path(out_dir) if out_dir is not None else None
+
+    # The data moves to the model's device once; every batch is gathered and normalized there.
+    backend = model.backend
+    train_x, train_y = to_device(train_x, backend), to_device(np.asarray(train_y, np.int64), backend)
+    val = _to(val_data, backend)
+    test = _to(test_data, backend)
+    dtype = model.dtype
+
+    def transform(x: Any) -> Any:
+        return normalize(x, norm_stats, dtype=dtype)
+
+    loader = BatchIterator(train_x, train_y, batch_size, shuffle=True, seed=seed,
+                           augment=augment, transform=transform)
+    result = FitResult(history=history, best_epoch=best_epoch, out_dir=out)
+    if start_epoch >= epochs:
+        say(f"the checkpoint has already trained {start_epoch} epochs (>= {epochs}); nothing to do")
+        return result
+
+    for epoch in range(start_epoch, epochs):  # 0-based here, 1-based in records and messages
+        started = time.perf_counter()
+        lr = optimizer.lr
+        try:
+            _seed_dropout(model, seed, epoch)
+            train_loss, train_acc, train_seconds = _train_epoch(
+                model, optimizer, loader, epoch, epochs, batch_size, progress)
+            record: dict[str, Any] = {"epoch": epoch + 1, "train_loss": train_loss, "train_accuracy": train_acc}
+            for name, split in (("val", val), ("test", test)):
+                if split is not None:
+                    loss, acc, _ = evaluate(model, *split, batch_size=eval_batch_size, transform=transform)
+                    record[f"{name}_loss"], record[f"{name}_accuracy"] = loss, acc
+        except Exception as exc:
+            if is_out_of_memory(exc):
+                where = "GPU" if backend == "cupy" else "host"
+                raise DeviceOutOfMemory(
+                    f"out of memory on the {where} at batch size {batch_size} (epoch {epoch + 1}); "
+                    f"try a smaller batch size, e.g. --batch-size {max(1, batch_size // 2)}", batch_size) from exc
+            raise
+        if schedule is not None:
+            schedule.step()
+        record.update(lr=lr, seconds=time.perf_counter() - started,
+                      images_per_second=len(train_y) / train_seconds if train_seconds > 0 else float("nan"))
+        history.append(record)
+        # Best = highest validation accuracy (earliest on ties); without validation, the last epoch.
+        score = record.get("val_accuracy", math.inf)
+        improved = val is None or score > best_score
+        if improved:
+            best_epoch, best_score = epoch + 1, score
+        result.best_epoch = best_epoch
+        say(_epoch_line(record, epochs, improved and val is not None))
+        if out is not None:
+            ckpt = Checkpoint(
+                model_state=model.state_dict(), optimizer_state=optimizer.state_dict(),
+                schedule_state=schedule.state_dict() if schedule is not None else None,
+                epoch=epoch + 1, seed=seed, norm_mean=norm_stats.mean, norm_std=norm_stats.std,
+                metadata=metadata, history=history, best_epoch=best_epoch,
+                best_score=best_score if math.isfinite(best_score) else float("nan"))
+            # best before last: a crash between the two leaves last.npz one epoch behind,
+            # and resuming from it redoes that epoch identically.
+            if improved:
+                save_checkpoint(out / "best.npz", ckpt)
+            save_checkpoint(out / "last.npz", ckpt)
+            write_json_atomic(out / "history.json", history)
+    return result
+
+
+def _train_epoch(model: Sequential, optimizer: Optimizer, loader: BatchIterator, epoch: int, epochs: int,
+                 batch_size: int, progress: bool) -> tuple[float, float, float]:
+    """One pass over the training data. Returns (mean loss, accuracy, seconds).
+
+    The loss and the count of right answers are summed on the device and read only when the
+    progress bar is refreshed (every step on the CPU, where reading costs nothing; every
+    `sync_every` steps on the GPU, where each read waits for the queued work).
+    """
+    model.train()
+    xp = get_array_module(loader.images)
+    on_gpu = xp is not np
+    sync_every = 50 if on_gpu else 1
+    steps = len(loader)
+    loss_sum, correct = xp.zeros((), dtype=np.float64), xp.zeros((), dtype=np.int64)
+    seen, synced_step = 0, 0
+    started = time.perf_counter()
+    with ProgressBar(steps, f"epoch {epoch + 1}/{epochs}", enabled=progress) as bar:
+        for step, (x, y) in enumerate(loader.batches(epoch), start=1):
+            logits = model.forward(x)
+            loss, dlogits = softmax_cross_entropy(logits, y)
+            model.backward(dlogits)
+            optimizer.step()
+            optimizer.zero_grad()
+            loss_sum += loss.astype(np.float64) * len(y)
+            correct += (logits.argmax(axis=1) == y).sum()
+            seen += len(y)
+            if step % sync_every == 0 or step == steps:
+                total = float(loss_sum)  # the one device->host read per refresh
+                if not math.isfinite(total):
+                    where = f"step {step}" if synced_step + 1 == step else f"a step in {synced_step + 1}..{step}"
+                    raise TrainingDiverged(
+                        f"training diverged: the loss became {float(loss)} at epoch {epoch + 1}, {where} "
+                        f"of {steps}; try a lower learning rate (it was {optimizer.lr:g})", epoch + 1, step)
+                elapsed = time.perf_counter() - started
+                bar.update(step - synced_step, loss=total / seen, acc=float(correct) / seen,
+                           img_s=seen / elapsed if elapsed > 0 else 0.0)
+                synced_step = step
+    return float(loss_sum) / seen, float(correct) / seen, time.perf_counter() - started
+
+
+def _epoch_line(record: dict[str, Any], epochs: int, best: bool) -> str:
+    width = len(str(epochs))
+    parts = [f"epoch {record['epoch']:>{width}}/{epochs}",
+             f"train loss {record['train_loss']:.4f} acc {record['train_accuracy']:.4f}"]
+    for name in ("val", "test"):
+        if f"{name}_loss" in record:
+            parts.append(f"{name} loss {record[name + '_loss']:.4f} acc {record[name + '_accuracy']:.4f}")
+    parts.append(f"lr {record['lr']:.4g}")
+    parts.append(f"{record['images_per_second']:.0f} img/s {record['seconds']:.1f}s")
+    return " | ".join(parts) + (" *best" if best else "")
+
+
+def _to(split: Split | None, backend: str) -> Split | None:
+    if split is None:
+        return None
+    return to_device(split[0], backend), to_device(np.asarray(split[1], np.int64), backend)
+
+
+def _num_classes(model: Sequential, sample_shape: tuple[int, ...]) -> int:
+    """The width of the model's output for one sample of this shape (checks the shapes fit, too)."""
+    shape = sample_shape
+    for layer in model.layers:
+        shape = layer.output_shape(shape)
+    if len(shape) != 1:
+        raise ValueError(f"the model's output per sample has shape {shape}; a classifier needs (num_classes,)")
+    return shape[0]
+
+
+def _check_labels(split: Split, num_classes: int, name: str) -> None:
+    """Once per run, on the host: on the GPU the loss does not check labels (it would sync every step)."""
+    images, labels = split
+    labels = to_numpy(labels)
+    if len(images) != len(labels):
+        raise ValueError(f"the {name} split has {len(images)} images but {len(labels)} labels")
+    if len(labels) == 0:
+        raise ValueError(f"the {name} split is empty")
+    if labels.dtype.kind not in "iu":
+        raise TypeError(f"the {name} labels must be integers, got {labels.dtype}")
+    low, high = int(labels.min()), int(labels.max())
+    if low < 0 or high >= num_classes:
+        raise ValueError(f"the {name} labels must be in [0, {num_classes}) for this model, "
+                         f"got values from {low} to {high}")
+
+
+def _seed_dropout(model: Sequential, seed: int, epoch: int) -> None:
+    """Give each Dropout layer a generator derived from (seed, epoch, layer), so a resumed run
+    draws the same masks as one that never stopped."""
+    for i, layer in enumerate(model.layers):
+        if isinstance(layer, Dropout):
+            layer.seed = int(np.random.SeedSequence([seed, epoch, _DROPOUT_STREAM, i]).generate_state(1)[0])
+            layer._rng = None  # Dropout rebuilds its generator from .seed on the next forward

@@ -1,0 +1,156 @@
+"""The cnn-gpu command, run in-process through main([...]) on a tiny IDX dataset in tmp_path."""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+
+import numpy as np
+import pytest
+
+from cnn_gpu.cli import main
+from cnn_gpu.data import read_idx
+
+from .train_fixtures import write_tiny_idx_dataset
+
+
+@pytest.fixture(autouse=True)
+def _no_real_cache(tmp_path, monkeypatch):
+    """Nothing under the real ~/.cache or $CNN_GPU_DATA, and runs/ lands in tmp_path."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.delenv("CNN_GPU_DATA", raising=False)
+    monkeypatch.chdir(tmp_path)
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    """One tiny `cnn-gpu train` run shared by the tests that need a checkpoint:
+    (data dir, run dir, its argv, its exit code, its stdout)."""
+    root = tmp_path_factory.mktemp("cli")
+    data = write_tiny_idx_dataset(root / "data")
+    out = root / "run"
+    argv = ["train", "--data-dir", str(data), "--epochs", "2", "--limit-train", "120", "--val-size", "20",
+            "--batch-size", "20", "--lr", "0.02", "--out", str(out), "--no-progress", "--seed", "3"]
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        code = main(argv)
+    return data, out, argv, code, stdout.getvalue()
+
+
+def test_train_end_to_end(trained_run):
+    data, out, argv, code, text = trained_run
+    assert code == 0
+    assert "total parameters: 225,034" in text  # the model summary
+    assert "epoch 1/2" in text and "epoch 2/2" in text
+    assert "final test accuracy (epoch 2): " in text and "best validation epoch" in text
+    history = json.loads((out / "history.json").read_text())
+    assert len(history) == 2 and {"val_accuracy", "test_accuracy"} <= set(history[0])
+    assert (out / "last.npz").exists() and (out / "best.npz").exists()
+    assert (out / "learning_curves.png").stat().st_size > 0 and (out / "confusion_matrix.png").exists()
+
+
+def test_evaluate_prints_accuracy_per_class_and_confusion(trained_run, capsys):
+    data, out, *_ = trained_run
+    assert main(["evaluate", str(out / "best.npz"), "--data-dir", str(data)]) == 0
+    text = capsys.readouterr().out
+    assert "on fashion-mnist test (60 images): accuracy" in text
+    assert "Ankle boot" in text and "confusion matrix" in text
+
+
+def test_predict_on_npy_and_png(trained_run, tmp_path, capsys):
+    data, out, *_ = trained_run
+    images = read_idx(data / "fashion-mnist" / "t10k-images-idx3-ubyte.gz")[:3]
+    np.save(tmp_path / "three.npy", images)
+    np.save(tmp_path / "one.npy", images[0].astype(np.float32) / 255)
+    assert main(["predict", str(out / "best.npz"), str(tmp_path / "three.npy"), str(tmp_path / "one.npy")]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 4 and lines[0].startswith(f"{tmp_path / 'three.npy'}[0]: ")
+    probabilities = [float(part.rsplit(" ", 1)[1]) for part in lines[3].split(": ", 1)[1].split(", ")]
+    assert len(probabilities) == 3 and probabilities == sorted(probabilities, reverse=True)
+    pytest.importorskip("matplotlib")
+    import matplotlib.image
+
+    matplotlib.image.imsave(tmp_path / "shirt.png", images[0], cmap="gray", vmin=0, vmax=255)
+    assert main(["predict", str(out / "best.npz"), str(tmp_path / "shirt.png"), "--top", "1"]) == 0
+    assert capsys.readouterr().out.startswith(f"{tmp_path / 'shirt.png'}: ")
+
+
+def test_predict_refuses_a_wrong_image_size(trained_run, tmp_path, capsys):
+    out = trained_run[1]
+    np.save(tmp_path / "big.npy", np.zeros((32, 32), np.uint8))
+    assert main(["predict", str(out / "best.npz"), str(tmp_path / "big.npy")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("cnn-gpu: error: ") and "28x28 grayscale" in err and len(err.splitlines()) == 1
+
+
+def test_resume_continues_the_run(trained_run, tmp_path, capsys):
+    data, out, argv, *_ = trained_run
+    split_out = tmp_path / "split"
+    first = [*argv[:argv.index("--out")], "--out", str(split_out), "--no-progress", "--seed", "3"]
+    first[first.index("--epochs") + 1] = "1"
+    assert main(first) == 0
+    assert main(["train", "--resume", str(split_out / "last.npz"), "--epochs", "2", "--data-dir", str(data),
+                 "--no-progress"]) == 0
+    assert "resuming" in capsys.readouterr().out
+    straight = json.loads((out / "history.json").read_text())
+    resumed = json.loads((split_out / "history.json").read_text())
+    assert [r["test_accuracy"] for r in resumed] == [r["test_accuracy"] for r in straight]
+    assert [r["train_loss"] for r in resumed] == [r["train_loss"] for r in straight]
+
+
+def test_info_runs(capsys):
+    assert main(["info"]) == 0
+    text = capsys.readouterr().out
+    assert "numpy" in text and "blas" in text and "cpus" in text and "backend" in text
+
+
+@pytest.mark.parametrize("argv, code, needle", [
+    (["train", "--epochs", "0"], 2, "--epochs: must be >= 1"),
+    (["train", "--dataset", "cifar"], 2, "invalid choice"),
+    (["frobnicate"], 2, "invalid choice"),
+    (["evaluate", "missing.npz"], 1, "cnn-gpu: error: no checkpoint at missing.npz"),
+    (["train", "--data-dir", "nowhere", "--epochs", "1", "--dataset", "mnist", "--no-progress"], 1, "cnn-gpu: error:"),
+])
+def test_user_errors_end_in_one_line(argv, code, needle, capsys, monkeypatch):
+    from cnn_gpu.data import datasets
+
+    # No network: every mirror refuses at once, so a missing dataset fails fast.
+    for name, spec in list(datasets.DATASETS.items()):
+        monkeypatch.setitem(datasets.DATASETS, name, datasets.DatasetSpec(
+            **{**spec.__dict__, "mirrors": ("http://127.0.0.1:9/",), "system_dirs": ()}))
+    assert main(argv) == code
+    err = capsys.readouterr().err
+    assert needle in err and "Traceback" not in err
+
+
+def test_bench_without_the_bench_module_says_so(capsys, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "cnn_gpu.bench", None)  # makes `import cnn_gpu.bench` fail
+    assert main(["bench", "--quick"]) == 1
+    assert "cnn_gpu.bench" in capsys.readouterr().err
+
+
+def test_bench_forwards_its_arguments(capsys, monkeypatch):
+    import sys
+    import types
+
+    seen = []
+    fake = types.ModuleType("cnn_gpu.bench")
+    fake.main = lambda argv: seen.append(argv) or 0
+    monkeypatch.setitem(sys.modules, "cnn_gpu.bench", fake)
+    assert main(["bench", "--batch-sizes", "64", "--json", "out.json"]) == 0
+    assert seen == [["--batch-sizes", "64", "--json", "out.json"]]
+
+
+def test_train_without_matplotlib_or_validation(trained_run, tmp_path, capsys, monkeypatch):
+    from cnn_gpu import plots
+
+    monkeypatch.setattr(plots, "matplotlib_available", lambda: False)
+    data = trained_run[0]
+    assert main(["train", "--data-dir", str(data), "--epochs", "1", "--limit-train", "60", "--val-size", "0",
+                 "--batch-size", "30", "--out", str(tmp_path / "r"), "--no-progress", "--no-augment"]) == 0
+    text = capsys.readouterr().out
+    assert "matplotlib is not installed" in text and "best checkpoint is the last epoch" in text
+    assert not (tmp_path / "r" / "learning_curves.png").exists() and (tmp_path / "r" / "best.npz").exists()
