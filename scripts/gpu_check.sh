@@ -18,7 +18,16 @@ mkdir -p "$LOGS"
 echo "gpu_check: logs in $LOGS"
 
 # Per-stage limits (seconds), 470 s in all, inside the call's 8 minutes.
-T_INFO=40 T_TESTS=240 T_BENCH=100 T_CLI=90
+T_INFO=40 T_TESTS=240 T_BENCH=100 T_CLI=200
+
+# With ACCURACY_DATA=<dir holding fashion-mnist/>, the accuracy runs (scripts/gpu_accuracy.sh)
+# train on the GPU while the tests run, and finish before the timing stages start.
+ACC_PID=""
+if [ -n "${ACCURACY_DATA:-}" ]; then
+    echo "gpu_check: accuracy runs started in the background (data in $ACCURACY_DATA)"
+    bash scripts/gpu_accuracy.sh "$ACCURACY_DATA" > "$LOGS/accuracy.log" 2>&1 &
+    ACC_PID=$!
+fi
 
 STAGES=() CODES=() SECONDS_TAKEN=()
 run_stage() {  # run_stage NAME LIMIT LOGFILE COMMAND...
@@ -64,11 +73,16 @@ export -f device_info
 run_stage "device" "$T_INFO" device.log bash -c device_info
 run_stage "pytest -m gpu" "$T_TESTS" pytest.log \
     python3 -m pytest -m gpu -q -rs -p no:cacheprovider tests
+if [ -n "$ACC_PID" ]; then
+    echo; echo "=== waiting for the accuracy runs before timing anything"
+    wait "$ACC_PID"; echo "accuracy runs ended with status $?"
+    tail -n 12 "$LOGS/accuracy.log"
+fi
 run_stage "kernel bandwidth" "$T_BENCH" bench.log \
     python3 -m cnn_gpu.bench.kernel_bandwidth
 if python3 -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('cnn_gpu.cli') is None)"; then
     run_stage "cli bench" "$T_CLI" cli.log \
-        python3 -m cnn_gpu.cli bench --backend cupy --batch-sizes 64,256,1024
+        python3 -m cnn_gpu.cli bench --backend cupy --json "$LOGS/bench.json"
 else
     echo; echo "=== cli bench: skipped (cnn_gpu.cli does not exist yet)"
     STAGES+=("cli bench") CODES+=("skipped") SECONDS_TAKEN+=(0)
