@@ -113,7 +113,9 @@ def test_seed_network_trains_the_same_on_both_backends(dtype, rtol, batch_norm):
     rng = np.random.default_rng(0)
     cpu = seed_cnn(batch_norm=batch_norm, seed=7, dtype=dtype)
     gpu = seed_cnn(batch_norm=batch_norm, seed=7, dtype=dtype).to("gpu")
-    opt_c, opt_g = SGD(cpu.parameters(), 0.05, momentum=0.9), SGD(gpu.parameters(), 0.05, momentum=0.9)
+    # A learning rate at which training is stable: on a diverging trajectory float32 rounding
+    # differences grow exponentially, whichever two implementations are compared.
+    opt_c, opt_g = SGD(cpu.parameters(), 0.01, momentum=0.9), SGD(gpu.parameters(), 0.01, momentum=0.9)
     cp = module_for("cupy")
     for step in range(20):
         x = rng.standard_normal((16, 28, 28, 1)).astype(dtype)
