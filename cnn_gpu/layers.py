@@ -275,6 +275,10 @@ class Dropout(Layer):
         self._rng: Any = None
         self._rng_module: Any = None
 
+    def reseed(self, seed: int | None) -> None:
+        """Draw the following masks from a fresh generator seeded with `seed` (fit() reseeds per epoch)."""
+        self.seed, self._rng = seed, None
+
     def _generator(self, x: Any) -> Any:
         xp = get_array_module(x)
         if self._rng is None or self._rng_module is not xp:  # a generator of x's own backend

@@ -265,5 +265,4 @@ def _seed_dropout(model: Sequential, seed: int, epoch: int) -> None:
     draws the same masks as one that never stopped."""
     for i, layer in enumerate(model.layers):
         if isinstance(layer, Dropout):
-            layer.seed = int(np.random.SeedSequence([seed, epoch, _DROPOUT_STREAM, i]).generate_state(1)[0])
-            layer._rng = None  # Dropout rebuilds its generator from .seed on the next forward
+            layer.reseed(int(np.random.SeedSequence([seed, epoch, _DROPOUT_STREAM, i]).generate_state(1)[0]))
