@@ -34,12 +34,13 @@ from .optim import SGD, Adam, CosineLR, Optimizer, Schedule, StepLR
 from .training import DeviceOutOfMemory, confusion_matrix, evaluate, fit, per_class_accuracy
 
 PROG = "cnn-gpu"
-# Defaults chosen on the validation split (see ACCURACY_RESULTS.md); Adam gets its usual 1e-3.
+# Defaults chosen on the validation split (see BENCHMARKS.md, Accuracy); Adam gets its usual 1e-3.
 DEFAULT_LR = {"sgd": 0.02, "adam": 1e-3}
 DEFAULT_VAL_SIZE = 5000
 # Settings a checkpoint records so that --resume continues the same run.
 RUN_SETTINGS = ("dataset", "batch_size", "lr", "momentum", "optimizer", "schedule", "weight_decay",
-                "batch_norm", "augment", "val_size", "seed", "limit_train", "limit_test", "epochs")
+                "batch_norm", "dropout", "augment", "max_shift", "val_size", "seed", "limit_train",
+                "limit_test", "epochs")
 
 
 Split = tuple[np.ndarray, np.ndarray]  # (images (N, 28, 28, 1) uint8, labels (N,) int64)
@@ -72,6 +73,10 @@ def build_parser() -> argparse.ArgumentParser:
     # Off by default: with it the seed network underfits in 15 epochs (validation 0.913 vs 0.920 without).
     train.add_argument("--augment", action=argparse.BooleanOptionalAction, default=False,
                        help="random shifts of up to 2 pixels, and left-right flips for fashion-mnist (default off)")
+    train.add_argument("--max-shift", type=_nonnegative_int, default=2,
+                       help="with --augment: shift by up to this many pixels (default 2; 0: flips only)")
+    train.add_argument("--dropout", type=_probability, default=0.0,
+                       help="dropout probability before each dense layer (default 0: the seed network as is)")
     train.add_argument("--val-size", type=_nonnegative_int, default=None,
                        help=f"training images held out to choose the best epoch (default {DEFAULT_VAL_SIZE}, "
                             "a tenth of a smaller set; 0: no validation, best = last)")
@@ -112,6 +117,13 @@ def build_parser() -> argparse.ArgumentParser:
 def _add_backend(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backend", choices=("auto", "numpy", "cupy"), default="auto",
                         help="numpy (CPU) or cupy (GPU); auto picks cupy when a GPU is usable")
+
+
+def _probability(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {value}")
+    return value
 
 
 def _positive_int(text: str) -> int:
@@ -195,7 +207,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     val_size = 0 if val_data is None else len(val_data[1])
 
     model_spec = {"name": "seed_cnn", "kwargs": {"num_classes": train_set.num_classes,
-                                                 "batch_norm": bool(s.batch_norm), "seed": s.seed}}
+                                                 "batch_norm": bool(s.batch_norm), "dropout": s.dropout,
+                                                 "seed": s.seed}}
     model = build_model({"model": model_spec})
     if backend == "cupy":
         model.to("gpu")
@@ -205,14 +218,15 @@ def cmd_train(args: argparse.Namespace) -> int:
     print(f"data: {s.dataset} from {train_set.source}: {len(labels)} training, {val_size} validation, "
           f"{len(test_y)} test images | backend {backend} | out {out}")
     print(f"settings: {s.optimizer} lr {s.lr} momentum {s.momentum} weight decay {s.weight_decay} "
-          f"schedule {s.schedule} batch {s.batch_size} augment {'on' if s.augment else 'off'} "
-          f"batch norm {'on' if s.batch_norm else 'off'} epochs {s.epochs} seed {s.seed}")
+          f"schedule {s.schedule} batch {s.batch_size} "
+          f"augment {f'on (shifts up to {s.max_shift})' if s.augment else 'off'} "
+          f"batch norm {'on' if s.batch_norm else 'off'} dropout {s.dropout:g} epochs {s.epochs} seed {s.seed}")
     metadata = {"model": model_spec, "dataset": s.dataset, "class_names": list(train_set.class_names),
                 "config": {k: getattr(s, k) for k in RUN_SETTINGS}}
     started = time.perf_counter()
     result = fit(model, optimizer, (images, labels), epochs=s.epochs, batch_size=s.batch_size,
                  schedule=schedule, val_data=val_data, test_data=(test_x, test_y),
-                 augment=augmentation_for(s.dataset) if s.augment else None, seed=s.seed, out_dir=out,
+                 augment=augmentation_for(s.dataset, s.max_shift) if s.augment else None, seed=s.seed, out_dir=out,
                  resume=resume, metadata=metadata, progress=not args.no_progress)
     wall = time.perf_counter() - started
     if not result.history:

@@ -3,18 +3,20 @@ from __future__ import annotations
 
 import numpy as np
 
-from .layers import BatchNorm1D, BatchNorm2D, Conv2D, Dense, Flatten, MaxPool2D, ReLU
+from .layers import BatchNorm1D, BatchNorm2D, Conv2D, Dense, Dropout, Flatten, MaxPool2D, ReLU
 from .model import Sequential
 
 
 def seed_cnn(num_classes: int = 10, batch_norm: bool = False, seed: int = 0,
-             dtype: str = "float32", input_shape: tuple[int, int, int] = (28, 28, 1)) -> Sequential:
+             dtype: str = "float32", input_shape: tuple[int, int, int] = (28, 28, 1),
+             dropout: float = 0.0) -> Sequential:
     """The seed's sample network for 28x28x1 images.
 
     conv 32 3x3 + ReLU, max-pool 2, conv 64 3x3 + ReLU, max-pool 2, dense 128 + ReLU,
     dense num_classes (the softmax is in the loss). With batch_norm=True a batch norm follows
     each conv and the dense 128 (before the ReLU), and the layers before it drop their bias,
-    which the batch norm's beta replaces.
+    which the batch norm's beta replaces. dropout > 0 puts a Dropout(dropout) before each dense
+    layer (a regularizer for longer training; 0 keeps the seed's network exactly).
     """
     h, w, c = input_shape
     rng = np.random.default_rng(seed)
@@ -24,7 +26,9 @@ def seed_cnn(num_classes: int = 10, batch_norm: bool = False, seed: int = 0,
     layers += [BatchNorm2D(32, dtype=dtype)] if batch_norm else []
     layers += [ReLU(), MaxPool2D(2), Conv2D(32, 64, 3, bias=bias, init="he", rng=rng, dtype=dtype)]
     layers += [BatchNorm2D(64, dtype=dtype)] if batch_norm else []
-    layers += [ReLU(), MaxPool2D(2), Flatten(), Dense(flat, 128, bias=bias, init="he", rng=rng, dtype=dtype)]
+    drop = [Dropout(dropout, seed=seed)] if dropout > 0 else []
+    layers += [ReLU(), MaxPool2D(2), Flatten(), *drop, Dense(flat, 128, bias=bias, init="he", rng=rng, dtype=dtype)]
     layers += [BatchNorm1D(128, dtype=dtype)] if batch_norm else []
-    layers += [ReLU(), Dense(128, num_classes, init="glorot", rng=rng, dtype=dtype)]
+    drop = [Dropout(dropout, seed=seed + 1)] if dropout > 0 else []
+    layers += [ReLU(), *drop, Dense(128, num_classes, init="glorot", rng=rng, dtype=dtype)]
     return Sequential(layers)

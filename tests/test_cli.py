@@ -107,6 +107,7 @@ def test_info_runs(capsys):
 
 @pytest.mark.parametrize("argv, code, needle", [
     (["train", "--epochs", "0"], 2, "--epochs: must be >= 1"),
+    (["train", "--dropout", "1.5"], 2, "--dropout: must be in [0, 1)"),
     (["train", "--dataset", "cifar"], 2, "invalid choice"),
     (["frobnicate"], 2, "invalid choice"),
     (["evaluate", "missing.npz"], 1, "cnn-gpu: error: no checkpoint at missing.npz"),
@@ -154,3 +155,17 @@ def test_train_without_matplotlib_or_validation(trained_run, tmp_path, capsys, m
     text = capsys.readouterr().out
     assert "matplotlib is not installed" in text and "best checkpoint is the last epoch" in text
     assert not (tmp_path / "r" / "learning_curves.png").exists() and (tmp_path / "r" / "best.npz").exists()
+
+
+def test_train_with_dropout_and_flips_only_records_them(trained_run, tmp_path, capsys):
+    data, _, _, _, _ = trained_run
+    out = tmp_path / "drop"
+    assert main(["train", "--data-dir", str(data), "--epochs", "1", "--limit-train", "60", "--val-size", "10",
+                 "--batch-size", "20", "--dropout", "0.3", "--augment", "--max-shift", "0", "--out", str(out),
+                 "--no-progress"]) == 0
+    text = capsys.readouterr().out
+    assert "augment on (shifts up to 0)" in text and "dropout 0.3" in text and "Dropout(p=0.3)" in text
+    from cnn_gpu.checkpoint import load_checkpoint
+    ckpt = load_checkpoint(out / "last.npz")
+    assert ckpt.metadata["model"]["kwargs"]["dropout"] == 0.3 and ckpt.metadata["config"]["max_shift"] == 0
+    assert sum(type(layer).__name__ == "Dropout" for layer in ckpt.build_model().layers) == 2
