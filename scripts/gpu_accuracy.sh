@@ -14,12 +14,12 @@ LIMIT=${ACCURACY_TIMEOUT:-420}
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 
 declare -A SETTINGS=(
-  [plain-sgd-0.02]=""
-  [plain-sgd-0.05]="--lr 0.05"
-  [plain-adam]="--optimizer adam"
-  [bn-sgd-0.02]="--batch-norm"
-  [bn-sgd-0.05-augment]="--batch-norm --lr 0.05 --augment"
-  [bn-adam]="--batch-norm --optimizer adam"
+  [plain-adam-dropout-0.5]="--optimizer adam --dropout 0.5"
+  [plain-sgd-0.05-dropout-0.5]="--lr 0.05 --dropout 0.5"
+  [plain-adam-flips]="--optimizer adam --augment --max-shift 0"
+  [bn-sgd-0.05-flips]="--batch-norm --lr 0.05 --augment --max-shift 0"
+  [bn-sgd-0.05-shift1]="--batch-norm --lr 0.05 --augment --max-shift 1"
+  [bn-sgd-0.05-dropout-0.3]="--batch-norm --lr 0.05 --dropout 0.3"
 )
 start=$SECONDS
 for name in "${!SETTINGS[@]}"; do
