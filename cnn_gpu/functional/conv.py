@@ -59,8 +59,12 @@ def col2im(dcols: Any, x_shape: tuple[int, ...], kh: int, kw: int, sh: int, sw: 
     """Adjoint of im2col: dcols (N*OH*OW, KH*KW*C) -> dx (N, H, W, C), overlapping windows summed.
 
     One strided add per kernel offset (KH*KW vectorized passes), in a fixed order, so the
-    result is deterministic on both backends.
+    result is deterministic. On CuPy one gather kernel (cnn_gpu/cuda/elementwise.py) adds the
+    same terms in the same order.
     """
+    if is_cupy_array(dcols):
+        from ..cuda import elementwise
+        return elementwise.col2im(dcols, x_shape, kh, kw, sh, sw, ph, pw, oh, ow)
     xp = get_array_module(dcols)
     n, h, w, c = x_shape
     dcols = dcols.reshape(n, oh, ow, kh, kw, c)
