@@ -40,6 +40,23 @@ _KERNELS = {
     """),
     # dx = dy where y > 0, else 0 (y is the ReLU's output).
     "relu_backward": (("T dy, T y", "T dx"), "dx = y > T(0) ? dy : T(0);"),
+    # Softmax cross-entropy, one thread per row of logits (N, K): the row's loss term
+    # lse - shifted[label] and its gradient row (softmax - one_hot) / N.
+    "softmax_cross_entropy": (("raw T logits, raw I labels, int32 K, T inv_n", "raw T dlogits, T row_loss"), """
+        const long long row = i * (long long)K;
+        T top = logits[row];
+        for (int k = 1; k < K; ++k) {  // shift by the largest logit: exp cannot overflow below
+            const T z = logits[row + k];
+            top = z > top ? z : top;
+        }
+        T total = T(0);
+        for (int k = 0; k < K; ++k) total += exp(logits[row + k] - top);
+        const T lse = log(total);
+        const long long label = (long long)labels[i];
+        row_loss = lse - (logits[row + label] - top);
+        for (int k = 0; k < K; ++k)
+            dlogits[row + k] = (exp(logits[row + k] - top - lse) - (k == label ? T(1) : T(0))) * inv_n;
+    """),
     # col2im as a gather: each dx (N, H, W, C) element sums the dcols (N, OH, OW, KH, KW, C)
     # entries of the windows that cover it, in (kh, kw) order -- the order in which the
     # array version adds them, so both give the same sums.
@@ -96,3 +113,15 @@ def col2im(dcols: Any, x_shape: tuple[int, ...], kh: int, kw: int, sh: int, sw: 
     ints = (h, w, c, oh, ow, kh, kw, sh, sw, ph, pw)
     _kernel("col2im")(cupy.ascontiguousarray(dcols), *(np.int32(v) for v in ints), dx)
     return dx
+
+
+def softmax_cross_entropy(logits: Any, labels: Any) -> tuple[Any, Any]:
+    """logits (N, K), integer labels (N,) -> mean loss (0-d), dlogits (N, K): one launch and a mean."""
+    cupy = require_cupy()
+    n, k = logits.shape
+    logits = cupy.ascontiguousarray(logits)
+    dlogits = cupy.empty_like(logits)
+    row_loss = cupy.empty(n, dtype=logits.dtype)
+    _kernel("softmax_cross_entropy")(logits, cupy.ascontiguousarray(labels), np.int32(k),
+                                     logits.dtype.type(1.0 / n), dlogits, row_loss)
+    return row_loss.mean(), dlogits
