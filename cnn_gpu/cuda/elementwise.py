@@ -40,6 +40,14 @@ _KERNELS = {
     """),
     # dx = dy where y > 0, else 0 (y is the ReLU's output).
     "relu_backward": (("T dy, T y", "T dx"), "dx = y > T(0) ? dy : T(0);"),
+    # Batch norm's running statistics (in place) and 1 / sqrt(var + eps), per channel:
+    # running = (1 - momentum) * running + momentum * batch value (var scaled to unbiased by unbias).
+    "batch_norm_running_update": (("T mean, T var, T keep, T momentum, T momentum_unbiased, T eps",
+                                   "T running_mean, T running_var, T inv_std"), """
+        running_mean = running_mean * keep + momentum * mean;
+        running_var = running_var * keep + momentum_unbiased * var;
+        inv_std = T(1) / sqrt(var + eps);
+    """),
     # Softmax cross-entropy, one thread per row of logits (N, K): the row's loss term
     # lse - shifted[label] and its gradient row (softmax - one_hot) / N.
     "softmax_cross_entropy": (("raw T logits, raw I labels, int32 K, T inv_n", "raw T dlogits, T row_loss"), """
@@ -125,3 +133,14 @@ def softmax_cross_entropy(logits: Any, labels: Any) -> tuple[Any, Any]:
     _kernel("softmax_cross_entropy")(logits, cupy.ascontiguousarray(labels), np.int32(k),
                                      logits.dtype.type(1.0 / n), dlogits, row_loss)
     return row_loss.mean(), dlogits
+
+
+def batch_norm_running_update(mean: Any, var: Any, running_mean: Any, running_var: Any, momentum: float,
+                              momentum_unbiased: float, eps: float) -> Any:
+    """Update running_mean / running_var (C,, of mean's dtype) in place; return inv_std = 1 / sqrt(var + eps)."""
+    cupy = require_cupy()
+    t = mean.dtype.type
+    inv_std = cupy.empty_like(mean)
+    _kernel("batch_norm_running_update")(mean, var, t(1 - momentum), t(momentum), t(momentum_unbiased), t(eps),
+                                         running_mean, running_var, inv_std)
+    return inv_std

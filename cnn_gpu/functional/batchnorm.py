@@ -78,18 +78,25 @@ def batch_norm_forward(x: Any, gamma: Any, beta: Any, running_mean: Any = None,
             raise ValueError(f"batch_norm: training needs more than one value per channel, "
                              f"got x of shape {tuple(x.shape)}")
         xs, ref, mean, var = _channel_stats(x2d)
-        if running_mean is not None:
-            running_mean *= 1 - momentum
-            running_mean += momentum * mean
-        if running_var is not None:
-            running_var *= 1 - momentum
-            running_var += (momentum * m / (m - 1)) * var
+        if (is_cupy_array(x2d) and running_mean is not None and running_var is not None
+                and running_mean.dtype == running_var.dtype == x.dtype):
+            from ..cuda import elementwise  # the two updates and inv_std in one launch, not eight
+            inv_std = elementwise.batch_norm_running_update(mean, var, running_mean, running_var,
+                                                            momentum, momentum * m / (m - 1), eps)
+        else:
+            if running_mean is not None:
+                running_mean *= 1 - momentum
+                running_mean += momentum * mean
+            if running_var is not None:
+                running_var *= 1 - momentum
+                running_var += (momentum * m / (m - 1)) * var
+            inv_std = 1.0 / xp.sqrt(var + eps)  # (C,)
     else:
         if running_mean is None or running_var is None:
             raise ValueError("batch_norm: evaluation (training=False) needs running_mean and running_var")
         mean, var = running_mean.astype(x.dtype, copy=False), running_var.astype(x.dtype, copy=False)
         xs, ref = x2d, mean
-    inv_std = 1.0 / xp.sqrt(var + eps)  # (C,)
+        inv_std = 1.0 / xp.sqrt(var + eps)  # (C,)
     y = _normalize(xs, ref, inv_std, gamma, beta)
     return y.reshape(x.shape), (xs, ref, inv_std, gamma, training, x.shape)
 
