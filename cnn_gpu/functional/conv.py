@@ -129,16 +129,28 @@ def conv2d_backward(dy: Any, cache: tuple, need_dx: bool = True) -> tuple[Any, A
     xp = get_array_module(dy, x)
     o = w.shape[3]
     w2d = w.reshape(-1, o)  # (KH*KW*C, O)
-    dw = xp.zeros_like(w2d)
-    dx = xp.empty_like(x) if need_dx else None
-    for part in _chunks(x, oh * ow * w2d.shape[0] * x.itemsize):
+    chunks = _chunks(x, oh * ow * w2d.shape[0] * x.itemsize)
+    dw = None
+    # One chunk (always on the GPU): dx is col2im's result itself, no copy into a buffer.
+    dx = xp.empty_like(x) if need_dx and len(chunks) > 1 else None
+    for part in chunks:
         cols, _, _ = im2col(x[part], kh, kw, sh, sw, ph, pw)  # rebuilt, see the module docstring
         dy2d = xp.ascontiguousarray(dy[part]).reshape(-1, o)  # (B*OH*OW, O)
-        dw += cols.T @ dy2d
+        part_dw = cols.T @ dy2d
+        if dw is None:
+            dw = part_dw
+        else:
+            dw += part_dw
         if need_dx:
             dcols = dy2d @ w2d.T  # (B*OH*OW, KH*KW*C)
             part_shape = (cols.shape[0] // (oh * ow),) + tuple(x.shape[1:])
-            dx[part] = dcols.reshape(part_shape) if _is_pointwise(kh, kw, sh, sw, ph, pw) else \
+            part_dx = dcols.reshape(part_shape) if _is_pointwise(kh, kw, sh, sw, ph, pw) else \
                 col2im(dcols, part_shape, kh, kw, sh, sw, ph, pw, oh, ow)
+            if dx is None:
+                dx = part_dx
+            else:
+                dx[part] = part_dx
+    if dw is None:  # an empty batch
+        dw, dx = xp.zeros_like(w2d), xp.empty_like(x) if need_dx else None
     db = column_sum(dy.reshape(-1, o)) if has_bias else None
     return dx, dw.reshape(w.shape), db
