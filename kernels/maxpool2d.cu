@@ -18,19 +18,29 @@
 //
 // How the work is divided
 //   A 1-D grid of 1-D blocks walks the flat output (forward, backward_scatter) or flat input
-//   (backward) with a grid-stride loop, one element per thread per step. Index arithmetic is
-//   of type Idx: unsigned int when every index fits in 32 bits (the caller checks), else
-//   unsigned long long; 64-bit division is emulated in software and made these kernels
-//   instruction-bound, so the 32-bit version is the one that normally runs. The flat index runs
-//   fastest over C, so the 32 threads of a warp touch 32 consecutive channels of the same pixel:
-//   every load and store is coalesced. Any blockDim (a multiple of 32) and gridDim.x work.
-//   The backward pass gathers: each input element visits, in a fixed order (oh, then ow,
-//   ascending), the few windows that cover it and adds dy where that window's argmax points
-//   here. Overlapping windows (stride < pool) therefore need no atomics and the result is
-//   bit-for-bit deterministic.
+//   (backward) with a grid-stride loop. One step of a thread handles V consecutive channels
+//   of one pixel (a "channel vector"): the flat index i runs over (n, a, b, C/V), and element
+//   offsets are i * V. V = 1 is the general path; V = 4 (float) or 2 (double) moves 16 bytes
+//   per load and store (argmax: V bytes or V ints), and the caller picks it only when
+//   C % V == 0 and every pointer is aligned to V elements. Both conditions together keep every
+//   vector aligned: a vector starts at element pixel * C + cv * V, a multiple of V.
+//   Why vectors: the float32 kernels were bound by per-element integer work (splitting the
+//   flat index takes three 32-bit divisions, plus window bounds), not by bytes; a vector
+//   pays that work once for V elements. The max and the argmax are still computed per lane
+//   with the same comparison, so the results are bit for bit those of V = 1.
+//   Index arithmetic is of type Idx: unsigned int when every index fits in 32 bits (the caller
+//   checks), else unsigned long long; 64-bit division is emulated in software and made these
+//   kernels instruction-bound, so the 32-bit version is the one that normally runs. The flat
+//   index runs fastest over the channel vectors, so the threads of a warp touch consecutive
+//   channels of the same pixel(s): every load and store is coalesced. Any blockDim (a multiple
+//   of 32) and gridDim.x work.
+//   The backward pass gathers: each input channel vector visits, in a fixed order (oh, then
+//   ow, ascending), the few windows that cover it and adds dy where that window's argmax
+//   points here. Overlapping windows (stride < pool) therefore need no atomics and the result
+//   is bit-for-bit deterministic.
 //   backward_scatter is for windows that cannot overlap (stride >= pool): one thread per
-//   output writes its whole window (dy at the argmax, 0 elsewhere), so each dx element is
-//   written at most once -- a quarter of the gather's index arithmetic for 2x2 windows. The
+//   output vector writes its whole window (dy at the argmax, 0 elsewhere), so each dx element
+//   is written at most once -- a quarter of the gather's index arithmetic for 2x2 windows. The
 //   caller zero-fills dx first when the windows do not cover every input position.
 
 template <typename T> struct NegInf;
@@ -55,7 +65,28 @@ __device__ __forceinline__ bool greater(float a, float b)
 }
 __device__ __forceinline__ bool greater(double a, double b) { return a > b; }
 
+// V consecutive elements of type E, aligned to their whole size, so that one load or store
+// of a Pack is one vector instruction (ld/st .v4.f32, .v2.f64, .v4.u8, ...). With V = 1 it
+// is a plain scalar access.
+template <typename E, int V>
+struct alignas(sizeof(E) * V) Pack {
+    E lane[V];
+};
+
+// p must be aligned to V elements (see the header: the caller's C % V and pointer checks).
+template <int V, typename E>
+__device__ __forceinline__ Pack<E, V> load(const E* p)
+{
+    return *reinterpret_cast<const Pack<E, V>*>(p);
+}
+template <int V, typename E>
+__device__ __forceinline__ void store(E* p, const Pack<E, V>& v)
+{
+    *reinterpret_cast<Pack<E, V>*>(p) = v;
+}
+
 // Split the flat index i of a C-contiguous (N, A, B, C) array into (n, a, b, c).
+// The kernels pass C/V for C, so c is the channel-vector index.
 template <typename Idx>
 __device__ __forceinline__ void split_nabc(Idx i, int A, int B, int C, Idx& n, int& a, int& b, int& c)
 {
@@ -67,8 +98,31 @@ __device__ __forceinline__ void split_nabc(Idx i, int A, int B, int C, Idx& n, i
     a = (int)(na - n * A);
 }
 
-// x (N, H, W, C) -> y (N, OH, OW, C), argmax (N, OH, OW, C); total = N * OH * OW * C
-template <typename T, typename I, typename Idx>
+// Along one axis: the windows o in [lo, hi] (0 <= o < O) that cover position p of the padded
+// input, i.e. o*S <= p <= o*S + K - 1, and k_lo = p - lo*S, p's offset inside window lo
+// (p's offset inside window o is k_lo - (o - lo)*S). lo > hi when no window covers p.
+// One division instead of the two of the closed forms lo = ceil((p-K+1)/S), hi = p/S: starting
+// from q = p/S, the last window that starts at or before p, step back while the previous
+// window still reaches p -- at most ceil(K/S) - 1 steps (one for 3x3 stride 2).
+__device__ __forceinline__ void covering_windows(int p, int K, int S, int O,
+                                                 int& lo, int& hi, int& k_lo)
+{
+    const int q = p / S;
+    hi = min(q, O - 1);
+    lo = q;
+    k_lo = p - q * S;  // p's offset inside window q, in [0, S)
+    if (k_lo >= K) {   // p lies in the gap after window q (S > K): no window covers it
+        lo = q + 1;
+        return;
+    }
+    while (lo > 0 && k_lo + S < K) {
+        --lo;
+        k_lo += S;
+    }
+}
+
+// x (N, H, W, C) -> y (N, OH, OW, C), argmax (N, OH, OW, C); total = N * OH * OW * C / V
+template <typename T, typename I, typename Idx, int V>
 __global__ void max_pool2d_forward(const T* __restrict__ x, T* __restrict__ y,
                                    I* __restrict__ argmax, Idx total,
                                    int H, int W, int C, int OH, int OW,
@@ -78,36 +132,53 @@ __global__ void max_pool2d_forward(const T* __restrict__ x, T* __restrict__ y,
     const Idx step = (Idx)gridDim.x * blockDim.x;
     for (Idx i = (Idx)blockIdx.x * blockDim.x + threadIdx.x; i < total; i += step) {
         Idx n;
-        int oh, ow, c;
-        split_nabc(i, OH, OW, C, n, oh, ow, c);
+        int oh, ow, cv;
+        split_nabc(i, OH, OW, C / V, n, oh, ow, cv);
+        const int c0 = cv * V;        // first channel of this thread's vector
         const int h0 = oh * SH - PH;  // window origin in input coordinates (may be < 0)
         const int w0 = ow * SW - PW;
+        // Only the window's real positions are visited: a padded position is -inf, which never
+        // beats the running best (greater(-inf, b) is false for every b, NaN included, and
+        // -inf is no NaN), so skipping it changes nothing -- and the loops need no bounds checks.
+        const int kh_lo = max(0, -h0), kh_hi = min(KH, H - h0);
+        const int kw_lo = max(0, -w0), kw_hi = min(KW, W - w0);
 
-        T best = neg_inf;  // padded positions are -inf, so starting here with k = 0 ...
-        int best_k = 0;    // ... gives numpy's answer when every value is -inf
-        for (int kh = 0; kh < KH; ++kh) {
-            const int ih = h0 + kh;
-            const bool row_in = ih >= 0 && ih < H;
-            for (int kw = 0; kw < KW; ++kw) {
-                const int iw = w0 + kw;
-                const T v = (row_in && iw >= 0 && iw < W)
-                                ? x[((n * H + (Idx)ih) * W + (Idx)iw) * C + c]
-                                : neg_inf;
-                // Strictly greater keeps the first maximum; the first NaN beats any number
-                // and no later value (not even a NaN) replaces it.
-                if (greater(v, best) || (v != v && best == best)) {
-                    best = v;
-                    best_k = kh * KW + kw;
+        Pack<T, V> best;
+        int best_k[V];
+#pragma unroll
+        for (int l = 0; l < V; ++l) {
+            best.lane[l] = neg_inf;  // padded positions are -inf, so starting here with k = 0 ...
+            best_k[l] = 0;           // ... gives numpy's answer when every value is -inf
+        }
+        for (int kh = kh_lo; kh < kh_hi; ++kh) {
+            // The first real position of the row; the index stays >= 0 (w0 alone may be < 0,
+            // and an unsigned Idx would wrap instead of going negative).
+            const T* p = x + ((n * H + (Idx)(h0 + kh)) * W + (Idx)(w0 + kw_lo)) * C + c0;
+            for (int kw = kw_lo; kw < kw_hi; ++kw, p += C) {
+                const Pack<T, V> v = load<V>(p);
+                const int k = kh * KW + kw;
+#pragma unroll
+                for (int l = 0; l < V; ++l) {
+                    // Strictly greater keeps the first maximum; the first NaN beats any number
+                    // and no later value (not even a NaN) replaces it.
+                    const T a = v.lane[l], b = best.lane[l];
+                    if (greater(a, b) || (a != a && b == b)) {
+                        best.lane[l] = a;
+                        best_k[l] = k;
+                    }
                 }
             }
         }
-        y[i] = best;
-        argmax[i] = (I)best_k;
+        Pack<I, V> best_index;
+#pragma unroll
+        for (int l = 0; l < V; ++l) best_index.lane[l] = (I)best_k[l];
+        store<V>(y + i * V, best);  // output element offset of channel vector i is i * V
+        store<V>(argmax + i * V, best_index);
     }
 }
 
-// dy (N, OH, OW, C), argmax (N, OH, OW, C) -> dx (N, H, W, C); total = N * H * W * C
-template <typename T, typename I, typename Idx>
+// dy (N, OH, OW, C), argmax (N, OH, OW, C) -> dx (N, H, W, C); total = N * H * W * C / V
+template <typename T, typename I, typename Idx, int V>
 __global__ void max_pool2d_backward(const T* __restrict__ dy, const I* __restrict__ argmax,
                                     T* __restrict__ dx, Idx total,
                                     int H, int W, int C, int OH, int OW,
@@ -116,36 +187,45 @@ __global__ void max_pool2d_backward(const T* __restrict__ dy, const I* __restric
     const Idx step = (Idx)gridDim.x * blockDim.x;
     for (Idx i = (Idx)blockIdx.x * blockDim.x + threadIdx.x; i < total; i += step) {
         Idx n;
-        int ih, iw, c;
-        split_nabc(i, H, W, C, n, ih, iw, c);
-        const int hp = ih + PH;  // position in padded coordinates, >= 0
-        const int wp = iw + PW;
+        int ih, iw, cv;
+        split_nabc(i, H, W, C / V, n, ih, iw, cv);
+        const int c0 = cv * V;
+        int oh_lo, oh_hi, kh_lo, ow_lo, ow_hi, kw_lo;
+        covering_windows(ih + PH, KH, SH, OH, oh_lo, oh_hi, kh_lo);  // padded coordinates, >= 0
+        covering_windows(iw + PW, KW, SW, OW, ow_lo, ow_hi, kw_lo);
 
-        // Windows oh cover hp when oh*SH <= hp <= oh*SH + KH - 1.
-        const int oh_lo = hp - KH + 1 <= 0 ? 0 : (hp - KH + 1 + SH - 1) / SH;
-        const int oh_hi = min(hp / SH, OH - 1);
-        const int ow_lo = wp - KW + 1 <= 0 ? 0 : (wp - KW + 1 + SW - 1) / SW;
-        const int ow_hi = min(wp / SW, OW - 1);
-
-        T acc = T(0);
-        for (int oh = oh_lo; oh <= oh_hi; ++oh) {
-            const int kh = hp - oh * SH;  // 0 <= kh < KH
-            for (int ow = ow_lo; ow <= ow_hi; ++ow) {
-                const int kw = wp - ow * SW;  // 0 <= kw < KW
-                const Idx o = ((n * OH + (Idx)oh) * OW + (Idx)ow) * C + c;
-                if ((int)argmax[o] == kh * KW + kw) {
-                    acc += dy[o];
+        Pack<T, V> acc;
+#pragma unroll
+        for (int l = 0; l < V; ++l) acc.lane[l] = T(0);
+        // kh, kw: this input's offset inside window (oh, ow); it shrinks by S per window.
+        for (int oh = oh_lo, kh = kh_lo; oh <= oh_hi; ++oh, kh -= SH) {
+            for (int ow = ow_lo, kw = kw_lo; ow <= ow_hi; ++ow, kw -= SW) {
+                const Idx o = ((n * OH + (Idx)oh) * OW + (Idx)ow) * C + c0;
+                const int k = kh * KW + kw;
+                const Pack<I, V> am = load<V>(argmax + o);
+                bool hit[V], any = false;
+#pragma unroll
+                for (int l = 0; l < V; ++l) {
+                    hit[l] = (int)am.lane[l] == k;
+                    any = any || hit[l];
+                }
+                if (any) {  // most windows route this input nothing: skip their dy
+                    const Pack<T, V> g = load<V>(dy + o);
+#pragma unroll
+                    for (int l = 0; l < V; ++l) {
+                        if (hit[l]) acc.lane[l] += g.lane[l];  // same order as V = 1: same bits
+                    }
                 }
             }
         }
-        dx[i] = acc;
+        store<V>(dx + i * V, acc);
     }
 }
 
 // Windows that cannot overlap (SH >= KH, SW >= KW): dy, argmax (N, OH, OW, C) -> dx (N, H, W, C),
-// one thread per output writing its window. total = N * OH * OW * C. Positions outside every
-// window are not written: the caller zero-fills dx when there are any.
-template <typename T, typename I, typename Idx>
+// one thread per output vector writing its window. total = N * OH * OW * C / V. Positions
+// outside every window are not written: the caller zero-fills dx when there are any.
+template <typename T, typename I, typename Idx, int V>
 __global__ void max_pool2d_backward_scatter(const T* __restrict__ dy, const I* __restrict__ argmax,
                                             T* __restrict__ dx, Idx total,
                                             int H, int W, int C, int OH, int OW,
@@ -154,19 +234,27 @@ __global__ void max_pool2d_backward_scatter(const T* __restrict__ dy, const I* _
     const Idx step = (Idx)gridDim.x * blockDim.x;
     for (Idx i = (Idx)blockIdx.x * blockDim.x + threadIdx.x; i < total; i += step) {
         Idx n;
-        int oh, ow, c;
-        split_nabc(i, OH, OW, C, n, oh, ow, c);
+        int oh, ow, cv;
+        split_nabc(i, OH, OW, C / V, n, oh, ow, cv);
+        const int c0 = cv * V;
         const int h0 = oh * SH - PH;
         const int w0 = ow * SW - PW;
-        const int k = (int)argmax[i];
-        const T g = dy[i];
-        for (int kh = 0; kh < KH; ++kh) {
-            const int ih = h0 + kh;
-            if (ih < 0 || ih >= H) continue;
-            for (int kw = 0; kw < KW; ++kw) {
-                const int iw = w0 + kw;
-                if (iw < 0 || iw >= W) continue;
-                dx[((n * H + (Idx)ih) * W + (Idx)iw) * C + c] = (kh * KW + kw == k) ? g : T(0);
+        // The window's positions inside the input; padded ones have no dx to write.
+        const int kh_lo = max(0, -h0), kh_hi = min(KH, H - h0);
+        const int kw_lo = max(0, -w0), kw_hi = min(KW, W - w0);
+        const Pack<I, V> am = load<V>(argmax + i * V);
+        const Pack<T, V> g = load<V>(dy + i * V);
+        for (int kh = kh_lo; kh < kh_hi; ++kh) {
+            T* p = dx + ((n * H + (Idx)(h0 + kh)) * W + (Idx)(w0 + kw_lo)) * C + c0;
+            // Not unrolled: windows are narrow, and nvcc's unrolled remainder split the vector
+            // store into V scalar stores.
+#pragma unroll 1
+            for (int kw = kw_lo; kw < kw_hi; ++kw, p += C) {
+                const int k = kh * KW + kw;
+                Pack<T, V> out;
+#pragma unroll
+                for (int l = 0; l < V; ++l) out.lane[l] = ((int)am.lane[l] == k) ? g.lane[l] : T(0);
+                store<V>(p, out);
             }
         }
     }

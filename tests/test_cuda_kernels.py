@@ -103,11 +103,12 @@ def test_max_pool_matches_reference(cp, case, dtype, ties):
     assert _bits(dx2) == _bits(dx)
 
 
+@pytest.mark.parametrize("c", [5, 8])  # the scalar and the 4-channel vector path
 @pytest.mark.parametrize("case", [((2, 2), (2, 2), (0, 0)), ((3, 3), (2, 2), (1, 1)), ((2, 2), (3, 3), (1, 1))])
-def test_max_pool_64_bit_offsets_give_the_same_result(cp, monkeypatch, case):
+def test_max_pool_64_bit_offsets_give_the_same_result(cp, monkeypatch, case, c):
     # The 64-bit instantiations only run for tensors past 2**32 elements; force them here.
     pool, stride, padding = case
-    x = np.random.default_rng(3).standard_normal((2, 9, 8, 5)).astype(np.float32)
+    x = np.random.default_rng(3).standard_normal((2, 9, 8, c)).astype(np.float32)
     y_ref, argmax_ref = max_pool2d_ref(x, pool, stride, padding)
     dy = np.random.default_rng(4).standard_normal(y_ref.shape).astype(np.float32)
     dx_ref = max_pool2d_backward_ref(dy, argmax_ref, x.shape, pool, stride, padding)
@@ -117,6 +118,66 @@ def test_max_pool_64_bit_offsets_give_the_same_result(cp, monkeypatch, case):
     np.testing.assert_array_equal(argmax.get(), argmax_ref)
     dx = _poisoned_backward(cp, cp.asarray(dy), argmax, x.shape, pool, stride, padding)
     np.testing.assert_allclose(dx.get(), dx_ref, rtol=1e-6, atol=1e-6)
+
+
+# Channel counts on both sides of the vector width (4 floats / 2 doubles per thread step).
+VECTOR_CHANNELS = ([(np.float32, c) for c in (1, 3, 4, 8, 64)]
+                   + [(np.float64, c) for c in (1, 2, 3, 64)])
+# Overlapping (gather) and non-overlapping (scatter) windows, with padding, with gaps
+# between windows (stride > pool), and windows cut by the padded border.
+VECTOR_POOLS = [((2, 2), (2, 2), (0, 0)), ((3, 3), (2, 2), (1, 1)), ((3, 3), (1, 1), (1, 1)),
+                ((2, 3), (3, 2), (1, 1)), ((3, 2), (4, 3), (1, 0)), ((5, 5), (2, 3), (2, 1))]
+
+
+@pytest.mark.parametrize("values", ["distinct", "ties", "specials"])
+@pytest.mark.parametrize("dtype,c", VECTOR_CHANNELS,
+                         ids=[f"{np.dtype(d).name}-C{c}" for d, c in VECTOR_CHANNELS])
+def test_max_pool_vector_path_matches_reference_and_scalar_path(cp, monkeypatch, dtype, c, values):
+    """V channels per thread: the very bits of the reference (forward) and of V = 1 (both)."""
+    rng = np.random.default_rng(c)
+    shape = (3, 11, 9, c)  # odd H and W: windows cut by the border, uncovered rows/columns
+    x = _input(rng, shape, dtype, ties=values != "distinct")
+    if values == "specials":
+        specials = rng.choice([np.nan, np.inf, -np.inf], size=shape)
+        x = np.where(rng.random(shape) < 0.2, specials, x).astype(dtype)
+    wide = 16 // np.dtype(dtype).itemsize
+    x_gpu = cp.asarray(x)
+    assert maxpool._vector_width(c, x_gpu) == (wide if c % wide == 0 else 1)
+    for pool, stride, padding in VECTOR_POOLS:
+        y_ref, argmax_ref = max_pool2d_ref(x, pool, stride, padding)
+        dy = cp.asarray(rng.standard_normal(y_ref.shape).astype(dtype))
+        y, argmax = _poisoned_forward(cp, x_gpu, pool, stride, padding)
+        np.testing.assert_array_equal(argmax.get(), argmax_ref)
+        np.testing.assert_array_equal(y.get(), y_ref)  # NaN == NaN here
+        dx = _poisoned_backward(cp, dy, argmax, shape, pool, stride, padding)
+        dx_ref = max_pool2d_backward_ref(dy.get(), argmax_ref, shape, pool, stride, padding)
+        np.testing.assert_allclose(dx.get(), dx_ref, rtol=RTOL[np.dtype(dtype)],
+                                   atol=RTOL[np.dtype(dtype)])
+        with monkeypatch.context() as m:  # the same launches with V = 1
+            m.setattr(maxpool, "_vector_width", lambda c, *arrays: 1)
+            y1, argmax1 = _poisoned_forward(cp, x_gpu, pool, stride, padding)
+            dx1 = _poisoned_backward(cp, dy, argmax1, shape, pool, stride, padding)
+        assert _bits(y1) == _bits(y) and _bits(argmax1) == _bits(argmax)
+        assert _bits(dx1) == _bits(dx), (pool, stride, padding)
+
+
+@pytest.mark.parametrize("dtype", FLOATS, ids=_ids)
+def test_max_pool_misaligned_view_falls_back_to_the_scalar_path(cp, dtype):
+    """A contiguous view one element into its buffer cannot take vector loads."""
+    shape, pool, stride, padding = (2, 7, 10, 8), (3, 3), (2, 2), (1, 1)
+    rng = np.random.default_rng(12)
+    flat = cp.asarray(rng.standard_normal(1 + int(np.prod(shape))).astype(dtype))
+    x = flat[1:].reshape(shape)
+    assert x.flags.c_contiguous and maxpool._vector_width(8, x) == 1
+    y_ref, argmax_ref = max_pool2d_ref(x.get(), pool, stride, padding)
+    y, argmax = maxpool.max_pool2d_forward(x, pool, stride, padding)
+    np.testing.assert_array_equal(argmax.get(), argmax_ref)
+    np.testing.assert_array_equal(y.get(), y_ref)
+    dy_flat = cp.asarray(rng.standard_normal(1 + y.size).astype(dtype))
+    dy = dy_flat[1:].reshape(y.shape)
+    dx = maxpool.max_pool2d_backward(dy, argmax, shape, pool, stride, padding)
+    assert _bits(dx) == _bits(maxpool.max_pool2d_backward(dy.copy(), argmax, shape,
+                                                          pool, stride, padding))
 
 
 @pytest.mark.parametrize("dtype", FLOATS, ids=_ids)

@@ -26,6 +26,10 @@ CTYPES = {"float": np.float32, "double": np.float64, "unsigned char": np.uint8,
 class FakeArray(np.ndarray):
     """Stands in for cupy.ndarray."""
 
+    @property
+    def data(self):  # cupy.ndarray.data is a MemoryPointer; the kernels' callers read .ptr
+        return SimpleNamespace(ptr=self.ctypes.data)
+
 
 def _fake(a):
     return np.asarray(a).view(FakeArray)
@@ -96,25 +100,60 @@ def launches(monkeypatch):
     return recorded
 
 
+def _aligned_zeros(shape, dtype, offset_elements=0):
+    """Zeros at a 256-byte-aligned address (as CuPy allocates), plus an offset in elements."""
+    itemsize = np.dtype(dtype).itemsize
+    size = int(np.prod(shape))
+    raw = np.zeros(size * itemsize + 512, np.uint8)
+    start = -raw.ctypes.data % 256 + offset_elements * itemsize
+    return _fake(raw[start:start + size * itemsize].view(dtype).reshape(shape))
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("pool", [(2, 2), (17, 17)])  # uint8 and int32 argmax
-def test_max_pool_launches_match_signatures(launches, dtype, pool):
-    x = _fake(np.zeros((2, 20, 19, 3), dtype))
+@pytest.mark.parametrize("c", [3, 4, 6, 64])
+def test_max_pool_launches_match_signatures(launches, dtype, pool, c):
+    x = _aligned_zeros((2, 20, 19, c), dtype)
     y, argmax = maxpool.max_pool2d_forward(x, pool, (2, 2), (1, 1))
-    maxpool.max_pool2d_backward(_fake(np.zeros(y.shape, dtype)), argmax, x.shape,
+    maxpool.max_pool2d_backward(_aligned_zeros(y.shape, dtype), argmax, x.shape,
                                 pool, (2, 2), (1, 1))
     index = "unsigned char" if pool == (2, 2) else "int"
     t = loader.ctype(dtype)
+    wide = 16 // np.dtype(dtype).itemsize
+    v = wide if c % wide == 0 else 1
     backward = "max_pool2d_backward_scatter" if pool == (2, 2) else "max_pool2d_backward"  # overlap?
-    assert launches == [f"max_pool2d_forward<{t}, {index}, unsigned int>",
-                        f"{backward}<{t}, {index}, unsigned int>"]
+    assert launches == [f"max_pool2d_forward<{t}, {index}, unsigned int, {v}>",
+                        f"{backward}<{t}, {index}, unsigned int, {v}>"]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_max_pool_misaligned_input_takes_the_scalar_path(launches, dtype):
+    # x starts one element past an aligned address: vector loads of x would fault.
+    x = _aligned_zeros((2, 8, 8, 8), dtype, offset_elements=1)
+    y, argmax = maxpool.max_pool2d_forward(x, (2, 2), (2, 2), (0, 0))
+    maxpool.max_pool2d_backward(_aligned_zeros(y.shape, dtype, 1), argmax, x.shape,
+                                (2, 2), (2, 2), (0, 0))
+    maxpool.max_pool2d_backward(_aligned_zeros(y.shape, dtype), argmax, x.shape,
+                                (2, 2), (2, 2), (0, 0))
+    wide = 16 // np.dtype(dtype).itemsize
+    assert [e.rsplit(", ", 1)[1] for e in launches] == ["1>", "1>", f"{wide}>"]
+
+
+def test_vector_width_needs_every_pointer_aligned():
+    x = _aligned_zeros((1, 4, 4, 8), np.float32)
+    am = _aligned_zeros((1, 2, 2, 8), np.int32)
+    assert maxpool._vector_width(8, x, am) == 4
+    assert maxpool._vector_width(8, x, _aligned_zeros((1, 2, 2, 8), np.int32, 2)) == 1  # 8 B
+    assert maxpool._vector_width(8, x, _aligned_zeros((1, 2, 2, 8), np.uint8, 4)) == 4  # 4 B
+    assert maxpool._vector_width(6, _aligned_zeros((1, 4, 4, 6), np.float32)) == 1  # C % 4
+    assert maxpool._vector_width(6, _aligned_zeros((1, 4, 4, 6), np.float64)) == 2
 
 
 def test_max_pool_uses_64_bit_offsets_past_32_bits(monkeypatch, launches):
     x = _fake(np.zeros((1, 4, 4, 1), np.float32))
     monkeypatch.setattr(maxpool, "_offset_type", lambda *a: "unsigned long long")
     maxpool.max_pool2d_forward(x, (2, 2), (2, 2), (0, 0))
-    assert launches == ["max_pool2d_forward<float, unsigned char, unsigned long long>"]
+    assert launches == ["max_pool2d_forward<float, unsigned char, unsigned long long, 1>"]
 
 
 def test_offset_type_threshold():

@@ -2,9 +2,9 @@
 
 The .cu files live in `<repo>/kernels/` in a checkout and are shipped as
 `cnn_gpu/kernels/` inside the wheel; the installed copy is looked for first.
-Kernels are C++ templates; each caller names the instantiations it needs
-(name expressions such as ``"max_pool2d_forward<float, unsigned char>"``) and gets one
-`cupy.RawModule` per (file, instantiations), compiled once per process.
+Kernels are C++ templates; each caller names the instantiations it needs (name
+expressions such as ``"max_pool2d_forward<float, unsigned char, unsigned int, 4>"``) and
+gets one `cupy.RawModule` per (file, instantiations), compiled once per process.
 """
 from __future__ import annotations
 

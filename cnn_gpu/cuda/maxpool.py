@@ -27,6 +27,8 @@ _INDEX_CTYPES = {np.dtype(np.uint8): "unsigned char", np.dtype(np.int32): "int"}
 # 64-bit division is emulated on the GPU and made the kernels instruction-bound.
 _OFFSET_TYPES = {"unsigned int": np.uint32, "unsigned long long": np.uint64}
 KERNELS = ("max_pool2d_forward", "max_pool2d_backward", "max_pool2d_backward_scatter")
+# Each thread step handles V channels: 16 bytes of floats (float4 / double2), else 1.
+VECTOR_BYTES = 16
 
 
 def argmax_dtype(pool: Pair) -> np.dtype:
@@ -39,13 +41,19 @@ def output_size(size: int, pool: int, stride: int, padding: int) -> int:
     return (size + 2 * padding - pool) // stride + 1
 
 
+def vector_widths(dtype: Any) -> tuple[int, int]:
+    """The channel-vector widths V compiled for a float dtype: 1 and 16 bytes' worth (4 or 2)."""
+    return (1, VECTOR_BYTES // np.dtype(dtype).itemsize)
+
+
 def name_expressions(dtype: Any) -> tuple[str, ...]:
     """Every template instantiation of maxpool2d.cu for one float dtype."""
     t = loader.ctype(dtype)
-    return tuple(f"{kernel}<{t}, {index}, {offset}>"
+    return tuple(f"{kernel}<{t}, {index}, {offset}, {v}>"
                  for kernel in KERNELS
                  for index in _INDEX_CTYPES.values()
-                 for offset in _OFFSET_TYPES)
+                 for offset in _OFFSET_TYPES
+                 for v in vector_widths(dtype))
 
 
 def _offset_type(*arrays: Any) -> str:
@@ -54,9 +62,23 @@ def _offset_type(*arrays: Any) -> str:
     return "unsigned int" if largest + 2**26 < 2**32 else "unsigned long long"
 
 
-def _kernel(kernel: str, dtype: np.dtype, index_dtype: np.dtype, offset: str) -> Any:
+def _vector_width(c: int, *arrays: Any) -> int:
+    """Channels per thread step for arrays (..., C) whose first is the float one.
+
+    The wide V of `vector_widths` when C % V == 0 and every array's address is a multiple of
+    V of its elements -- then every vector the kernel touches (starting at pixel * C + k * V)
+    is aligned for its vector load or store; else 1. CuPy's allocations are 256-byte aligned,
+    so only views with an offset fall back.
+    """
+    v = vector_widths(arrays[0].dtype)[1]
+    aligned = all(a.data.ptr % (v * a.itemsize) == 0 for a in arrays)
+    return v if c % v == 0 and aligned else 1
+
+
+def _kernel(kernel: str, dtype: np.dtype, index_dtype: np.dtype, offset: str, v: int) -> Any:
     module = loader.load_module(KERNEL_FILE, name_expressions(dtype))
-    return module.get_function(f"{kernel}<{loader.ctype(dtype)}, {_INDEX_CTYPES[index_dtype]}, {offset}>")
+    return module.get_function(
+        f"{kernel}<{loader.ctype(dtype)}, {_INDEX_CTYPES[index_dtype]}, {offset}, {v}>")
 
 
 def _check_geometry(shape: tuple[int, ...], pool: Pair, stride: Pair, padding: Pair) -> Pair:
@@ -86,6 +108,7 @@ def _float_input(cupy: Any, a: Any, name: str) -> Any:
 
 
 def _launch(kernel: Any, total: int, offset: str, args: tuple) -> None:
+    """Launch over `total` work items (channel vectors), one per thread per grid-stride step."""
     if total == 0:
         return
     blocks = min(-(-total // THREADS), MAX_BLOCKS_PER_SM * loader.current_sm_count())
@@ -104,8 +127,10 @@ def _forward_into(x: Any, y: Any, argmax: Any,
     n, h, w, c = x.shape
     _, oh, ow, _ = y.shape
     offset = _offset_type(x, y)
-    kernel = _kernel("max_pool2d_forward", x.dtype, argmax.dtype, offset)
-    _launch(kernel, y.size, offset, (x, y, argmax) + _geometry_args(h, w, c, oh, ow, pool, stride, padding))
+    v = _vector_width(c, x, y, argmax)
+    kernel = _kernel("max_pool2d_forward", x.dtype, argmax.dtype, offset, v)
+    _launch(kernel, y.size // v, offset,
+            (x, y, argmax) + _geometry_args(h, w, c, oh, ow, pool, stride, padding))
 
 
 def windows_overlap(pool: Pair, stride: Pair) -> bool:
@@ -129,14 +154,15 @@ def _backward_into(dy: Any, argmax: Any, dx: Any,
     _, oh, ow, _ = dy.shape
     offset = _offset_type(dx, dy)
     geometry = _geometry_args(h, w, c, oh, ow, pool, stride, padding)
+    v = _vector_width(c, dy, argmax, dx)
     if windows_overlap(pool, stride):
-        kernel = _kernel("max_pool2d_backward", dy.dtype, argmax.dtype, offset)
-        _launch(kernel, dx.size, offset, (dy, argmax, dx) + geometry)
+        kernel = _kernel("max_pool2d_backward", dy.dtype, argmax.dtype, offset, v)
+        _launch(kernel, dx.size // v, offset, (dy, argmax, dx) + geometry)
         return
     if not windows_cover_input(h, w, pool, stride, padding):
         dx.fill(0)
-    kernel = _kernel("max_pool2d_backward_scatter", dy.dtype, argmax.dtype, offset)
-    _launch(kernel, dy.size, offset, (dy, argmax, dx) + geometry)
+    kernel = _kernel("max_pool2d_backward_scatter", dy.dtype, argmax.dtype, offset, v)
+    _launch(kernel, dy.size // v, offset, (dy, argmax, dx) + geometry)
 
 
 def max_pool2d_forward(x: Any, pool: Pair, stride: Pair, padding: Pair) -> tuple[Any, Any]:
