@@ -195,11 +195,13 @@ def test_max_pool_nan_and_infinities_follow_numpy_argmax(cp, dtype):
 
 
 @pytest.mark.parametrize("dtype", FLOATS, ids=_ids)
-def test_max_pool_subnormals_and_signed_zeros_follow_numpy_argmax(cp, dtype):
-    """CuPy compiles with -ftz=true; the comparison must still see subnormals (and -0 == 0)."""
+@pytest.mark.parametrize("channels", [5, 8], ids=["C5-scalar", "C8-vector"])
+def test_max_pool_subnormals_and_signed_zeros_follow_numpy_argmax(cp, dtype, channels):
+    """CuPy compiles with -ftz=true; the comparison must still see subnormals (and -0 == 0),
+    on the one-channel path (C=5) and the vector path (C=8)."""
     rng = np.random.default_rng(9)
     tiny = np.finfo(dtype).smallest_subnormal
-    x = (rng.integers(-3, 4, size=(2, 9, 8, 5)) * tiny).astype(dtype)
+    x = (rng.integers(-3, 4, size=(2, 9, 8, channels)) * tiny).astype(dtype)
     x[rng.random(x.shape) < 0.2] = -0.0
     for pool, stride, padding in [((2, 2), (2, 2), (0, 0)), ((3, 3), (1, 1), (1, 1))]:
         y_ref, argmax_ref = max_pool2d_ref(x, pool, stride, padding)
