@@ -34,8 +34,14 @@ from .optim import SGD, Adam, CosineLR, Optimizer, Schedule, StepLR
 from .training import DeviceOutOfMemory, confusion_matrix, evaluate, fit, per_class_accuracy
 
 PROG = "cnn-gpu"
-# Defaults chosen on the validation split (see BENCHMARKS.md, Accuracy); Adam gets its usual 1e-3.
+# Each optimizer's learning rate when --lr is not given and the recipe below names another optimizer.
 DEFAULT_LR = {"sgd": 0.02, "adam": 1e-3}
+# Per network, the settings the validation split chose among those tried in 15 epochs on
+# Fashion-MNIST (BENCHMARKS.md, Accuracy); each applies where the option is not given.
+RECIPES = {
+    False: {"optimizer": "adam", "lr": 1e-3, "augment": True, "max_shift": 0},  # plain: flips only
+    True: {"optimizer": "sgd", "lr": 0.05, "augment": True, "max_shift": 1},  # --batch-norm
+}
 DEFAULT_VAL_SIZE = 5000
 # Settings a checkpoint records so that --resume continues the same run.
 RUN_SETTINGS = ("dataset", "batch_size", "lr", "momentum", "optimizer", "schedule", "weight_decay",
@@ -63,18 +69,22 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--data-dir", help="where the dataset's IDX files are (default: searched, then downloaded)")
     train.add_argument("--epochs", type=_positive_int, default=None, help="default 15")
     train.add_argument("--batch-size", type=_positive_int, default=64)
-    train.add_argument("--optimizer", choices=("sgd", "adam"), default="sgd")
-    train.add_argument("--lr", type=_positive_float, help="learning rate (default: sgd 0.02, adam 0.001)")
+    train.add_argument("--optimizer", choices=("sgd", "adam"), default=None,
+                       help="default: adam for the plain network, sgd with --batch-norm")
+    train.add_argument("--lr", type=_positive_float,
+                       help="learning rate (default: adam 0.001; sgd 0.05 with --batch-norm, else 0.02)")
     train.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default 0.9)")
     train.add_argument("--weight-decay", type=float, default=5e-4, help="L2 weight decay (default 5e-4)")
     train.add_argument("--schedule", choices=("none", "step", "cosine"), default="cosine",
                        help="learning-rate schedule per epoch (default cosine; step: x0.1 every third of the run)")
     train.add_argument("--batch-norm", action="store_true", help="batch norm after each conv and the dense 128")
     # Off by default: with it the seed network underfits in 15 epochs (validation 0.913 vs 0.920 without).
-    train.add_argument("--augment", action=argparse.BooleanOptionalAction, default=False,
-                       help="random shifts of up to 2 pixels, and left-right flips for fashion-mnist (default off)")
-    train.add_argument("--max-shift", type=_nonnegative_int, default=2,
-                       help="with --augment: shift by up to this many pixels (default 2; 0: flips only)")
+    train.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None,
+                       help="random shifts (up to --max-shift pixels) and, for fashion-mnist, left-right "
+                            "flips (default on)")
+    train.add_argument("--max-shift", type=_nonnegative_int, default=None,
+                       help="with --augment: shift by up to this many pixels (default 0, flips only, for the "
+                            "plain network; 1 with --batch-norm)")
     train.add_argument("--dropout", type=_probability, default=0.0,
                        help="dropout probability before each dense layer (default 0: the seed network as is)")
     train.add_argument("--val-size", type=_nonnegative_int, default=None,
@@ -198,6 +208,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         out = out or Path(args.resume).resolve().parent
         print(f"resuming {args.resume} at epoch {resume.epoch}; the run's settings come from the checkpoint")
     settings["epochs"] = settings["epochs"] or 15
+    _apply_recipe(settings)
     s = argparse.Namespace(**settings)
     backend = resolve_backend(args.backend)
     if out is None:
@@ -265,6 +276,19 @@ def _training_splits(s: argparse.Namespace, args: argparse.Namespace) -> tuple[A
     if s.limit_test is not None:
         test_x, test_y = test_x[:s.limit_test], test_y[:s.limit_test]
     return train_set, (images, labels), val_data, (test_x, test_y)
+
+
+def _apply_recipe(settings: dict) -> None:
+    """Fill the options not given from the network's recipe (RECIPES)."""
+    recipe = RECIPES[bool(settings["batch_norm"])]
+    if settings["optimizer"] is None:
+        settings["optimizer"] = recipe["optimizer"]
+    if settings["lr"] is None:
+        same = settings["optimizer"] == recipe["optimizer"]
+        settings["lr"] = recipe["lr"] if same else DEFAULT_LR[settings["optimizer"]]
+    for key in ("augment", "max_shift"):
+        if settings[key] is None:
+            settings[key] = recipe[key]
 
 
 def _optimizer(model: Sequential, s: argparse.Namespace) -> Optimizer:
