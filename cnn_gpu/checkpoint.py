@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -29,6 +28,7 @@ from typing import Any, Callable
 import numpy as np
 
 from . import __version__
+from .atomic import atomic_write
 from .model import Sequential, load_npz, save_npz_atomic
 from .models import seed_cnn
 from .optim import Optimizer, Schedule
@@ -147,16 +147,7 @@ def restore(ckpt: Checkpoint, model: Sequential, optimizer: Optimizer | None = N
 
 def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
     """json.dump to a temporary file beside `path`, fsync, then rename over it."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=1, allow_nan=True)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    def write(f: Any) -> None:
+        json.dump(obj, f, indent=1, allow_nan=True)
+        f.write("\n")
+    atomic_write(path, write, binary=False)

@@ -62,6 +62,13 @@ class Layer:
         self._cache = None
         return self
 
+    def _set_grads(self, **grads: Any) -> None:
+        """Store a backward's parameter gradients (None: the parameter does not exist) and drop the cache."""
+        for name, grad in grads.items():
+            if grad is not None:
+                self.params[name].grad = grad
+        self._cache = None
+
     def _check_channels(self, x: Any, expected: int, what: str = "channels") -> None:
         if x.shape[-1] != expected:
             raise ValueError(f"{self!r}: expected input with {expected} {what} in the last axis, "
@@ -99,10 +106,7 @@ class Conv2D(Layer):
 
     def backward(self, dout: Any, need_dx: bool = True) -> Any:
         dx, dw, db = F.conv2d_backward(dout, self._cache, need_dx=need_dx)
-        self.params["weight"].grad = dw
-        if db is not None:
-            self.params["bias"].grad = db
-        self._cache = None
+        self._set_grads(weight=dw, bias=db)
         return dx
 
     def output_shape(self, input_shape):
@@ -141,10 +145,7 @@ class Dense(Layer):
 
     def backward(self, dout: Any, need_dx: bool = True) -> Any:
         dx, dw, db = F.linear_backward(dout, self._cache, need_dx=need_dx)
-        self.params["weight"].grad = dw
-        if db is not None:
-            self.params["bias"].grad = db
-        self._cache = None
+        self._set_grads(weight=dw, bias=db)
         return dx
 
     def output_shape(self, input_shape):
