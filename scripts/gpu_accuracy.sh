@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# gpu_accuracy.sh DATA_DIR [OUT_DIR] -- the accuracy benchmark on a GPU, several settings at once.
+# gpu_accuracy.sh DATA_DIR [OUT_DIR [SETTINGS_FILE]] -- the accuracy benchmark on a GPU, several
+# settings at once. SETTINGS_FILE holds lines `name: cnn-gpu train options` (default: the list below).
 #
 # Trains the seed network for 15 epochs on Fashion-MNIST, plain and with batch norm, under a
 # few optimizer settings, all in parallel on the one GPU (each run is bound by Python and
@@ -8,8 +9,9 @@
 # Prints one block per run and, last, the choice per network.
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 2
-DATA=${1:?usage: gpu_accuracy.sh DATA_DIR [OUT_DIR]}
+DATA=${1:?usage: gpu_accuracy.sh DATA_DIR [OUT_DIR [SETTINGS_FILE]]}
 RUNS=${2:-$(mktemp -d -t accuracy.XXXXXX)}
+mkdir -p "$RUNS"
 LIMIT=${ACCURACY_TIMEOUT:-420}
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 
@@ -21,6 +23,12 @@ declare -A SETTINGS=(
   [bn-sgd-0.05-shift1]="--batch-norm --lr 0.05 --augment --max-shift 1"
   [bn-sgd-0.05-dropout-0.3]="--batch-norm --lr 0.05 --dropout 0.3"
 )
+if [ -n "${3:-}" ]; then
+  SETTINGS=()
+  while IFS=: read -r name options; do
+    [ -n "$name" ] && [ "${name:0:1}" != "#" ] && SETTINGS[$name]="$options"
+  done < "$3"
+fi
 start=$SECONDS
 for name in "${!SETTINGS[@]}"; do
   # shellcheck disable=SC2086
