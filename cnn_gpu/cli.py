@@ -40,7 +40,7 @@ DEFAULT_LR = {"sgd": 0.02, "adam": 1e-3}
 # Fashion-MNIST (BENCHMARKS.md, Accuracy); each applies where the option is not given.
 RECIPES = {
     False: {"optimizer": "adam", "lr": 1e-3, "augment": True, "max_shift": 0},  # plain: flips only
-    True: {"optimizer": "sgd", "lr": 0.05, "augment": True, "max_shift": 1},  # --batch-norm
+    True: {"optimizer": "sgd", "lr": 0.1, "augment": True, "max_shift": 1},  # --batch-norm
 }
 DEFAULT_VAL_SIZE = 5000
 # Settings a checkpoint records so that --resume continues the same run.
@@ -72,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--optimizer", choices=("sgd", "adam"), default=None,
                        help="default: adam for the plain network, sgd with --batch-norm")
     train.add_argument("--lr", type=_positive_float,
-                       help="learning rate (default: adam 0.001; sgd 0.05 with --batch-norm, else 0.02)")
+                       help="learning rate (default: adam 0.001; sgd 0.1 with --batch-norm, else 0.02)")
     train.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default 0.9)")
     train.add_argument("--weight-decay", type=float, default=5e-4, help="L2 weight decay (default 5e-4)")
     train.add_argument("--schedule", choices=("none", "step", "cosine"), default="cosine",
