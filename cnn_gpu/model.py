@@ -24,6 +24,8 @@ class Sequential:
     def forward(self, x: Any) -> Any:
         for layer in self.layers:
             x = layer.forward(x)
+            if not layer.training:
+                layer._cache = None  # nothing will backpropagate: free each activation once used
         return x
 
     __call__ = forward

@@ -112,3 +112,12 @@ def test_seed_network_learns_a_fixed_batch(batch_norm):
         opt.step()
         opt.zero_grad()
     assert losses[0] > 1.5 and losses[-1] < 0.01, (losses[0], losses[-1], len(losses))
+
+
+def test_eval_forward_keeps_no_caches():
+    model = seed_cnn(batch_norm=True).eval()
+    model.forward(np.zeros((2, 28, 28, 1), dtype=np.float32))
+    assert all(layer._cache is None for layer in model.layers)
+    model.train()
+    model.forward(np.zeros((2, 28, 28, 1), dtype=np.float32))
+    assert all(layer._cache is not None for layer in model.layers)
