@@ -25,7 +25,7 @@ from . import __version__
 from .backend import (BackendUnavailableError, cupy_unavailable_reason, require_cupy, resolve_backend, to_device,
                       to_numpy)
 from .checkpoint import Checkpoint, build_model, load_checkpoint
-from .data import (DatasetNotFoundError, DownloadError, NormStats, augmentation_for,
+from .data import (Augmentation, DatasetNotFoundError, DownloadError, NormStats, augmentation_for,
                    load_dataset, normalize, train_val_split)
 from .data.datasets import DATASETS
 from .functional import softmax
@@ -39,14 +39,16 @@ DEFAULT_LR = {"sgd": 0.02, "adam": 1e-3}
 # Per network, the settings the validation split chose among those tried in 15 epochs on
 # Fashion-MNIST (BENCHMARKS.md, Accuracy); each applies where the option is not given.
 RECIPES = {
-    False: {"optimizer": "adam", "lr": 1e-3, "augment": True, "max_shift": 0},  # plain: flips only
-    True: {"optimizer": "sgd", "lr": 0.1, "augment": True, "max_shift": 1},  # --batch-norm
+    False: {"optimizer": "adam", "lr": 1e-3, "augment": True, "max_shift": 0,  # plain: flips only
+            "label_smoothing": 0.0, "erase": 0.0},
+    True: {"optimizer": "sgd", "lr": 0.1, "augment": True, "max_shift": 1,  # --batch-norm
+           "label_smoothing": 0.0, "erase": 0.0},
 }
 DEFAULT_VAL_SIZE = 5000
 # Settings a checkpoint records so that --resume continues the same run.
 RUN_SETTINGS = ("dataset", "batch_size", "lr", "momentum", "optimizer", "schedule", "weight_decay",
-                "batch_norm", "dropout", "augment", "max_shift", "val_size", "seed", "limit_train",
-                "limit_test", "epochs")
+                "batch_norm", "dropout", "augment", "max_shift", "label_smoothing", "erase", "val_size", "seed",
+                "limit_train", "limit_test", "epochs")
 
 
 Split = tuple[np.ndarray, np.ndarray]  # (images (N, 28, 28, 1) uint8, labels (N,) int64)
@@ -87,6 +89,11 @@ def build_parser() -> argparse.ArgumentParser:
                             "plain network; 1 with --batch-norm)")
     train.add_argument("--dropout", type=_probability, default=0.0,
                        help="dropout probability before each dense layer (default 0: the seed network as is)")
+    train.add_argument("--label-smoothing", type=_probability, default=None, metavar="S",
+                       help="train towards (1 - S) * one-hot + S / classes (default 0)")
+    train.add_argument("--erase", type=_probability, default=None, metavar="P",
+                       help="random erasing: noise over a random rectangle of each training image with "
+                            "probability P (default 0)")
     train.add_argument("--val-size", type=_nonnegative_int, default=None,
                        help=f"training images held out to choose the best epoch (default {DEFAULT_VAL_SIZE}, "
                             "a tenth of a smaller set; 0: no validation, best = last)")
@@ -231,13 +238,15 @@ def cmd_train(args: argparse.Namespace) -> int:
     print(f"settings: {s.optimizer} lr {s.lr} momentum {s.momentum} weight decay {s.weight_decay} "
           f"schedule {s.schedule} batch {s.batch_size} "
           f"augment {f'on (shifts up to {s.max_shift})' if s.augment else 'off'} "
-          f"batch norm {'on' if s.batch_norm else 'off'} dropout {s.dropout:g} epochs {s.epochs} seed {s.seed}")
+          f"batch norm {'on' if s.batch_norm else 'off'} dropout {s.dropout:g} epochs {s.epochs} seed {s.seed}"
+          + (f" label smoothing {s.label_smoothing:g}" if s.label_smoothing else "")
+          + (f" erase {s.erase:g}" if s.erase else ""))
     metadata = {"model": model_spec, "dataset": s.dataset, "class_names": list(train_set.class_names),
                 "config": {k: getattr(s, k) for k in RUN_SETTINGS}}
     started = time.perf_counter()
     result = fit(model, optimizer, (images, labels), epochs=s.epochs, batch_size=s.batch_size,
                  schedule=schedule, val_data=val_data, test_data=(test_x, test_y),
-                 augment=augmentation_for(s.dataset, s.max_shift) if s.augment else None, seed=s.seed, out_dir=out,
+                 augment=_augmentation(s), label_smoothing=s.label_smoothing, seed=s.seed, out_dir=out,
                  resume=resume, metadata=metadata, progress=not args.no_progress)
     wall = time.perf_counter() - started
     if not result.history:
@@ -286,9 +295,16 @@ def _apply_recipe(settings: dict) -> None:
     if settings["lr"] is None:
         same = settings["optimizer"] == recipe["optimizer"]
         settings["lr"] = recipe["lr"] if same else DEFAULT_LR[settings["optimizer"]]
-    for key in ("augment", "max_shift"):
-        if settings[key] is None:
+    for key in ("augment", "max_shift", "label_smoothing", "erase"):
+        if settings.get(key) is None:
             settings[key] = recipe[key]
+
+
+def _augmentation(s: argparse.Namespace) -> Augmentation | None:
+    """--augment's shifts and flips, and --erase's random erasing (which works without --augment)."""
+    if s.augment:
+        return augmentation_for(s.dataset, s.max_shift, erase=s.erase)
+    return Augmentation(erase=s.erase) if s.erase else None
 
 
 def _optimizer(model: Sequential, s: argparse.Namespace) -> Optimizer:

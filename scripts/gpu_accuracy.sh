@@ -48,17 +48,29 @@ python3 - "$RUNS" <<'PY'
 import json, sys
 from pathlib import Path
 runs = Path(sys.argv[1])
+# A run's group is the first of these its name starts with; the choice is made within a group.
+# full-* runs train on all 60000 training images (--val-size 0): no validation, the last epoch counts.
+GROUPS = ("mnist-plain", "mnist-bn", "full-plain", "full-bn", "plain", "bn")
+def group_of(name):
+    return next((g for g in GROUPS if name.startswith(g + "-")), "other")
 print("\n=== chosen by validation accuracy (the test column is reported, not used)")
-for net in ("plain", "bn"):
+for net in GROUPS + ("other",):
     best = None
-    for hist in sorted(runs.glob(f"{net}-*/history.json")):
+    for hist in sorted(runs.glob("*/history.json")):
+        if group_of(hist.parent.name) != net:
+            continue
         records = json.loads(hist.read_text())
-        top = max(records, key=lambda r: r.get("val_accuracy", -1))
+        seconds = sum(r["seconds"] for r in records)
+        if "val_accuracy" not in records[-1]:
+            print(f"{net:11s} {hist.parent.name:34s} no validation: last epoch {records[-1]['epoch']:2d} "
+                  f"test {records[-1]['test_accuracy']:.4f} ({seconds:.0f} s)")
+            continue
+        top = max(records, key=lambda r: r["val_accuracy"])
         row = (top["val_accuracy"], hist.parent.name, top["epoch"], top["test_accuracy"], records[-1]["test_accuracy"],
-               sum(r["seconds"] for r in records))
-        print(f"{net:5s} {row[1]:22s} best val {row[0]:.4f} at epoch {row[2]:2d}: test {row[3]:.4f}"
+               seconds)
+        print(f"{net:11s} {row[1]:34s} best val {row[0]:.4f} at epoch {row[2]:2d}: test {row[3]:.4f}"
               f" (last epoch test {row[4]:.4f}, {len(records)} epochs, {row[5]:.0f} s)")
         best = max(best, row) if best else row
     if best:
-        print(f"{net:5s} CHOSEN {best[1]}: test accuracy {best[3]:.4f} (val {best[0]:.4f}, epoch {best[2]})")
+        print(f"{net:11s} CHOSEN {best[1]}: test accuracy {best[3]:.4f} (val {best[0]:.4f}, epoch {best[2]})")
 PY

@@ -20,12 +20,14 @@ echo "gpu_check: logs in $LOGS"
 # Per-stage limits (seconds), 470 s in all, inside the call's 8 minutes.
 T_INFO=40 T_TESTS=240 T_BENCH=100 T_CLI=200
 
-# With ACCURACY_DATA=<dir holding fashion-mnist/>, the accuracy runs (scripts/gpu_accuracy.sh)
-# train on the GPU while the tests run, and finish before the timing stages start.
+# With ACCURACY_DATA=<dir holding fashion-mnist/>, the accuracy runs (scripts/gpu_accuracy.sh,
+# with the settings file ACCURACY_SETTINGS if given) train on the GPU while the tests run, and
+# finish before the timing stages start. SKIP_TIMING=1 leaves out the two timing stages.
 ACC_PID=""
 if [ -n "${ACCURACY_DATA:-}" ]; then
     echo "gpu_check: accuracy runs started in the background (data in $ACCURACY_DATA)"
-    bash scripts/gpu_accuracy.sh "$ACCURACY_DATA" > "$LOGS/accuracy.log" 2>&1 &
+    bash scripts/gpu_accuracy.sh "$ACCURACY_DATA" "$LOGS/accuracy" ${ACCURACY_SETTINGS:+"$ACCURACY_SETTINGS"} \
+        > "$LOGS/accuracy.log" 2>&1 &
     ACC_PID=$!
 fi
 
@@ -76,8 +78,11 @@ run_stage "pytest -m gpu" "$T_TESTS" pytest.log \
 if [ -n "$ACC_PID" ]; then
     echo; echo "=== waiting for the accuracy runs before timing anything"
     wait "$ACC_PID"; echo "accuracy runs ended with status $?"
-    tail -n 12 "$LOGS/accuracy.log"
+    sed -n '/=== chosen/,$p' "$LOGS/accuracy.log"
 fi
+if [ -n "${SKIP_TIMING:-}" ]; then
+    echo; echo "=== timing stages skipped (SKIP_TIMING)"
+else
 run_stage "kernel bandwidth" "$T_BENCH" bench.log \
     python3 -m cnn_gpu.bench.kernel_bandwidth
 if python3 -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('cnn_gpu.cli') is None)"; then
@@ -86,6 +91,7 @@ if python3 -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('cn
 else
     echo; echo "=== cli bench: skipped (cnn_gpu.cli does not exist yet)"
     STAGES+=("cli bench") CODES+=("skipped") SECONDS_TAKEN+=(0)
+fi
 fi
 
 failed=0

@@ -169,3 +169,28 @@ def test_train_with_dropout_and_flips_only_records_them(trained_run, tmp_path, c
     ckpt = load_checkpoint(out / "last.npz")
     assert ckpt.metadata["model"]["kwargs"]["dropout"] == 0.3 and ckpt.metadata["config"]["max_shift"] == 0
     assert sum(type(layer).__name__ == "Dropout" for layer in ckpt.build_model().layers) == 2
+
+
+def test_train_with_label_smoothing_and_erasing_records_them(trained_run, tmp_path, capsys):
+    data = trained_run[0]
+    out = tmp_path / "smooth"
+    assert main(["train", "--data-dir", str(data), "--epochs", "1", "--limit-train", "60", "--val-size", "10",
+                 "--batch-size", "20", "--label-smoothing", "0.1", "--erase", "0.5", "--no-augment",
+                 "--out", str(out), "--no-progress"]) == 0
+    text = capsys.readouterr().out
+    assert "augment off" in text and "label smoothing 0.1 erase 0.5" in text
+    from cnn_gpu.checkpoint import load_checkpoint
+    config = load_checkpoint(out / "last.npz").metadata["config"]
+    assert config["label_smoothing"] == 0.1 and config["erase"] == 0.5 and config["augment"] is False
+
+
+def test_erasing_without_augment_is_the_only_augmentation():
+    import argparse
+
+    from cnn_gpu.cli import _augmentation
+    from cnn_gpu.data import Augmentation
+    s = argparse.Namespace(dataset="fashion-mnist", augment=False, max_shift=2, erase=0.25)
+    assert _augmentation(s) == Augmentation(erase=0.25)
+    assert _augmentation(argparse.Namespace(**{**vars(s), "erase": 0.0})) is None
+    assert _augmentation(argparse.Namespace(**{**vars(s), "augment": True})) == \
+        Augmentation(max_shift=2, hflip=True, erase=0.25)

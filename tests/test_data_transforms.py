@@ -10,6 +10,7 @@ from cnn_gpu.data.transforms import (
     augmentation_for,
     compute_norm_stats,
     normalize,
+    random_erase,
     random_hflip,
     random_shift,
     to_unit_float,
@@ -103,6 +104,43 @@ def test_random_hflip() -> None:
     assert 150 < flipped.sum() < 250
 
 
+def erased_boxes(original: np.ndarray, erased: np.ndarray) -> list[tuple[int, int, int, int] | None]:
+    """Per image, the bounding box (top, left, height, width) of the pixels that changed, or None."""
+    boxes = []
+    for a, b in zip(original, erased):
+        rows, cols = np.nonzero((a != b).any(axis=-1))
+        boxes.append(None if rows.size == 0 else
+                     (rows.min(), cols.min(), rows.max() - rows.min() + 1, cols.max() - cols.min() + 1))
+    return boxes
+
+
+def test_random_erase_fills_one_rectangle_per_chosen_image() -> None:
+    x = np.zeros((400, 28, 28, 1), np.uint8)  # all background: every erased pixel shows as noise
+    y = random_erase(x, np.random.default_rng(5), p=0.5)
+    assert y.shape == x.shape and y.dtype == np.uint8
+    boxes = erased_boxes(x, y)
+    erased = np.array([b is not None for b in boxes])
+    assert 150 < erased.sum() < 250
+    for image, box in zip(y, boxes):
+        if box is None:
+            continue
+        top, left, h, w = box
+        inside = image[top:top + h, left:left + w]
+        assert (image != 0).sum() == (inside != 0).sum()  # nothing changed outside the box
+        assert (inside == 0).sum() <= max(2, 0.05 * inside.size)  # noise: about 1/256 of it is 0 by chance
+        assert 0.02 * 784 * 0.5 <= h * w <= 0.25 * 784 * 1.5  # area fraction in [0.02, 0.25], rounded
+
+
+def test_random_erase_edge_cases() -> None:
+    x = images_uint8(8)
+    np.testing.assert_array_equal(random_erase(x, np.random.default_rng(0), p=0.0), x)
+    assert all(b is not None for b in erased_boxes(x, random_erase(x, np.random.default_rng(0), p=1.0)))
+    with pytest.raises(ValueError, match=r"p must be in \[0, 1\], got 1.5"):
+        random_erase(x, np.random.default_rng(0), p=1.5)
+    with pytest.raises(TypeError, match="expects uint8 images, got float32"):
+        random_erase(x.astype(np.float32), np.random.default_rng(0))
+
+
 def test_augmentation_is_reproducible_from_the_seed() -> None:
     x = images_uint8(32)
     policy = augmentation_for("fashion-mnist")
@@ -114,6 +152,7 @@ def test_augmentation_is_reproducible_from_the_seed() -> None:
 def test_flips_only_for_fashion_mnist() -> None:
     assert augmentation_for("fashion-mnist") == Augmentation(max_shift=2, hflip=True)
     assert augmentation_for("mnist") == Augmentation(max_shift=2, hflip=False)
+    assert augmentation_for("mnist", 1, erase=0.5) == Augmentation(max_shift=1, hflip=False, erase=0.5)
     x = images_uint8(64)
     digits = augmentation_for("mnist", max_shift=0)(x, np.random.default_rng(0))
     np.testing.assert_array_equal(digits, x)  # a digit is never mirrored
@@ -121,15 +160,15 @@ def test_flips_only_for_fashion_mnist() -> None:
     assert not np.array_equal(clothes, x)
 
 
-@pytest.mark.parametrize("max_shift", [0, 2])
+@pytest.mark.parametrize("max_shift, erase", [(0, 0.0), (2, 0.0), (1, 0.5)])
 @pytest.mark.parametrize("policy", ["mnist", "fashion-mnist"])
 @pytest.mark.gpu
 @skip_without_gpu
-def test_gpu_matches_cpu(max_shift: int, policy: str) -> None:
+def test_gpu_matches_cpu(max_shift: int, erase: float, policy: str) -> None:
     from cnn_gpu.backend import to_device, to_numpy
     x = images_uint8(64, seed=4)
     x_gpu = to_device(x, "cupy")
-    augment = augmentation_for(policy, max_shift=max_shift)
+    augment = augmentation_for(policy, max_shift=max_shift, erase=erase)
     cpu = augment(x, np.random.default_rng(11))
     gpu = augment(x_gpu, np.random.default_rng(11))
     assert type(gpu) is type(x_gpu)

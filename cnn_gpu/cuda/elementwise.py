@@ -50,20 +50,27 @@ _KERNELS = {
     """),
     # Softmax cross-entropy, one thread per row of logits (N, K): the row's loss term
     # lse - shifted[label] and its gradient row (softmax - one_hot) / N.
-    "softmax_cross_entropy": (("raw T logits, raw I labels, int32 K, T inv_n", "raw T dlogits, T row_loss"), """
+    "softmax_cross_entropy": (("raw T logits, raw I labels, int32 K, T on_label, T spread, T inv_n",
+                               "raw T dlogits, T row_loss"), """
+        // target q_k = on_label * (k == label) + spread (label smoothing; spread 0 is one-hot)
         const long long row = i * (long long)K;
         T top = logits[row];
         for (int k = 1; k < K; ++k) {  // shift by the largest logit: exp cannot overflow below
             const T z = logits[row + k];
             top = z > top ? z : top;
         }
-        T total = T(0);
-        for (int k = 0; k < K; ++k) total += exp(logits[row + k] - top);
+        T total = T(0), shifted_sum = T(0);
+        for (int k = 0; k < K; ++k) {
+            const T z = logits[row + k] - top;
+            total += exp(z);
+            shifted_sum += z;
+        }
         const T lse = log(total);
         const long long label = (long long)labels[i];
-        row_loss = lse - (logits[row + label] - top);
+        // -sum_k q_k (z_k - lse), with sum_k q_k = 1
+        row_loss = lse - on_label * (logits[row + label] - top) - spread * shifted_sum;
         for (int k = 0; k < K; ++k)
-            dlogits[row + k] = (exp(logits[row + k] - top - lse) - (k == label ? T(1) : T(0))) * inv_n;
+            dlogits[row + k] = (exp(logits[row + k] - top - lse) - (k == label ? on_label : T(0)) - spread) * inv_n;
     """),
     # col2im as a gather: each dx (N, H, W, C) element sums the dcols (N, OH, OW, KH, KW, C)
     # entries of the windows that cover it, in (kh, kw) order -- the order in which the
@@ -123,15 +130,16 @@ def col2im(dcols: Any, x_shape: tuple[int, ...], kh: int, kw: int, sh: int, sw: 
     return dx
 
 
-def softmax_cross_entropy(logits: Any, labels: Any) -> tuple[Any, Any]:
+def softmax_cross_entropy(logits: Any, labels: Any, label_smoothing: float = 0.0) -> tuple[Any, Any]:
     """logits (N, K), integer labels (N,) -> mean loss (0-d), dlogits (N, K): one launch and a mean."""
     cupy = require_cupy()
     n, k = logits.shape
+    t = logits.dtype.type
     logits = cupy.ascontiguousarray(logits)
     dlogits = cupy.empty_like(logits)
     row_loss = cupy.empty(n, dtype=logits.dtype)
-    _kernel("softmax_cross_entropy")(logits, cupy.ascontiguousarray(labels), np.int32(k),
-                                     logits.dtype.type(1.0 / n), dlogits, row_loss)
+    _kernel("softmax_cross_entropy")(logits, cupy.ascontiguousarray(labels), np.int32(k), t(1.0 - label_smoothing),
+                                     t(label_smoothing / k), t(1.0 / n), dlogits, row_loss)
     return row_loss.mean(), dlogits
 
 

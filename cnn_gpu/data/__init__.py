@@ -23,6 +23,7 @@ from cnn_gpu.data.transforms import (
     augmentation_for,
     compute_norm_stats,
     normalize,
+    random_erase,
     random_hflip,
     random_shift,
     to_unit_float,
@@ -31,7 +32,7 @@ from cnn_gpu.data.transforms import (
 __all__ = [
     "DATASETS", "Augmentation", "BatchIterator", "Dataset", "DatasetNotFoundError", "DatasetSpec",
     "DownloadError", "NormStats", "augmentation_for", "compute_norm_stats", "download_dataset",
-    "download_file", "find_dataset_files", "load_dataset", "normalize", "random_hflip",
+    "download_file", "find_dataset_files", "load_dataset", "normalize", "random_erase", "random_hflip",
     "random_shift", "read_idx", "search_locations", "to_unit_float", "train_val_split",
     "user_cache_dir", "write_idx",
 ]

@@ -103,23 +103,58 @@ def random_hflip(images: Any, rng: np.random.Generator, p: float = 0.5) -> Any:
     return xp.where(flip[:, None, None, None], images[:, :, ::-1, :], images)
 
 
+def random_erase(images: Any, rng: np.random.Generator, p: float = 0.5,
+                 area: tuple[float, float] = (0.02, 0.25), aspect: tuple[float, float] = (0.3, 3.3)) -> Any:
+    """Random erasing (Zhong et al., 2017): with probability p per image, fill one rectangle with noise.
+
+    images (N, H, W, C) uint8 -> same shape and dtype. The rectangle covers a fraction of the
+    image drawn uniformly from `area`, its height/width ratio is drawn log-uniformly from `aspect`,
+    and its pixels become uniform random values in [0, 255]. A mask built by broadcasting row
+    and column ranges does all images at once.
+    """
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"random_erase: p must be in [0, 1], got {p}")
+    if images.dtype != np.uint8:
+        raise TypeError(f"random_erase: expects uint8 images, got {images.dtype}")
+    xp = get_array_module(images)
+    n, h, w, c = images.shape
+    erase = rng.random(n) < p
+    fraction = rng.uniform(*area, size=n)
+    ratio = np.exp(rng.uniform(np.log(aspect[0]), np.log(aspect[1]), size=n))
+    eh = np.clip(np.round(np.sqrt(fraction * h * w * ratio)), 1, h).astype(np.int64)
+    ew = np.clip(np.round(np.sqrt(fraction * h * w / ratio)), 1, w).astype(np.int64)
+    top = (rng.random(n) * (h - eh + 1)).astype(np.int64)  # uniform in [0, h - eh]
+    left = (rng.random(n) * (w - ew + 1)).astype(np.int64)
+    noise = rng.integers(0, 256, size=images.shape, dtype=np.uint8)
+    rows = np.arange(h)[None, :]
+    cols = np.arange(w)[None, :]
+    in_rows = (rows >= top[:, None]) & (rows < (top + eh)[:, None])  # (N, H)
+    in_cols = (cols >= left[:, None]) & (cols < (left + ew)[:, None])  # (N, W)
+    mask = erase[:, None, None] & in_rows[:, :, None] & in_cols[:, None, :]  # (N, H, W)
+    return xp.where(xp.asarray(mask)[..., None], xp.asarray(noise), images)
+
+
 @dataclass(frozen=True)
 class Augmentation:
     """A per-batch augmentation policy; call it as policy(images, rng) -> images."""
 
     max_shift: int = 0  # pixels; 0 turns shifts off
     hflip: bool = False  # left-right mirror with probability 1/2
+    erase: float = 0.0  # probability of random erasing per image; 0 turns it off
 
     def __call__(self, images: Any, rng: np.random.Generator) -> Any:
         if self.hflip:
             images = random_hflip(images, rng)
         if self.max_shift:
             images = random_shift(images, self.max_shift, rng)
+        if self.erase:
+            images = random_erase(images, rng, self.erase)
         return images
 
 
-def augmentation_for(dataset_name: str, max_shift: int = 2) -> Augmentation:
+def augmentation_for(dataset_name: str, max_shift: int = 2, erase: float = 0.0) -> Augmentation:
     """The augmentation that suits a dataset: small shifts for both, left-right flips for
-    Fashion-MNIST only (a mirrored shirt is a shirt; a mirrored digit is not a digit)."""
+    Fashion-MNIST only (a mirrored shirt is a shirt; a mirrored digit is not a digit), and
+    random erasing with probability `erase` if asked for."""
     name = get_spec(dataset_name).name
-    return Augmentation(max_shift=max_shift, hflip=(name == "fashion-mnist"))
+    return Augmentation(max_shift=max_shift, hflip=(name == "fashion-mnist"), erase=erase)

@@ -20,13 +20,17 @@ def softmax(logits: Any) -> Any:
     return xp.exp(log_softmax(logits))
 
 
-def softmax_cross_entropy(logits: Any, labels: Any) -> tuple[Any, Any]:
+def softmax_cross_entropy(logits: Any, labels: Any, label_smoothing: float = 0.0) -> tuple[Any, Any]:
     """logits (N, K), integer labels (N,) in [0, K) -> loss (0-d, mean over the batch), dlogits (N, K).
 
-    dlogits = (softmax(logits) - one_hot(labels)) / N.
+    The target of each row is q = (1 - s) * one_hot(label) + s / K for label_smoothing s
+    (0: the plain one-hot target). loss = mean over rows of -sum_k q_k log softmax(logits)_k,
+    dlogits = (softmax(logits) - q) / N.
     """
     check_float(logits, "softmax_cross_entropy", "logits")
     check_rank(logits, 2, "softmax_cross_entropy", "(N, num_classes)", "logits")
+    if not 0.0 <= label_smoothing < 1.0:
+        raise ValueError(f"softmax_cross_entropy: label_smoothing must be in [0, 1), got {label_smoothing}")
     xp = get_array_module(logits, labels)
     n, k = logits.shape
     if labels.shape != (n,):
@@ -40,11 +44,16 @@ def softmax_cross_entropy(logits: Any, labels: Any) -> tuple[Any, Any]:
                          f"got values from {labels.min()} to {labels.max()}")
     if is_cupy_array(logits):  # one fused launch instead of about fifteen
         from ..cuda import elementwise
-        return elementwise.softmax_cross_entropy(logits, labels)
+        return elementwise.softmax_cross_entropy(logits, labels, label_smoothing)
     logp = log_softmax(logits)
     rows = xp.arange(n)
-    loss = -logp[rows, labels].mean()
+    on_label, spread = 1.0 - label_smoothing, label_smoothing / k  # q = on_label * one_hot + spread
+    loss = -on_label * logp[rows, labels].mean()
+    if label_smoothing:
+        loss = loss - spread * logp.sum(axis=1).mean()
     dlogits = xp.exp(logp)
-    dlogits[rows, labels] -= 1
+    dlogits[rows, labels] -= dlogits.dtype.type(on_label)
+    if label_smoothing:
+        dlogits -= dlogits.dtype.type(spread)
     dlogits *= dlogits.dtype.type(1.0 / n)
     return loss, dlogits

@@ -64,7 +64,7 @@ def fit(model: Sequential, optimizer: Optimizer, train_data: Split, *, epochs: i
         test_data: Split | None = None, norm_stats: NormStats | None = None,
         augment: AugmentFn | None = None, seed: int = 0, out_dir: str | os.PathLike | None = None,
         resume: str | os.PathLike | Checkpoint | None = None, metadata: dict[str, Any] | None = None,
-        progress: bool = True, eval_batch_size: int = 500,
+        progress: bool = True, eval_batch_size: int = 500, label_smoothing: float = 0.0,
         log: Callable[[str], None] | None = print) -> FitResult:
     """Train `model` for `epochs` epochs (in total, counting those of a resumed checkpoint).
 
@@ -79,6 +79,8 @@ def fit(model: Sequential, optimizer: Optimizer, train_data: Split, *, epochs: i
         "dataset": ..., "class_names": [...]}); the library version is added.
     progress: a tqdm bar per epoch when tqdm is installed. log: where the one-line-per-epoch
         summaries go (None: silent).
+    label_smoothing: the training loss's target is (1 - s) * one_hot + s / num_classes
+        (a regularizer); train_loss is that smoothed loss, val_loss and test_loss the plain one.
 
     Raises TrainingDiverged on a NaN/Inf loss, DeviceOutOfMemory when a batch does not fit,
     ValueError for labels outside [0, num_classes).
@@ -135,7 +137,7 @@ def fit(model: Sequential, optimizer: Optimizer, train_data: Split, *, epochs: i
         try:
             _seed_dropout(model, seed, epoch)
             train_loss, train_acc, train_seconds = _train_epoch(
-                model, optimizer, loader, epoch, epochs, batch_size, progress)
+                model, optimizer, loader, epoch, epochs, progress, label_smoothing)
             record: dict[str, Any] = {"epoch": epoch + 1, "train_loss": train_loss, "train_accuracy": train_acc}
             for name, split in (("val", val), ("test", test)):
                 if split is not None:
@@ -177,7 +179,7 @@ def fit(model: Sequential, optimizer: Optimizer, train_data: Split, *, epochs: i
 
 
 def _train_epoch(model: Sequential, optimizer: Optimizer, loader: BatchIterator, epoch: int, epochs: int,
-                 batch_size: int, progress: bool) -> tuple[float, float, float]:
+                 progress: bool, label_smoothing: float) -> tuple[float, float, float]:
     """One pass over the training data. Returns (mean loss, accuracy, seconds).
 
     The loss and the count of right answers are summed on the device and read only when the
@@ -195,7 +197,7 @@ def _train_epoch(model: Sequential, optimizer: Optimizer, loader: BatchIterator,
     with ProgressBar(steps, f"epoch {epoch + 1}/{epochs}", enabled=progress) as bar:
         for step, (x, y) in enumerate(loader.batches(epoch), start=1):
             logits = model.forward(x)
-            loss, dlogits = softmax_cross_entropy(logits, y)
+            loss, dlogits = softmax_cross_entropy(logits, y, label_smoothing)
             model.backward(dlogits)
             optimizer.step()
             optimizer.zero_grad()
