@@ -30,7 +30,7 @@ from .data import (Augmentation, DatasetNotFoundError, DownloadError, NormStats,
 from .data.datasets import DATASETS
 from .functional import softmax
 from .model import Sequential
-from .optim import SGD, Adam, CosineLR, Optimizer, Schedule, StepLR
+from .optim import SGD, Adam, CosineLR, Optimizer, Schedule, StepLR, no_decay_parameters
 from .training import DeviceOutOfMemory, confusion_matrix, evaluate, fit, per_class_accuracy
 
 PROG = "cnn-gpu"
@@ -47,8 +47,8 @@ RECIPES = {
 DEFAULT_VAL_SIZE = 5000
 # Settings a checkpoint records so that --resume continues the same run.
 RUN_SETTINGS = ("dataset", "batch_size", "lr", "momentum", "optimizer", "schedule", "weight_decay",
-                "batch_norm", "dropout", "augment", "max_shift", "label_smoothing", "erase", "val_size", "seed",
-                "limit_train", "limit_test", "epochs")
+                "no_bias_decay", "batch_norm", "dropout", "augment", "max_shift", "label_smoothing", "erase",
+                "val_size", "seed", "limit_train", "limit_test", "epochs")
 
 
 Split = tuple[np.ndarray, np.ndarray]  # (images (N, 28, 28, 1) uint8, labels (N,) int64)
@@ -89,6 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
                             "plain network; 1 with --batch-norm)")
     train.add_argument("--dropout", type=_probability, default=0.0,
                        help="dropout probability before each dense layer (default 0: the seed network as is)")
+    train.add_argument("--no-bias-decay", action="store_true",
+                       help="no weight decay on biases and batch-norm scales and shifts (only on weights)")
     train.add_argument("--label-smoothing", type=_probability, default=None, metavar="S",
                        help="train towards (1 - S) * one-hot + S / classes (default 0)")
     train.add_argument("--erase", type=_probability, default=None, metavar="P",
@@ -239,6 +241,7 @@ def cmd_train(args: argparse.Namespace) -> int:
           f"schedule {s.schedule} batch {s.batch_size} "
           f"augment {f'on (shifts up to {s.max_shift})' if s.augment else 'off'} "
           f"batch norm {'on' if s.batch_norm else 'off'} dropout {s.dropout:g} epochs {s.epochs} seed {s.seed}"
+          + (" no bias decay" if s.no_bias_decay else "")
           + (f" label smoothing {s.label_smoothing:g}" if s.label_smoothing else "")
           + (f" erase {s.erase:g}" if s.erase else ""))
     metadata = {"model": model_spec, "dataset": s.dataset, "class_names": list(train_set.class_names),
@@ -310,9 +313,10 @@ def _augmentation(s: argparse.Namespace) -> Augmentation | None:
 def _optimizer(model: Sequential, s: argparse.Namespace) -> Optimizer:
     lr = s.lr if s.lr is not None else DEFAULT_LR[s.optimizer]
     s.lr = lr
+    no_decay = no_decay_parameters(model) if s.no_bias_decay else []
     if s.optimizer == "adam":
-        return Adam(model.parameters(), lr=lr, weight_decay=s.weight_decay)
-    return SGD(model.parameters(), lr=lr, momentum=s.momentum, weight_decay=s.weight_decay)
+        return Adam(model.parameters(), lr=lr, weight_decay=s.weight_decay, no_decay=no_decay)
+    return SGD(model.parameters(), lr=lr, momentum=s.momentum, weight_decay=s.weight_decay, no_decay=no_decay)
 
 
 def _schedule(optimizer: Optimizer, s: argparse.Namespace) -> Schedule | None:

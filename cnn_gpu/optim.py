@@ -20,15 +20,30 @@ from .layers import Parameter
 
 
 class Optimizer:
-    """Holds the parameters, the learning rate and per-parameter state arrays."""
+    """Holds the parameters, the learning rate and per-parameter state arrays.
 
-    def __init__(self, params: Iterable[Parameter], lr: float) -> None:
+    weight_decay (L2, added to the gradient) applies to every parameter except those in
+    no_decay: e.g. biases and batch-norm scales and shifts, which weight decay only pulls
+    towards zero without limiting what the network can fit (`no_decay_parameters(model)`).
+    """
+
+    def __init__(self, params: Iterable[Parameter], lr: float, weight_decay: float = 0.0,
+                 no_decay: Iterable[Parameter] = ()) -> None:
         self.params = list(params)
         if not self.params:
             raise ValueError(f"{type(self).__name__}: got no parameters to optimize")
         if not lr > 0:
             raise ValueError(f"{type(self).__name__}: lr must be > 0, got {lr}")
+        if weight_decay < 0:
+            raise ValueError(f"{type(self).__name__}: weight_decay must be >= 0, got {weight_decay}")
         self.lr = float(lr)
+        self.weight_decay = float(weight_decay)
+        exempt = {id(p) for p in no_decay}
+        unknown = exempt - {id(p) for p in self.params}
+        if unknown:
+            raise ValueError(f"{type(self).__name__}: no_decay names {len(unknown)} parameter(s) "
+                             "that are not among the parameters to optimize")
+        self.decay = [0.0 if id(p) in exempt else self.weight_decay for p in self.params]  # per parameter
         self.steps = 0
         self.state: list[dict[str, Any]] = [{} for _ in self.params]
 
@@ -83,23 +98,24 @@ class SGD(Optimizer):
     as PyTorch defines them:  v = momentum * v + g;  p -= lr * (g + momentum * v if nesterov else v)."""
 
     def __init__(self, params: Iterable[Parameter], lr: float, momentum: float = 0.0,
-                 nesterov: bool = False, weight_decay: float = 0.0) -> None:
-        super().__init__(params, lr)
+                 nesterov: bool = False, weight_decay: float = 0.0, no_decay: Iterable[Parameter] = ()) -> None:
+        super().__init__(params, lr, weight_decay, no_decay)
         if not 0.0 <= momentum < 1.0:
             raise ValueError(f"SGD: momentum must be in [0, 1), got {momentum}")
         if nesterov and momentum == 0.0:
             raise ValueError("SGD: nesterov needs a momentum > 0")
-        self.momentum, self.nesterov, self.weight_decay = momentum, nesterov, weight_decay
+        self.momentum, self.nesterov = momentum, nesterov
 
     def _update(self, i: int, p: Parameter) -> None:
+        decay = self.decay[i]
         if is_cupy_array(p.data):  # one fused launch instead of three or four
             from .cuda import elementwise
             v = self._buffer(i, "velocity") if self.momentum else None
-            elementwise.sgd_update(p.data, p.grad, v, self.lr, self.momentum, self.weight_decay, self.nesterov)
+            elementwise.sgd_update(p.data, p.grad, v, self.lr, self.momentum, decay, self.nesterov)
             return
         g = p.grad
-        if self.weight_decay:
-            g = g + self.weight_decay * p.data
+        if decay:
+            g = g + decay * p.data
         if self.momentum:
             v = self._buffer(i, "velocity")
             v *= self.momentum
@@ -112,21 +128,22 @@ class Adam(Optimizer):
     """Adam (Kingma & Ba 2015) with bias correction; weight_decay adds L2 to the gradient."""
 
     def __init__(self, params: Iterable[Parameter], lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
-                 eps: float = 1e-8, weight_decay: float = 0.0) -> None:
-        super().__init__(params, lr)
+                 eps: float = 1e-8, weight_decay: float = 0.0, no_decay: Iterable[Parameter] = ()) -> None:
+        super().__init__(params, lr, weight_decay, no_decay)
         self.beta1, self.beta2 = betas
-        self.eps, self.weight_decay = eps, weight_decay
+        self.eps = eps
 
     def _update(self, i: int, p: Parameter) -> None:
         m, v = self._buffer(i, "m"), self._buffer(i, "v")
+        decay = self.decay[i]
         if is_cupy_array(p.data):  # one fused launch instead of about ten
             from .cuda import elementwise
             elementwise.adam_update(p.data, p.grad, m, v, self.lr / (1 - self.beta1 ** self.steps), self.beta1,
-                                    self.beta2, self.eps, self.weight_decay, 1 - self.beta2 ** self.steps)
+                                    self.beta2, self.eps, decay, 1 - self.beta2 ** self.steps)
             return
         g = p.grad
-        if self.weight_decay:
-            g = g + self.weight_decay * p.data
+        if decay:
+            g = g + decay * p.data
         m *= self.beta1
         m += (1 - self.beta1) * g
         v *= self.beta2
@@ -135,6 +152,11 @@ class Adam(Optimizer):
         step_size = self.lr / (1 - self.beta1 ** self.steps)
         denom = xp.sqrt(v / (1 - self.beta2 ** self.steps)) + self.eps
         p.data -= p.data.dtype.type(step_size) * m / denom
+
+
+def no_decay_parameters(model: Any) -> list[Parameter]:
+    """The parameters of a model that are vectors (ndim 1): biases and batch-norm gamma and beta."""
+    return [p for p in model.parameters() if len(p.shape) == 1]
 
 
 class Schedule:

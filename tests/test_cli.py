@@ -171,17 +171,18 @@ def test_train_with_dropout_and_flips_only_records_them(trained_run, tmp_path, c
     assert sum(type(layer).__name__ == "Dropout" for layer in ckpt.build_model().layers) == 2
 
 
-def test_train_with_label_smoothing_and_erasing_records_them(trained_run, tmp_path, capsys):
+def test_train_with_label_smoothing_erasing_and_no_bias_decay_records_them(trained_run, tmp_path, capsys):
     data = trained_run[0]
     out = tmp_path / "smooth"
     assert main(["train", "--data-dir", str(data), "--epochs", "1", "--limit-train", "60", "--val-size", "10",
                  "--batch-size", "20", "--label-smoothing", "0.1", "--erase", "0.5", "--no-augment",
-                 "--out", str(out), "--no-progress"]) == 0
+                 "--no-bias-decay", "--out", str(out), "--no-progress"]) == 0
     text = capsys.readouterr().out
-    assert "augment off" in text and "label smoothing 0.1 erase 0.5" in text
+    assert "augment off" in text and "no bias decay label smoothing 0.1 erase 0.5" in text
     from cnn_gpu.checkpoint import load_checkpoint
     config = load_checkpoint(out / "last.npz").metadata["config"]
     assert config["label_smoothing"] == 0.1 and config["erase"] == 0.5 and config["augment"] is False
+    assert config["no_bias_decay"] is True
 
 
 def test_erasing_without_augment_is_the_only_augmentation():

@@ -3,6 +3,8 @@ import pytest
 
 from cnn_gpu import SGD, Adam, CosineLR, Parameter, StepLR
 
+from cnn_gpu.backend import to_numpy
+
 from .helpers import assert_close
 
 
@@ -80,3 +82,36 @@ def test_rejects_bad_hyperparameters():
         SGD([Parameter(np.zeros(1))], lr=0.1, momentum=1.5)
     with pytest.raises(ValueError, match="no parameters"):
         SGD([], lr=0.1)
+
+
+@pytest.mark.parametrize("make", [lambda ps, nd: SGD(ps, lr=0.1, momentum=0.9, weight_decay=0.1, no_decay=nd),
+                                  lambda ps, nd: Adam(ps, lr=0.1, weight_decay=0.1, no_decay=nd)])
+def test_no_decay_parameters_step_as_without_weight_decay(xp, make):
+    """A parameter in no_decay moves exactly as with weight_decay=0; the others still decay."""
+    decayed, exempt = _param(xp, [1.0, -2.0], [0.5, 0.5]), _param(xp, [1.0, -2.0], [0.5, 0.5])
+    opt = make([decayed, exempt], [exempt])
+    reference = _param(xp, [1.0, -2.0], [0.5, 0.5])
+    plain = type(opt)([reference], lr=0.1, **({"momentum": 0.9} if isinstance(opt, SGD) else {}))
+    for _ in range(2):
+        opt.step()
+        plain.step()
+    assert_close(exempt.data, reference.data, rtol=1e-12)
+    assert not np.allclose(to_numpy(decayed.data), to_numpy(reference.data))
+
+
+def test_no_decay_parameters_of_the_seed_network():
+    from cnn_gpu import no_decay_parameters, seed_cnn
+    model = seed_cnn(batch_norm=True)
+    named = dict(model.named_parameters())
+    exempt = {id(p) for p in no_decay_parameters(model)}
+    assert {name for name, p in named.items() if id(p) in exempt} == \
+        {name for name in named if not name.endswith("weight")}  # BN gamma/beta, the last dense's bias
+    assert all(len(named[name].shape) > 1 for name in named if name.endswith("weight"))
+
+
+def test_no_decay_must_name_optimized_parameters():
+    p, stranger = _param(np, [1.0], [1.0]), _param(np, [1.0], [1.0])
+    with pytest.raises(ValueError, match=r"no_decay names 1 parameter\(s\) that are not among"):
+        SGD([p], lr=0.1, no_decay=[stranger])
+    with pytest.raises(ValueError, match="weight_decay must be >= 0, got -0.1"):
+        Adam([p], weight_decay=-0.1)
