@@ -50,7 +50,7 @@ from pathlib import Path
 runs = Path(sys.argv[1])
 # A run's group is the first of these its name starts with; the choice is made within a group.
 # full-* runs train on all 60000 training images (--val-size 0): no validation, the last epoch counts.
-GROUPS = ("mnist-plain", "mnist-bn", "full-plain", "full-bn", "plain", "bn")
+GROUPS = ("mnist-plain", "mnist-bn", "full-plain", "full-bn", "seeds-plain", "seeds-bn", "plain", "bn")
 def group_of(name):
     return next((g for g in GROUPS if name.startswith(g + "-")), "other")
 print("\n=== chosen by validation accuracy (the test column is reported, not used)")
@@ -71,6 +71,6 @@ for net in GROUPS + ("other",):
         print(f"{net:11s} {row[1]:34s} best val {row[0]:.4f} at epoch {row[2]:2d}: test {row[3]:.4f}"
               f" (last epoch test {row[4]:.4f}, {len(records)} epochs, {row[5]:.0f} s)")
         best = max(best, row) if best else row
-    if best:
+    if best and not net.startswith("seeds"):  # other seeds of a chosen recipe: reported, not chosen
         print(f"{net:11s} CHOSEN {best[1]}: test accuracy {best[3]:.4f} (val {best[0]:.4f}, epoch {best[2]})")
 PY
