@@ -182,7 +182,7 @@ def test_train_with_label_smoothing_erasing_and_no_bias_decay_records_them(train
     from cnn_gpu.checkpoint import load_checkpoint
     config = load_checkpoint(out / "last.npz").metadata["config"]
     assert config["label_smoothing"] == 0.1 and config["erase"] == 0.5 and config["augment"] is False
-    assert config["no_bias_decay"] is True
+    assert config["bias_decay"] is False
 
 
 def test_erasing_without_augment_is_the_only_augmentation():
@@ -195,3 +195,22 @@ def test_erasing_without_augment_is_the_only_augmentation():
     assert _augmentation(argparse.Namespace(**{**vars(s), "erase": 0.0})) is None
     assert _augmentation(argparse.Namespace(**{**vars(s), "augment": True})) == \
         Augmentation(max_shift=2, hflip=True, erase=0.25)
+
+
+def test_resuming_a_checkpoint_from_before_the_newer_settings_keeps_its_training(trained_run, tmp_path, capsys):
+    """A checkpoint whose config predates label smoothing, erasing and --bias-decay resumes without them."""
+    import dataclasses
+
+    from cnn_gpu.checkpoint import load_checkpoint, save_checkpoint
+    data, out, *_ = trained_run
+    ckpt = load_checkpoint(out / "last.npz")
+    old = {k: v for k, v in ckpt.metadata["config"].items() if k not in ("label_smoothing", "erase", "bias_decay")}
+    path = tmp_path / "old.npz"
+    save_checkpoint(path, dataclasses.replace(ckpt, metadata={**ckpt.metadata, "config": old}))
+    assert main(["train", "--resume", str(path), "--epochs", "3", "--data-dir", str(data), "--no-progress",
+                 "--out", str(tmp_path / "resumed")]) == 0
+    text = capsys.readouterr().out
+    settings = next(line for line in text.splitlines() if line.startswith("settings:"))
+    assert "label smoothing" not in settings and "erase" not in settings and "no bias decay" not in settings
+    config = load_checkpoint(tmp_path / "resumed" / "last.npz").metadata["config"]
+    assert (config["label_smoothing"], config["erase"], config["bias_decay"]) == (0.0, 0.0, True)
