@@ -239,13 +239,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     print(model.summary(tuple(images.shape[1:])))
     print(f"data: {s.dataset} from {train_set.source}: {len(labels)} training, {val_size} validation, "
           f"{len(test_y)} test images | backend {backend} | out {out}")
-    print(f"settings: {s.optimizer} lr {s.lr} momentum {s.momentum} weight decay {s.weight_decay} "
-          f"schedule {s.schedule} batch {s.batch_size} "
-          f"augment {f'on (shifts up to {s.max_shift})' if s.augment else 'off'} "
-          f"batch norm {'on' if s.batch_norm else 'off'} dropout {s.dropout:g} epochs {s.epochs} seed {s.seed}"
-          + ("" if s.bias_decay else " no bias decay")
-          + (f" label smoothing {s.label_smoothing:g}" if s.label_smoothing else "")
-          + (f" erase {s.erase:g}" if s.erase else ""))
+    print(_describe_settings(s))
     metadata = {"model": model_spec, "dataset": s.dataset, "class_names": list(train_set.class_names),
                 "config": {k: getattr(s, k) for k in RUN_SETTINGS}}
     started = time.perf_counter()
@@ -303,6 +297,18 @@ def _apply_recipe(settings: dict) -> None:
     for key in ("augment", "max_shift", "label_smoothing", "erase", "bias_decay"):
         if settings.get(key) is None:
             settings[key] = recipe[key]
+
+
+def _describe_settings(s: argparse.Namespace) -> str:
+    """The run's settings on one line, as `train` prints them."""
+    decay = f"weight decay {s.weight_decay:g}" + ("" if s.bias_decay else " (weights only)")
+    augment = _augmentation(s)
+    return (f"settings: {s.optimizer} lr {s.lr:g}" + (f" momentum {s.momentum:g}" if s.optimizer == "sgd" else "")
+            + f", {decay}, schedule {s.schedule}, batch {s.batch_size}, epochs {s.epochs}"
+            + f" | augment: {augment.describe() if augment else 'none'}"
+            + (f" | label smoothing {s.label_smoothing:g}" if s.label_smoothing else "")
+            + f" | batch norm {'on' if s.batch_norm else 'off'}"
+            + (f" | dropout {s.dropout:g}" if s.dropout else "") + f" | seed {s.seed}")
 
 
 def _augmentation(s: argparse.Namespace) -> Augmentation | None:

@@ -164,7 +164,7 @@ def test_train_with_dropout_and_flips_only_records_them(trained_run, tmp_path, c
                  "--batch-size", "20", "--dropout", "0.3", "--augment", "--max-shift", "0", "--out", str(out),
                  "--no-progress"]) == 0
     text = capsys.readouterr().out
-    assert "augment on (shifts up to 0)" in text and "dropout 0.3" in text and "Dropout(p=0.3)" in text
+    assert "augment: flips |" in text and "dropout 0.3" in text and "Dropout(p=0.3)" in text
     from cnn_gpu.checkpoint import load_checkpoint
     ckpt = load_checkpoint(out / "last.npz")
     assert ckpt.metadata["model"]["kwargs"]["dropout"] == 0.3 and ckpt.metadata["config"]["max_shift"] == 0
@@ -178,7 +178,8 @@ def test_train_with_label_smoothing_erasing_and_no_bias_decay_records_them(train
                  "--batch-size", "20", "--label-smoothing", "0.1", "--erase", "0.5", "--no-augment",
                  "--no-bias-decay", "--out", str(out), "--no-progress"]) == 0
     text = capsys.readouterr().out
-    assert "augment off" in text and "no bias decay label smoothing 0.1 erase 0.5" in text
+    assert "weight decay 0.0005 (weights only)" in text
+    assert "augment: random erasing p=0.5 | label smoothing 0.1 |" in text
     from cnn_gpu.checkpoint import load_checkpoint
     config = load_checkpoint(out / "last.npz").metadata["config"]
     assert config["label_smoothing"] == 0.1 and config["erase"] == 0.5 and config["augment"] is False
@@ -211,6 +212,6 @@ def test_resuming_a_checkpoint_from_before_the_newer_settings_keeps_its_training
                  "--out", str(tmp_path / "resumed")]) == 0
     text = capsys.readouterr().out
     settings = next(line for line in text.splitlines() if line.startswith("settings:"))
-    assert "label smoothing" not in settings and "erase" not in settings and "no bias decay" not in settings
+    assert "label smoothing" not in settings and "erasing" not in settings and "weights only" not in settings
     config = load_checkpoint(tmp_path / "resumed" / "last.npz").metadata["config"]
     assert (config["label_smoothing"], config["erase"], config["bias_decay"]) == (0.0, 0.0, True)

@@ -151,6 +151,12 @@ class Augmentation:
             images = random_erase(images, rng, self.erase)
         return images
 
+    def describe(self) -> str:
+        """In words, e.g. "flips, shifts up to 1 px" or "none"."""
+        parts = (["flips"] if self.hflip else []) + ([f"shifts up to {self.max_shift} px"] if self.max_shift else [])
+        parts += [f"random erasing p={self.erase:g}"] if self.erase else []
+        return ", ".join(parts) or "none"
+
 
 def augmentation_for(dataset_name: str, max_shift: int = 2, erase: float = 0.0) -> Augmentation:
     """The augmentation that suits a dataset: small shifts for both, left-right flips for
