@@ -1,9 +1,9 @@
 """Download one file atomically, checked against an md5, with an optional progress bar.
 
-The file is streamed to a temporary file beside its destination, fsynced, checked, and only
-then renamed into place (os.replace is atomic within one directory). Whatever goes wrong on
-the way - a dropped connection, a timeout, a bad checksum, Ctrl-C - the temporary file is
-removed, so the destination either holds a verified file or nothing.
+The file is streamed to a temporary file beside its destination and checked, and only then
+renamed into place (cnn_gpu.atomic.atomic_write). Whatever goes wrong on the way - a dropped
+connection, a timeout, a bad checksum, Ctrl-C - the temporary file is removed, so the
+destination either holds a verified file or nothing.
 """
 from __future__ import annotations
 
@@ -12,10 +12,11 @@ import hashlib
 import http.client
 import os
 import sys
-import tempfile
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+
+from ..atomic import atomic_write
 
 CHUNK_BYTES = 1 << 16
 DEFAULT_TIMEOUT_S = 30.0
@@ -103,33 +104,12 @@ def download_file(url: str, dest: str | os.PathLike, md5: str | None = None,
     cannot be reached, answers with an error, stalls past timeout seconds, closes early, or
     sends content whose md5 differs.
     """
-    dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
-    try:
-        with os.fdopen(fd, "wb") as out:
-            try:
-                found_md5 = _stream_to(url, out, timeout, progress, dest.name)
-            except (OSError, http.client.HTTPException) as exc:  # URLError and timeouts are OSErrors
-                raise DownloadError(f"{url}: {exc}") from exc
-            out.flush()
-            os.fsync(out.fileno())
+    def write_checked(out) -> None:  # runs on the temporary file; raising leaves dest untouched
+        try:
+            found_md5 = _stream_to(url, out, timeout, progress, Path(dest).name)
+        except (OSError, http.client.HTTPException) as exc:  # URLError and timeouts are OSErrors
+            raise DownloadError(f"{url}: {exc}") from exc
         if md5 is not None and found_md5 != md5.lower():
             raise DownloadError(f"{url}: md5 mismatch: expected {md5}, got {found_md5}")
-        os.replace(tmp_name, dest)
-    except BaseException:  # KeyboardInterrupt too: never leave a partial file behind
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp_name)
-        raise
-    _fsync_dir(dest.parent)
-    return dest
 
-
-def _fsync_dir(directory: Path) -> None:
-    """Make the rename durable; some platforms cannot open a directory, which is harmless."""
-    with contextlib.suppress(OSError):
-        fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+    return atomic_write(dest, write_checked)
