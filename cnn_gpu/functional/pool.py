@@ -17,7 +17,7 @@ from typing import Any
 
 from ..backend import get_array_module, is_cupy_array
 from ._util import check_float, check_rank, output_size, pair
-from .conv import pad_hw
+from .conv import _offset_slice, pad_hw
 
 
 def _pool_geometry(x: Any, pool_size, stride, padding, op: str):
@@ -37,12 +37,6 @@ def _pool_geometry(x: Any, pool_size, stride, padding, op: str):
 def window_index_dtype(kh: int, kw: int) -> str:
     """The argmax of a window is stored in one byte when the window has at most 256 elements."""
     return "uint8" if kh * kw <= 256 else "int32"
-
-
-def _offset_slice(kh_i: int, kw_j: int, sh: int, sw: int, oh: int, ow: int):
-    """Index of window element (i, j) of every window in a padded (N, Hp, Wp, C) array."""
-    return (slice(None), slice(kh_i, kh_i + sh * (oh - 1) + 1, sh),
-            slice(kw_j, kw_j + sw * (ow - 1) + 1, sw), slice(None))
 
 
 def max_pool2d_forward(x: Any, pool_size: int | tuple[int, int] = 2,
