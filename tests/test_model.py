@@ -121,3 +121,34 @@ def test_eval_forward_keeps_no_caches():
     model.train()
     model.forward(np.zeros((2, 28, 28, 1), dtype=np.float32))
     assert all(layer._cache is not None for layer in model.layers)
+
+
+@pytest.mark.parametrize("batch_norm", [False, True])
+def test_seed_cnn_pool_before_relu_is_the_seed_order(xp, rng, batch_norm):
+    """seed_cnn runs max-pool before ReLU; the seed's conv, ReLU, pool order gives the same
+    outputs and gradients (ReLU is monotone), all-negative windows included."""
+    model = seed_cnn(batch_norm=batch_norm, dtype="float64").to("cpu" if xp is np else "gpu")
+    swapped = [i for i, layer in enumerate(model.layers)
+               if isinstance(layer, MaxPool2D) and isinstance(model.layers[i + 1], ReLU)]
+    assert len(swapped) == 2
+    seed_order = list(model.layers)
+    for i in swapped:
+        seed_order[i], seed_order[i + 1] = seed_order[i + 1], seed_order[i]
+    reference = Sequential(seed_order)
+    assert model.state_dict().keys() == reference.state_dict().keys()  # checkpoints load either way
+    x = random(xp, rng, (4, 28, 28, 1))
+    labels = xp.asarray(np.array([0, 3, 1, 9]))
+    results = []
+    for net in (model, reference):
+        logits = net.forward(x)
+        _, d = softmax_cross_entropy(logits, labels)
+        net.backward(d)
+        results.append([to_numpy(logits)] + [to_numpy(p.grad).copy() for p in net.parameters()])
+    for a, b in zip(*results):
+        np.testing.assert_array_equal(a, b)
+    # The input really has windows whose four values are all negative (zero gradient in both orders).
+    h = x
+    for layer in model.layers[:swapped[0]]:  # conv 1 [and its batch norm]: (4, 26, 26, 32)
+        h = layer.forward(h)
+    all_negative = (to_numpy(h).reshape(4, 13, 2, 13, 2, 32) < 0).all(axis=(2, 4))
+    assert all_negative.any() and not all_negative.all()
