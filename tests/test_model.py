@@ -152,3 +152,27 @@ def test_seed_cnn_pool_before_relu_is_the_seed_order(xp, rng, batch_norm):
         h = layer.forward(h)
     all_negative = (to_numpy(h).reshape(4, 13, 2, 13, 2, 32) < 0).all(axis=(2, 4))
     assert all_negative.any() and not all_negative.all()
+
+
+@pytest.mark.parametrize("batch_norm", [False, True])
+def test_eval_in_slices_equals_the_whole_batch(monkeypatch, batch_norm):
+    """Eval mode on NumPy runs the batch in slices (cnn_gpu.model.EVAL_SLICE_BYTES); the result
+    is the one of running each sample alone, including a short last slice."""
+    import cnn_gpu.model as model_module
+    rng = np.random.default_rng(3)
+    model = seed_cnn(batch_norm=batch_norm, seed=1, dtype="float64")
+    x = rng.standard_normal((23, 28, 28, 1))
+    model.forward(x)  # a training step's forward: batch-norm running statistics move off 0 and 1
+    model.eval()
+    alone = np.concatenate([model.forward(x[i:i + 1]) for i in range(len(x))])
+    per_sample = model._largest_activation_bytes((28, 28, 1), 8)
+    monkeypatch.setattr(model_module, "EVAL_SLICE_BYTES", 5 * per_sample)  # slices of 5: 5+5+5+5+3
+    calls = []
+    monkeypatch.setattr(model, "_forward", lambda xs, inner=model._forward: calls.append(len(xs)) or inner(xs))
+    sliced = model.forward(x)
+    assert calls == [5, 5, 5, 5, 3]
+    np.testing.assert_allclose(sliced, alone, rtol=1e-12, atol=1e-12)
+    model.train()
+    calls.clear()
+    model.forward(x)
+    assert calls == [23]  # training mode: one batch (batch norm needs all of it)
