@@ -33,7 +33,8 @@ def plot_learning_curves(history: Sequence[dict[str, Any]], path: str | os.PathL
                          best_epoch: int | None = None) -> Path:
     """Loss and accuracy per epoch for train / val / test (whichever the history holds), side by side.
 
-    history: fit()'s records (each with epoch, train_loss, train_accuracy, maybe val_* and test_*).
+    history: fit()'s records (each with epoch, train_loss, train_accuracy, maybe val_* and test_*;
+        a record with label_smoothing > 0 has a train_loss against smoothed targets, labelled so).
     best_epoch: marked with a dotted vertical line. Returns the PNG's path.
     """
     from matplotlib.ticker import MaxNLocator
@@ -45,7 +46,9 @@ def plot_learning_curves(history: Sequence[dict[str, Any]], path: str | os.PathL
         for metric, ax in (("loss", loss_ax), ("accuracy", acc_ax)):
             key = f"{split}_{metric}"
             if history and key in history[0]:
-                ax.plot(epochs, [r[key] for r in history], style, markersize=3, label=split)
+                smoothing = history[-1].get("label_smoothing", 0) if key == "train_loss" else 0
+                label = f"{split} (targets smoothed by {smoothing:g})" if smoothing else split
+                ax.plot(epochs, [r[key] for r in history], style, markersize=3, label=label)
     for ax, title in ((loss_ax, "loss (cross-entropy)"), (acc_ax, "accuracy")):
         if best_epoch:
             ax.axvline(best_epoch, color="gray", linestyle=":", label=f"best val (epoch {best_epoch})")

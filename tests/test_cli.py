@@ -184,6 +184,8 @@ def test_train_with_label_smoothing_erasing_and_no_bias_decay_records_them(train
     config = load_checkpoint(out / "last.npz").metadata["config"]
     assert config["label_smoothing"] == 0.1 and config["erase"] == 0.5 and config["augment"] is False
     assert config["bias_decay"] is False
+    history = json.loads((out / "history.json").read_text())
+    assert history[0]["label_smoothing"] == 0.1  # its train_loss is against smoothed targets
 
 
 def test_erasing_without_augment_is_the_only_augmentation():

@@ -139,6 +139,8 @@ def fit(model: Sequential, optimizer: Optimizer, train_data: Split, *, epochs: i
             train_loss, train_acc, train_seconds = _train_epoch(
                 model, optimizer, loader, epoch, epochs, progress, label_smoothing)
             record: dict[str, Any] = {"epoch": epoch + 1, "train_loss": train_loss, "train_accuracy": train_acc}
+            if label_smoothing:
+                record["label_smoothing"] = label_smoothing  # train_loss is against smoothed targets
             for name, split in (("val", val), ("test", test)):
                 if split is not None:
                     loss, acc, _ = evaluate(model, *split, batch_size=eval_batch_size, transform=transform)
