@@ -48,6 +48,13 @@ class Layer:
     def backward(self, dout: Any, need_dx: bool = True) -> Any:
         raise NotImplementedError
 
+    def infer(self, x: Any) -> Any:
+        """The forward for evaluation, when nothing will backpropagate: keeps no cache, and a
+        layer may take a shortcut that gives the same output (MaxPool2D skips its argmax)."""
+        y = self.forward(x)
+        self._cache = None
+        return y
+
     def output_shape(self, input_shape: tuple[int, ...]) -> tuple[int, ...]:
         """Shape of one sample's output (no batch axis) for one sample's input shape."""
         return input_shape
@@ -109,6 +116,17 @@ class Conv2D(Layer):
         self._set_grads(weight=dw, bias=db)
         return dx
 
+    def infer_folded(self, x: Any, scale: Any, shift: Any) -> Any:
+        """forward(x) * scale + shift per output channel (scale, shift: (C_out,)), for evaluation:
+        the scale is folded into the filters and the shift into the bias, so it costs one
+        convolution and no pass of its own (an eval-mode batch norm after this layer)."""
+        F._util.check_rank(x, 4, repr(self), "(N, H, W, C)")
+        self._check_channels(x, self.in_channels)
+        bias = self.params.get("bias")
+        y, _ = F.conv2d_forward(x, self.params["weight"].data * scale,
+                                shift if bias is None else bias.data * scale + shift, self.stride, self.padding)
+        return y
+
     def output_shape(self, input_shape):
         h, w, c = input_shape
         if c != self.in_channels:
@@ -147,6 +165,15 @@ class Dense(Layer):
         dx, dw, db = F.linear_backward(dout, self._cache, need_dx=need_dx)
         self._set_grads(weight=dw, bias=db)
         return dx
+
+    def infer_folded(self, x: Any, scale: Any, shift: Any) -> Any:
+        """forward(x) * scale + shift per output feature (see Conv2D.infer_folded)."""
+        F._util.check_rank(x, 2, repr(self), "(N, features)")
+        self._check_channels(x, self.in_features, "features")
+        bias = self.params.get("bias")
+        y, _ = F.linear_forward(x, self.params["weight"].data * scale,
+                                shift if bias is None else bias.data * scale + shift)
+        return y
 
     def output_shape(self, input_shape):
         if input_shape != (self.in_features,):
@@ -192,6 +219,9 @@ class _Pool2D(Layer):
 class MaxPool2D(_Pool2D):
     """Max pooling on (N, H, W, C); the gradient goes to the first maximum of each window."""
 
+    def infer(self, x: Any) -> Any:
+        return F.max_pool2d(x, self.pool_size, self.stride, self.padding)  # no argmax: nothing backpropagates
+
 
 class AvgPool2D(_Pool2D):
     """Average pooling on (N, H, W, C); padding counts as zeros."""
@@ -223,6 +253,17 @@ class _BatchNorm(Layer):
         dx, self.params["gamma"].grad, self.params["beta"].grad = F.batch_norm_backward(dout, self._cache)
         self._cache = None
         return dx
+
+    def eval_scale_shift(self) -> tuple[Any, Any]:
+        """Eval mode's batch norm as y = x * scale + shift per channel: scale = gamma / sqrt(running_var
+        + eps), shift = beta - running_mean * scale; (C,) each, in the parameters' dtype (computed
+        in float64)."""
+        xp = get_array_module(self.params["gamma"].data)
+        gamma, beta = (self.params[k].data.astype(np.float64) for k in ("gamma", "beta"))
+        mean, var = (self.buffers[k].astype(np.float64) for k in ("running_mean", "running_var"))
+        scale = gamma / xp.sqrt(var + self.eps)
+        dtype = self.params["gamma"].data.dtype
+        return scale.astype(dtype), (beta - mean * scale).astype(dtype)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.num_features})"

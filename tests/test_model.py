@@ -168,11 +168,45 @@ def test_eval_in_slices_equals_the_whole_batch(monkeypatch, batch_norm):
     per_sample = model._largest_activation_bytes((28, 28, 1), 8)
     monkeypatch.setattr(model_module, "EVAL_SLICE_BYTES", 5 * per_sample)  # slices of 5: 5+5+5+5+3
     calls = []
-    monkeypatch.setattr(model, "_forward", lambda xs, inner=model._forward: calls.append(len(xs)) or inner(xs))
+    monkeypatch.setattr(model, "_infer", lambda xs, inner=model._infer: calls.append(len(xs)) or inner(xs))
+    monkeypatch.setattr(model, "_forward", lambda xs, inner=model._forward: calls.append(-len(xs)) or inner(xs))
     sliced = model.forward(x)
     assert calls == [5, 5, 5, 5, 3]
     np.testing.assert_allclose(sliced, alone, rtol=1e-12, atol=1e-12)
     model.train()
     calls.clear()
     model.forward(x)
-    assert calls == [23]  # training mode: one batch (batch norm needs all of it)
+    assert calls == [-23]  # training mode: one batch through forward (batch norm needs all of it)
+
+
+@pytest.mark.parametrize("batch_norm", [False, True])
+def test_eval_shortcuts_give_the_layers_outputs(batch_norm):
+    """Eval mode folds each batch norm into the conv or dense layer before it and pools without
+    an argmax; the output is the one of running every layer's own forward in eval mode."""
+    rng = np.random.default_rng(4)
+    model = seed_cnn(batch_norm=batch_norm, seed=2, dtype="float64")
+    x = rng.standard_normal((9, 28, 28, 1))
+    for _ in range(3):  # training steps move the running statistics and scales away from 0 and 1
+        model.forward(x)
+    for layer in model.layers:
+        if "gamma" in layer.params:
+            layer.params["gamma"].data = rng.uniform(0.5, 2.0, layer.num_features)
+            layer.params["beta"].data = rng.standard_normal(layer.num_features)
+    model.eval()
+    reference = x
+    for layer in model.layers:
+        reference = layer.forward(reference)
+        layer._cache = None
+    np.testing.assert_allclose(model.forward(x), reference, rtol=1e-10, atol=1e-12)
+    assert all(layer._cache is None for layer in model.layers)  # eval keeps no activations
+
+
+@pytest.mark.parametrize("pool, stride, padding", [(2, None, 0), (3, 2, 1), (2, 1, 0)])
+def test_max_pool_for_evaluation_equals_the_forward(xp, rng, pool, stride, padding):
+    x = random(xp, rng, (5, 9, 8, 3))
+    x[1, 2, 3, 1] = np.nan
+    layer = MaxPool2D(pool, stride, padding)
+    expected = layer.forward(x)
+    y = layer.infer(x)
+    np.testing.assert_array_equal(to_numpy(y), to_numpy(expected))  # NaN where the forward has NaN
+    assert np.isnan(to_numpy(y)).any()
