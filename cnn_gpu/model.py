@@ -33,6 +33,9 @@ class Sequential:
         self.training = True
 
     def forward(self, x: Any) -> Any:
+        """x -> the last layer's output. In training mode, and on the GPU, each layer's forward
+        in turn; in eval mode on NumPy, the evaluation path below (slices, folded batch norms,
+        no caches), which gives the same numbers up to rounding."""
         if not self.training and not any(layer.training for layer in self.layers) and backend_of(x) == "numpy":
             return self._forward_in_slices(x)
         return self._forward(x)
