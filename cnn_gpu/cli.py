@@ -27,7 +27,7 @@ from .backend import (BackendUnavailableError, cupy_unavailable_reason, require_
 from .checkpoint import Checkpoint, build_model, load_checkpoint
 from .data import (Augmentation, DatasetNotFoundError, DownloadError, NormStats, augmentation_for,
                    load_dataset, normalize, train_val_split)
-from .data.datasets import DATASETS
+from .data.datasets import DATASETS, get_spec
 from .functional import softmax
 from .model import Sequential
 from .optim import SGD, Adam, CosineLR, Optimizer, Schedule, StepLR, no_decay_parameters
@@ -114,7 +114,11 @@ def build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("evaluate", help="accuracy of a checkpoint on a dataset split, per class too")
     ev.add_argument("checkpoint")
     ev.add_argument("--dataset", choices=sorted(DATASETS), help="default: the checkpoint's dataset")
-    ev.add_argument("--split", choices=("train", "test"), default="test")
+    ev.add_argument("--split", choices=("train", "val", "test"), default="test",
+                    help="val: the validation images the run held out of the training split")
+    ev.add_argument("--tta", action="store_true",
+                    help="test-time augmentation: average the predictions for each image and its mirror "
+                         "(fashion-mnist only)")
     ev.add_argument("--data-dir")
     ev.add_argument("--batch-size", type=_positive_int, default=500)
     ev.add_argument("--limit", type=_positive_int, metavar="N", help="only the first N images of the split")
@@ -268,22 +272,29 @@ def _training_splits(s: argparse.Namespace, args: argparse.Namespace) -> tuple[A
     training split, the same ones for the same seed."""
     train_set = load_dataset(s.dataset, "train", data_dir=args.data_dir, progress=not args.no_progress)
     test_set = load_dataset(s.dataset, "test", data_dir=args.data_dir, progress=not args.no_progress)
-    images, labels = train_set.images, train_set.labels
-    if s.limit_train is not None and s.limit_train < len(labels):
-        keep = np.sort(np.random.default_rng([s.seed, 7]).permutation(len(labels))[:s.limit_train])
-        images, labels = images[keep], labels[keep]
-    val_size = s.val_size if s.val_size is not None else (
-        DEFAULT_VAL_SIZE if len(labels) >= 10 * DEFAULT_VAL_SIZE else len(labels) // 10)
-    if val_size >= len(labels):
-        raise UsageError(f"--val-size {val_size} leaves no training images (there are {len(labels)})")
-    val_data = None
-    if val_size > 0:
-        images, labels, val_x, val_y = train_val_split(images, labels, val_size=val_size, seed=s.seed)
-        val_data = (val_x, val_y)
+    images, labels, val_data = _hold_out(train_set.images, train_set.labels, s.seed, s.limit_train, s.val_size)
     test_x, test_y = test_set.images, test_set.labels
     if s.limit_test is not None:
         test_x, test_y = test_x[:s.limit_test], test_y[:s.limit_test]
     return train_set, (images, labels), val_data, (test_x, test_y)
+
+
+def _hold_out(images: np.ndarray, labels: np.ndarray, seed: int, limit_train: int | None,
+              val_size: int | None) -> tuple[np.ndarray, np.ndarray, Split | None]:
+    """The training split after --limit-train, less the validation images it holds out:
+    (images, labels, (val_images, val_labels) or None). The same ones for the same settings, so
+    `evaluate --split val` finds the images a run chose its best epoch on."""
+    if limit_train is not None and limit_train < len(labels):
+        keep = np.sort(np.random.default_rng([seed, 7]).permutation(len(labels))[:limit_train])
+        images, labels = images[keep], labels[keep]
+    if val_size is None:
+        val_size = DEFAULT_VAL_SIZE if len(labels) >= 10 * DEFAULT_VAL_SIZE else len(labels) // 10
+    if val_size >= len(labels):
+        raise UsageError(f"--val-size {val_size} leaves no training images (there are {len(labels)})")
+    if val_size == 0:
+        return images, labels, None
+    images, labels, val_x, val_y = train_val_split(images, labels, val_size=val_size, seed=seed)
+    return images, labels, (val_x, val_y)
 
 
 def _apply_recipe(settings: dict) -> None:
@@ -365,10 +376,20 @@ def _model_from(ckpt: Checkpoint, backend: str) -> tuple[Sequential, NormStats]:
 
 
 def _evaluate_arrays(model: Sequential, stats: NormStats, images: Any, labels: Any, backend: str,
-                     batch_size: int = 500) -> tuple[float, float, np.ndarray]:
+                     batch_size: int = 500, hflip: bool = False) -> tuple[float, float, np.ndarray]:
     x, y = to_device(images, backend), to_device(np.asarray(labels, np.int64), backend)
     return evaluate(model, x, y, batch_size=batch_size,
-                    transform=lambda b: normalize(b, stats, dtype=model.dtype))
+                    transform=lambda b: normalize(b, stats, dtype=model.dtype), hflip=hflip)
+
+
+def _checkpoint_hold_out(ckpt: Checkpoint, images: np.ndarray, labels: np.ndarray) -> tuple:
+    """The training split of a checkpoint's run, as _hold_out divided it: (images, labels, val or None).
+    A checkpoint without the run's settings (not written by `train`) held nothing out."""
+    config = ckpt.metadata.get("config")
+    if not isinstance(config, dict):
+        return images, labels, None
+    return _hold_out(images, labels, int(config.get("seed", ckpt.seed)), config.get("limit_train"),
+                     config.get("val_size"))
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
@@ -377,15 +398,23 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     dataset = args.dataset or ckpt.metadata.get("dataset")
     if dataset is None:
         raise UsageError("the checkpoint does not name its dataset; give --dataset")
-    data = load_dataset(dataset, args.split, data_dir=args.data_dir)
+    if args.tta and get_spec(dataset).name != "fashion-mnist":
+        raise UsageError(f"--tta mirrors the images, which suits fashion-mnist, not {dataset}")
+    data = load_dataset(dataset, "test" if args.split == "test" else "train", data_dir=args.data_dir)
     images, labels = data.images, data.labels
+    if args.split != "test":
+        images, labels, val_data = _checkpoint_hold_out(ckpt, images, labels)
+        if args.split == "val":
+            if val_data is None:
+                raise UsageError(f"{args.checkpoint} was trained without a validation split (--val-size 0)")
+            images, labels = val_data
     if args.limit is not None:
         images, labels = images[:args.limit], labels[:args.limit]
     model, stats = _model_from(ckpt, backend)
     num_classes = len(data.class_names)
-    loss, acc, predictions = _evaluate_arrays(model, stats, images, labels, backend, args.batch_size)
-    print(f"{args.checkpoint} (epoch {ckpt.epoch}) on {dataset} {args.split} ({len(labels)} images): "
-          f"accuracy {acc:.4f}, loss {loss:.4f}")
+    loss, acc, predictions = _evaluate_arrays(model, stats, images, labels, backend, args.batch_size, args.tta)
+    print(f"{args.checkpoint} (epoch {ckpt.epoch}) on {dataset} {args.split} ({len(labels)} images"
+          f"{', mirror test-time augmentation' if args.tta else ''}): accuracy {acc:.4f}, loss {loss:.4f}")
     per_class = per_class_accuracy(labels, predictions, num_classes)
     width = max(len(n) for n in data.class_names)
     print(f"\n{'class':<{width}}  accuracy  images")

@@ -217,3 +217,23 @@ def test_resuming_a_checkpoint_from_before_the_newer_settings_keeps_its_training
     assert "label smoothing" not in settings and "erasing" not in settings and "weights only" not in settings
     config = load_checkpoint(tmp_path / "resumed" / "last.npz").metadata["config"]
     assert (config["label_smoothing"], config["erase"], config["bias_decay"]) == (0.0, 0.0, True)
+
+
+def test_evaluate_on_the_held_out_validation_split_matches_the_history(trained_run, capsys):
+    """--split val rebuilds the run's validation images: best.npz scores there what history.json says."""
+    data, out, *_ = trained_run
+    history = json.loads((out / "history.json").read_text())
+    best = max(history, key=lambda r: r["val_accuracy"])
+    assert main(["evaluate", str(out / "best.npz"), "--data-dir", str(data), "--split", "val"]) == 0
+    text = capsys.readouterr().out
+    assert f"on fashion-mnist val (20 images): accuracy {best['val_accuracy']:.4f}" in text
+    assert main(["evaluate", str(out / "best.npz"), "--data-dir", str(data), "--split", "train"]) == 0
+    assert "on fashion-mnist train (100 images)" in capsys.readouterr().out  # 120 trained on, less 20
+
+
+def test_evaluate_with_mirror_test_time_augmentation(trained_run, capsys):
+    data, out, *_ = trained_run
+    assert main(["evaluate", str(out / "best.npz"), "--data-dir", str(data), "--tta"]) == 0
+    assert "(60 images, mirror test-time augmentation): accuracy" in capsys.readouterr().out
+    assert main(["evaluate", str(out / "best.npz"), "--data-dir", str(data), "--tta", "--dataset", "mnist"]) == 2
+    assert "--tta mirrors the images, which suits fashion-mnist, not mnist" in capsys.readouterr().err

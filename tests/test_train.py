@@ -10,6 +10,7 @@ import pytest
 from cnn_gpu.backend import cupy_available, cupy_unavailable_reason
 from cnn_gpu.checkpoint import load_checkpoint
 from cnn_gpu.data import Augmentation
+from cnn_gpu.models import seed_cnn
 from cnn_gpu.optim import SGD, CosineLR
 from cnn_gpu.training import (DeviceOutOfMemory, TrainingDiverged, confusion_matrix, evaluate, fit,
                               is_out_of_memory, per_class_accuracy)
@@ -204,3 +205,17 @@ def test_fit_on_the_gpu_matches_the_cpu(tmp_path):
     ckpt = load_checkpoint(tmp_path / "gpu" / "last.npz")  # written from device arrays
     for key, value in cpu_model.state_dict().items():
         np.testing.assert_allclose(ckpt.model_state[key], value, rtol=1e-3, atol=1e-4, err_msg=key)
+
+
+def test_evaluate_with_hflip_averages_the_two_views(rng):
+    """hflip=True: predictions and loss from the mean of the probabilities of x and of x mirrored."""
+    from cnn_gpu.functional import softmax
+    model = seed_cnn(seed=4, dtype="float64")
+    x = rng.standard_normal((12, 28, 28, 1))
+    y = rng.integers(0, 10, 12)
+    loss, acc, predicted = evaluate(model, x, y, batch_size=5, hflip=True)
+    model.eval()
+    mean = (softmax(model.forward(x)) + softmax(model.forward(x[:, :, ::-1, :].copy()))) / 2
+    np.testing.assert_array_equal(predicted, mean.argmax(axis=1))
+    assert acc == pytest.approx((mean.argmax(axis=1) == y).mean())
+    assert loss == pytest.approx(-np.log(mean[np.arange(12), y]).mean(), rel=1e-10)
