@@ -44,6 +44,7 @@ def test_train_end_to_end(trained_run):
     assert "total parameters: 225,034" in text  # the model summary
     assert "epoch 1/2" in text and "epoch 2/2" in text
     assert "final test accuracy (epoch 2): " in text and "best validation epoch" in text
+    assert "with mirror test-time augmentation (evaluate --tta): val accuracy " in text
     history = json.loads((out / "history.json").read_text())
     assert len(history) == 2 and {"val_accuracy", "test_accuracy"} <= set(history[0])
     assert (out / "last.npz").exists() and (out / "best.npz").exists()
