@@ -39,7 +39,7 @@ def evaluate(model: Sequential, images: Any, labels: Any, batch_size: int = 500,
             if hflip:  # log of the mean probability of the two views, as logits
                 mirrored = model.forward(xp.ascontiguousarray(x[:, :, ::-1, :]))
                 mean = (softmax(logits) + softmax(mirrored)) * logits.dtype.type(0.5)
-                logits = xp.log(xp.maximum(mean, xp.finfo(mean.dtype).tiny))
+                logits = xp.log(xp.maximum(mean, np.finfo(mean.dtype).tiny))
             loss, _ = softmax_cross_entropy(logits, y)
             loss_sum += loss.astype(np.float64) * len(y)
             predictions.append(logits.argmax(axis=1))
