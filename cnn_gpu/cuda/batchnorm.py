@@ -14,13 +14,12 @@ merging, so the variance stays accurate when |mean| is far larger than the std.
 """
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import numpy as np
 
 from cnn_gpu.backend import require_cupy
-from cnn_gpu.cuda import loader
+from cnn_gpu.cuda import elementwise, loader
 
 KERNEL_FILE = "batchnorm.cu"
 # These must equal the constants of the same names in kernels/batchnorm.cu.
@@ -157,22 +156,6 @@ def channel_grad_sums(dy2d: Any, x2d: Any, mean: Any, inv_std: Any) -> tuple[Any
     return sum_dy, sum_dy_xhat
 
 
-@functools.lru_cache(maxsize=None)
-def _normalize_kernel() -> Any:
-    return require_cupy().ElementwiseKernel(
-        "T x, T mean, T inv_std, T gamma, T beta", "T y",
-        "y = (x - mean) * inv_std * gamma + beta",
-        "cnn_gpu_batch_norm_normalize")
-
-
-@functools.lru_cache(maxsize=None)
-def _backward_dx_kernel() -> Any:
-    return require_cupy().ElementwiseKernel(
-        "T dy, T x, T mean, T inv_std, T gamma, T sum_dy, T sum_dy_xhat, T inv_m", "T dx",
-        "dx = gamma * inv_std * (dy - inv_m * (sum_dy + (x - mean) * inv_std * sum_dy_xhat))",
-        "cnn_gpu_batch_norm_backward_dx")
-
-
 def batch_norm_normalize(x: Any, mean: Any, inv_std: Any, gamma: Any, beta: Any) -> Any:
     """y = (x - mean) * inv_std * gamma + beta. x (..., C); the others (C,) -> y like x."""
     cupy = require_cupy()
@@ -182,7 +165,7 @@ def batch_norm_normalize(x: Any, mean: Any, inv_std: Any, gamma: Any, beta: Any)
     c = x.shape[-1]
     vectors = [_vector(cupy, v, c, x.dtype, name)
                for v, name in ((mean, "mean"), (inv_std, "inv_std"), (gamma, "gamma"), (beta, "beta"))]
-    return _normalize_kernel()(x, *vectors)
+    return elementwise.kernel("batch_norm_normalize")(x, *vectors)
 
 
 def batch_norm_backward_dx(dy: Any, x: Any, mean: Any, inv_std: Any, gamma: Any,
@@ -206,4 +189,4 @@ def batch_norm_backward_dx(dy: Any, x: Any, mean: Any, inv_std: Any, gamma: Any,
     vectors = [_vector(cupy, v, c, x.dtype, name)
                for v, name in ((mean, "mean"), (inv_std, "inv_std"), (gamma, "gamma"),
                                (sum_dy, "sum_dy"), (sum_dy_xhat, "sum_dy_xhat"))]
-    return _backward_dx_kernel()(dy, x, *vectors, x.dtype.type(1.0 / m))
+    return elementwise.kernel("batch_norm_backward_dx")(dy, x, *vectors, x.dtype.type(1.0 / m))

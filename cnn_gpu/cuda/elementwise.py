@@ -16,13 +16,21 @@ from cnn_gpu.backend import require_cupy
 
 
 @functools.lru_cache(maxsize=None)
-def _kernel(name: str) -> Any:
+def kernel(name: str) -> Any:
+    """The ElementwiseKernel _KERNELS[name], built once (compiled by CuPy at its first call)."""
     cupy = require_cupy()
     params, body = _KERNELS[name]
     return cupy.ElementwiseKernel(*params, body, f"cnn_gpu_{name}")
 
 
 _KERNELS = {
+    # batch norm (cnn_gpu/cuda/batchnorm.py): mean .. beta are (C,) vectors broadcast over x (..., C)
+    "batch_norm_normalize": (("T x, T mean, T inv_std, T gamma, T beta", "T y"), """
+        y = (x - mean) * inv_std * gamma + beta;
+    """),
+    "batch_norm_backward_dx": (("T dy, T x, T mean, T inv_std, T gamma, T sum_dy, T sum_dy_xhat, T inv_m", "T dx"), """
+        dx = gamma * inv_std * (dy - inv_m * (sum_dy + (x - mean) * inv_std * sum_dy_xhat));
+    """),
     # p, v in place. d = g + wd * p; v = momentum * v + d; p -= lr * (nesterov ? d + momentum * v : v)
     "sgd_momentum": (("T g, T lr, T momentum, T wd, bool nesterov", "T p, T v"), """
         T d = g + wd * p;
@@ -102,21 +110,21 @@ def sgd_update(p: Any, g: Any, v: Any | None, lr: float, momentum: float, wd: fl
     """One SGD step on p (and its velocity v, when momentum > 0), in place."""
     t = p.dtype.type
     if v is None:
-        _kernel("sgd")(g, t(lr), t(wd), p)
+        kernel("sgd")(g, t(lr), t(wd), p)
     else:
-        _kernel("sgd_momentum")(g, t(lr), t(momentum), t(wd), np.bool_(nesterov), p, v)
+        kernel("sgd_momentum")(g, t(lr), t(momentum), t(wd), np.bool_(nesterov), p, v)
 
 
 def adam_update(p: Any, g: Any, m: Any, v: Any, step: float, beta1: float, beta2: float, eps: float,
                 wd: float, bc2: float) -> None:
     """One Adam step on p and its moments m, v, in place."""
     t = p.dtype.type
-    _kernel("adam")(g, t(step), t(beta1), t(beta2), t(eps), t(wd), t(bc2), p, m, v)
+    kernel("adam")(g, t(step), t(beta1), t(beta2), t(eps), t(wd), t(bc2), p, m, v)
 
 
 def relu_backward(dy: Any, y: Any) -> Any:
     """dx (like dy): dy where y > 0, else 0."""
-    return _kernel("relu_backward")(dy, y)
+    return kernel("relu_backward")(dy, y)
 
 
 def col2im(dcols: Any, x_shape: tuple[int, ...], kh: int, kw: int, sh: int, sw: int,
@@ -126,7 +134,7 @@ def col2im(dcols: Any, x_shape: tuple[int, ...], kh: int, kw: int, sh: int, sw: 
     n, h, w, c = x_shape
     dx = cupy.empty(x_shape, dtype=dcols.dtype)
     ints = (h, w, c, oh, ow, kh, kw, sh, sw, ph, pw)
-    _kernel("col2im")(cupy.ascontiguousarray(dcols), *(np.int32(v) for v in ints), dx)
+    kernel("col2im")(cupy.ascontiguousarray(dcols), *(np.int32(v) for v in ints), dx)
     return dx
 
 
@@ -138,7 +146,7 @@ def softmax_cross_entropy(logits: Any, labels: Any, label_smoothing: float = 0.0
     logits = cupy.ascontiguousarray(logits)
     dlogits = cupy.empty_like(logits)
     row_loss = cupy.empty(n, dtype=logits.dtype)
-    _kernel("softmax_cross_entropy")(logits, cupy.ascontiguousarray(labels), np.int32(k), t(1.0 - label_smoothing),
+    kernel("softmax_cross_entropy")(logits, cupy.ascontiguousarray(labels), np.int32(k), t(1.0 - label_smoothing),
                                      t(label_smoothing / k), t(1.0 / n), dlogits, row_loss)
     return row_loss.mean(), dlogits
 
@@ -149,6 +157,6 @@ def batch_norm_running_update(mean: Any, var: Any, running_mean: Any, running_va
     cupy = require_cupy()
     t = mean.dtype.type
     inv_std = cupy.empty_like(mean)
-    _kernel("batch_norm_running_update")(mean, var, t(1 - momentum), t(momentum), t(momentum_unbiased), t(eps),
+    kernel("batch_norm_running_update")(mean, var, t(1 - momentum), t(momentum), t(momentum_unbiased), t(eps),
                                          running_mean, running_var, inv_std)
     return inv_std
