@@ -260,11 +260,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     if val_data is not None:
         print(f"best validation epoch {best['epoch']} (val accuracy {best['val_accuracy']:.4f}): "
               f"test accuracy {best['test_accuracy']:.4f}")
-        if get_spec(s.dataset).name == "fashion-mnist":
-            _print_mirror_tta(out / "best.npz", val_data, (test_x, test_y), backend)
     else:
         print("no validation split (--val-size 0): the best checkpoint is the last epoch")
-    _write_run_plots(out, result, test_x, test_y, train_set.class_names, backend)
+    best_ckpt = load_checkpoint(out / "best.npz")
+    best_model, stats = _model_from(best_ckpt, backend)
+    if val_data is not None and get_spec(s.dataset).name == "fashion-mnist":
+        _print_mirror_tta(best_model, stats, val_data, (test_x, test_y), backend)
+    _write_run_plots(out, result, best_model, stats, best_ckpt.epoch, test_x, test_y, train_set.class_names,
+                     backend)
     return 0
 
 
@@ -281,10 +284,9 @@ def _training_splits(s: argparse.Namespace, args: argparse.Namespace) -> tuple[A
     return train_set, (images, labels), val_data, (test_x, test_y)
 
 
-def _print_mirror_tta(checkpoint: Path, val_data: Split, test_data: Split, backend: str) -> None:
+def _print_mirror_tta(model: Sequential, stats: NormStats, val_data: Split, test_data: Split, backend: str) -> None:
     """The best checkpoint's accuracy with mirror test-time augmentation, validation first: it is
     the split that says whether the augmentation helps (BENCHMARKS.md: it did, for both networks)."""
-    model, stats = _model_from(load_checkpoint(checkpoint), backend)
     val_acc = _evaluate_arrays(model, stats, *val_data, backend, hflip=True)[1]
     test_acc = _evaluate_arrays(model, stats, *test_data, backend, hflip=True)[1]
     print(f"with mirror test-time augmentation (evaluate --tta): val accuracy {val_acc:.4f}, "
@@ -358,21 +360,19 @@ def _schedule(optimizer: Optimizer, s: argparse.Namespace) -> Schedule | None:
     return None
 
 
-def _write_run_plots(out: Path, result: Any, test_x: np.ndarray, test_y: np.ndarray,
-                     class_names: Sequence[str], backend: str) -> None:
-    """learning_curves.png, and confusion_matrix.png of the best checkpoint on the test split."""
+def _write_run_plots(out: Path, result: Any, model: Sequential, stats: NormStats, epoch: int, test_x: np.ndarray,
+                     test_y: np.ndarray, class_names: Sequence[str], backend: str) -> None:
+    """learning_curves.png, and confusion_matrix.png of the best checkpoint (model, from `epoch`) on the test split."""
     from . import plots
 
     if not plots.matplotlib_available():
         print("note: matplotlib is not installed, so no plots were drawn (pip install cnn_gpu[plot])")
         return
     plots.plot_learning_curves(result.history, out / "learning_curves.png", best_epoch=result.best_epoch)
-    ckpt = load_checkpoint(out / "best.npz")
-    model, stats = _model_from(ckpt, backend)
     _, acc, predictions = _evaluate_arrays(model, stats, test_x, test_y, backend)
     matrix = confusion_matrix(test_y, predictions, len(class_names))
     plots.plot_confusion_matrix(matrix, class_names, out / "confusion_matrix.png",
-                                title=f"test split, epoch {ckpt.epoch} (accuracy {acc:.4f})")
+                                title=f"test split, epoch {epoch} (accuracy {acc:.4f})")
     print(f"plots: {out / 'learning_curves.png'}, {out / 'confusion_matrix.png'}")
 
 

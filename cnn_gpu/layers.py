@@ -76,6 +76,12 @@ class Layer:
                 self.params[name].grad = grad
         self._cache = None
 
+    def _folded(self, scale: Any, shift: Any) -> tuple[Any, Any]:
+        """weight * scale and bias * scale + shift (shift alone without a bias), scale and shift
+        per output channel: the parameters of this layer followed by y * scale + shift."""
+        bias = self.params.get("bias")
+        return self.params["weight"].data * scale, shift if bias is None else bias.data * scale + shift
+
     def _check_channels(self, x: Any, expected: int, what: str = "channels") -> None:
         if x.shape[-1] != expected:
             raise ValueError(f"{self!r}: expected input with {expected} {what} in the last axis, "
@@ -122,9 +128,7 @@ class Conv2D(Layer):
         convolution and no pass of its own (an eval-mode batch norm after this layer)."""
         F._util.check_rank(x, 4, repr(self), "(N, H, W, C)")
         self._check_channels(x, self.in_channels)
-        bias = self.params.get("bias")
-        y, _ = F.conv2d_forward(x, self.params["weight"].data * scale,
-                                shift if bias is None else bias.data * scale + shift, self.stride, self.padding)
+        y, _ = F.conv2d_forward(x, *self._folded(scale, shift), self.stride, self.padding)
         return y
 
     def output_shape(self, input_shape):
@@ -170,9 +174,7 @@ class Dense(Layer):
         """forward(x) * scale + shift per output feature (see Conv2D.infer_folded)."""
         F._util.check_rank(x, 2, repr(self), "(N, features)")
         self._check_channels(x, self.in_features, "features")
-        bias = self.params.get("bias")
-        y, _ = F.linear_forward(x, self.params["weight"].data * scale,
-                                shift if bias is None else bias.data * scale + shift)
+        y, _ = F.linear_forward(x, *self._folded(scale, shift))
         return y
 
     def output_shape(self, input_shape):
