@@ -219,3 +219,22 @@ def test_evaluate_with_hflip_averages_the_two_views(rng):
     np.testing.assert_array_equal(predicted, mean.argmax(axis=1))
     assert acc == pytest.approx((mean.argmax(axis=1) == y).mean())
     assert loss == pytest.approx(-np.log(mean[np.arange(12), y]).mean(), rel=1e-10)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not cupy_available(), reason=f"needs CuPy and a CUDA device: {cupy_unavailable_reason()}")
+@pytest.mark.parametrize("batch_norm", [False, True])
+def test_evaluate_with_hflip_on_the_gpu_matches_the_cpu(rng, batch_norm):
+    """evaluate(hflip=True) on CuPy gives the CPU's predictions and loss (float32 rounding)."""
+    cpu_model = seed_cnn(seed=4, batch_norm=batch_norm)
+    gpu_model = seed_cnn(seed=4, batch_norm=batch_norm).to("gpu")
+    x = rng.standard_normal((40, 28, 28, 1)).astype(np.float32)
+    y = rng.integers(0, 10, 40)
+    cpu_loss, cpu_acc, cpu_predicted = evaluate(cpu_model, x, y, batch_size=16, hflip=True)
+    import cupy
+    gpu_loss, gpu_acc, gpu_predicted = evaluate(gpu_model, cupy.asarray(x), cupy.asarray(y), batch_size=16,
+                                                hflip=True)
+    assert isinstance(gpu_predicted, np.ndarray)
+    assert (gpu_predicted != cpu_predicted).sum() <= 1  # a near-tie may flip under float32
+    assert gpu_acc == pytest.approx(cpu_acc, abs=1 / 40)
+    assert gpu_loss == pytest.approx(cpu_loss, rel=1e-4)
