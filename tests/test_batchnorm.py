@@ -7,6 +7,8 @@ from cnn_gpu.functional import batch_norm_backward, batch_norm_forward
 from .helpers import assert_close, numerical_gradients, random
 from .references import batch_norm_loops
 
+pytestmark = pytest.mark.usefixtures("cpu_kernels")  # compiled CPU kernels on, then off
+
 SHAPES = [(4, 3), (1, 5, 3, 2), (3, 4, 5, 3), (7, 1)]
 
 

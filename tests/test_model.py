@@ -201,6 +201,7 @@ def test_eval_shortcuts_give_the_layers_outputs(batch_norm):
     assert all(layer._cache is None for layer in model.layers)  # eval keeps no activations
 
 
+@pytest.mark.usefixtures("cpu_kernels")
 @pytest.mark.parametrize("pool, stride, padding", [(2, None, 0), (3, 2, 1), (2, 1, 0)])
 def test_max_pool_for_evaluation_equals_the_forward(xp, rng, pool, stride, padding):
     x = random(xp, rng, (5, 9, 8, 3))

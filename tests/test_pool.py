@@ -7,6 +7,8 @@ from cnn_gpu.functional import avg_pool2d_backward, avg_pool2d_forward, max_pool
 from .helpers import assert_close, numerical_gradients, random
 from .references import max_pool_argmax_loops, pool_loops
 
+pytestmark = pytest.mark.usefixtures("cpu_kernels")  # compiled CPU kernels on, then off
+
 # (N, H, W, C, pool, stride, padding): overlapping windows, odd sizes, batch 1, padding.
 CASES = [
     (2, 4, 4, 3, 2, None, 0),

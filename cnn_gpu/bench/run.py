@@ -47,6 +47,15 @@ CPU_BATCHES, GPU_BATCHES = (64, 256), (64, 256, 1024)
 
 # -- machine facts ------------------------------------------------------------------------------
 
+def _cpu_kernels() -> str:
+    """Whether max pooling and batch norm ran compiled (Numba) or as NumPy code, and why."""
+    from .. import cpu
+    if cpu.enabled():
+        import numba
+        return f"on (Numba {numba.__version__}; {cpu.ENV_VAR}=0 switches them off)"
+    return f"off ({cpu.unavailable_reason() or cpu.ENV_VAR + '=0'})"
+
+
 def blas_threads() -> tuple[int, str, dict | None]:
     """(NumPy's BLAS thread count, where that number came from, the BLAS library's info)."""
     try:
@@ -249,6 +258,7 @@ def main(argv: list[str] | None = None) -> int:
         "env": {k: os.environ[k] for k in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE", "OPENBLAS_NUM_THREADS",
                                            "OMP_NUM_THREADS") if k in os.environ},
         "torch": torch.__version__ if torch is not None else torch_reason,
+        "cpu_kernels": _cpu_kernels(),
     }
     if gpu:
         props = xp.cuda.runtime.getDeviceProperties(xp.cuda.Device().id)
@@ -257,6 +267,8 @@ def main(argv: list[str] | None = None) -> int:
           f" BLAS {machine['blas'] or '?'}; {threads} threads ({thread_source})"
           + (f"; GPU {machine['gpu']}" if gpu else ""))
     print(f"# torch: {machine['torch']}")
+    if not gpu:
+        print(f"# compiled CPU kernels (cnn_gpu.cpu): {machine['cpu_kernels']}")
     print(f"# GEMM ceiling ({'cuBLAS' if gpu else 'NumPy BLAS'}, float32 {gemm_n}^3): {ceiling:.1f} GFLOP/s")
     for net in args.nets:
         print(f"# {net}: {flops[net]['forward'] / 1e6:.3f} MFLOP/image forward, "

@@ -14,7 +14,8 @@ The variance is a shifted two-pass sum: a first estimate of the mean, then the s
 d = x - estimate and of d^2, so that they carry the spread, not the offset. An error e in
 the estimate only adds e^2 to mean(d^2), and is taken off exactly, so it stays accurate
 when |mean| >> std (a one-pass E[x^2] - E[x]^2 loses every digit there). On CuPy the per-channel
-reductions are the kernels in kernels/batchnorm.cu.
+reductions are the kernels in kernels/batchnorm.cu; on NumPy, when Numba is installed, each
+step is one compiled pass (cnn_gpu/cpu/batchnorm.py) and the code below is their reference.
 """
 from __future__ import annotations
 
@@ -27,6 +28,20 @@ from ._util import check_float, column_sum
 
 
 BLOCK_BYTES = 1 << 18  # rows per block on the CPU: 256 KiB, so a block and its temporaries stay in L2
+
+
+def _kernels(*arrays: Any) -> Any:
+    """The module that runs batch norm's four steps on these arrays: cnn_gpu.cuda.batchnorm for
+    CuPy arrays, cnn_gpu.cpu.batchnorm for NumPy ones when its compiled kernels run; else None,
+    and the NumPy code below runs. The two modules take the same calls."""
+    if is_cupy_array(arrays[0]):
+        from ..cuda import batchnorm
+        return batchnorm
+    from .. import cpu
+    if cpu.runs_on(*arrays):
+        from ..cpu import batchnorm
+        return batchnorm
+    return None
 
 
 def _row_blocks(a2d: Any, *vectors: Any) -> tuple[list[slice], list[Any]]:
@@ -50,9 +65,9 @@ def _channel_stats(x2d: Any) -> tuple[Any, Any, Any, Any]:
     The backward reads the centred input as xs - ref: x2d itself and the mean, on both
     backends (on CuPy the kernels in kernels/batchnorm.cu give mean and var).
     """
-    if is_cupy_array(x2d):
-        from ..cuda import batchnorm
-        mean, var = batchnorm.channel_mean_var(x2d)
+    kernels = _kernels(x2d)
+    if kernels is not None:
+        mean, var = kernels.channel_mean_var(x2d)
         return x2d, mean, mean, var
     m = x2d.shape[0]
     # Shift by a first estimate of the mean before the sums: they then see values of the size
@@ -73,9 +88,9 @@ def _channel_stats(x2d: Any) -> tuple[Any, Any, Any, Any]:
 
 def _channel_grad_sums(dy2d: Any, xs: Any, ref: Any, inv_std: Any) -> tuple[Any, Any]:
     """sum(dy) (C,) and sum(dy * x_hat) (C,) over the M rows, x_hat = (xs - ref) * inv_std."""
-    if is_cupy_array(dy2d):
-        from ..cuda import batchnorm
-        return batchnorm.channel_grad_sums(dy2d, xs, ref, inv_std)
+    kernels = _kernels(dy2d, xs, ref, inv_std)
+    if kernels is not None:
+        return kernels.channel_grad_sums(dy2d, xs, ref, inv_std)
     sum_dy, sum_dy_xc = np.zeros_like(ref), np.zeros_like(ref)
     blocks, (ref_t,) = _row_blocks(xs, ref)
     xc = np.empty_like(ref_t)  # one block of xs - ref at a time, in cache
@@ -131,9 +146,9 @@ def batch_norm_forward(x: Any, gamma: Any, beta: Any, running_mean: Any = None,
 
 def _normalize(xs: Any, ref: Any, inv_std: Any, gamma: Any, beta: Any) -> Any:
     """y = (xs - ref) * inv_std * gamma + beta for xs (M, C) and (C,) vectors; xs - ref = x - mean."""
-    if is_cupy_array(xs):
-        from ..cuda import batchnorm
-        return batchnorm.batch_norm_normalize(xs, ref, inv_std, gamma, beta)  # one fused pass
+    kernels = _kernels(xs, ref, inv_std, gamma, beta)
+    if kernels is not None:
+        return kernels.batch_norm_normalize(xs, ref, inv_std, gamma, beta)  # one fused pass
     # Centring first: x * scale - mean * scale would cancel away the digits of a large mean.
     # Three in-place steps per block of rows: the block stays in cache between them.
     y = np.empty_like(xs)
@@ -148,9 +163,9 @@ def _normalize(xs: Any, ref: Any, inv_std: Any, gamma: Any, beta: Any) -> Any:
 
 def _train_dx(dy2d: Any, xs: Any, ref: Any, inv_std: Any, gamma: Any, dbeta: Any, dgamma: Any) -> Any:
     """dx = gamma * inv_std * (dy - (sum(dy) + x_hat * sum(dy * x_hat)) / M), all (M, C)."""
-    if is_cupy_array(dy2d):
-        from ..cuda import batchnorm
-        return batchnorm.batch_norm_backward_dx(dy2d, xs, ref, inv_std, gamma, dbeta, dgamma)
+    kernels = _kernels(dy2d, xs, ref, inv_std, gamma, dbeta, dgamma)
+    if kernels is not None:
+        return kernels.batch_norm_backward_dx(dy2d, xs, ref, inv_std, gamma, dbeta, dgamma)
     # Written per element as dy * k + (x - mean) * a + b with per-channel k, a, b.
     m = xs.shape[0]
     k = gamma * inv_std

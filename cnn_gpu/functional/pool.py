@@ -4,8 +4,10 @@
 
 Both CPU versions walk the KH*KW window offsets and do one vectorized pass over the
 output per offset (no Python loop over the batch or pixels). Non-overlapping max pooling
-(stride == pool, no padding: the usual 2x2/2) has a faster CPU path on a reshaped view. On CuPy, max pooling runs
-the hand-written kernels in kernels/maxpool2d.cu; average pooling is array code on both.
+(stride == pool, no padding: the usual 2x2/2) has a faster CPU path on a reshaped view, and,
+when Numba is installed, compiled kernels (cnn_gpu/cpu/maxpool.py) of which that path is the
+reference. On CuPy, max pooling runs the hand-written kernels in kernels/maxpool2d.cu; average
+pooling is array code on both.
 
 Tie rule for max pooling: the gradient goes to the FIRST maximum of the window in
 row-major (kh, kw) order -- the element numpy.argmax picks from the flattened window.
@@ -20,6 +22,12 @@ from ._util import check_float, check_rank, output_size, pair
 from .conv import _offset_slice, pad_hw
 
 POOL_CHUNK_BYTES = 1 << 20  # input per chunk of images: 1 MiB measured best (256 KiB and 4 MiB tried)
+
+
+def _compiled(x: Any, kh: int, kw: int, sh: int, sw: int, ph: int, pw: int) -> bool:
+    """Whether cnn_gpu.cpu.maxpool takes this pooling: NumPy x, non-overlapping windows, no padding."""
+    from .. import cpu
+    return (sh, sw) == (kh, kw) and ph == pw == 0 and cpu.runs_on(x)
 
 
 def _pool_geometry(x: Any, pool_size, stride, padding, op: str):
@@ -47,6 +55,9 @@ def max_pool2d(x: Any, pool_size: int | tuple[int, int] = 2, stride: int | tuple
     (kh, kw), (sh, sw), (ph, pw), oh, ow = _pool_geometry(x, pool_size, stride, padding, "max_pool2d")
     if is_cupy_array(x):
         return max_pool2d_forward(x, (kh, kw), (sh, sw), (ph, pw))[0]
+    if _compiled(x, kh, kw, sh, sw, ph, pw):
+        from ..cpu import maxpool
+        return maxpool.max_pool2d(x, kh, kw)
     xp = get_array_module(x)
     xpad = pad_hw(x, ph, pw, value=-xp.inf)
     y = xp.empty((x.shape[0], oh, ow, x.shape[3]), dtype=x.dtype)
@@ -72,6 +83,9 @@ def max_pool2d_forward(x: Any, pool_size: int | tuple[int, int] = 2,
     if is_cupy_array(x):
         from ..cuda import maxpool
         y, argmax = maxpool.max_pool2d_forward(x, (kh, kw), (sh, sw), (ph, pw))
+    elif _compiled(x, kh, kw, sh, sw, ph, pw):
+        from ..cpu import maxpool
+        y, argmax = maxpool.max_pool2d_forward(x, kh, kw)
     else:
         y, argmax = _max_pool_numpy(x, kh, kw, sh, sw, ph, pw, oh, ow)
     return y, (argmax, x.shape, (kh, kw), (sh, sw), (ph, pw))
@@ -146,6 +160,9 @@ def max_pool2d_backward(dy: Any, cache: tuple) -> Any:
     if is_cupy_array(dy):
         from ..cuda import maxpool
         return maxpool.max_pool2d_backward(dy, argmax, x_shape, (kh, kw), (sh, sw), (ph, pw))
+    if _compiled(dy, kh, kw, sh, sw, ph, pw):
+        from ..cpu import maxpool
+        return maxpool.max_pool2d_backward(dy, argmax, x_shape, kh, kw)
     xp = get_array_module(dy)
     n, h, w, c = x_shape
     oh, ow = dy.shape[1], dy.shape[2]

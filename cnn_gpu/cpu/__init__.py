@@ -1,0 +1,63 @@
+"""Compiled CPU kernels (Numba) for the passes NumPy cannot fuse: the CPU's counterpart of cnn_gpu.cuda.
+
+NumPy runs one operation per pass over memory: a 2x2 max pool with its argmax takes eleven
+passes over its input, a batch norm's backward six. A loop compiled by Numba does the same work
+in one pass per result, which on the seed network's first pool and batch norm is 2-5x faster
+(BENCHMARKS.md, "Compiled CPU kernels"). The NumPy code stays the reference: tests compare
+every kernel with it, and it runs wherever Numba is missing or switched off.
+
+- `cnn_gpu.cpu.maxpool`: `max_pool2d_forward`, `max_pool2d`, `max_pool2d_backward`
+  (non-overlapping windows: stride == pool size, no padding)
+- `cnn_gpu.cpu.batchnorm`: `channel_mean_var`, `channel_grad_sums`,
+  `batch_norm_normalize`, `batch_norm_backward_dx` (the four calls of cnn_gpu.cuda.batchnorm)
+
+Numba is optional (`pip install cnn_gpu[fast]`). Set CNN_GPU_JIT=0 to run the NumPy code
+instead, or call `set_enabled(False)`. The kernels are serial, like NumPy's elementwise loops,
+and compiled on first use per dtype; Numba caches the machine code on disk.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import numpy as np
+
+ENV_VAR = "CNN_GPU_JIT"
+DTYPES = (np.float32, np.float64)
+
+_reason: str | None = None  # why the kernels cannot run, once we have looked
+_probed = False
+_enabled = os.environ.get(ENV_VAR, "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def unavailable_reason() -> str | None:
+    """None when Numba imports; else why the compiled kernels cannot run (probed once)."""
+    global _probed, _reason
+    if not _probed:
+        _probed = True
+        try:
+            import numba  # noqa: F401, PLC0415 - imported here only to probe
+        except ImportError as exc:
+            _reason = f"Numba is not installed ({exc}); install it with `pip install cnn_gpu[fast]`"
+    return _reason
+
+
+def set_enabled(enabled: bool) -> bool:
+    """Switch the compiled kernels on or off for this process; returns the previous setting."""
+    global _enabled
+    previous, _enabled = _enabled, bool(enabled)
+    return previous
+
+
+def enabled() -> bool:
+    """Whether NumPy arrays go through the compiled kernels: switched on and Numba present."""
+    return _enabled and unavailable_reason() is None
+
+
+def runs_on(*arrays: Any) -> bool:
+    """Whether the compiled kernels take these arrays: all NumPy, float32 or float64, one dtype."""
+    if not enabled():
+        return False
+    dtype = arrays[0].dtype if isinstance(arrays[0], np.ndarray) else None
+    return (dtype in DTYPES
+            and all(isinstance(a, np.ndarray) and a.dtype == dtype for a in arrays))

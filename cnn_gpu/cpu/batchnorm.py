@@ -1,0 +1,99 @@
+"""Batch normalization on the CPU, compiled by Numba: the four calls of cnn_gpu.cuda.batchnorm.
+
+x and dy are viewed as (M, C): M = N*H*W rows of C contiguous channels.
+
+    mean, var = channel_mean_var(x2d)                       # forward statistics (biased var)
+    y = batch_norm_normalize(x2d, mean, inv_std, gamma, beta)
+    sum_dy, sum_dy_xhat = channel_grad_sums(dy2d, x2d, mean, inv_std)
+    dx = batch_norm_backward_dx(dy2d, x2d, mean, inv_std, gamma, sum_dy, sum_dy_xhat)
+
+Each is one pass over its (M, C) operands with the channels innermost (SIMD over C). The sums
+are float64 whatever the input's dtype, and the variance is two-pass (the mean first, then the
+squares of x - mean), so it keeps its digits when |mean| is far larger than the std.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import numba
+import numpy as np
+
+_jit = numba.njit(cache=True, nogil=True, boundscheck=False)
+
+
+@_jit
+def _mean_var(x2d):  # pragma: no cover - compiled; tested against NumPy
+    m, c = x2d.shape
+    total = np.zeros(c, np.float64)
+    for r in range(m):
+        for ch in range(c):
+            total[ch] += x2d[r, ch]
+    mean = total / m
+    squares = np.zeros(c, np.float64)
+    for r in range(m):
+        for ch in range(c):
+            d = x2d[r, ch] - mean[ch]
+            squares[ch] += d * d
+    return mean, squares / m
+
+
+@_jit
+def _grad_sums(dy2d, x2d, mean):  # pragma: no cover - compiled; tested against NumPy
+    m, c = x2d.shape
+    sum_dy = np.zeros(c, np.float64)
+    sum_dy_xc = np.zeros(c, np.float64)
+    for r in range(m):
+        for ch in range(c):
+            g = dy2d[r, ch]
+            sum_dy[ch] += g
+            sum_dy_xc[ch] += g * (x2d[r, ch] - mean[ch])
+    return sum_dy, sum_dy_xc
+
+
+@_jit
+def _affine(x2d, mean, scale, shift, y):  # pragma: no cover - compiled; tested against NumPy
+    m, c = x2d.shape
+    for r in range(m):
+        for ch in range(c):
+            y[r, ch] = (x2d[r, ch] - mean[ch]) * scale[ch] + shift[ch]
+
+
+@_jit
+def _train_dx(dy2d, x2d, mean, k, a, b, dx):  # pragma: no cover - compiled; tested against NumPy
+    m, c = x2d.shape
+    for r in range(m):
+        for ch in range(c):
+            dx[r, ch] = dy2d[r, ch] * k[ch] + (x2d[r, ch] - mean[ch]) * a[ch] + b[ch]
+
+
+def channel_mean_var(x2d: Any) -> tuple[Any, Any]:
+    """x2d (M, C) -> mean (C,), biased variance (C,), in x2d's dtype."""
+    mean, var = _mean_var(np.ascontiguousarray(x2d))
+    return mean.astype(x2d.dtype), var.astype(x2d.dtype)
+
+
+def channel_grad_sums(dy2d: Any, x2d: Any, mean: Any, inv_std: Any) -> tuple[Any, Any]:
+    """sum(dy) (C,) and sum(dy * x_hat) (C,) over the M rows, x_hat = (x - mean) * inv_std."""
+    sum_dy, sum_dy_xc = _grad_sums(np.ascontiguousarray(dy2d), np.ascontiguousarray(x2d), mean)
+    return sum_dy.astype(x2d.dtype), (sum_dy_xc * inv_std).astype(x2d.dtype)
+
+
+def batch_norm_normalize(x2d: Any, mean: Any, inv_std: Any, gamma: Any, beta: Any) -> Any:
+    """y = (x - mean) * inv_std * gamma + beta: (M, C) -> (M, C). Centring first: x * scale -
+    mean * scale would cancel away the digits of a large mean."""
+    y = np.empty(x2d.shape, dtype=x2d.dtype)
+    _affine(np.ascontiguousarray(x2d), mean, gamma * inv_std, beta, y)
+    return y
+
+
+def batch_norm_backward_dx(dy2d: Any, x2d: Any, mean: Any, inv_std: Any, gamma: Any,
+                           sum_dy: Any, sum_dy_xhat: Any) -> Any:
+    """dx = gamma * inv_std * (dy - (sum_dy + x_hat * sum_dy_xhat) / M), all (M, C),
+    written per element as dy * k + (x - mean) * a + b with per-channel k, a, b."""
+    m = x2d.shape[0]
+    k = gamma * inv_std
+    a = -k * inv_std * sum_dy_xhat / m
+    b = -k * sum_dy / m
+    dx = np.empty(x2d.shape, dtype=x2d.dtype)
+    _train_dx(np.ascontiguousarray(dy2d), np.ascontiguousarray(x2d), mean, k, a, b, dx)
+    return dx

@@ -1,0 +1,98 @@
+"""Max pooling over non-overlapping windows (stride == pool size, no padding), compiled by Numba.
+
+    x (N, H, W, C) -> y (N, OH, OW, C), OH = H // KH, OW = W // KW
+
+The same results as the NumPy code in cnn_gpu.functional.pool, bit for bit: the gradient
+goes to the FIRST maximum of a window in row-major (kh, kw) order, and a NaN counts as a
+maximum. Each kernel walks the windows once; for each window it runs over the KH*KW offsets
+with the C channels innermost, so the compare-and-select compiles to SIMD over channels
+and the window's running maximum stays in registers or L1.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import numba
+import numpy as np
+
+from ..functional.pool import window_index_dtype
+
+_jit = numba.njit(cache=True, nogil=True, boundscheck=False)
+
+
+@_jit
+def _forward(x, kh, kw, y, argmax):  # pragma: no cover - compiled; tested against NumPy
+    n, oh, ow, c = y.shape
+    for b in range(n):
+        for i in range(oh):
+            for j in range(ow):
+                for ch in range(c):
+                    y[b, i, j, ch] = x[b, i * kh, j * kw, ch]
+                    argmax[b, i, j, ch] = 0
+                for k in range(1, kh * kw):
+                    r, s = i * kh + k // kw, j * kw + k % kw
+                    for ch in range(c):
+                        v, best = x[b, r, s, ch], y[b, i, j, ch]
+                        # Strictly greater keeps the first maximum; a NaN beats all but an earlier
+                        # NaN. Selects, not branches: they compile to SIMD over the channels.
+                        better = (v > best) | ((v != v) & (best == best))
+                        y[b, i, j, ch] = v if better else best
+                        argmax[b, i, j, ch] = k if better else argmax[b, i, j, ch]
+
+
+@_jit
+def _forward_no_argmax(x, kh, kw, y):  # pragma: no cover - compiled; tested against NumPy
+    n, oh, ow, c = y.shape
+    for b in range(n):
+        for i in range(oh):
+            for j in range(ow):
+                for ch in range(c):
+                    y[b, i, j, ch] = x[b, i * kh, j * kw, ch]
+                for k in range(1, kh * kw):
+                    r, s = i * kh + k // kw, j * kw + k % kw
+                    for ch in range(c):
+                        v, best = x[b, r, s, ch], y[b, i, j, ch]
+                        better = (v > best) | ((v != v) & (best == best))
+                        y[b, i, j, ch] = v if better else best
+
+
+@_jit
+def _backward(dy, argmax, kh, kw, dx):  # pragma: no cover - compiled; tested against NumPy
+    n, oh, ow, c = dy.shape
+    zero = dx.dtype.type(0)
+    for b in range(n):
+        for i in range(oh):
+            for j in range(ow):
+                for k in range(kh * kw):
+                    r, s = i * kh + k // kw, j * kw + k % kw
+                    for ch in range(c):
+                        dx[b, r, s, ch] = dy[b, i, j, ch] if argmax[b, i, j, ch] == k else zero
+
+
+def max_pool2d_forward(x: Any, kh: int, kw: int) -> tuple[Any, Any]:
+    """x (N, H, W, C) -> y (N, H // KH, W // KW, C), argmax (same shape; uint8 for windows up to 256)."""
+    x = np.ascontiguousarray(x)
+    n, h, w, c = x.shape
+    y = np.empty((n, h // kh, w // kw, c), dtype=x.dtype)
+    argmax = np.empty(y.shape, dtype=window_index_dtype(kh, kw))
+    _forward(x, kh, kw, y, argmax)
+    return y, argmax
+
+
+def max_pool2d(x: Any, kh: int, kw: int) -> Any:
+    """x (N, H, W, C) -> y (N, H // KH, W // KW, C), with no argmax (evaluation)."""
+    x = np.ascontiguousarray(x)
+    n, h, w, c = x.shape
+    y = np.empty((n, h // kh, w // kw, c), dtype=x.dtype)
+    _forward_no_argmax(x, kh, kw, y)
+    return y
+
+
+def max_pool2d_backward(dy: Any, argmax: Any, x_shape: tuple[int, ...], kh: int, kw: int) -> Any:
+    """dy (N, OH, OW, C) -> dx (N, H, W, C): each gradient to its window's argmax, zeros elsewhere."""
+    dx = np.empty(x_shape, dtype=dy.dtype)
+    oh, ow = dy.shape[1], dy.shape[2]
+    dx[:, oh * kh:] = 0  # rows and columns no window covers
+    dx[:, :, ow * kw:] = 0
+    _backward(np.ascontiguousarray(dy), argmax, kh, kw, dx)
+    return dx

@@ -1,0 +1,162 @@
+"""The compiled CPU kernels (cnn_gpu.cpu, Numba) against the NumPy code they replace.
+
+Max pooling must agree bit for bit (values, argmax, gradients; ties and NaNs included). Batch
+norm sums in another order (float64 sums in one pass where NumPy sums float32 blocks), so it
+agrees to float32 rounding, and is checked against float64 on inputs whose mean dwarfs their spread.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from cnn_gpu import cpu
+from cnn_gpu.functional import (batch_norm_backward, batch_norm_forward, max_pool2d, max_pool2d_backward,
+                                max_pool2d_forward)
+
+from .conftest import requires_jit
+
+
+def _numpy_code(function, *args, **kwargs):
+    """function(*args) with the compiled kernels switched off: the NumPy reference."""
+    previous = cpu.set_enabled(False)
+    try:
+        return function(*args, **kwargs)
+    finally:
+        cpu.set_enabled(previous)
+
+
+@pytest.fixture
+def jit():
+    previous = cpu.set_enabled(True)
+    yield
+    cpu.set_enabled(previous)
+
+
+# (N, H, W, C, pool): the seed network's two pools, odd sizes (a row and column no window
+# covers), wide and one-channel inputs, non-square windows, and a window over 256 (int32 argmax).
+POOL_CASES = [(4, 26, 26, 32, 2), (3, 11, 11, 64, 2), (2, 7, 9, 3, 2), (2, 9, 9, 5, 3), (3, 6, 9, 1, (2, 3)),
+              (1, 17, 17, 2, 17)]
+
+
+@requires_jit
+@pytest.mark.usefixtures("jit")
+@pytest.mark.parametrize("case", POOL_CASES)
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("values", ["continuous", "ties", "nan"])
+def test_max_pool_kernels_equal_the_numpy_code(rng, case, dtype, values):
+    n, h, w, c, pool = case
+    if values == "continuous":
+        x = rng.standard_normal((n, h, w, c)).astype(dtype)
+    else:
+        x = rng.integers(0, 3, (n, h, w, c)).astype(dtype)  # many equal values in a window
+        if values == "nan":
+            x[rng.random(x.shape) < 0.05] = np.nan
+    y, cache = max_pool2d_forward(x, pool)
+    ref_y, ref_cache = _numpy_code(max_pool2d_forward, x, pool)
+    np.testing.assert_array_equal(y, ref_y)
+    np.testing.assert_array_equal(cache[0], ref_cache[0])
+    assert cache[0].dtype == ref_cache[0].dtype
+    np.testing.assert_array_equal(max_pool2d(x, pool), ref_y)
+    dy = rng.standard_normal(y.shape).astype(dtype)
+    np.testing.assert_array_equal(max_pool2d_backward(dy, cache), _numpy_code(max_pool2d_backward, dy, ref_cache))
+
+
+@requires_jit
+@pytest.mark.usefixtures("jit")
+def test_max_pool_kernels_take_non_contiguous_inputs(rng):
+    x = rng.standard_normal((4, 8, 8, 6)).astype("float32")[:, :, ::-1, 1:5]
+    y, cache = max_pool2d_forward(x, 2)
+    np.testing.assert_array_equal(y, _numpy_code(max_pool2d_forward, x, 2)[0])
+    dy = rng.standard_normal(y.shape).astype("float32")[..., ::-1]
+    np.testing.assert_array_equal(max_pool2d_backward(dy, cache), _numpy_code(max_pool2d_backward, dy, cache))
+
+
+# (shape, offset): the seed network's three batch norms, and inputs far from zero.
+BN_CASES = [((8, 26, 26, 32), 0.0), ((16, 11, 11, 64), 0.0), ((64, 128), 0.0), ((5, 7, 3), 1e3), ((4, 6, 6, 2), 1e4)]
+
+
+@requires_jit
+@pytest.mark.usefixtures("jit")
+@pytest.mark.parametrize("shape, offset", BN_CASES)
+@pytest.mark.parametrize("training", [True, False])
+def test_batch_norm_kernels_match_the_numpy_code(rng, shape, offset, training):
+    c = shape[-1]
+    x = (rng.standard_normal(shape) * 2 + offset).astype("float32")
+    gamma = rng.uniform(0.5, 1.5, c).astype("float32")
+    beta = rng.standard_normal(c).astype("float32")
+    running = (np.full(c, offset, "float32"), rng.uniform(2.0, 6.0, c).astype("float32"))
+    ref_running = tuple(v.copy() for v in running)  # each forward updates its own in place
+    y, cache = batch_norm_forward(x, gamma, beta, *running, training=training)
+    ref_y, ref_cache = _numpy_code(batch_norm_forward, x, gamma, beta, *ref_running, training=training)
+    np.testing.assert_allclose(y, ref_y, rtol=1e-4, atol=1e-4)
+    for value, ref in zip(running, ref_running):
+        np.testing.assert_allclose(value, ref, rtol=1e-5, atol=1e-5)
+    dy = rng.standard_normal(shape).astype("float32")
+    for got, ref in zip(batch_norm_backward(dy, cache), _numpy_code(batch_norm_backward, dy, ref_cache)):
+        np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
+
+
+@requires_jit
+@pytest.mark.usefixtures("jit")
+@pytest.mark.parametrize("offset", [0.0, 1e4])
+def test_batch_norm_kernels_statistics_match_float64(rng, offset):
+    """float32 in, float64 sums: the mean and variance to float32 rounding of the exact ones."""
+    x = (rng.standard_normal((64 * 26 * 26, 32)) * 0.5 + offset).astype("float32")
+    from cnn_gpu.cpu import batchnorm
+    mean, var = batchnorm.channel_mean_var(x)
+    exact = x.astype(np.float64)
+    assert mean.dtype == var.dtype == np.float32
+    np.testing.assert_allclose(mean, exact.mean(axis=0), rtol=1e-6)
+    np.testing.assert_allclose(var, exact.var(axis=0), rtol=1e-5)
+
+
+@requires_jit
+@pytest.mark.usefixtures("jit")
+def test_batch_norm_gradients_through_the_kernels_match_finite_differences(rng):
+    """float64 all the way: the kernels' backward is the derivative of their forward."""
+    from .helpers import numerical_gradients
+    x = rng.standard_normal((3, 4, 5, 2)) * 2 + 1
+    gamma, beta, dy = rng.standard_normal(2), rng.standard_normal(2), rng.standard_normal((3, 4, 5, 2))
+    _, cache = batch_norm_forward(x, gamma, beta, training=True)
+    dx, dgamma, dbeta = batch_norm_backward(dy, cache)
+    num_x, num_gamma, num_beta = numerical_gradients(
+        lambda a, g, b: batch_norm_forward(a, g, b, training=True)[0], [x, gamma, beta], dy)
+    np.testing.assert_allclose(dx, num_x, rtol=1e-6, atol=1e-8)
+    np.testing.assert_allclose(dgamma, num_gamma, rtol=1e-6, atol=1e-8)
+    np.testing.assert_allclose(dbeta, num_beta, rtol=1e-6, atol=1e-8)
+
+
+@requires_jit
+def test_the_kernels_run_only_where_they_apply(rng, monkeypatch):
+    """Switched on: float32/float64 NumPy arrays of one dtype go through them; other dtypes,
+    mixed dtypes and overlapping pools take the NumPy code. Switched off: nothing does."""
+    from cnn_gpu.cpu import maxpool
+    calls = []
+    real = maxpool.max_pool2d_forward
+    monkeypatch.setattr(maxpool, "max_pool2d_forward", lambda *a: calls.append(a[1:]) or real(*a))
+    x = rng.standard_normal((2, 6, 6, 3)).astype("float32")
+    previous = cpu.set_enabled(True)
+    try:
+        assert cpu.runs_on(x, x.astype("float32")) and not cpu.runs_on(x, x.astype("float64"))
+        assert not cpu.runs_on(x.astype("float16")) and not cpu.runs_on(x.tolist())
+        max_pool2d_forward(x, 2)
+        max_pool2d_forward(x, 3, 2, 1)  # overlapping, padded: NumPy code
+        assert calls == [(2, 2)]
+        cpu.set_enabled(False)
+        max_pool2d_forward(x, 2)
+        assert calls == [(2, 2)] and not cpu.runs_on(x)
+    finally:
+        cpu.set_enabled(previous)
+
+
+@pytest.mark.parametrize("value", ["0", "off"])
+def test_the_environment_switches_the_kernels_off(value):
+    """CNN_GPU_JIT=0 in a fresh process: enabled() is False, whether or not Numba is installed."""
+    code = "from cnn_gpu import cpu; print(cpu.enabled())"
+    env = {**os.environ, cpu.ENV_VAR: value}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
