@@ -7,6 +7,8 @@ from cnn_gpu.functional import conv2d_backward, conv2d_forward
 from .helpers import assert_close, numerical_gradients, random
 from .references import conv2d_loops
 
+pytestmark = pytest.mark.usefixtures("cpu_kernels")  # compiled CPU kernels on, then off
+
 # (N, H, W, C, O, KH, KW, stride, padding): odd and non-square sizes, batch 1, kernels 1/3/5.
 CASES = [
     (2, 5, 5, 3, 4, 3, 3, 1, 0),

@@ -14,8 +14,10 @@ import numpy as np
 import pytest
 
 from cnn_gpu import cpu
-from cnn_gpu.functional import (batch_norm_backward, batch_norm_forward, max_pool2d, max_pool2d_backward,
-                                max_pool2d_forward)
+from cnn_gpu.functional import (batch_norm_backward, col2im, conv2d_backward, conv2d_forward, batch_norm_forward, max_pool2d, max_pool2d_backward,
+                                im2col, max_pool2d_forward)
+
+from cnn_gpu.functional._util import pair
 
 from .conftest import requires_jit
 
@@ -73,6 +75,37 @@ def test_max_pool_kernels_take_non_contiguous_inputs(rng):
     np.testing.assert_array_equal(y, _numpy_code(max_pool2d_forward, x, 2)[0])
     dy = rng.standard_normal(y.shape).astype("float32")[..., ::-1]
     np.testing.assert_array_equal(max_pool2d_backward(dy, cache), _numpy_code(max_pool2d_backward, dy, cache))
+
+
+# (N, H, W, C, KH, KW, stride, padding): the seed network's conv2, strides and padding.
+COL2IM_CASES = [(3, 13, 13, 32, 3, 3, 1, 0), (2, 7, 6, 3, 3, 3, 2, 1), (2, 9, 7, 2, 3, 5, (2, 1), (1, 2)),
+                (1, 5, 5, 2, 5, 3, 2, 1)]
+
+
+@requires_jit
+@pytest.mark.parametrize("case", COL2IM_CASES)
+def test_col2im_kernel_equals_the_numpy_code(rng, case):
+    """The same terms added in the same (kh, kw) order: equal bit for bit."""
+    from cnn_gpu.cpu import conv as cpu_conv
+    n, h, w, c, kh, kw, stride, padding = case
+    (sh, sw), (ph, pw) = pair(stride, "stride"), pair(padding, "padding")
+    cols, oh, ow = im2col(rng.standard_normal((n, h, w, c)).astype("float32"), kh, kw, sh, sw, ph, pw)
+    dcols = rng.standard_normal(cols.shape).astype("float32")
+    out = np.full((n, h, w, c), np.nan, dtype="float32")  # every element must be written
+    cpu_conv.col2im(dcols, kh, kw, sh, sw, ph, pw, oh, ow, out=out)
+    np.testing.assert_array_equal(out, col2im(dcols, (n, h, w, c), kh, kw, sh, sw, ph, pw, oh, ow))
+
+
+@requires_jit
+@pytest.mark.usefixtures("jit")
+def test_conv_input_gradient_through_col2im_matches_the_numpy_code(rng):
+    """The seed network's conv2 at a batch of several chunks: dx from the compiled path."""
+    x = rng.standard_normal((40, 13, 13, 32)).astype("float32")
+    w, b = rng.standard_normal((3, 3, 32, 64)).astype("float32"), rng.standard_normal(64).astype("float32")
+    y, cache = conv2d_forward(x, w, b)
+    dy = rng.standard_normal(y.shape).astype("float32")
+    for got, ref in zip(conv2d_backward(dy, cache), _numpy_code(conv2d_backward, dy, cache)):
+        np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
 
 
 # (shape, offset): the seed network's three batch norms, and inputs far from zero.

@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from .. import cpu
 from ..backend import get_array_module, is_cupy_array
 from ._util import check_float, check_rank, column_sum, output_size, pair
 
@@ -205,10 +206,20 @@ def conv2d_backward(dy: Any, cache: tuple, need_dx: bool = True) -> tuple[Any, A
     o = w.shape[3]
     w2d = w.reshape(-1, o)  # (KH*KW*C, O)
     k = w2d.shape[0]
-    fold = _bias_in_gemm(x, has_bias, _is_pointwise(kh, kw, sh, sw, ph, pw))
+    pointwise = _is_pointwise(kh, kw, sh, sw, ph, pw)
+    fold = _bias_in_gemm(x, has_bias, pointwise)
     dw = None  # (K, O), or (K + 1, O) with db as its last row when the bias rode in the GEMM
-    # One chunk (always on the GPU): dx is col2im's result itself, no copy into a buffer.
-    dx = xp.empty_like(x) if need_dx and len(_chunks(x, oh * ow * k * x.itemsize)) > 1 else None
+    # On NumPy with the compiled col2im (cnn_gpu.cpu.conv): each chunk's dcols = dy @ w2d.T goes
+    # into one buffer, in cache, and col2im adds it into the chunk's slice of dx in one pass.
+    compiled = need_dx and not pointwise and cpu.runs_on(dy, w)
+    dcols_buffer = None
+    if compiled:
+        from ..cpu import conv as cpu_conv
+        dx = np.empty(x.shape, dtype=x.dtype)  # C-contiguous, so each batch slice is too
+    elif need_dx and len(_chunks(x, oh * ow * k * x.itemsize)) > 1:
+        dx = xp.empty_like(x)
+    else:  # one chunk (always on the GPU): dx is col2im's result itself, no copy into a buffer
+        dx = None
     # Each chunk's cols is rebuilt from x (see the module docstring).
     for part, cols in _chunk_cols(x, kh, kw, sh, sw, ph, pw, oh, ow, fold):
         dy2d = xp.ascontiguousarray(dy[part]).reshape(-1, o)  # (B*OH*OW, O)
@@ -217,19 +228,26 @@ def conv2d_backward(dy: Any, cache: tuple, need_dx: bool = True) -> tuple[Any, A
             dw = part_dw
         else:
             dw += part_dw
-        if need_dx:
-            part_shape = (cols.shape[0] // (oh * ow),) + tuple(x.shape[1:])
-            if _is_pointwise(kh, kw, sh, sw, ph, pw):
-                part_dx = (dy2d @ w2d.T).reshape(part_shape)
-            elif is_cupy_array(dy2d):
-                dcols = dy2d @ w2d.T  # (B*OH*OW, KH*KW*C)
-                part_dx = col2im(dcols, part_shape, kh, kw, sh, sw, ph, pw, oh, ow)
-            else:
-                part_dx = _input_grad_by_offset(dy2d, w, part_shape, sh, sw, ph, pw, oh, ow)
-            if dx is None:
-                dx = part_dx
-            else:
-                dx[part] = part_dx
+        if not need_dx:
+            continue
+        if compiled:
+            if dcols_buffer is None:
+                dcols_buffer = np.empty((dy2d.shape[0], k), dtype=dy2d.dtype)
+            dcols = np.matmul(dy2d, w2d.T, out=dcols_buffer[:dy2d.shape[0]])  # (B*OH*OW, KH*KW*C)
+            cpu_conv.col2im(dcols, kh, kw, sh, sw, ph, pw, oh, ow, out=dx[part])
+            continue
+        part_shape = (cols.shape[0] // (oh * ow),) + tuple(x.shape[1:])
+        if pointwise:
+            part_dx = (dy2d @ w2d.T).reshape(part_shape)
+        elif is_cupy_array(dy2d):
+            dcols = dy2d @ w2d.T  # (B*OH*OW, KH*KW*C)
+            part_dx = col2im(dcols, part_shape, kh, kw, sh, sw, ph, pw, oh, ow)
+        else:
+            part_dx = _input_grad_by_offset(dy2d, w, part_shape, sh, sw, ph, pw, oh, ow)
+        if dx is None:
+            dx = part_dx
+        else:
+            dx[part] = part_dx
     if dw is None:  # an empty batch
         dw, dx = xp.zeros((k + fold, o), dtype=w.dtype), xp.empty_like(x) if need_dx else None
     if fold:

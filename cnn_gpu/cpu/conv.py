@@ -1,0 +1,46 @@
+"""col2im on the CPU, compiled by Numba: the adjoint of im2col in one pass.
+
+    dcols (B*OH*OW, KH*KW*C) -> dx (B, H, W, C), overlapping windows summed
+
+NumPy's col2im (cnn_gpu.functional.conv.col2im, the reference) adds one kernel offset at a
+time in loops of C elements, which for the seed network's conv2 costs more than the GEMM that
+makes dcols; this loop adds the same terms, in the same (kh, kw) order, image by image with
+the image's dx in cache.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import numba
+import numpy as np
+
+_jit = numba.njit(cache=True, nogil=True, boundscheck=False)
+
+
+@_jit
+def _col2im(dcols, kh, kw, sh, sw, ph, pw, oh, ow, dx):  # pragma: no cover - compiled; tested against NumPy
+    n, h, w, c = dx.shape
+    for b in range(n):
+        dx[b] = 0
+        for p in range(kh):
+            for q in range(kw):
+                base = (p * kw + q) * c  # this offset's columns in a row of dcols
+                for i in range(oh):
+                    r = i * sh + p - ph
+                    if r < 0 or r >= h:
+                        continue  # the window element falls in the padding
+                    for j in range(ow):
+                        s = j * sw + q - pw
+                        if s < 0 or s >= w:
+                            continue
+                        row = (b * oh + i) * ow + j
+                        for ch in range(c):
+                            dx[b, r, s, ch] += dcols[row, base + ch]
+
+
+def col2im(dcols: Any, kh: int, kw: int, sh: int, sw: int, ph: int, pw: int, oh: int, ow: int,
+           out: Any) -> Any:
+    """Adjoint of im2col: dcols (B*OH*OW, KH*KW*C) -> out (B, H, W, C), a C-contiguous array
+    (a batch slice of a larger one is fine) that is overwritten. Returns out."""
+    _col2im(np.ascontiguousarray(dcols), kh, kw, sh, sw, ph, pw, oh, ow, out)
+    return out
