@@ -7,6 +7,8 @@ from cnn_gpu.functional import (dropout_backward, dropout_forward, flatten_backw
 
 from .helpers import assert_close, numerical_gradients, random
 
+pytestmark = pytest.mark.usefixtures("cpu_kernels")  # compiled CPU kernels on, then off
+
 
 def test_relu_forward_and_gradient(xp, rng):
     x = random(xp, rng, (3, 4, 5, 2))

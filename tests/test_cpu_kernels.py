@@ -193,3 +193,17 @@ def test_the_environment_switches_the_kernels_off(value):
     env = {**os.environ, cpu.ENV_VAR: value}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+@requires_jit
+@pytest.mark.usefixtures("jit")
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_relu_backward_kernel_equals_the_numpy_code(rng, dtype):
+    from cnn_gpu.functional import relu_backward, relu_forward
+    x = rng.standard_normal((3, 13, 13, 32)).astype(dtype)
+    x[0, 0, 0, :4] = 0.0  # the ReLU's kink: no gradient passes, as in the NumPy code
+    _, cache = relu_forward(x)
+    dy = rng.standard_normal(x.shape).astype(dtype)
+    got = relu_backward(dy, cache)
+    np.testing.assert_array_equal(got, _numpy_code(relu_backward, dy, cache))
+    assert got.dtype == np.dtype(dtype)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from .. import cpu
 from ..backend import get_array_module, is_cupy_array
 from ._util import check_float
 
@@ -20,10 +21,14 @@ def relu_backward(dy: Any, cache: Any) -> Any:
 
     dy * mask rather than where(mask, dy, 0): the same numbers for finite dy, ~8x faster on
     NumPy (np.where branches on each element and mispredicts half of a ReLU mask). A non-finite
-    dy where x <= 0 gives NaN instead of 0; the step has diverged by then anyway.
+    dy where x <= 0 gives NaN instead of 0; the step has diverged by then anyway. (The compiled
+    kernel, cnn_gpu.cpu.elementwise, selects, and gives 0 there.)
     """
     if is_cupy_array(dy):  # one fused launch instead of a compare and a multiply
         from ..cuda import elementwise
+        return elementwise.relu_backward(dy, cache)
+    if cpu.runs_on(dy, cache) and dy.shape == cache.shape:  # one compiled pass, likewise
+        from ..cpu import elementwise
         return elementwise.relu_backward(dy, cache)
     return dy * (cache > 0)
 
