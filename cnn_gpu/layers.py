@@ -48,10 +48,11 @@ class Layer:
     def backward(self, dout: Any, need_dx: bool = True) -> Any:
         raise NotImplementedError
 
-    def infer(self, x: Any) -> Any:
+    def infer(self, x: Any, **options: Any) -> Any:
         """The forward for evaluation, when nothing will backpropagate: keeps no cache, and a
-        layer may take a shortcut that gives the same output (MaxPool2D skips its argmax)."""
-        y = self.forward(x)
+        layer may take a shortcut that gives the same output (MaxPool2D skips its argmax).
+        options go to forward (Conv2D's out_size)."""
+        y = self.forward(x, **options)
         self._cache = None
         return y
 
@@ -109,12 +110,14 @@ class Conv2D(Layer):
         if bias:
             self.params["bias"] = Parameter(np.zeros(out_channels, dtype=dtype))
 
-    def forward(self, x: Any) -> Any:
+    def forward(self, x: Any, out_size: tuple[int, int] | None = None) -> Any:
+        """out_size (rows, cols): only that corner of the output, the part a following pool reads
+        (Sequential passes it; see F.conv2d_forward)."""
         F._util.check_rank(x, 4, repr(self), "(N, H, W, C)")
         self._check_channels(x, self.in_channels)
         bias = self.params.get("bias")
         y, self._cache = F.conv2d_forward(x, self.params["weight"].data, None if bias is None else bias.data,
-                                          self.stride, self.padding)
+                                          self.stride, self.padding, out_size)
         return y
 
     def backward(self, dout: Any, need_dx: bool = True) -> Any:
@@ -122,13 +125,13 @@ class Conv2D(Layer):
         self._set_grads(weight=dw, bias=db)
         return dx
 
-    def infer_folded(self, x: Any, scale: Any, shift: Any) -> Any:
+    def infer_folded(self, x: Any, scale: Any, shift: Any, out_size: tuple[int, int] | None = None) -> Any:
         """forward(x) * scale + shift per output channel (scale, shift: (C_out,)), for evaluation:
         the scale is folded into the filters and the shift into the bias, so it costs one
         convolution and no pass of its own (an eval-mode batch norm after this layer)."""
         F._util.check_rank(x, 4, repr(self), "(N, H, W, C)")
         self._check_channels(x, self.in_channels)
-        y, _ = F.conv2d_forward(x, *self._folded(scale, shift), self.stride, self.padding)
+        y, _ = F.conv2d_forward(x, *self._folded(scale, shift), self.stride, self.padding, out_size)
         return y
 
     def output_shape(self, input_shape):
@@ -205,6 +208,15 @@ class _Pool2D(Layer):
         dx = self._backward(dout, self._cache) if need_dx else None
         self._cache = None
         return dx
+
+    def input_extent(self, h: int, w: int) -> tuple[int, int]:
+        """The rows and columns of an (h, w) input that some window reads: all of them with
+        padding, else up to the last whole window (a 2x2 pool of 11 x 11 reads 10 x 10)."""
+        (kh, kw), (sh, sw), (ph, pw) = self.pool_size, self.stride, self.padding
+        if ph or pw:
+            return h, w
+        oh, ow = self.output_shape((h, w, 1))[:2]
+        return (oh - 1) * sh + kh, (ow - 1) * sw + kw
 
     def output_shape(self, input_shape):
         h, w, c = input_shape

@@ -9,7 +9,7 @@ import numpy as np
 
 from .atomic import atomic_write
 from .backend import backend_of, to_device, to_numpy
-from .layers import Layer, Parameter, _BatchNorm
+from .layers import Conv2D, Layer, Parameter, _BatchNorm, _Pool2D
 
 DEVICE_ALIASES = {"cpu": "numpy", "numpy": "numpy", "gpu": "cupy", "cuda": "cupy", "cupy": "cupy"}
 # Evaluation on the CPU runs a large batch in slices whose largest activation is about this size,
@@ -41,8 +41,8 @@ class Sequential:
         return self._forward(x)
 
     def _forward(self, x: Any) -> Any:
-        for layer in self.layers:
-            x = layer.forward(x)
+        for i, layer in enumerate(self.layers):
+            x = layer.forward(x, **self._read_part(i, i + 1, x))
             if not layer.training:
                 layer._cache = None  # nothing will backpropagate: free each activation once used
         return x
@@ -76,12 +76,25 @@ class Sequential:
         while i < len(layers):
             layer, after = layers[i], layers[i + 1] if i + 1 < len(layers) else None
             if _folds_into(layer, after):
-                x = layer.infer_folded(x, *after.eval_scale_shift())
+                x = layer.infer_folded(x, *after.eval_scale_shift(), **self._read_part(i, i + 2, x))
                 i += 2
             else:
-                x = layer.infer(x)
+                x = layer.infer(x, **self._read_part(i, i + 1, x))
                 i += 1
         return x
+
+    def _read_part(self, i: int, j: int, x: Any) -> dict[str, Any]:
+        """{"out_size": (rows, cols)} when layer i is a convolution whose output layer j, a pool,
+        reads only in part, so that the convolution computes just that part; else {}. The seed
+        network's 2x2 pool reads 10 x 10 of conv2's 11 x 11 outputs. Layer j must read layer i's
+        output itself: in training a batch norm between them needs all of it for its statistics."""
+        layer, reader = self.layers[i], self.layers[j] if j < len(self.layers) else None
+        if not (isinstance(layer, Conv2D) and isinstance(reader, _Pool2D) and layer.padding == (0, 0)
+                and getattr(x, "ndim", 0) == 4 and x.shape[3] == layer.in_channels):
+            return {}  # not this case, or a bad input that the layer's forward will name
+        rows, cols, _ = layer.output_shape(tuple(x.shape[1:]))
+        used = reader.input_extent(rows, cols)
+        return {"out_size": used} if used != (rows, cols) else {}
 
     def _largest_activation_bytes(self, sample_shape: tuple[int, ...], itemsize: int) -> int:
         """Bytes of the largest input or output of any layer, for one sample."""

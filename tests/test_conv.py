@@ -90,3 +90,28 @@ def test_rejects_bad_input(rng):
         conv2d_forward(np.zeros((2, 5, 5, 2), dtype=np.uint8), wt)
     with pytest.raises(ValueError, match="smaller than the window"):
         conv2d_forward(np.zeros((1, 2, 2, 2)), wt)
+
+
+@pytest.mark.parametrize("stride, out_size", [(1, (4, 3)), (2, (2, 2)), (1, (5, 6))])
+def test_out_size_computes_a_corner_of_the_output(xp, rng, stride, out_size):
+    """y is the corner of the full output; dx, dw, db are those of the full convolution with
+    dy zero outside the corner (x keeps its shape, zero where no computed output reads it)."""
+    x, wt, b = random(xp, rng, (2, 8, 9, 3)), random(xp, rng, (3, 2, 3, 4)), random(xp, rng, (4,))
+    full, full_cache = conv2d_forward(x, wt, b, stride)
+    y, cache = conv2d_forward(x, wt, b, stride, 0, out_size)
+    rows, cols = out_size
+    assert y.shape == (2, rows, cols, 4)
+    assert_close(y, full[:, :rows, :cols], rtol=1e-12, atol=1e-12)
+    dy = random(xp, rng, y.shape)
+    dy_full = xp.zeros_like(full)
+    dy_full[:, :rows, :cols] = dy
+    for got, ref, what in zip(conv2d_backward(dy, cache), conv2d_backward(dy_full, full_cache), ("dx", "dw", "db")):
+        assert_close(got, ref, rtol=1e-12, atol=1e-12, what=what)
+
+
+def test_out_size_outside_the_output_or_with_padding_is_refused(xp, rng):
+    x, wt = random(xp, rng, (1, 6, 6, 1)), random(xp, rng, (3, 3, 1, 2))
+    with pytest.raises(ValueError, match=r"out_size must be within the full output \(4, 4\)"):
+        conv2d_forward(x, wt, None, 1, 0, (5, 4))
+    with pytest.raises(ValueError, match="needs padding 0"):
+        conv2d_forward(x, wt, None, 1, 1, (3, 3))

@@ -211,3 +211,56 @@ def test_max_pool_for_evaluation_equals_the_forward(xp, rng, pool, stride, paddi
     y = layer.infer(x)
     np.testing.assert_array_equal(to_numpy(y), to_numpy(expected))  # NaN where the forward has NaN
     assert np.isnan(to_numpy(y)).any()
+
+
+def _net_whose_pool_reads_part_of_a_conv(dtype="float64"):
+    """Conv 2x2 on 6 x 6 -> 5 x 5, of which the 2x2 pool reads 4 x 4."""
+    rng = np.random.default_rng(7)
+    return Sequential([Conv2D(2, 3, 2, rng=rng, dtype=dtype), MaxPool2D(2), ReLU(), Flatten(),
+                       Dense(12, 4, init="glorot", rng=rng, dtype=dtype)])
+
+
+def test_a_conv_computes_only_what_its_pool_reads(xp, rng):
+    """Sequential asks the conv for the 4 x 4 corner; the gradients still match finite differences."""
+    model = _net_whose_pool_reads_part_of_a_conv().to("cpu" if xp is np else "gpu")
+    x = random(xp, rng, (3, 6, 6, 2))
+    assert model._read_part(0, 1, x) == {"out_size": (4, 4)}
+    labels = xp.asarray(np.array([0, 3, 1]))
+    _, d = softmax_cross_entropy(model.forward(x), labels)
+    assert model.layers[1]._cache[1] == (3, 4, 4, 3)  # the pool saw the corner only
+    model.backward(d)
+    analytic = [to_numpy(p.grad).copy() for p in model.parameters()]
+    numeric = numerical_gradients(lambda *_: softmax_cross_entropy(model.forward(x), labels)[0],
+                                  [p.data for p in model.parameters()], 1.0)
+    for (name, _), a, n in zip(model.named_parameters(), analytic, numeric):
+        assert_close(a, n, rtol=1e-5, atol=1e-8, what=name)
+
+
+@pytest.mark.parametrize("batch_norm", [False, True])
+def test_seed_network_training_step_equals_the_layers_own_forwards(batch_norm):
+    """The training forward with conv2 cropped to what its pool reads (plain network; with batch
+    norm nothing is cropped): the logits and every gradient of running each layer in full."""
+    rng = np.random.default_rng(5)
+    model = seed_cnn(batch_norm=batch_norm, seed=3, dtype="float64")
+    x, labels = rng.standard_normal((6, 28, 28, 1)), rng.integers(0, 10, 6)
+    reads = [model._read_part(i, i + 1, np.zeros((1, 13, 13, 32))) for i in (3, 4)]
+    assert reads == ([{"out_size": (10, 10)}, {}] if not batch_norm else [{}, {}])
+    logits = model.forward(x)
+    model.backward(softmax_cross_entropy(logits, labels)[1])
+    grads = {name: p.grad.copy() for name, p in model.named_parameters()}
+    reference = x
+    for layer in model.layers:
+        reference = layer.forward(reference)  # full outputs: no out_size
+    np.testing.assert_allclose(logits, reference, rtol=1e-12, atol=1e-12)
+    dout = softmax_cross_entropy(reference, labels)[1]
+    for i in range(len(model.layers) - 1, -1, -1):
+        dout = model.layers[i].backward(dout, need_dx=i > 0)
+    for name, p in model.named_parameters():
+        np.testing.assert_allclose(grads[name], p.grad, rtol=1e-10, atol=1e-12, err_msg=name)
+
+
+def test_pool_input_extent_is_what_its_windows_read():
+    assert MaxPool2D(2).input_extent(11, 11) == (10, 10)
+    assert MaxPool2D(2).input_extent(12, 13) == (12, 12)
+    assert AvgPool2D(3, 2).input_extent(8, 9) == (7, 9)
+    assert MaxPool2D(3, 2, 1).input_extent(8, 8) == (8, 8)  # padded: every row is read

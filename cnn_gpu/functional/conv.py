@@ -144,8 +144,15 @@ def _is_pointwise(kh: int, kw: int, sh: int, sw: int, ph: int, pw: int) -> bool:
 
 
 def conv2d_forward(x: Any, w: Any, b: Any = None, stride: int | tuple[int, int] = 1,
-                   padding: int | tuple[int, int] = 0) -> tuple[Any, tuple]:
-    """x (N, H, W, C), w (KH, KW, C, O), b (O,) or None -> y (N, OH, OW, O), cache."""
+                   padding: int | tuple[int, int] = 0,
+                   out_size: tuple[int, int] | None = None) -> tuple[Any, tuple]:
+    """x (N, H, W, C), w (KH, KW, C, O), b (O,) or None -> y (N, OH, OW, O), cache.
+
+    out_size (rows, cols), padding 0 only: compute just the first rows x cols output positions,
+    y (N, rows, cols, O), from the input rows and columns they read. A 2x2 pool after the seed
+    network's conv2 reads 10 x 10 of its 11 x 11 outputs: 17% of its FLOPs are never used. The
+    backward's dx still has x's shape, zero where x was not read.
+    """
     check_float(x, "conv2d")
     check_rank(x, 4, "conv2d", "(N, H, W, C)")
     check_rank(w, 4, "conv2d", "(KH, KW, C_in, C_out)", name="w")
@@ -158,9 +165,16 @@ def conv2d_forward(x: Any, w: Any, b: Any = None, stride: int | tuple[int, int] 
                          f"(x shape {tuple(x.shape)}, w shape {tuple(w.shape)})")
     if x.dtype != w.dtype:
         raise TypeError(f"conv2d: x is {x.dtype} but w is {w.dtype}; use one dtype")
-    n = x.shape[0]
+    n, x_shape = x.shape[0], tuple(x.shape)
     oh = output_size(x.shape[1], kh, sh, ph, "conv2d", "height")
     ow = output_size(x.shape[2], kw, sw, pw, "conv2d", "width")
+    if out_size is not None and tuple(out_size) != (oh, ow):
+        rows, cols = out_size
+        if not (0 < rows <= oh and 0 < cols <= ow) or ph or pw:
+            raise ValueError(f"conv2d: out_size must be within the full output ({oh}, {ow}) and needs "
+                             f"padding 0, got out_size {tuple(out_size)} with padding ({ph}, {pw})")
+        x = x[:, :(rows - 1) * sh + kh, :(cols - 1) * sw + kw]  # the rows and columns they read
+        oh, ow = rows, cols
     k = kh * kw * c
     w2d = w.reshape(k, o)
     fold = _bias_in_gemm(x, b is not None, _is_pointwise(kh, kw, sh, sw, ph, pw))
@@ -172,7 +186,7 @@ def conv2d_forward(x: Any, w: Any, b: Any = None, stride: int | tuple[int, int] 
         xp.matmul(cols, w2d, out=y_part)  # the GEMM: (B*OH*OW, K [+ 1]) @ (K [+ 1], O)
         if b is not None and not fold:
             y_part += b
-    cache = (x, w, b is not None, (kh, kw, sh, sw, ph, pw, oh, ow))
+    cache = (x, x_shape, w, b is not None, (kh, kw, sh, sw, ph, pw, oh, ow))
     return y, cache
 
 
@@ -201,7 +215,7 @@ def conv2d_backward(dy: Any, cache: tuple, need_dx: bool = True) -> tuple[Any, A
 
     need_dx=False skips the input gradient (the first layer of a network has no use for it).
     """
-    x, w, has_bias, (kh, kw, sh, sw, ph, pw, oh, ow) = cache
+    x, x_shape, w, has_bias, (kh, kw, sh, sw, ph, pw, oh, ow) = cache
     xp = get_array_module(dy, x)
     o = w.shape[3]
     w2d = w.reshape(-1, o)  # (KH*KW*C, O)
@@ -254,4 +268,8 @@ def conv2d_backward(dy: Any, cache: tuple, need_dx: bool = True) -> tuple[Any, A
         dw, db = dw[:k], dw[k].copy()  # db's own array, not a view of dw's
     else:
         db = column_sum(dy.reshape(-1, o)) if has_bias else None
+    if dx is not None and tuple(dx.shape) != x_shape:  # out_size: x was read in part
+        full = xp.zeros(x_shape, dtype=dx.dtype)
+        full[:, :dx.shape[1], :dx.shape[2]] = dx
+        dx = full
     return dx, dw.reshape(w.shape), db
