@@ -18,6 +18,7 @@ CASES = [
     (1, 8, 8, 2, 2, 1, 1, 2, 0),
     (2, 9, 7, 2, 3, 3, 5, (2, 1), (1, 2)),
     (1, 5, 5, 2, 1, 5, 3, 2, 1),
+    (2, 6, 6, 1, 12, 3, 3, 1, 0),  # cols (K + 1 = 10 columns) no wider than y: the forward keeps it
 ]
 
 
@@ -115,3 +116,25 @@ def test_out_size_outside_the_output_or_with_padding_is_refused(xp, rng):
         conv2d_forward(x, wt, None, 1, 0, (5, 4))
     with pytest.raises(ValueError, match="needs padding 0"):
         conv2d_forward(x, wt, None, 1, 1, (3, 3))
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_kept_cols_give_the_gradients_of_rebuilt_cols(rng, monkeypatch, bias):
+    """The seed network's conv1 over several chunks: the backward from the cols the forward kept
+    equals the backward that rebuilds them from x."""
+    from cnn_gpu.functional import conv
+    x = rng.standard_normal((200, 28, 28, 1)).astype("float32")
+    wt, b = rng.standard_normal((3, 3, 1, 32)).astype("float32"), rng.standard_normal(32).astype("float32")
+    y, cache = conv2d_forward(x, wt, b if bias else None)
+    assert cache[-1] is not None and len(conv._chunks(x, 26 * 26 * 9 * 4)) > 1
+    dy = rng.standard_normal(y.shape).astype("float32")
+    kept = conv2d_backward(dy, cache)
+    monkeypatch.setattr(conv, "_keeps_cols", lambda *args: False)
+    y_rebuilt, rebuilt_cache = conv2d_forward(x, wt, b if bias else None)
+    assert rebuilt_cache[-1] is None
+    np.testing.assert_array_equal(y, y_rebuilt)
+    for got, ref in zip(kept, conv2d_backward(dy, rebuilt_cache)):
+        if ref is None:
+            assert got is None
+        else:
+            np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5 * float(np.abs(ref).max()))

@@ -11,8 +11,10 @@ On NumPy the batch is cut into chunks whose cols fit in the CPU's L2 cache (CHUN
 each chunk's im2col copy is written and read back by the GEMM from cache instead of
 memory, and the GEMM itself runs faster on the smaller operand. The forward then keeps x
 (not cols, ~KH*KW times larger) for the backward, which rebuilds each chunk's cols: the
-copy is cheap in cache, and a training step holds far less memory. On CuPy the whole batch
-is one chunk (one large GEMM suits the GPU).
+copy is cheap in cache, and a training step holds far less memory. Where cols is no larger
+than the output y (few input channels: the seed network's conv1 has K + 1 = 10 columns for
+32 outputs) the forward keeps cols instead, since rebuilding it costs as much as the GEMM.
+On CuPy the whole batch is one chunk (one large GEMM suits the GPU).
 """
 from __future__ import annotations
 
@@ -111,10 +113,11 @@ def _bias_in_gemm(x: Any, has_bias: bool, pointwise: bool) -> bool:
 
 
 def _chunk_cols(x: Any, kh: int, kw: int, sh: int, sw: int, ph: int, pw: int, oh: int, ow: int,
-                ones_column: bool):
+                ones_column: bool, into: Any = None):
     """Yield (batch slice, cols) per chunk (see _chunks): cols (B*OH*OW, K), or (B*OH*OW, K + 1)
     ending in a column of ones. On NumPy every chunk's cols is written into one buffer, so a
-    chunk's cols is only valid until the next one is yielded."""
+    chunk's cols is only valid until the next one is yielded; unless `into`, the whole batch's
+    (N*OH*OW, K [+ 1]) array, is given: then each chunk's cols is its rows of `into`."""
     xp = get_array_module(x)
     k = kh * kw * x.shape[3]
     chunks = _chunks(x, oh * ow * k * x.itemsize)
@@ -122,13 +125,31 @@ def _chunk_cols(x: Any, kh: int, kw: int, sh: int, sw: int, ph: int, pw: int, oh
         for part in chunks:  # one fresh cols (CuPy), or x itself (1x1)
             yield part, im2col(x[part], kh, kw, sh, sw, ph, pw)[0]
         return
-    buf = xp.empty(((chunks[0].stop - chunks[0].start) * oh * ow, k + ones_column), dtype=x.dtype)
+    buf = into if into is not None else xp.empty(((chunks[0].stop - chunks[0].start) * oh * ow, k + ones_column),
+                                                 dtype=x.dtype)
     if ones_column:
         buf[:, k] = 1
     for part in chunks:
-        cols = buf[:(part.stop - part.start) * oh * ow]
+        rows = slice(part.start * oh * ow, part.stop * oh * ow) if into is not None else \
+            slice(0, (part.stop - part.start) * oh * ow)
+        cols = buf[rows]
         im2col(x[part], kh, kw, sh, sw, ph, pw, out=cols[:, :k])
         yield part, cols
+
+
+def _kept_chunk_cols(kept: Any, n: int, oh: int, ow: int, row_bytes: int):
+    """Yield (batch slice, cols) per chunk from the whole batch's cols that the forward kept."""
+    per = max(1, CHUNK_BYTES // max(row_bytes, 1))
+    for start in range(0, n, per):
+        part = slice(start, min(start + per, n))
+        yield part, kept[part.start * oh * ow:part.stop * oh * ow]
+
+
+def _keeps_cols(x: Any, columns: int, outputs: int, pointwise: bool) -> bool:
+    """Whether the forward keeps cols for the backward (NumPy): when cols, `columns` wide, is no
+    larger than the output, `outputs` wide, so that keeping it at most doubles the memory the
+    layer holds. For wider cols the backward rebuilds it from x (see the module docstring)."""
+    return not is_cupy_array(x) and not pointwise and columns <= outputs
 
 
 def _chunks(x: Any, row_bytes: int) -> list[slice]:
@@ -181,12 +202,15 @@ def conv2d_forward(x: Any, w: Any, b: Any = None, stride: int | tuple[int, int] 
     if fold:
         w2d = xp.concatenate([w2d, b.reshape(1, o)])  # (K + 1, O)
     y = xp.empty((n, oh, ow, o), dtype=x.dtype)
-    for part, cols in _chunk_cols(x, kh, kw, sh, sw, ph, pw, oh, ow, fold):
+    kept = None
+    if _keeps_cols(x, k + fold, o, _is_pointwise(kh, kw, sh, sw, ph, pw)):
+        kept = xp.empty((n * oh * ow, k + fold), dtype=x.dtype)
+    for part, cols in _chunk_cols(x, kh, kw, sh, sw, ph, pw, oh, ow, fold, into=kept):
         y_part = y[part].reshape(-1, o)  # a view: the GEMM writes into y
         xp.matmul(cols, w2d, out=y_part)  # the GEMM: (B*OH*OW, K [+ 1]) @ (K [+ 1], O)
         if b is not None and not fold:
             y_part += b
-    cache = (x, x_shape, w, b is not None, (kh, kw, sh, sw, ph, pw, oh, ow))
+    cache = (x, x_shape, w, b is not None, (kh, kw, sh, sw, ph, pw, oh, ow), kept)
     return y, cache
 
 
@@ -215,7 +239,7 @@ def conv2d_backward(dy: Any, cache: tuple, need_dx: bool = True) -> tuple[Any, A
 
     need_dx=False skips the input gradient (the first layer of a network has no use for it).
     """
-    x, x_shape, w, has_bias, (kh, kw, sh, sw, ph, pw, oh, ow) = cache
+    x, x_shape, w, has_bias, (kh, kw, sh, sw, ph, pw, oh, ow), kept = cache
     xp = get_array_module(dy, x)
     o = w.shape[3]
     w2d = w.reshape(-1, o)  # (KH*KW*C, O)
@@ -234,8 +258,12 @@ def conv2d_backward(dy: Any, cache: tuple, need_dx: bool = True) -> tuple[Any, A
         dx = xp.empty_like(x)
     else:  # one chunk (always on the GPU): dx is col2im's result itself, no copy into a buffer
         dx = None
-    # Each chunk's cols is rebuilt from x (see the module docstring).
-    for part, cols in _chunk_cols(x, kh, kw, sh, sw, ph, pw, oh, ow, fold):
+    # Each chunk's cols: the forward's, or rebuilt from x (see the module docstring).
+    if kept is not None:
+        chunks = _kept_chunk_cols(kept, x.shape[0], oh, ow, oh * ow * k * x.itemsize)
+    else:
+        chunks = _chunk_cols(x, kh, kw, sh, sw, ph, pw, oh, ow, fold)
+    for part, cols in chunks:
         dy2d = xp.ascontiguousarray(dy[part]).reshape(-1, o)  # (B*OH*OW, O)
         part_dw = cols.T @ dy2d
         if dw is None:
