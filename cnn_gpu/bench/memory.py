@@ -4,7 +4,8 @@
 
 prints one JSON object. The measure, the same for both implementations: the process's
 resident-set high-water mark (VmHWM; getrusage's ru_maxrss elsewhere) after a few steps, minus its resident
-set just before the first step (after imports, the model and the input batch are built).
+set just before the first step (after imports, the model and the input batch are built, and
+our compiled CPU kernels have run once on two images: Numba's compiler is a library too).
 So it counts what the steps add: activations and caches, gradients, optimizer state,
 library scratch buffers -- not the interpreter, the libraries or the parameters.
 For our implementation it also reports tracemalloc's peak over the same steps, which sees
