@@ -21,7 +21,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from . import __version__
+from . import __version__, cpu
 from .backend import (BackendUnavailableError, cupy_unavailable_reason, require_cupy, resolve_backend, to_device,
                       to_numpy)
 from .checkpoint import Checkpoint, build_model, load_checkpoint
@@ -564,6 +564,7 @@ def cmd_info(args: argparse.Namespace | None = None) -> int:
         print(f"cupy      not usable: {reason}")
     print(f"backend   {resolve_backend('auto')} (auto; set with --backend or $CNN_GPU_BACKEND)")
     print(f"blas      {_blas_info()}")
+    print(f"cpu jit   {cpu.describe()}")
     affinity = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
     print(f"cpus      {os.cpu_count()}" + (f" ({affinity} usable by this process)" if affinity else ""))
     return 0

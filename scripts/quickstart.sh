@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # quickstart.sh [cnn-gpu train options] -- set up and train the seed network on Fashion-MNIST.
 #
-# Makes a virtual environment in .venv, installs cnn_gpu with its progress-bar and plot extras
+# Makes a virtual environment in .venv, installs cnn_gpu with its Numba, progress-bar and plot extras
 # (and CuPy when an NVIDIA driver is present), installs Debian's dataset-fashion-mnist package
 # where apt may be used (otherwise `cnn-gpu train` downloads the files into ~/.cache/cnn_gpu),
 # then runs `cnn-gpu train` with the options given.

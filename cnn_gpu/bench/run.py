@@ -35,6 +35,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from .. import cpu
 from ..backend import module_for, synchronize
 from ..models import seed_cnn
 from . import workloads
@@ -46,15 +47,6 @@ CPU_BATCHES, GPU_BATCHES = (64, 256), (64, 256, 1024)
 
 
 # -- machine facts ------------------------------------------------------------------------------
-
-def _cpu_kernels() -> str:
-    """Whether max pooling and batch norm ran compiled (Numba) or as NumPy code, and why."""
-    from .. import cpu
-    if cpu.enabled():
-        import numba
-        return f"on (Numba {numba.__version__}; {cpu.ENV_VAR}=0 switches them off)"
-    return f"off ({cpu.unavailable_reason() or cpu.ENV_VAR + '=0'})"
-
 
 def blas_threads() -> tuple[int, str, dict | None]:
     """(NumPy's BLAS thread count, where that number came from, the BLAS library's info)."""
@@ -258,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
         "env": {k: os.environ[k] for k in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE", "OPENBLAS_NUM_THREADS",
                                            "OMP_NUM_THREADS") if k in os.environ},
         "torch": torch.__version__ if torch is not None else torch_reason,
-        "cpu_kernels": _cpu_kernels(),
+        "cpu_kernels": cpu.describe(),
     }
     if gpu:
         props = xp.cuda.runtime.getDeviceProperties(xp.cuda.Device().id)

@@ -1,15 +1,17 @@
 """Compiled CPU kernels (Numba) for the passes NumPy cannot fuse: the CPU's counterpart of cnn_gpu.cuda.
 
-NumPy runs one operation per pass over memory: a 2x2 max pool with its argmax takes eleven
-passes over its input, a batch norm's backward six. A loop compiled by Numba does the same work
+NumPy runs one operation per pass over memory: a 2x2 max pool with its argmax takes over a
+dozen passes, a batch norm four forward and nine backward. A loop compiled by Numba does the same work
 in one pass per result, which on the seed network's first pool and batch norm is 2-5x faster
-(BENCHMARKS.md, "Compiled CPU kernels"). The NumPy code stays the reference: tests compare
+(BENCHMARKS.md, "Session 3: compiled CPU kernels"). The NumPy code stays the reference: tests compare
 every kernel with it, and it runs wherever Numba is missing or switched off.
 
 - `cnn_gpu.cpu.maxpool`: `max_pool2d_forward`, `max_pool2d`, `max_pool2d_backward`
   (non-overlapping windows: stride == pool size, no padding)
 - `cnn_gpu.cpu.batchnorm`: `channel_mean_var`, `channel_grad_sums`,
   `batch_norm_normalize`, `batch_norm_backward_dx` (the four calls of cnn_gpu.cuda.batchnorm)
+- `cnn_gpu.cpu.conv`: `col2im`, for the convolution's input gradient
+- `cnn_gpu.cpu.elementwise`: `relu_backward`
 
 Numba is optional (`pip install cnn_gpu[fast]`). Set CNN_GPU_JIT=0 to run the NumPy code
 instead, or call `set_enabled(False)`. The kernels are serial, like NumPy's elementwise loops,
@@ -52,6 +54,14 @@ def set_enabled(enabled: bool) -> bool:
 def enabled() -> bool:
     """Whether NumPy arrays go through the compiled kernels: switched on and Numba present."""
     return _enabled and unavailable_reason() is None
+
+
+def describe() -> str:
+    """One line for `cnn-gpu info` and the benchmark: whether the kernels run, and why not."""
+    if enabled():
+        import numba  # noqa: PLC0415 - present: enabled() probed it
+        return f"on (Numba {numba.__version__}; {ENV_VAR}=0 switches them off)"
+    return f"off ({unavailable_reason() or ENV_VAR + '=0'}): every op runs as NumPy code"
 
 
 def runs_on(*arrays: Any) -> bool:
