@@ -145,7 +145,12 @@ def test_seed_cnn_pool_before_relu_is_the_seed_order(xp, rng, batch_norm):
         net.backward(d)
         results.append([to_numpy(logits)] + [to_numpy(p.grad).copy() for p in net.parameters()])
     for a, b in zip(*results):
-        np.testing.assert_array_equal(a, b)
+        if xp is np:
+            np.testing.assert_array_equal(a, b)
+        else:  # conv2 computes only the 10 x 10 outputs its pool reads when the pool follows it
+            # directly (not in the seed order): cuBLAS and CuPy's sums over 100 rows instead of
+            # 121 may round differently in the last bit.
+            np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-15)
     # The input really has windows whose four values are all negative (zero gradient in both orders).
     h = x
     for layer in model.layers[:swapped[0]]:  # conv 1 [and its batch norm]: (4, 26, 26, 32)
