@@ -21,14 +21,16 @@ _jit = numba.njit(cache=True, nogil=True, boundscheck=False)
 
 
 @_jit
-def _forward(x, kh, kw, y, argmax):  # pragma: no cover - compiled; tested against NumPy
+def _forward(x, kh, kw, y, argmax, record):  # pragma: no cover - compiled; tested against NumPy
+    """record False (evaluation): argmax is not written (pass any uint8 array)."""
     n, oh, ow, c = y.shape
     for b in range(n):
         for i in range(oh):
             for j in range(ow):
                 for ch in range(c):
                     y[b, i, j, ch] = x[b, i * kh, j * kw, ch]
-                    argmax[b, i, j, ch] = 0
+                    if record:
+                        argmax[b, i, j, ch] = 0
                 for k in range(1, kh * kw):
                     r, s = i * kh + k // kw, j * kw + k % kw
                     for ch in range(c):
@@ -37,23 +39,8 @@ def _forward(x, kh, kw, y, argmax):  # pragma: no cover - compiled; tested again
                         # NaN. Selects, not branches: they compile to SIMD over the channels.
                         better = (v > best) | ((v != v) & (best == best))
                         y[b, i, j, ch] = v if better else best
-                        argmax[b, i, j, ch] = k if better else argmax[b, i, j, ch]
-
-
-@_jit
-def _forward_no_argmax(x, kh, kw, y):  # pragma: no cover - compiled; tested against NumPy
-    n, oh, ow, c = y.shape
-    for b in range(n):
-        for i in range(oh):
-            for j in range(ow):
-                for ch in range(c):
-                    y[b, i, j, ch] = x[b, i * kh, j * kw, ch]
-                for k in range(1, kh * kw):
-                    r, s = i * kh + k // kw, j * kw + k % kw
-                    for ch in range(c):
-                        v, best = x[b, r, s, ch], y[b, i, j, ch]
-                        better = (v > best) | ((v != v) & (best == best))
-                        y[b, i, j, ch] = v if better else best
+                        if record:
+                            argmax[b, i, j, ch] = k if better else argmax[b, i, j, ch]
 
 
 @_jit
@@ -75,7 +62,7 @@ def max_pool2d_forward(x: Any, kh: int, kw: int) -> tuple[Any, Any]:
     n, h, w, c = x.shape
     y = np.empty((n, h // kh, w // kw, c), dtype=x.dtype)
     argmax = np.empty(y.shape, dtype=window_index_dtype(kh, kw))
-    _forward(x, kh, kw, y, argmax)
+    _forward(x, kh, kw, y, argmax, True)
     return y, argmax
 
 
@@ -84,7 +71,7 @@ def max_pool2d(x: Any, kh: int, kw: int) -> Any:
     x = np.ascontiguousarray(x)
     n, h, w, c = x.shape
     y = np.empty((n, h // kh, w // kw, c), dtype=x.dtype)
-    _forward_no_argmax(x, kh, kw, y)
+    _forward(x, kh, kw, y, np.empty((1, 1, 1, 1), dtype=window_index_dtype(kh, kw)), False)
     return y
 
 
