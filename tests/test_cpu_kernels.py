@@ -207,3 +207,17 @@ def test_relu_backward_kernel_equals_the_numpy_code(rng, dtype):
     got = relu_backward(dy, cache)
     np.testing.assert_array_equal(got, _numpy_code(relu_backward, dy, cache))
     assert got.dtype == np.dtype(dtype)
+
+
+def test_without_numba_the_numpy_code_runs(rng, monkeypatch):
+    """Numba missing: enabled() is False with the reason, and the ops run as NumPy code."""
+    monkeypatch.setitem(sys.modules, "numba", None)  # `import numba` raises ImportError
+    monkeypatch.setattr(cpu, "_probed", False)
+    monkeypatch.setattr(cpu, "_reason", None)
+    monkeypatch.setattr(cpu, "_enabled", True)
+    assert "Numba is not installed" in cpu.unavailable_reason()
+    assert not cpu.enabled() and not cpu.runs_on(np.zeros(3, np.float32))
+    assert cpu.describe().startswith("off (Numba is not installed")
+    x = rng.standard_normal((2, 6, 6, 3)).astype("float32")
+    y, cache = max_pool2d_forward(x, 2)
+    np.testing.assert_array_equal(y, x.reshape(2, 3, 2, 3, 2, 3).max(axis=(2, 4)))

@@ -41,6 +41,8 @@ def unavailable_reason() -> str | None:
             import numba  # noqa: F401, PLC0415 - imported here only to probe
         except ImportError as exc:
             _reason = f"Numba is not installed ({exc}); install it with `pip install cnn_gpu[fast]`"
+        except Exception as exc:  # installed but broken: a NumPy it does not support, a bad llvmlite
+            _reason = f"Numba is installed but does not import ({type(exc).__name__}: {exc})"
     return _reason
 
 
