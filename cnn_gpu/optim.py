@@ -15,8 +15,35 @@ from typing import Any, Iterable
 
 import numpy as np
 
+from . import cpu
 from .backend import backend_of, get_array_module, is_cupy_array, to_device, to_numpy
 from .layers import Parameter
+
+
+def flush_subnormals(*arrays: Any) -> None:
+    """Set the subnormal values of NumPy arrays to zero, in place (|x| < finfo.tiny: 1.2e-38 in float32).
+
+    Why: with weight decay, a weight whose input is always zero (a dead ReLU feature) decays towards
+    zero through the subnormal range, and an x86 CPU computes with subnormals up to ~100x slower. In
+    the seed network trained with Adam, a fifth of the dense layer's weights were subnormal by epoch
+    15, and a training step took 29 ms instead of 13. Flushing moves a value by under 1.2e-38. The GPU
+    computes with subnormals at full speed, and its updates keep them.
+    """
+    for a in arrays:
+        a[np.abs(a) < np.finfo(a.dtype).tiny] = 0
+
+
+def _fused_updates(*arrays: Any) -> Any:
+    """The module whose sgd_update runs one step in one pass: cnn_gpu.cuda.elementwise for CuPy
+    arrays, cnn_gpu.cpu.elementwise for NumPy ones when its compiled kernels run; else None, and
+    the NumPy code of SGD (their reference) runs."""
+    if is_cupy_array(arrays[0]):
+        from .cuda import elementwise
+        return elementwise
+    if cpu.runs_on(*arrays) and all(a.flags.c_contiguous for a in arrays):  # updated through flat views
+        from .cpu import elementwise
+        return elementwise
+    return None
 
 
 class Optimizer:
@@ -108,20 +135,21 @@ class SGD(Optimizer):
 
     def _update(self, i: int, p: Parameter) -> None:
         decay = self.decay[i]
-        if is_cupy_array(p.data):  # one fused launch instead of three or four
-            from .cuda import elementwise
-            v = self._buffer(i, "velocity") if self.momentum else None
-            elementwise.sgd_update(p.data, p.grad, v, self.lr, self.momentum, decay, self.nesterov)
+        v = self._buffer(i, "velocity") if self.momentum else None
+        fused = _fused_updates(p.data, p.grad, *([] if v is None else [v]))
+        if fused is not None:  # one pass instead of three or four
+            fused.sgd_update(p.data, p.grad, v, self.lr, self.momentum, decay, self.nesterov)
             return
         g = p.grad
         if decay:
             g = g + decay * p.data
-        if self.momentum:
-            v = self._buffer(i, "velocity")
+        if v is not None:
             v *= self.momentum
             v += g
+            flush_subnormals(v)
             g = g + self.momentum * v if self.nesterov else v
         p.data -= p.data.dtype.type(self.lr) * g
+        flush_subnormals(p.data)
 
 
 class Adam(Optimizer):
@@ -136,10 +164,11 @@ class Adam(Optimizer):
     def _update(self, i: int, p: Parameter) -> None:
         m, v = self._buffer(i, "m"), self._buffer(i, "v")
         decay = self.decay[i]
+        step_size = self.lr / (1 - self.beta1 ** self.steps)
+        bc2 = 1 - self.beta2 ** self.steps
         if is_cupy_array(p.data):  # one fused launch instead of about ten
             from .cuda import elementwise
-            elementwise.adam_update(p.data, p.grad, m, v, self.lr / (1 - self.beta1 ** self.steps), self.beta1,
-                                    self.beta2, self.eps, decay, 1 - self.beta2 ** self.steps)
+            elementwise.adam_update(p.data, p.grad, m, v, step_size, self.beta1, self.beta2, self.eps, decay, bc2)
             return
         g = p.grad
         if decay:
@@ -148,10 +177,11 @@ class Adam(Optimizer):
         m += (1 - self.beta1) * g
         v *= self.beta2
         v += (1 - self.beta2) * (g * g)
+        flush_subnormals(m, v)
         xp = get_array_module(p.data)
-        step_size = self.lr / (1 - self.beta1 ** self.steps)
-        denom = xp.sqrt(v / (1 - self.beta2 ** self.steps)) + self.eps
+        denom = xp.sqrt(v / bc2) + self.eps
         p.data -= p.data.dtype.type(step_size) * m / denom
+        flush_subnormals(p.data)
 
 
 def no_decay_parameters(model: Any) -> list[Parameter]:

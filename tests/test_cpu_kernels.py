@@ -13,7 +13,7 @@ import sys
 import numpy as np
 import pytest
 
-from cnn_gpu import cpu
+from cnn_gpu import SGD, Parameter, cpu
 from cnn_gpu.functional import (batch_norm_backward, col2im, conv2d_backward, conv2d_forward, batch_norm_forward, max_pool2d, max_pool2d_backward,
                                 im2col, max_pool2d_forward)
 
@@ -221,3 +221,32 @@ def test_without_numba_the_numpy_code_runs(rng, monkeypatch):
     x = rng.standard_normal((2, 6, 6, 3)).astype("float32")
     y, cache = max_pool2d_forward(x, 2)
     np.testing.assert_array_equal(y, x.reshape(2, 3, 2, 3, 2, 3).max(axis=(2, 4)))
+
+
+@requires_jit
+@pytest.mark.parametrize("make", [
+    lambda ps: SGD(ps, lr=0.05, weight_decay=1e-3),
+    lambda ps: SGD(ps, lr=0.05, momentum=0.9, weight_decay=1e-3, nesterov=True),
+    lambda ps: SGD(ps, lr=0.05, momentum=0.9, no_decay=ps),
+])
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_sgd_kernel_equals_the_numpy_code(rng, make, dtype):
+    """Five steps of the compiled update (cnn_gpu.cpu.elementwise) and of SGD's NumPy
+    code from the same start: the same parameters and state, bit for bit, subnormals included."""
+    start = rng.standard_normal(300).astype(dtype)
+    start[:20] = np.finfo(dtype).tiny * rng.uniform(-8, 8, 20)  # some become subnormal on the way
+    grads = [rng.standard_normal(300).astype(dtype) * (np.arange(300) >= 40) for _ in range(5)]
+    results = []
+    for enabled in (True, False):
+        p = Parameter(start.copy())
+        opt = make([p])
+        previous = cpu.set_enabled(enabled)
+        try:
+            for g in grads:
+                p.grad = g
+                opt.step()
+        finally:
+            cpu.set_enabled(previous)
+        results.append([p.data] + [opt.state[0][k] for k in sorted(opt.state[0])])
+    for got, ref in zip(*results):
+        np.testing.assert_array_equal(got, ref)

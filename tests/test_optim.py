@@ -7,6 +7,8 @@ from cnn_gpu.backend import to_numpy
 
 from .helpers import assert_close
 
+pytestmark = pytest.mark.usefixtures("cpu_kernels")  # compiled CPU kernels on, then off
+
 
 def _param(xp, values, grad):
     p = Parameter(xp.asarray(np.array(values, dtype=np.float64)))
@@ -115,3 +117,24 @@ def test_no_decay_must_name_optimized_parameters():
         SGD([p], lr=0.1, no_decay=[stranger])
     with pytest.raises(ValueError, match="weight_decay must be >= 0, got -0.1"):
         Adam([p], weight_decay=-0.1)
+
+
+@pytest.mark.parametrize("make", [
+    lambda ps: SGD(ps, lr=0.1, weight_decay=1e-3),
+    lambda ps: SGD(ps, lr=0.1, momentum=0.9, weight_decay=1e-3),
+    lambda ps: Adam(ps, lr=1e-3, weight_decay=5e-4),
+])
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_cpu_steps_leave_no_subnormal_values(make, dtype):
+    """A weight whose gradient is zero decays through the subnormal range; on the CPU the update
+    sets it to zero instead (optim.flush_subnormals), in the parameter and in the state."""
+    tiny = np.finfo(dtype).tiny
+    p = Parameter(np.array([tiny * 4, -tiny * 1.5, 1.0, np.nan], dtype=dtype))
+    p.grad = np.array([0.0, 0.0, 0.25, 0.0], dtype=dtype)
+    opt = make([p])
+    for _ in range(3):
+        opt.step()
+    for a in [p.data] + list(opt.state[0].values()):
+        finite = a[np.isfinite(a)]
+        assert not ((finite != 0) & (np.abs(finite) < tiny)).any(), a
+    assert p.data[2] != 1.0 and np.isnan(p.data[3])  # normal values move; NaN stays NaN
