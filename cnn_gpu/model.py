@@ -7,6 +7,7 @@ from typing import Any, Iterable
 
 import numpy as np
 
+from . import cpu
 from .atomic import atomic_write
 from .backend import backend_of, to_device, to_numpy
 from .layers import Conv2D, Layer, Parameter, _BatchNorm, _Pool2D
@@ -182,7 +183,8 @@ class Sequential:
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Copy arrays into the model (onto its device), checking names, shapes and dtypes first."""
+        """Copy arrays into the model (onto its device), checking names, shapes and dtypes first.
+        On the CPU, subnormal parameter values become zero (see cnn_gpu.cpu.flush_subnormals)."""
         expected = self.state_dict()
         missing = sorted(set(expected) - set(state))
         unexpected = sorted(set(state) - set(expected))
@@ -199,6 +201,8 @@ class Sequential:
             for name, p in layer.params.items():
                 p.data = to_device(np.array(to_numpy(state[f"{i}.{name}"])), backend)
                 p.grad = None
+                if backend == "numpy":  # e.g. weights trained on a GPU, which keeps subnormals
+                    cpu.flush_subnormals(p.data)
             for name in layer.buffers:
                 layer.buffers[name] = to_device(np.array(to_numpy(state[f"{i}.{name}"])), backend)
 

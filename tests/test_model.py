@@ -269,3 +269,14 @@ def test_pool_input_extent_is_what_its_windows_read():
     assert MaxPool2D(2).input_extent(12, 13) == (12, 12)
     assert AvgPool2D(3, 2).input_extent(8, 9) == (7, 9)
     assert MaxPool2D(3, 2, 1).input_extent(8, 8) == (8, 8)  # padded: every row is read
+
+
+def test_loading_on_the_cpu_flushes_subnormal_weights():
+    """Subnormal weights (a GPU keeps them) would slow every CPU GEMM: loading sets them to zero."""
+    model = seed_cnn(seed=1)
+    state = model.state_dict()
+    tiny = np.finfo(np.float32).tiny
+    state["7.weight"][:3, 0] = [tiny / 4, -tiny / 2, tiny]  # two subnormal, one normal
+    model.load_state_dict(state)
+    np.testing.assert_array_equal(model.layers[7].params["weight"].data[:3, 0], [0.0, 0.0, tiny])
+    np.testing.assert_array_equal(model.layers[7].params["weight"].data[3:], state["7.weight"][3:])

@@ -127,7 +127,7 @@ def test_no_decay_must_name_optimized_parameters():
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 def test_cpu_steps_leave_no_subnormal_values(make, dtype):
     """A weight whose gradient is zero decays through the subnormal range; on the CPU the update
-    sets it to zero instead (optim.flush_subnormals), in the parameter and in the state."""
+    sets it to zero instead (cnn_gpu.cpu.flush_subnormals), in the parameter and in the state."""
     tiny = np.finfo(dtype).tiny
     p = Parameter(np.array([tiny * 4, -tiny * 1.5, 1.0, np.nan], dtype=dtype))
     p.grad = np.array([0.0, 0.0, 0.25, 0.0], dtype=dtype)

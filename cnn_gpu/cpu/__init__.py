@@ -73,3 +73,17 @@ def runs_on(*arrays: Any) -> bool:
     dtype = arrays[0].dtype if isinstance(arrays[0], np.ndarray) else None
     return (dtype in DTYPES
             and all(isinstance(a, np.ndarray) and a.dtype == dtype for a in arrays))
+
+
+def flush_subnormals(*arrays: Any) -> None:
+    """Set the subnormal values of NumPy arrays to zero, in place (|x| < finfo.tiny: 1.2e-38 in float32).
+    NumPy code, needing no Numba: the optimizers' NumPy path and checkpoint loading call it.
+
+    Why: with weight decay, a weight whose input is always zero (a dead ReLU feature) decays towards
+    zero through the subnormal range, and an x86 CPU computes with subnormals up to ~100x slower. In
+    the seed network trained with Adam, a fifth of the dense layer's weights were subnormal by epoch
+    15, and a training step took 29 ms instead of 13. Flushing moves a value by under 1.2e-38. The GPU
+    computes with subnormals at full speed, and its updates keep them.
+    """
+    for a in arrays:
+        a[np.abs(a) < np.finfo(a.dtype).tiny] = 0
