@@ -110,15 +110,18 @@ class Conv2D(Layer):
         if bias:
             self.params["bias"] = Parameter(np.zeros(out_channels, dtype=dtype))
 
-    def forward(self, x: Any, out_size: tuple[int, int] | None = None) -> Any:
+    def forward(self, x: Any, out_size: tuple[int, int] | None = None, inference: bool = False) -> Any:
         """out_size (rows, cols): only that corner of the output, the part a following pool reads
-        (Sequential passes it; see F.conv2d_forward)."""
+        (Sequential passes it; see F.conv2d_forward). inference: no backward follows."""
         F._util.check_rank(x, 4, repr(self), "(N, H, W, C)")
         self._check_channels(x, self.in_channels)
         bias = self.params.get("bias")
         y, self._cache = F.conv2d_forward(x, self.params["weight"].data, None if bias is None else bias.data,
-                                          self.stride, self.padding, out_size)
+                                          self.stride, self.padding, out_size, inference)
         return y
+
+    def infer(self, x: Any, **options: Any) -> Any:
+        return super().infer(x, inference=True, **options)
 
     def backward(self, dout: Any, need_dx: bool = True) -> Any:
         dx, dw, db = F.conv2d_backward(dout, self._cache, need_dx=need_dx)
@@ -131,7 +134,7 @@ class Conv2D(Layer):
         convolution and no pass of its own (an eval-mode batch norm after this layer)."""
         F._util.check_rank(x, 4, repr(self), "(N, H, W, C)")
         self._check_channels(x, self.in_channels)
-        y, _ = F.conv2d_forward(x, *self._folded(scale, shift), self.stride, self.padding, out_size)
+        y, _ = F.conv2d_forward(x, *self._folded(scale, shift), self.stride, self.padding, out_size, inference=True)
         return y
 
     def output_shape(self, input_shape):

@@ -119,14 +119,16 @@ def test_out_size_outside_the_output_or_with_padding_is_refused(xp, rng):
 
 
 @pytest.mark.parametrize("bias", [True, False])
-def test_kept_cols_give_the_gradients_of_rebuilt_cols(rng, monkeypatch, bias):
-    """The seed network's conv1 over several chunks: the backward from the cols the forward kept
-    equals the backward that rebuilds them from x."""
+@pytest.mark.parametrize("x_shape, w_shape", [((200, 28, 28, 1), (3, 3, 1, 32)), ((40, 13, 13, 32), (3, 3, 32, 64))])
+def test_kept_cols_give_the_gradients_of_rebuilt_cols(rng, monkeypatch, bias, x_shape, w_shape):
+    """The seed network's conv1 (cols no wider than y) and conv2 (cols under KEEP_COLS_BYTES) over
+    several chunks: the backward from the cols the forward kept equals the one that rebuilds them."""
     from cnn_gpu.functional import conv
-    x = rng.standard_normal((200, 28, 28, 1)).astype("float32")
-    wt, b = rng.standard_normal((3, 3, 1, 32)).astype("float32"), rng.standard_normal(32).astype("float32")
+    x = rng.standard_normal(x_shape).astype("float32")
+    wt, b = rng.standard_normal(w_shape).astype("float32"), rng.standard_normal(w_shape[3]).astype("float32")
     y, cache = conv2d_forward(x, wt, b if bias else None)
-    assert cache[-1] is not None and len(conv._chunks(x, 26 * 26 * 9 * 4)) > 1
+    row_bytes = y.shape[1] * y.shape[2] * int(np.prod(w_shape[:3])) * 4
+    assert cache[-1] is not None and len(conv._chunks(x, row_bytes)) > 1
     dy = rng.standard_normal(y.shape).astype("float32")
     kept = conv2d_backward(dy, cache)
     monkeypatch.setattr(conv, "_keeps_cols", lambda *args: False)
@@ -138,3 +140,13 @@ def test_kept_cols_give_the_gradients_of_rebuilt_cols(rng, monkeypatch, bias):
             assert got is None
         else:
             np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5 * float(np.abs(ref).max()))
+
+
+def test_inference_keeps_no_cols(rng):
+    """inference=True: the same y, and no cols held in the cache (nothing will backpropagate)."""
+    x = rng.standard_normal((8, 13, 13, 32)).astype("float32")
+    wt, b = rng.standard_normal((3, 3, 32, 64)).astype("float32"), rng.standard_normal(64).astype("float32")
+    y, cache = conv2d_forward(x, wt, b)
+    y_inference, inference_cache = conv2d_forward(x, wt, b, inference=True)
+    assert cache[-1] is not None and inference_cache[-1] is None
+    np.testing.assert_array_equal(y_inference, y)
