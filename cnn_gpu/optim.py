@@ -39,6 +39,9 @@ class Optimizer:
     weight_decay (L2, added to the gradient) applies to every parameter except those in
     no_decay: e.g. biases and batch-norm scales and shifts, which weight decay only pulls
     towards zero without limiting what the network can fit (`no_decay_parameters(model)`).
+
+    On the CPU an update sets subnormal values of the parameters and the state to zero
+    (`cnn_gpu.cpu.flush_subnormals`: they would slow every later step several-fold).
     """
 
     def __init__(self, params: Iterable[Parameter], lr: float, weight_decay: float = 0.0,

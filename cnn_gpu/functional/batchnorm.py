@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from .. import cpu
 from ..backend import get_array_module, is_cupy_array
 from ._util import check_float, column_sum
 
@@ -37,7 +38,6 @@ def _kernels(*arrays: Any) -> Any:
     if is_cupy_array(arrays[0]):
         from ..cuda import batchnorm
         return batchnorm
-    from .. import cpu
     if cpu.runs_on(*arrays):
         from ..cpu import batchnorm
         return batchnorm

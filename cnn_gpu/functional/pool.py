@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from .. import cpu
 from ..backend import get_array_module, is_cupy_array
 from ._util import check_float, check_rank, output_size, pair
 from .conv import _offset_slice, pad_hw
@@ -26,7 +27,6 @@ POOL_CHUNK_BYTES = 1 << 20  # input per chunk of images: 1 MiB measured best (25
 
 def _compiled(x: Any, kh: int, kw: int, sh: int, sw: int, ph: int, pw: int) -> bool:
     """Whether cnn_gpu.cpu.maxpool takes this pooling: NumPy x, non-overlapping windows, no padding."""
-    from .. import cpu
     return (sh, sw) == (kh, kw) and ph == pw == 0 and cpu.runs_on(x)
 
 
