@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from cnn_gpu.backend import to_numpy
-from cnn_gpu.functional import conv2d_backward, conv2d_forward
+from cnn_gpu.functional import conv2d_backward, conv2d_forward, im2col
 
 from .helpers import assert_close, numerical_gradients, random
 from .references import conv2d_loops
@@ -150,3 +150,20 @@ def test_inference_keeps_no_cols(rng):
     y_inference, inference_cache = conv2d_forward(x, wt, b, inference=True)
     assert cache[-1] is not None and inference_cache[-1] is None
     np.testing.assert_array_equal(y_inference, y)
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+@pytest.mark.parametrize("layout", ["rows", "columns"])
+def test_im2col_into_a_buffer_of_either_layout(rng, channels, layout):
+    """im2col(out=...) writes the same cols into a row-major buffer and into one stored column
+    by column (what cols_buffer gives for one input channel)."""
+    from cnn_gpu.functional import conv
+    x = rng.standard_normal((3, 7, 6, channels))
+    expected, oh, ow = im2col(x, 3, 2, 1, 1, 1, 0)
+    shape = (3 * oh * ow, 3 * 2 * channels + 1)  # one column more, as the bias column takes
+    buf = np.full(shape[::-1], np.nan).T if layout == "columns" else np.full(shape, np.nan)
+    im2col(x, 3, 2, 1, 1, 1, 0, out=buf[:, :-1])
+    np.testing.assert_array_equal(buf[:, :-1], expected)
+    assert np.isnan(buf[:, -1]).all()
+    assert conv.cols_buffer(np, 10, 4, 1, "float32").T.flags.c_contiguous
+    assert conv.cols_buffer(np, 10, 4, 2, "float32").flags.c_contiguous

@@ -64,16 +64,27 @@ def im2col(x: Any, kh: int, kw: int, sh: int, sw: int, ph: int, pw: int,
     if out is None:
         windows = window_view(xpad, kh, kw, sh, sw, oh, ow)
         return windows.reshape(n * oh * ow, kh * kw * c), oh, ow  # the one copy
-    cols6 = out.reshape(n, oh, ow, kh, kw, c)  # a view: splitting axes never copies
     if c == 1:
-        # One input channel: a copy per kernel offset runs along image rows (OW elements per
-        # inner loop) instead of KW elements per window row: 1.6x faster on the seed's conv1.
+        # One input channel: a copy per kernel offset (one column of cols) runs along image rows
+        # (OW elements per inner loop) instead of KW elements per window row: 1.6x faster on the
+        # seed's conv1, and 3.8x more when cols is stored column by column (cols_buffer).
         for i in range(kh):
             for j in range(kw):
-                xp.copyto(cols6[:, :, :, i, j, :], xpad[_offset_slice(i, j, sh, sw, oh, ow)])
+                column = out[:, i * kw + j].reshape(n, oh, ow)  # a view: one stride, any layout
+                xp.copyto(column, xpad[_offset_slice(i, j, sh, sw, oh, ow)][..., 0])
     else:
-        xp.copyto(cols6, window_view(xpad, kh, kw, sh, sw, oh, ow))
+        xp.copyto(out.reshape(n, oh, ow, kh, kw, c), window_view(xpad, kh, kw, sh, sw, oh, ow))
     return out, oh, ow
+
+
+def cols_buffer(xp: Any, rows: int, columns: int, channels: int, dtype: Any) -> Any:
+    """An empty (rows, columns) array for im2col's out. With one input channel it is stored
+    column by column (its transpose is C-contiguous): each of im2col's per-offset copies then
+    writes one contiguous run (the seed network's conv1 at batch 64: im2col 0.50 -> 0.13 ms),
+    and BLAS takes the transposed operand as it is (the GEMM's time does not change)."""
+    if channels == 1:
+        return xp.empty((columns, rows), dtype=dtype).T
+    return xp.empty((rows, columns), dtype=dtype)
 
 
 def col2im(dcols: Any, x_shape: tuple[int, ...], kh: int, kw: int, sh: int, sw: int,
@@ -126,8 +137,8 @@ def _chunk_cols(x: Any, kh: int, kw: int, sh: int, sw: int, ph: int, pw: int, oh
         for part in chunks:  # one fresh cols (CuPy), or x itself (1x1)
             yield part, im2col(x[part], kh, kw, sh, sw, ph, pw)[0]
         return
-    buf = into if into is not None else xp.empty(((chunks[0].stop - chunks[0].start) * oh * ow, k + ones_column),
-                                                 dtype=x.dtype)
+    buf = into if into is not None else cols_buffer(xp, (chunks[0].stop - chunks[0].start) * oh * ow,
+                                                    k + ones_column, x.shape[3], x.dtype)
     if ones_column:
         buf[:, k] = 1
     for part in chunks:
@@ -214,7 +225,7 @@ def conv2d_forward(x: Any, w: Any, b: Any = None, stride: int | tuple[int, int] 
     kept = None
     if not inference and _keeps_cols(x, k + fold, o, _is_pointwise(kh, kw, sh, sw, ph, pw),
                                      n * oh * ow * (k + fold) * x.itemsize):
-        kept = xp.empty((n * oh * ow, k + fold), dtype=x.dtype)
+        kept = cols_buffer(xp, n * oh * ow, k + fold, c, x.dtype)
     for part, cols in _chunk_cols(x, kh, kw, sh, sw, ph, pw, oh, ow, fold, into=kept):
         y_part = y[part].reshape(-1, o)  # a view: the GEMM writes into y
         xp.matmul(cols, w2d, out=y_part)  # the GEMM: (B*OH*OW, K [+ 1]) @ (K [+ 1], O)
