@@ -21,6 +21,14 @@ _jit = numba.njit(cache=True, nogil=True, boundscheck=False)
 
 
 @_jit
+def _pick(v, best, at, k):  # pragma: no cover - compiled
+    """The running (maximum, argmax) after seeing v at window offset k: strictly greater keeps the
+    first maximum; a NaN beats all but an earlier NaN. Selects, not branches (SIMD)."""
+    better = (v > best) | ((v != v) & (best == best))
+    return (v if better else best), (k if better else at)
+
+
+@_jit
 def _forward(x, kh, kw, y, argmax, record):  # pragma: no cover - compiled; tested against NumPy
     """record False (evaluation): argmax is not written (pass any uint8 array)."""
     n, oh, ow, c = y.shape
@@ -34,13 +42,29 @@ def _forward(x, kh, kw, y, argmax, record):  # pragma: no cover - compiled; test
                 for k in range(1, kh * kw):
                     r, s = i * kh + k // kw, j * kw + k % kw
                     for ch in range(c):
-                        v, best = x[b, r, s, ch], y[b, i, j, ch]
-                        # Strictly greater keeps the first maximum; a NaN beats all but an earlier
-                        # NaN. Selects, not branches: they compile to SIMD over the channels.
-                        better = (v > best) | ((v != v) & (best == best))
-                        y[b, i, j, ch] = v if better else best
+                        at = argmax[b, i, j, ch] if record else 0
+                        y[b, i, j, ch], at = _pick(x[b, r, s, ch], y[b, i, j, ch], at, k)
                         if record:
-                            argmax[b, i, j, ch] = k if better else argmax[b, i, j, ch]
+                            argmax[b, i, j, ch] = at
+
+
+@_jit
+def _forward_2x2(x, y, argmax, record):  # pragma: no cover - compiled; tested against NumPy
+    """_forward for 2x2 windows, the four offsets written out: the running maximum stays in a
+    register instead of y (the seed network's first pool at batch 64: 0.5 -> 0.25 ms)."""
+    n, oh, ow, c = y.shape
+    for b in range(n):
+        for i in range(oh):
+            for j in range(ow):
+                r, s = 2 * i, 2 * j
+                for ch in range(c):
+                    best, at = x[b, r, s, ch], np.uint8(0)
+                    best, at = _pick(x[b, r, s + 1, ch], best, at, np.uint8(1))
+                    best, at = _pick(x[b, r + 1, s, ch], best, at, np.uint8(2))
+                    best, at = _pick(x[b, r + 1, s + 1, ch], best, at, np.uint8(3))
+                    y[b, i, j, ch] = best
+                    if record:
+                        argmax[b, i, j, ch] = at
 
 
 @_jit
@@ -62,7 +86,10 @@ def max_pool2d_forward(x: Any, kh: int, kw: int) -> tuple[Any, Any]:
     n, h, w, c = x.shape
     y = np.empty((n, h // kh, w // kw, c), dtype=x.dtype)
     argmax = np.empty(y.shape, dtype=window_index_dtype(kh, kw))
-    _forward(x, kh, kw, y, argmax, True)
+    if (kh, kw) == (2, 2):
+        _forward_2x2(x, y, argmax, True)
+    else:
+        _forward(x, kh, kw, y, argmax, True)
     return y, argmax
 
 
@@ -71,7 +98,11 @@ def max_pool2d(x: Any, kh: int, kw: int) -> Any:
     x = np.ascontiguousarray(x)
     n, h, w, c = x.shape
     y = np.empty((n, h // kh, w // kw, c), dtype=x.dtype)
-    _forward(x, kh, kw, y, np.empty((1, 1, 1, 1), dtype=window_index_dtype(kh, kw)), False)
+    unused = np.empty((1, 1, 1, 1), dtype=window_index_dtype(kh, kw))
+    if (kh, kw) == (2, 2):
+        _forward_2x2(x, y, unused, False)
+    else:
+        _forward(x, kh, kw, y, unused, False)
     return y
 
 
