@@ -149,14 +149,6 @@ def _chunk_cols(x: Any, kh: int, kw: int, sh: int, sw: int, ph: int, pw: int, oh
         yield part, cols
 
 
-def _kept_chunk_cols(kept: Any, n: int, oh: int, ow: int, row_bytes: int):
-    """Yield (batch slice, cols) per chunk from the whole batch's cols that the forward kept."""
-    per = max(1, CHUNK_BYTES // max(row_bytes, 1))
-    for start in range(0, n, per):
-        part = slice(start, min(start + per, n))
-        yield part, kept[part.start * oh * ow:part.stop * oh * ow]
-
-
 KEEP_COLS_BYTES = 1 << 24  # a batch's cols up to 16 MiB is kept for the backward (see _keeps_cols)
 
 
@@ -280,8 +272,9 @@ def conv2d_backward(dy: Any, cache: tuple, need_dx: bool = True) -> tuple[Any, A
     else:  # one chunk (always on the GPU): dx is col2im's result itself, no copy into a buffer
         dx = None
     # Each chunk's cols: the forward's, or rebuilt from x (see the module docstring).
-    if kept is not None:
-        chunks = _kept_chunk_cols(kept, x.shape[0], oh, ow, oh * ow * k * x.itemsize)
+    if kept is not None:  # the same chunks, as row slices of the whole batch's cols
+        chunks = ((part, kept[part.start * oh * ow:part.stop * oh * ow])
+                  for part in _chunks(x, oh * ow * k * x.itemsize))
     else:
         chunks = _chunk_cols(x, kh, kw, sh, sw, ph, pw, oh, ow, fold)
     for part, cols in chunks:

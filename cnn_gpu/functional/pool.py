@@ -98,7 +98,6 @@ def _blocks(a: Any, kh: int, kw: int, oh: int, ow: int) -> Any:
     return a[:, :oh * kh, :ow * kw, :].reshape(n, oh, kh, ow, kw, c)
 
 
-
 def _max_pool_blocks(x, kh, kw, oh, ow):
     """Non-overlapping windows, no padding: a running maximum over the KH*KW offsets.
     Returns None when the output holds a NaN (the general path's first-NaN rule applies).
