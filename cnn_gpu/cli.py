@@ -485,15 +485,25 @@ def load_images(path: str | os.PathLike) -> tuple[np.ndarray, list[str]]:
     if not path.is_file():
         raise FileNotFoundError(f"no such file: {path}")
     suffix = path.suffix.lower()
-    if suffix == ".npy":
-        arrays = {"": np.load(path, allow_pickle=False)}
-    elif suffix == ".npz":
-        with np.load(path, allow_pickle=False) as data:
-            arrays = {key: data[key] for key in data.files}
-    elif suffix == ".png":
-        arrays = {"": _read_png(path)}
-    else:
+    if suffix not in (".npy", ".npz", ".png"):
         raise ValueError(f"{path}: unsupported file type {suffix!r}; give .npy, .npz or .png")
+    try:
+        if suffix == ".npy":
+            with open(path, "rb") as f:
+                if f.read(6) != b"\x93NUMPY":  # else np.load guesses it is a pickle
+                    raise ValueError(f"{path}: not a NumPy .npy file (it lacks the .npy header)")
+            arrays = {"": np.load(path, allow_pickle=False)}
+        elif suffix == ".npz":
+            with np.load(path, allow_pickle=False) as data:
+                arrays = {key: data[key] for key in data.files}
+        else:
+            arrays = {"": _read_png(path)}
+    except ValueError as exc:
+        if str(exc).startswith(str(path)):  # already names the file
+            raise
+        raise ValueError(f"{path}: not a readable {suffix[1:]} file ({exc})") from exc
+    except Exception as exc:  # the decoders' own errors: Pillow's SyntaxError, zipfile's BadZipFile, EOFError
+        raise ValueError(f"{path}: not a readable {suffix[1:]} file ({type(exc).__name__}: {exc})") from exc
     images, names = [], []
     for key, a in arrays.items():
         label = f"{path}" + (f"[{key}]" if key else "")
@@ -520,8 +530,12 @@ def _as_gray_28(a: np.ndarray, label: str) -> np.ndarray:
         if a.min() < 0 or a.max() > 255:
             raise ValueError(f"{label}: integer pixels must be in 0..255, got {a.min()}..{a.max()}")
         return a.astype(np.uint8)[..., None]
-    if not np.isfinite(a).all() or a.min() < 0 or a.max() > 1:
-        raise ValueError(f"{label}: float pixels must be in [0, 1]; got {np.nanmin(a)}..{np.nanmax(a)}")
+    finite = np.isfinite(a)
+    if not finite.all():
+        raise ValueError(f"{label}: float pixels must be in [0, 1]; {int((~finite).sum())} of {a.size} "
+                         "are NaN or infinite")
+    if a.min() < 0 or a.max() > 1:
+        raise ValueError(f"{label}: float pixels must be in [0, 1]; got {a.min()}..{a.max()}")
     return a.astype(np.float32)[..., None]
 
 

@@ -46,3 +46,17 @@ def numerical_gradients(f: Callable[..., object], inputs: Sequence, dy, eps: flo
 def random(xp, rng: np.random.Generator, shape, dtype="float64", scale: float = 1.0):
     """Normal random array on the backend under test (drawn on the CPU so both backends see the same numbers)."""
     return xp.asarray((rng.standard_normal(shape) * scale).astype(dtype))
+
+
+def assert_same_predictions(predictions, scores, margin: float = 1e-6) -> None:
+    """predictions (N,) equal scores.argmax(axis=1) (scores (N, K)) wherever the top two scores
+    differ by more than `margin` (relative to the row's largest magnitude).
+
+    For predictions made by another computation than `scores` (another batch size, so other GEMM
+    shapes): the two agree to rounding, and rounding may flip the argmax of a near tie.
+    """
+    p, s = to_numpy(predictions), to_numpy(scores).astype(np.float64)
+    top2 = np.sort(s, axis=1)[:, -2:]
+    clear = (top2[:, 1] - top2[:, 0]) > margin * np.maximum(np.abs(s).max(axis=1), 1e-30)
+    assert clear.mean() > 0.5, "almost every row is a near tie: the check would test nothing"
+    np.testing.assert_array_equal(p[clear], s.argmax(axis=1)[clear])

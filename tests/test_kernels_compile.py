@@ -126,3 +126,35 @@ def test_nvcc_compiles_without_warnings_or_spills(filename, arch, tmp_path):
     assert len(entries) == expected, log
     spills = re.findall(r"(\d+) bytes spill stores", log)
     assert spills and all(s == "0" for s in spills), f"register spills:\n{log}"
+
+
+def _every_kernel_file() -> list[str]:
+    """Every .cu in kernels/, found on disk, so that a new file cannot escape these tests."""
+    directory = loader.kernel_path(maxpool.KERNEL_FILE).parent
+    return sorted(path.name for path in directory.glob("*.cu"))
+
+
+def test_every_kernel_file_is_compiled_by_these_tests():
+    assert set(_every_kernel_file()) == set(KERNEL_FILES), \
+        "add the new .cu file and its name_expressions to KERNEL_FILES"
+
+
+@pytest.mark.parametrize("filename", _every_kernel_file())
+def test_nvcc_compiles_each_file_as_it_is_without_warnings(filename, tmp_path):
+    """The file alone, as a user's `nvcc -Werror all-warnings` sees it: no template is
+    instantiated, so the host pass checks what only templates use (warning #177 and the like)."""
+    nvcc = _nvcc()
+    cmd = [nvcc, "-std=c++17", "-Werror", "all-warnings", "-arch=sm_90", "-c",
+           str(loader.kernel_path(filename)), "-o", str(tmp_path / "alone.o")]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, f"{' '.join(cmd)}\n{result.stdout}{result.stderr}"
+
+
+def test_nvcc_warning_check_can_fail(tmp_path):
+    """A namespace-scope constant used only inside a template is the warning the check exists for."""
+    nvcc = _nvcc()
+    source = tmp_path / "unreferenced.cu"
+    source.write_text("constexpr int UNUSED = 8;\ntemplate <typename T> __global__ void k(T* p) { p[0] = UNUSED; }\n")
+    result = subprocess.run([nvcc, "-std=c++17", "-Werror", "all-warnings", "-arch=sm_90", "-c", str(source),
+                             "-o", str(tmp_path / "u.o")], capture_output=True, text=True, timeout=600)
+    assert result.returncode != 0 and "177" in result.stdout + result.stderr

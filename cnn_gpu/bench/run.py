@@ -60,6 +60,19 @@ def blas_threads() -> tuple[int, str, dict | None]:
     return int(blas[0]["num_threads"]), "threadpoolctl", blas[0]
 
 
+OPENBLAS_ENV = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
+
+
+def openblas_env_line() -> str:
+    """Whether OPENBLAS_CORETYPE / OPENBLAS_L2_SIZE are set: some machines set them for old OpenBLAS
+    builds, and a current NumPy's OpenBLAS then runs the older GEMM kernels they name, which moves
+    every CPU row (BENCHMARKS.md records which setting each table had)."""
+    parts = [f"{k}={os.environ[k]}" if k in os.environ else f"{k} unset" for k in OPENBLAS_ENV]
+    note = "; set: OpenBLAS uses the kernels they name, not its own pick" \
+        if any(k in os.environ for k in OPENBLAS_ENV) else ""
+    return ", ".join(parts) + note
+
+
 def cpu_name() -> str:
     try:
         with open("/proc/cpuinfo") as f:
@@ -258,6 +271,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"# {machine['cpu']}, {machine['cores']} cores; NumPy {np.__version__}"
           f" BLAS {machine['blas'] or '?'}; {threads} threads ({thread_source})"
           + (f"; GPU {machine['gpu']}" if gpu else ""))
+    print(f"# {openblas_env_line()}")
     print(f"# torch: {machine['torch']}")
     if not gpu:
         print(f"# compiled CPU kernels (cnn_gpu.cpu): {machine['cpu_kernels']}")

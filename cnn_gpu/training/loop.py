@@ -137,7 +137,7 @@ def fit(model: Sequential, optimizer: Optimizer, train_data: Split, *, epochs: i
         try:
             _seed_dropout(model, seed, epoch)
             train_loss, train_acc, train_seconds = _train_epoch(
-                model, optimizer, loader, epoch, epochs, progress, label_smoothing)
+                model, optimizer, loader, epoch, epochs, progress, label_smoothing, num_classes)
             record: dict[str, Any] = {"epoch": epoch + 1, "train_loss": train_loss, "train_accuracy": train_acc}
             if label_smoothing:
                 record["label_smoothing"] = label_smoothing  # train_loss is against smoothed targets
@@ -180,21 +180,42 @@ def fit(model: Sequential, optimizer: Optimizer, train_data: Split, *, epochs: i
     return result
 
 
+# A training loss this many times that of a uniform guess (log K for K classes) has diverged,
+# though its dtype still holds it: the right class then has probability below e^(-100 log K).
+DIVERGED_LOSS_FACTOR = 100.0
+
+
+def divergence_threshold(num_classes: int) -> float:
+    """The mean training loss above which fit() stops with TrainingDiverged (finite or not)."""
+    return DIVERGED_LOSS_FACTOR * math.log(max(num_classes, 2))
+
+
 def _train_epoch(model: Sequential, optimizer: Optimizer, loader: BatchIterator, epoch: int, epochs: int,
-                 progress: bool, label_smoothing: float) -> tuple[float, float, float]:
+                 progress: bool, label_smoothing: float, num_classes: int) -> tuple[float, float, float]:
     """One pass over the training data. Returns (mean loss, accuracy, seconds).
 
     The loss and the count of right answers are summed on the device and read only when the
     progress bar is refreshed (every step on the CPU, where reading costs nothing; every
-    `sync_every` steps on the GPU, where each read waits for the queued work).
+    `sync_every` steps on the GPU, where each read waits for the queued work). The mean loss of
+    the steps since the last read is checked then: NaN, infinite, or above
+    divergence_threshold() raises TrainingDiverged. NumPy's overflow and invalid-value warnings
+    are silenced meanwhile: an exploding step trips them before its loss is read, and this check
+    is what reports it.
     """
+    with np.errstate(over="ignore", invalid="ignore"):
+        return _train_steps(model, optimizer, loader, epoch, epochs, progress, label_smoothing, num_classes)
+
+
+def _train_steps(model: Sequential, optimizer: Optimizer, loader: BatchIterator, epoch: int, epochs: int,
+                 progress: bool, label_smoothing: float, num_classes: int) -> tuple[float, float, float]:
     model.train()
+    limit = divergence_threshold(num_classes)
     xp = get_array_module(loader.images)
     on_gpu = xp is not np
     sync_every = 50 if on_gpu else 1
     steps = len(loader)
     loss_sum, correct = xp.zeros((), dtype=np.float64), xp.zeros((), dtype=np.int64)
-    seen, synced_step = 0, 0
+    seen, synced_step, synced_seen, synced_loss = 0, 0, 0, 0.0
     started = time.perf_counter()
     with ProgressBar(steps, f"epoch {epoch + 1}/{epochs}", enabled=progress) as bar:
         for step, (x, y) in enumerate(loader.batches(epoch), start=1):
@@ -208,11 +229,15 @@ def _train_epoch(model: Sequential, optimizer: Optimizer, loader: BatchIterator,
             seen += len(y)
             if step % sync_every == 0 or step == steps:
                 total = float(loss_sum)  # the one device->host read per refresh
-                if not math.isfinite(total):
+                recent = (total - synced_loss) / (seen - synced_seen)  # mean loss since the last read
+                if not recent <= limit:  # NaN compares False
                     where = f"step {step}" if synced_step + 1 == step else f"a step in {synced_step + 1}..{step}"
+                    what = f"became {recent:g}" if not math.isfinite(recent) else \
+                        f"exploded to {recent:.3g} (above {limit:.0f}, {DIVERGED_LOSS_FACTOR:.0f}x a uniform guess's)"
                     raise TrainingDiverged(
-                        f"training diverged: the loss became {float(loss)} at epoch {epoch + 1}, {where} "
+                        f"training diverged: the loss {what} at epoch {epoch + 1}, {where} "
                         f"of {steps}; try a lower learning rate (it was {optimizer.lr:g})", epoch + 1, step)
+                synced_loss, synced_seen = total, seen
                 elapsed = time.perf_counter() - started
                 bar.update(step - synced_step, loss=total / seen, acc=float(correct) / seen,
                            img_s=seen / elapsed if elapsed > 0 else 0.0)
