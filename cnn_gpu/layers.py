@@ -13,7 +13,7 @@ import numpy as np
 
 from . import functional as F
 from .backend import get_array_module, to_device
-from .functional._util import output_size, pair
+from .geometry import check_rank, output_size, pair
 from .init import init_weight
 
 
@@ -113,7 +113,7 @@ class Conv2D(Layer):
     def forward(self, x: Any, out_size: tuple[int, int] | None = None, inference: bool = False) -> Any:
         """out_size (rows, cols): only that corner of the output, the part a following pool reads
         (Sequential passes it; see F.conv2d_forward). inference: no backward follows."""
-        F._util.check_rank(x, 4, repr(self), "(N, H, W, C)")
+        check_rank(x, 4, repr(self), "(N, H, W, C)")
         self._check_channels(x, self.in_channels)
         bias = self.params.get("bias")
         y, self._cache = F.conv2d_forward(x, self.params["weight"].data, None if bias is None else bias.data,
@@ -132,7 +132,7 @@ class Conv2D(Layer):
         """forward(x) * scale + shift per output channel (scale, shift: (C_out,)), for evaluation:
         the scale is folded into the filters and the shift into the bias, so it costs one
         convolution and no pass of its own (an eval-mode batch norm after this layer)."""
-        F._util.check_rank(x, 4, repr(self), "(N, H, W, C)")
+        check_rank(x, 4, repr(self), "(N, H, W, C)")
         self._check_channels(x, self.in_channels)
         y, _ = F.conv2d_forward(x, *self._folded(scale, shift), self.stride, self.padding, out_size, inference=True)
         return y
@@ -142,8 +142,8 @@ class Conv2D(Layer):
         if c != self.in_channels:
             raise ValueError(f"{self!r}: expected {self.in_channels} input channels, got shape {input_shape}")
         (kh, kw), (sh, sw), (ph, pw) = self.kernel_size, self.stride, self.padding
-        return (output_size(h, kh, sh, ph, repr(self), "height"),
-                output_size(w, kw, sw, pw, repr(self), "width"), self.out_channels)
+        return (output_size(h, kh, sh, ph, op=repr(self), axis="height"),
+                output_size(w, kw, sw, pw, op=repr(self), axis="width"), self.out_channels)
 
     def __repr__(self) -> str:
         extra = "".join(f", {name}={value}" for name, value, default in
@@ -165,7 +165,7 @@ class Dense(Layer):
             self.params["bias"] = Parameter(np.zeros(out_features, dtype=dtype))
 
     def forward(self, x: Any) -> Any:
-        F._util.check_rank(x, 2, repr(self), "(N, features)")
+        check_rank(x, 2, repr(self), "(N, features)")
         self._check_channels(x, self.in_features, "features")
         bias = self.params.get("bias")
         y, self._cache = F.linear_forward(x, self.params["weight"].data, None if bias is None else bias.data)
@@ -178,7 +178,7 @@ class Dense(Layer):
 
     def infer_folded(self, x: Any, scale: Any, shift: Any) -> Any:
         """forward(x) * scale + shift per output feature (see Conv2D.infer_folded)."""
-        F._util.check_rank(x, 2, repr(self), "(N, features)")
+        check_rank(x, 2, repr(self), "(N, features)")
         self._check_channels(x, self.in_features, "features")
         y, _ = F.linear_forward(x, *self._folded(scale, shift))
         return y
@@ -224,8 +224,8 @@ class _Pool2D(Layer):
     def output_shape(self, input_shape):
         h, w, c = input_shape
         (kh, kw), (sh, sw), (ph, pw) = self.pool_size, self.stride, self.padding
-        return (output_size(h, kh, sh, ph, repr(self), "height"),
-                output_size(w, kw, sw, pw, repr(self), "width"), c)
+        return (output_size(h, kh, sh, ph, op=repr(self), axis="height"),
+                output_size(w, kw, sw, pw, op=repr(self), axis="width"), c)
 
     def __repr__(self) -> str:
         extra = "".join(f", {name}={value}" for name, value, default in
@@ -259,7 +259,7 @@ class _BatchNorm(Layer):
                         "running_var": np.ones(num_features, dtype=dtype)}
 
     def forward(self, x: Any) -> Any:
-        F._util.check_rank(x, len(self._layout.split(",")), repr(self), self._layout)
+        check_rank(x, len(self._layout.split(",")), repr(self), self._layout)
         self._check_channels(x, self.num_features)
         y, self._cache = F.batch_norm_forward(
             x, self.params["gamma"].data, self.params["beta"].data, self.buffers["running_mean"],

@@ -17,7 +17,7 @@ from cnn_gpu import SGD, Parameter, cpu
 from cnn_gpu.functional import (batch_norm_backward, col2im, conv2d_backward, conv2d_forward, batch_norm_forward, max_pool2d, max_pool2d_backward,
                                 im2col, max_pool2d_forward)
 
-from cnn_gpu.functional._util import pair
+from cnn_gpu.geometry import pair
 
 from .conftest import requires_jit
 

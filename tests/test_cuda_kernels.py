@@ -12,6 +12,7 @@ import pytest
 
 from cnn_gpu import backend
 from cnn_gpu.cuda import batchnorm, loader, maxpool
+from cnn_gpu.geometry import output_size
 from tests.conftest import requires_gpu
 from tests.gpu_reference import (batch_norm_backward_dx_ref, channel_grad_sums_ref,
                                  channel_mean_var_ref, max_pool2d_backward_ref,
@@ -59,8 +60,8 @@ def _input(rng, shape, dtype, ties):
 
 def _poisoned_forward(cp, x, pool, stride, padding):
     n, h, w, c = x.shape
-    oh = maxpool.output_size(h, pool[0], stride[0], padding[0])
-    ow = maxpool.output_size(w, pool[1], stride[1], padding[1])
+    oh = output_size(h, pool[0], stride[0], padding[0])
+    ow = output_size(w, pool[1], stride[1], padding[1])
     y = cp.full((n, oh, ow, c), np.nan, dtype=x.dtype)
     index = maxpool.argmax_dtype(pool)
     argmax = cp.full((n, oh, ow, c), np.iinfo(index).max, dtype=index)

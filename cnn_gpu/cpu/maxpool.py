@@ -15,7 +15,7 @@ from typing import Any
 import numba
 import numpy as np
 
-from ..functional.pool import window_index_dtype
+from ..geometry import window_index_dtype
 
 _jit = numba.njit(cache=True, nogil=True, boundscheck=False)
 

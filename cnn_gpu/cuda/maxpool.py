@@ -16,6 +16,7 @@ import numpy as np
 
 from cnn_gpu.backend import require_cupy
 from cnn_gpu.cuda import loader
+from cnn_gpu.geometry import output_size, window_index_dtype
 
 KERNEL_FILE = "maxpool2d.cu"
 THREADS = 256          # threads per block (a multiple of 32)
@@ -32,13 +33,8 @@ VECTOR_BYTES = 16
 
 
 def argmax_dtype(pool: Pair) -> np.dtype:
-    """uint8 when a window has at most 256 positions, else int32."""
-    return np.dtype(np.uint8) if pool[0] * pool[1] <= 256 else np.dtype(np.int32)
-
-
-def output_size(size: int, pool: int, stride: int, padding: int) -> int:
-    """Windows along one axis: (size + 2*padding - pool) // stride + 1."""
-    return (size + 2 * padding - pool) // stride + 1
+    """uint8 when a window has at most 256 positions, else int32 (geometry.window_index_dtype)."""
+    return window_index_dtype(*pool)
 
 
 def vector_widths(dtype: Any) -> tuple[int, int]:

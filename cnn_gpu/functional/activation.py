@@ -5,7 +5,7 @@ from typing import Any
 
 from .. import cpu
 from ..backend import get_array_module, is_cupy_array
-from ._util import check_float
+from ..geometry import check_float
 
 
 def relu_forward(x: Any) -> tuple[Any, Any]:

@@ -25,7 +25,8 @@ import numpy as np
 
 from .. import cpu
 from ..backend import get_array_module, is_cupy_array
-from ._util import check_float, column_sum
+from ..geometry import check_float
+from .reduce import column_sum
 
 
 BLOCK_BYTES = 1 << 18  # rows per block on the CPU: 256 KiB, so a block and its temporaries stay in L2

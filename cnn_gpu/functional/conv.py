@@ -25,7 +25,8 @@ import numpy as np
 
 from .. import cpu
 from ..backend import get_array_module, is_cupy_array
-from ._util import check_float, check_rank, column_sum, output_size, pair
+from ..geometry import check_float, check_rank, output_size, pair
+from .reduce import column_sum
 
 
 def pad_hw(x: Any, ph: int, pw: int, value: float = 0.0) -> Any:
@@ -55,8 +56,8 @@ def im2col(x: Any, kh: int, kw: int, sh: int, sw: int, ph: int, pw: int,
     out: an (N*OH*OW, KH*KW*C) array (a view of a larger buffer is fine) to write cols into.
     """
     n, h, w, c = x.shape
-    oh = output_size(h, kh, sh, ph, "conv2d", "height")
-    ow = output_size(w, kw, sw, pw, "conv2d", "width")
+    oh = output_size(h, kh, sh, ph, op="conv2d", axis="height")
+    ow = output_size(w, kw, sw, pw, op="conv2d", axis="width")
     if out is None and _is_pointwise(kh, kw, sh, sw, ph, pw):
         return x.reshape(n * oh * ow, c), oh, ow  # a 1x1 convolution needs no copy
     xp = get_array_module(x)
@@ -199,8 +200,8 @@ def conv2d_forward(x: Any, w: Any, b: Any = None, stride: int | tuple[int, int] 
     if x.dtype != w.dtype:
         raise TypeError(f"conv2d: x is {x.dtype} but w is {w.dtype}; use one dtype")
     n, x_shape = x.shape[0], tuple(x.shape)
-    oh = output_size(x.shape[1], kh, sh, ph, "conv2d", "height")
-    ow = output_size(x.shape[2], kw, sw, pw, "conv2d", "width")
+    oh = output_size(x.shape[1], kh, sh, ph, op="conv2d", axis="height")
+    ow = output_size(x.shape[2], kw, sw, pw, op="conv2d", axis="width")
     if out_size is not None and tuple(out_size) != (oh, ow):
         rows, cols = out_size
         if not (0 < rows <= oh and 0 < cols <= ow) or ph or pw:

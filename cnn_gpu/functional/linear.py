@@ -4,7 +4,8 @@ from __future__ import annotations
 from typing import Any
 
 from ..backend import get_array_module
-from ._util import check_float, check_rank, column_sum
+from ..geometry import check_float, check_rank
+from .reduce import column_sum
 
 
 def linear_forward(x: Any, w: Any, b: Any = None) -> tuple[Any, tuple]:

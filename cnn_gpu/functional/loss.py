@@ -4,7 +4,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..backend import get_array_module, is_cupy_array
-from ._util import check_float, check_rank
+from ..geometry import check_float, check_rank
 
 
 def log_softmax(logits: Any) -> Any:

@@ -19,8 +19,7 @@ from typing import Any
 
 from .. import cpu
 from ..backend import get_array_module, is_cupy_array
-from ._util import check_float, check_rank, output_size, pair
-from .conv import _offset_slice, pad_hw
+from ..geometry import Window, check_float, check_rank, output_size, pad_hw, pair, window_index_dtype
 
 POOL_CHUNK_BYTES = 1 << 20  # input per chunk of images: 1 MiB measured best (256 KiB and 4 MiB tried)
 
@@ -39,8 +38,8 @@ def _pool_geometry(x: Any, pool_size, stride, padding, op: str):
     if ph > kh // 2 or pw > kw // 2:
         raise ValueError(f"{op}: padding must be at most half the pool size, got padding "
                          f"({ph}, {pw}) for pool ({kh}, {kw})")
-    oh = output_size(x.shape[1], kh, sh, ph, op, "height")
-    ow = output_size(x.shape[2], kw, sw, pw, op, "width")
+    oh = output_size(x.shape[1], kh, sh, ph, op=op, axis="height")
+    ow = output_size(x.shape[2], kw, sw, pw, op=op, axis="width")
     return (kh, kw), (sh, sw), (ph, pw), oh, ow
 
 
@@ -59,20 +58,15 @@ def max_pool2d(x: Any, pool_size: int | tuple[int, int] = 2, stride: int | tuple
         from ..cpu import maxpool
         return maxpool.max_pool2d(x, kh, kw)
     xp = get_array_module(x)
-    xpad = pad_hw(x, ph, pw, value=-xp.inf)
+    xpad = pad_hw(x, Window(kh, kw, sh, sw, ph, pw), value=-xp.inf)
     y = xp.empty((x.shape[0], oh, ow, x.shape[3]), dtype=x.dtype)
     per = max(1, POOL_CHUNK_BYTES // max(x[:1].nbytes, 1))
     for i in range(0, x.shape[0], per):
         part = slice(i, i + per)
-        xp.copyto(y[part], xpad[part][_offset_slice(0, 0, sh, sw, oh, ow)])
+        xp.copyto(y[part], xpad[part][Window(kh, kw, sh, sw).tap(0, 0, oh, ow)])
         for k in range(1, kh * kw):
-            xp.maximum(y[part], xpad[part][_offset_slice(k // kw, k % kw, sh, sw, oh, ow)], out=y[part])
+            xp.maximum(y[part], xpad[part][Window(kh, kw, sh, sw).tap(k // kw, k % kw, oh, ow)], out=y[part])
     return y
-
-
-def window_index_dtype(kh: int, kw: int) -> str:
-    """The argmax of a window is stored in one byte when the window has at most 256 elements."""
-    return "uint8" if kh * kw <= 256 else "int32"
 
 
 def max_pool2d_forward(x: Any, pool_size: int | tuple[int, int] = 2,
@@ -136,12 +130,12 @@ def _max_pool_numpy(x, kh, kw, sh, sw, ph, pw, oh, ow):
         found = _max_pool_blocks(x, kh, kw, oh, ow)
         if found is not None:  # None: a NaN, which needs the general path's first-NaN rule
             return found
-    xpad = pad_hw(x, ph, pw, value=-xp.inf)
-    y = xpad[_offset_slice(0, 0, sh, sw, oh, ow)].copy()
+    xpad = pad_hw(x, Window(kh, kw, sh, sw, ph, pw), value=-xp.inf)
+    y = xpad[Window(kh, kw, sh, sw).tap(0, 0, oh, ow)].copy()
     argmax = xp.zeros(y.shape, dtype=window_index_dtype(kh, kw))
     y_is_nan = xp.isnan(y)
     for k in range(1, kh * kw):
-        v = xpad[_offset_slice(k // kw, k % kw, sh, sw, oh, ow)]
+        v = xpad[Window(kh, kw, sh, sw).tap(k // kw, k % kw, oh, ow)]
         # Strictly greater keeps the first maximum; a NaN beats anything but an earlier NaN.
         better = v > y
         v_is_nan = xp.isnan(v)
@@ -179,7 +173,7 @@ def max_pool2d_backward(dy: Any, cache: tuple) -> Any:
     dxpad = xp.zeros((n, h + 2 * ph, w + 2 * pw, c), dtype=dy.dtype)
     for k in range(kh * kw):
         # += so that overlapping windows (stride < pool) add up, in a fixed order.
-        dxpad[_offset_slice(k // kw, k % kw, sh, sw, oh, ow)] += xp.where(argmax == k, dy, 0)
+        dxpad[Window(kh, kw, sh, sw).tap(k // kw, k % kw, oh, ow)] += xp.where(argmax == k, dy, 0)
     return dxpad[:, ph:ph + h, pw:pw + w, :] if (ph or pw) else dxpad
 
 
@@ -192,10 +186,10 @@ def avg_pool2d_forward(x: Any, pool_size: int | tuple[int, int] = 2,
     default count_include_pad=True does.
     """
     (kh, kw), (sh, sw), (ph, pw), oh, ow = _pool_geometry(x, pool_size, stride, padding, "avg_pool2d")
-    xpad = pad_hw(x, ph, pw)
-    y = xpad[_offset_slice(0, 0, sh, sw, oh, ow)].copy()
+    xpad = pad_hw(x, Window(kh, kw, sh, sw, ph, pw))
+    y = xpad[Window(kh, kw, sh, sw).tap(0, 0, oh, ow)].copy()
     for k in range(1, kh * kw):
-        y += xpad[_offset_slice(k // kw, k % kw, sh, sw, oh, ow)]
+        y += xpad[Window(kh, kw, sh, sw).tap(k // kw, k % kw, oh, ow)]
     y *= y.dtype.type(1.0 / (kh * kw))
     return y, (x.shape, (kh, kw), (sh, sw), (ph, pw))
 
@@ -209,5 +203,5 @@ def avg_pool2d_backward(dy: Any, cache: tuple) -> Any:
     share = dy * dy.dtype.type(1.0 / (kh * kw))
     dxpad = xp.zeros((n, h + 2 * ph, w + 2 * pw, c), dtype=dy.dtype)
     for k in range(kh * kw):
-        dxpad[_offset_slice(k // kw, k % kw, sh, sw, oh, ow)] += share
+        dxpad[Window(kh, kw, sh, sw).tap(k // kw, k % kw, oh, ow)] += share
     return dxpad[:, ph:ph + h, pw:pw + w, :] if (ph or pw) else dxpad
