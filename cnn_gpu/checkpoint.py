@@ -2,7 +2,8 @@
 
 A checkpoint holds, under flat keys (np.load(path, allow_pickle=False) reads every one):
 
-    model/<layer>.<name>      the model's parameters and buffers (Sequential.state_dict)
+    model/<path>.<name>       the model's parameters and buffers (Layer.state_dict: '0.weight',
+                              'stage1.block0.conv1.weight', ...)
     optimizer/<key>           the optimizer's lr, step count and momentum/Adam arrays
     schedule/<key>            the learning-rate schedule's epoch and base lr (absent: no schedule)
     epoch                     () int64, epochs completed
@@ -10,8 +11,9 @@ A checkpoint holds, under flat keys (np.load(path, allow_pickle=False) reads eve
                               from (seed, e), so (seed, epoch) *is* the random state to continue
     best_epoch, best_score    () the best epoch so far and its validation accuracy (NaN: none yet)
     norm/mean, norm/std       (C,) float64, the training split's normalization statistics
-    metadata                  () unicode: JSON with the model builder and its kwargs, the dataset,
-                              class names, library version, and the run's settings
+    metadata                  () unicode: JSON with the architecture (cnn_gpu.config: every layer and
+                              its arguments), the model builder and its kwargs, the input shape, the
+                              dataset, class names, library version, and the run's settings
     history                   () unicode: JSON list of the per-epoch records so far
 
 Files are written atomically (temporary file, fsync, rename), so a crash leaves the previous
@@ -22,21 +24,20 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
 from . import __version__
 from .atomic import atomic_write
-from .model import Sequential, load_npz, save_npz_atomic
-from .models import seed_cnn
+from .config import from_config
+from .layers import Layer
+from .models import MODELS
+from .npz import load_npz, save_npz_atomic
 from .optim import Optimizer, Schedule
 
 FORMAT_VERSION = 1
 
-# Builders a checkpoint's metadata may name, listed explicitly (no lookup by reflection).
-MODEL_BUILDERS: dict[str, Callable[..., Sequential]] = {"seed_cnn": seed_cnn}
 
 _SCALARS = ("epoch", "seed", "best_epoch", "best_score", "metadata", "history", "format_version")
 
@@ -57,7 +58,7 @@ class Checkpoint:
     best_epoch: int = 0  # 0: no best yet
     best_score: float = float("nan")
 
-    def build_model(self) -> Sequential:
+    def build_model(self) -> Layer:
         """A new model from the metadata's builder, with this checkpoint's weights loaded."""
         model = build_model(self.metadata)
         model.load_state_dict(self.model_state)
@@ -90,7 +91,7 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
     """Read a checkpoint written by save_checkpoint.
 
     Raises FileNotFoundError when there is no file, and ValueError naming the file when it is
-    truncated, corrupted, or not a training checkpoint (e.g. a bare model state from Sequential.save).
+    truncated, corrupted, or not a training checkpoint (e.g. a bare model state from Layer.save).
     """
     arrays = load_npz(path)  # refuses pickles; a clear ValueError for a damaged zip
     missing = [k for k in _SCALARS if k not in arrays]
@@ -118,22 +119,27 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
         best_score=float(arrays["best_score"]))
 
 
-def build_model(metadata: dict[str, Any]) -> Sequential:
-    """The model a checkpoint's metadata describes: {"model": {"name": "seed_cnn", "kwargs": {...}}}."""
+def build_model(metadata: dict[str, Any]) -> Layer:
+    """The model a checkpoint's metadata describes, with fresh weights: from its architecture (a
+    cnn_gpu.config dict), or, for checkpoints written before architectures were stored, from its
+    builder {"model": {"name": "seed_cnn", "kwargs": {...}}}."""
+    architecture = metadata.get("architecture")
+    if architecture is not None:
+        return from_config(architecture)
     spec = metadata.get("model")
     if not isinstance(spec, dict) or "name" not in spec:
         raise ValueError("the checkpoint's metadata does not say how to build the model "
-                         "(expected {'model': {'name': ..., 'kwargs': {...}}})")
+                         "(expected an 'architecture', or {'model': {'name': ..., 'kwargs': {...}}})")
     name = spec["name"]
-    if name not in MODEL_BUILDERS:
-        raise ValueError(f"the checkpoint names model builder {name!r}; known: {', '.join(MODEL_BUILDERS)}")
-    return MODEL_BUILDERS[name](**spec.get("kwargs", {}))
+    if name not in MODELS:
+        raise ValueError(f"the checkpoint names model builder {name!r}; known: {', '.join(MODELS)}")
+    return MODELS[name](**spec.get("kwargs", {}))
 
 
-def restore(ckpt: Checkpoint, model: Sequential, optimizer: Optimizer | None = None,
+def restore(ckpt: Checkpoint, model: Layer, optimizer: Optimizer | None = None,
             schedule: Schedule | None = None) -> None:
     """Load a checkpoint's states into an existing model, optimizer and schedule (names, shapes
-    and dtypes are checked first by Sequential.load_state_dict)."""
+    and dtypes are checked first by Layer.load_state_dict)."""
     model.load_state_dict(ckpt.model_state)
     if optimizer is not None:
         if not ckpt.optimizer_state:

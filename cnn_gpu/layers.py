@@ -1,20 +1,43 @@
-"""Layers: thin holders of parameters that call one functional op each way.
+"""Layers: thin holders of parameters that call one functional op each way, and the base class
+through which layers compose into models.
 
-A layer keeps the cache of its last forward for its backward, its trained parameters
-in `self.params` (name -> Parameter, which holds `.data` and `.grad`), and state that is
-not trained (batch-norm running statistics) in `self.buffers` (name -> array).
-`backward` overwrites each parameter's `.grad` (gradients are not accumulated).
+A layer keeps
+    params    name -> Parameter (a trained array: .data and its .grad)
+    buffers   name -> array (state that is not trained: batch norm's running statistics)
+    children  name -> Layer (the layers it is made of, for a model or a residual block)
+and everything that walks a model recurses through `children`: parameters, state_dict and
+load_state_dict (keys are paths such as 'stage2.block0.conv1.weight'), train/eval, .to(device)
+and summary(). `forward` keeps what `backward` needs in self._cache; `backward(dy, need_dx)`
+returns dL/dx (None when need_dx is False) and overwrites each parameter's `.grad` (gradients
+are not accumulated).
+
+Calling a layer on arrays runs its forward; calling it on symbolic Tensors (from
+cnn_gpu.model.Input) records a node of a graph under construction, as in Keras' functional API:
+
+    x = Input((28, 28, 1))
+    y = ReLU()(Conv2D(1, 16, 3, padding=1)(x, name="conv"), name="relu")
+    model = Graph(x, y)
+
+Every layer can say how to rebuild it: get_config() gives its constructor's arguments as JSON
+values (cnn_gpu.config writes whole models that way).
 """
 from __future__ import annotations
 
-from typing import Any
+import itertools
+import os
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 
+from . import cpu
 from . import functional as F
-from .backend import get_array_module, to_device
-from .geometry import check_rank, output_size, pair
+from .backend import backend_of, get_array_module, to_device, to_numpy
+from .geometry import Window, check_pool_padding, check_rank, pair
 from .init import init_weight
+from .npz import load_npz, save_npz_atomic
+
+DEVICE_ALIASES = {"cpu": "numpy", "numpy": "numpy", "gpu": "cupy", "cuda": "cupy", "cupy": "cupy"}
+Shape = tuple[int, ...]  # one sample's shape, without the batch axis: (H, W, C) or (features,)
 
 
 class Parameter:
@@ -33,42 +56,243 @@ class Parameter:
         return f"Parameter(shape={self.shape}, dtype={self.data.dtype})"
 
 
+class Tensor:
+    """A symbolic tensor of a graph being built: a graph input (from cnn_gpu.model.Input) or the
+    output of `layer(*tensors, name=...)`. `shape` is one sample's shape when it is known."""
+
+    _created = itertools.count()  # creation order: a tensor is always made after its inputs
+
+    def __init__(self, layer: "Layer | None", inputs: tuple["Tensor", ...], name: str | None,
+                 shape: Shape | None) -> None:
+        self.layer, self.inputs, self.name, self.shape = layer, inputs, name, shape
+        self.order = next(Tensor._created)
+
+    def __repr__(self) -> str:
+        what = "input" if self.layer is None else repr(self.layer)
+        return f"Tensor({self.name or '?'}: {what}, shape={self.shape})"
+
+
 class Layer:
-    """Base class: no parameters, identity shape, train/eval flag, device moves."""
+    """Base class of every layer and model (see the module docstring)."""
+
+    num_inputs: int | None = 1  # None: two or more (merge layers)
 
     def __init__(self) -> None:
         self.params: dict[str, Parameter] = {}
         self.buffers: dict[str, Any] = {}
+        self.children: dict[str, Layer] = {}
         self.training = True
         self._cache: Any = None
 
-    def forward(self, x: Any) -> Any:
+    # ---- what each layer defines -------------------------------------------------------------
+
+    def forward(self, *xs: Any) -> Any:
         raise NotImplementedError
 
-    def backward(self, dout: Any, need_dx: bool = True) -> Any:
+    def backward(self, dy: Any, need_dx: bool = True) -> Any:
         raise NotImplementedError
 
-    def infer(self, x: Any, **options: Any) -> Any:
-        """The forward for evaluation, when nothing will backpropagate: keeps no cache, and a
-        layer may take a shortcut that gives the same output (MaxPool2D skips its argmax).
-        options go to forward (Conv2D's out_size)."""
-        y = self.forward(x, **options)
+    def infer(self, *xs: Any, **options: Any) -> Any:
+        """The forward for evaluation, when nothing will backpropagate: keeps no cache, and a layer
+        may take a shortcut that gives the same output (MaxPool2D skips its argmax)."""
+        y = self.forward(*xs, **options)
         self._cache = None
         return y
 
-    def output_shape(self, input_shape: tuple[int, ...]) -> tuple[int, ...]:
-        """Shape of one sample's output (no batch axis) for one sample's input shape."""
-        return input_shape
+    def output_shape(self, *input_shapes: Shape) -> Shape:
+        """One sample's output shape for its input shape(s); a ValueError naming the layer when
+        they do not fit."""
+        return input_shapes[0]
 
-    def to(self, backend: str) -> "Layer":
-        """Move parameters, gradients and buffers to 'numpy' / 'cupy' (also 'cpu' / 'gpu')."""
-        for p in self.params.values():
-            p.data = to_device(p.data, backend)
-            p.grad = None if p.grad is None else to_device(p.grad, backend)
-        for key, value in self.buffers.items():
-            self.buffers[key] = to_device(value, backend)
-        self._cache = None
+    def get_config(self) -> dict[str, Any]:
+        """The constructor's arguments as JSON values: type(self)(**get_config()) rebuilds the layer
+        (with fresh weights)."""
+        return {}
+
+    def flops(self, *input_shapes: Shape) -> int:
+        """Forward FLOPs per sample of the GEMM-like work (2 per multiply-add); 0 for the rest."""
+        return 0
+
+    # ---- capabilities that cnn_gpu.plan looks for (a layer that has one overrides it) ----------
+
+    def affine_channels(self) -> int | None:
+        """C when this layer in eval mode is y = x * scale + shift per channel (eval_affine() gives
+        the two (C,) vectors); else None."""
+        return None
+
+    def eval_affine(self) -> tuple[Any, Any]:
+        raise NotImplementedError
+
+    def absorbs_affine(self, channels: int) -> bool:
+        """Whether infer_folded(x, scale, shift) can run this layer followed by y * scale + shift
+        with `channels` scales, at the cost of the layer alone."""
+        return False
+
+    def infer_folded(self, x: Any, scale: Any, shift: Any, **options: Any) -> Any:
+        raise NotImplementedError
+
+    def computes_part(self) -> bool:
+        """Whether forward/infer take out_size=(rows, cols) and compute only that top-left part."""
+        return False
+
+    def input_extent(self, input_shape: Shape) -> tuple[int, int] | None:
+        """The top-left (rows, cols) of an (H, W, C) input that this layer reads, when it reads
+        less than all of it; else None."""
+        return None
+
+    # ---- building graphs ---------------------------------------------------------------------
+
+    def __call__(self, *args: Any, name: str | None = None, **options: Any) -> Any:
+        """On arrays: forward(*args). On symbolic Tensors: a new graph node, named `name`."""
+        if not any(isinstance(a, Tensor) for a in args):
+            return self.forward(*args, **options)
+        if not all(isinstance(a, Tensor) for a in args) or options:
+            raise TypeError(f"{self!r}: a graph node takes symbolic Tensors only, got "
+                            f"{[type(a).__name__ for a in args]}" + (f" and options {options}" if options else ""))
+        self._check_input_count(len(args), name)
+        shapes = [a.shape for a in args]
+        shape = None
+        if all(s is not None for s in shapes):
+            try:
+                shape = self.output_shape(*shapes)
+            except ValueError as exc:
+                raise ValueError(f"node {name or '(unnamed)'} ({self!r}): {exc}") from None
+        return Tensor(self, tuple(args), name, shape)
+
+    def _check_input_count(self, count: int, node: str | None) -> None:
+        expected = self.num_inputs
+        if (expected is None and count < 2) or (expected is not None and count != expected):
+            want = "two or more" if expected is None else str(expected)
+            raise ValueError(f"node {node or '(unnamed)'} ({self!r}) takes {want} input(s), got {count}")
+
+    # ---- recursion through children ------------------------------------------------------------
+
+    def add_child(self, name: str, layer: "Layer") -> "Layer":
+        if not isinstance(layer, Layer):
+            raise TypeError(f"{self!r}: child {name!r} must be a Layer, got {type(layer).__name__}")
+        if not name or "." in name or name in self.children:
+            raise ValueError(f"{self!r}: child name {name!r} is empty, has a '.', or is taken")
+        self.children[name] = layer
+        return layer
+
+    def named_layers(self, prefix: str = "") -> Iterator[tuple[str, "Layer"]]:
+        """(path, layer) for this layer and every layer below it, parents before their children."""
+        yield prefix, self
+        for name, child in self.children.items():
+            yield from child.named_layers(f"{prefix}.{name}" if prefix else name)
+
+    def named_parameters(self) -> list[tuple[str, Parameter]]:
+        return [(f"{path}.{name}" if path else name, p)
+                for path, layer in self.named_layers() for name, p in layer.params.items()]
+
+    def parameters(self) -> list[Parameter]:
+        return [p for _, p in self.named_parameters()]
+
+    def named_buffers(self) -> list[tuple[str, Any, "Layer", str]]:
+        """(key, array, owning layer, buffer name) for every buffer below this layer."""
+        return [(f"{path}.{name}" if path else name, value, layer, name)
+                for path, layer in self.named_layers() for name, value in layer.buffers.items()]
+
+    def zero_grad(self) -> None:
+        for p in self.parameters():
+            p.grad = None
+
+    def train(self, mode: bool = True) -> "Layer":
+        for _, layer in self.named_layers():
+            layer.training = mode
         return self
+
+    def eval(self) -> "Layer":
+        return self.train(False)
+
+    def to(self, device: str) -> "Layer":
+        """Move every parameter, gradient and buffer to 'cpu'/'numpy' or 'gpu'/'cuda'/'cupy'."""
+        if device not in DEVICE_ALIASES:
+            raise ValueError(f"device must be one of {sorted(DEVICE_ALIASES)}, got {device!r}")
+        backend = DEVICE_ALIASES[device]
+        for _, layer in self.named_layers():
+            for p in layer.params.values():
+                p.data = to_device(p.data, backend)
+                p.grad = None if p.grad is None else to_device(p.grad, backend)
+            for key, value in layer.buffers.items():
+                layer.buffers[key] = to_device(value, backend)
+            layer._cache = None
+        return self
+
+    @property
+    def backend(self) -> str:
+        """'numpy' or 'cupy': where the parameters live."""
+        params = self.parameters()
+        return backend_of(params[0].data) if params else "numpy"
+
+    @property
+    def dtype(self) -> np.dtype:
+        params = self.parameters()
+        return params[0].data.dtype if params else np.dtype("float32")
+
+    def num_parameters(self) -> int:
+        return sum(int(np.prod(p.shape)) for p in self.parameters())
+
+    # ---- state ---------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        """Every parameter and buffer as NumPy arrays, keyed by path ('0.weight', 'stage1.block0.bn1.running_mean')."""
+        state = {key: to_numpy(p.data).copy() for key, p in self.named_parameters()}
+        state.update({key: to_numpy(value).copy() for key, value, _, _ in self.named_buffers()})
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Copy arrays into the model (onto its device), checking names, shapes and dtypes first.
+        On the CPU, subnormal parameter values become zero (see cnn_gpu.cpu.flush_subnormals)."""
+        expected = {key: (tuple(p.data.shape), p.data.dtype) for key, p in self.named_parameters()}
+        expected.update({key: (tuple(v.shape), v.dtype) for key, v, _, _ in self.named_buffers()})
+        missing = sorted(set(expected) - set(state))
+        unexpected = sorted(set(state) - set(expected))
+        if missing or unexpected:
+            raise ValueError(f"state does not match the model (another architecture?): missing "
+                             f"{missing or 'nothing'}, unexpected {unexpected or 'nothing'}")
+        for key, (shape, dtype) in expected.items():
+            value = state[key]
+            if tuple(value.shape) != shape or value.dtype != dtype:
+                raise ValueError(f"state entry {key!r}: the model expects {dtype} {shape}, "
+                                 f"got {value.dtype} {tuple(value.shape)}")
+        backend = self.backend
+        for key, p in self.named_parameters():
+            p.data = to_device(np.array(to_numpy(state[key])), backend)
+            p.grad = None
+            if backend == "numpy":  # e.g. weights trained on a GPU, which keeps subnormals
+                cpu.flush_subnormals(p.data)
+        for key, _, layer, name in self.named_buffers():
+            layer.buffers[name] = to_device(np.array(to_numpy(state[key])), backend)
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the state to a .npz file atomically: a crash leaves the old file or the new one."""
+        save_npz_atomic(path, self.state_dict())
+
+    def load(self, path: str | os.PathLike) -> "Layer":
+        """Load a state written by save() (never unpickles)."""
+        self.load_state_dict(load_npz(path))
+        return self
+
+    # ---- description ---------------------------------------------------------------------------
+
+    def summary_rows(self, input_shapes: Sequence[Shape], path: str) -> tuple[list[tuple[str, str, str]], Shape]:
+        """Rows (name, output shape, parameter count) for this layer and its output shape. A model
+        gives a row per node (cnn_gpu.model)."""
+        shape = self.output_shape(*input_shapes)
+        count = sum(int(np.prod(p.shape)) for p in self.parameters())
+        label = f"{path} {self!r}" if path else repr(self)
+        return [(label, str(shape), f"{count:,}")], shape
+
+    def summary(self, input_shape: Shape) -> str:
+        """A table of each layer's output shape (per sample) and parameter count."""
+        rows, _ = self.summary_rows([tuple(input_shape)], "")
+        rows = [("layer", "output shape", "params"), ("input", str(tuple(input_shape)), "")] + rows
+        widths = [max(len(r[i]) for r in rows) for i in range(3)]
+        lines = [f"{r[0]:<{widths[0]}}  {r[1]:<{widths[1]}}  {r[2]:>{widths[2]}}" for r in rows]
+        lines.insert(1, "-" * len(lines[0]))
+        lines.append(f"total parameters: {self.num_parameters():,}")
+        return "\n".join(lines)
 
     def _set_grads(self, **grads: Any) -> None:
         """Store a backward's parameter gradients (None: the parameter does not exist) and drop the cache."""
@@ -76,12 +300,6 @@ class Layer:
             if grad is not None:
                 self.params[name].grad = grad
         self._cache = None
-
-    def _folded(self, scale: Any, shift: Any) -> tuple[Any, Any]:
-        """weight * scale and bias * scale + shift (shift alone without a bias), scale and shift
-        per output channel: the parameters of this layer followed by y * scale + shift."""
-        bias = self.params.get("bias")
-        return self.params["weight"].data * scale, shift if bias is None else bias.data * scale + shift
 
     def _check_channels(self, x: Any, expected: int, what: str = "channels") -> None:
         if x.shape[-1] != expected:
@@ -92,62 +310,98 @@ class Layer:
         return type(self).__name__ + "()"
 
 
+def _extras(values: Sequence[tuple[str, Any, Any]]) -> str:
+    """', name=value' for each value that is not its default, for reprs."""
+    def shown(value: Any) -> Any:
+        return value[0] if isinstance(value, tuple) and len(set(value)) == 1 else value
+    return "".join(f", {name}={shown(value)}" for name, value, default in values if value != default)
+
+
+# ---- layers with weights ----------------------------------------------------------------------------
+
 class Conv2D(Layer):
-    """2-D convolution on (N, H, W, C_in) -> (N, OH, OW, C_out); weight (KH, KW, C_in, C_out)."""
+    """2-D convolution on (N, H, W, C_in) -> (N, OH, OW, C_out); weight (KH, KW, C_in // groups, C_out).
+
+    groups > 1 splits the channels into groups convolved apart (groups == C_in: depthwise, with
+    C_out // C_in filters per input channel), as PyTorch's nn.Conv2d does; dilation spreads the taps.
+    """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int | tuple[int, int] = 3,
                  stride: int | tuple[int, int] = 1, padding: int | tuple[int, int] = 0,
-                 bias: bool = True, init: str = "he", rng: np.random.Generator | None = None,
-                 dtype: str = "float32") -> None:
+                 dilation: int | tuple[int, int] = 1, groups: int = 1, bias: bool = True, init: str = "he",
+                 rng: np.random.Generator | None = None, dtype: str = "float32") -> None:
         super().__init__()
+        if groups < 1 or in_channels % groups or out_channels % groups:
+            raise ValueError(f"Conv2D: groups ({groups}) must divide in_channels ({in_channels}) and "
+                             f"out_channels ({out_channels})")
         kh, kw = pair(kernel_size, "kernel_size")
-        self.in_channels, self.out_channels = in_channels, out_channels
-        self.kernel_size, self.stride, self.padding = (kh, kw), pair(stride, "stride"), pair(padding, "padding")
+        self.in_channels, self.out_channels, self.groups = in_channels, out_channels, groups
+        self.kernel_size, self.stride = (kh, kw), pair(stride, "stride")
+        self.padding, self.dilation = pair(padding, "padding"), pair(dilation, "dilation")
+        self.init, self.dtype_name = init, np.dtype(dtype).name
         rng = rng if rng is not None else np.random.default_rng()
-        fan_in, fan_out = kh * kw * in_channels, kh * kw * out_channels
+        fan_in, fan_out = kh * kw * in_channels // groups, kh * kw * out_channels // groups
         self.params["weight"] = Parameter(
-            init_weight(init, (kh, kw, in_channels, out_channels), fan_in, fan_out, rng, dtype))
+            init_weight(init, (kh, kw, in_channels // groups, out_channels), fan_in, fan_out, rng, dtype))
         if bias:
             self.params["bias"] = Parameter(np.zeros(out_channels, dtype=dtype))
 
-    def forward(self, x: Any, out_size: tuple[int, int] | None = None, inference: bool = False) -> Any:
-        """out_size (rows, cols): only that corner of the output, the part a following pool reads
-        (Sequential passes it; see F.conv2d_forward). inference: no backward follows."""
+    def _conv(self, x: Any, weight: Any, bias: Any, out_size: tuple[int, int] | None, inference: bool) -> tuple:
         check_rank(x, 4, repr(self), "(N, H, W, C)")
         self._check_channels(x, self.in_channels)
+        return F.conv2d_forward(x, weight, bias, stride=self.stride, padding=self.padding, dilation=self.dilation,
+                                groups=self.groups, out_size=out_size, inference=inference)
+
+    def forward(self, x: Any, out_size: tuple[int, int] | None = None, inference: bool = False) -> Any:
+        """out_size (rows, cols): only that corner of the output, the part a following pool reads
+        (the plan passes it; see F.conv2d_forward). inference: no backward follows."""
         bias = self.params.get("bias")
-        y, self._cache = F.conv2d_forward(x, self.params["weight"].data, None if bias is None else bias.data,
-                                          self.stride, self.padding, out_size, inference)
+        y, self._cache = self._conv(x, self.params["weight"].data, None if bias is None else bias.data,
+                                    out_size, inference)
         return y
 
     def infer(self, x: Any, **options: Any) -> Any:
         return super().infer(x, inference=True, **options)
 
-    def backward(self, dout: Any, need_dx: bool = True) -> Any:
-        dx, dw, db = F.conv2d_backward(dout, self._cache, need_dx=need_dx)
+    def backward(self, dy: Any, need_dx: bool = True) -> Any:
+        dx, dw, db = F.conv2d_backward(dy, self._cache, need_dx=need_dx)
         self._set_grads(weight=dw, bias=db)
         return dx
+
+    def absorbs_affine(self, channels: int) -> bool:
+        return channels == self.out_channels
 
     def infer_folded(self, x: Any, scale: Any, shift: Any, out_size: tuple[int, int] | None = None) -> Any:
         """forward(x) * scale + shift per output channel (scale, shift: (C_out,)), for evaluation:
         the scale is folded into the filters and the shift into the bias, so it costs one
         convolution and no pass of its own (an eval-mode batch norm after this layer)."""
-        check_rank(x, 4, repr(self), "(N, H, W, C)")
-        self._check_channels(x, self.in_channels)
-        y, _ = F.conv2d_forward(x, *self._folded(scale, shift), self.stride, self.padding, out_size, inference=True)
+        y, _ = self._conv(x, *_folded(self, scale, shift), out_size, inference=True)
         return y
 
-    def output_shape(self, input_shape):
-        h, w, c = input_shape
-        if c != self.in_channels:
-            raise ValueError(f"{self!r}: expected {self.in_channels} input channels, got shape {input_shape}")
-        (kh, kw), (sh, sw), (ph, pw) = self.kernel_size, self.stride, self.padding
-        return (output_size(h, kh, sh, ph, op=repr(self), axis="height"),
-                output_size(w, kw, sw, pw, op=repr(self), axis="width"), self.out_channels)
+    def computes_part(self) -> bool:
+        return self.padding == (0, 0)  # F.conv2d_forward's out_size needs an unpadded convolution
+
+    def output_shape(self, input_shape: Shape) -> Shape:
+        if len(input_shape) != 3 or input_shape[2] != self.in_channels:
+            raise ValueError(f"{self!r}: expected an (H, W, {self.in_channels}) input, got {input_shape}")
+        h, w, _ = input_shape
+        window = Window(*self.kernel_size, *self.stride, *self.padding, *self.dilation)
+        return (*window.output_hw(h, w, repr(self)), self.out_channels)
+
+    def flops(self, input_shape: Shape) -> int:
+        oh, ow, o = self.output_shape(input_shape)
+        kh, kw = self.kernel_size
+        return 2 * oh * ow * kh * kw * (self.in_channels // self.groups) * o
+
+    def get_config(self) -> dict[str, Any]:
+        return {"in_channels": self.in_channels, "out_channels": self.out_channels,
+                "kernel_size": list(self.kernel_size), "stride": list(self.stride), "padding": list(self.padding),
+                "dilation": list(self.dilation), "groups": self.groups, "bias": "bias" in self.params,
+                "init": self.init, "dtype": self.dtype_name}
 
     def __repr__(self) -> str:
-        extra = "".join(f", {name}={value}" for name, value, default in
-                        (("stride", self.stride, (1, 1)), ("padding", self.padding, (0, 0))) if value != default)
+        extra = _extras((("stride", self.stride, (1, 1)), ("padding", self.padding, (0, 0)),
+                         ("dilation", self.dilation, (1, 1)), ("groups", self.groups, 1)))
         return f"Conv2D({self.in_channels}, {self.out_channels}, {self.kernel_size[0]}x{self.kernel_size[1]}{extra})"
 
 
@@ -158,92 +412,58 @@ class Dense(Layer):
                  rng: np.random.Generator | None = None, dtype: str = "float32") -> None:
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
+        self.init, self.dtype_name = init, np.dtype(dtype).name
         rng = rng if rng is not None else np.random.default_rng()
         self.params["weight"] = Parameter(
             init_weight(init, (in_features, out_features), in_features, out_features, rng, dtype))
         if bias:
             self.params["bias"] = Parameter(np.zeros(out_features, dtype=dtype))
 
-    def forward(self, x: Any) -> Any:
+    def _check(self, x: Any) -> None:
         check_rank(x, 2, repr(self), "(N, features)")
         self._check_channels(x, self.in_features, "features")
+
+    def forward(self, x: Any) -> Any:
+        self._check(x)
         bias = self.params.get("bias")
         y, self._cache = F.linear_forward(x, self.params["weight"].data, None if bias is None else bias.data)
         return y
 
-    def backward(self, dout: Any, need_dx: bool = True) -> Any:
-        dx, dw, db = F.linear_backward(dout, self._cache, need_dx=need_dx)
+    def backward(self, dy: Any, need_dx: bool = True) -> Any:
+        dx, dw, db = F.linear_backward(dy, self._cache, need_dx=need_dx)
         self._set_grads(weight=dw, bias=db)
         return dx
 
+    def absorbs_affine(self, channels: int) -> bool:
+        return channels == self.out_features
+
     def infer_folded(self, x: Any, scale: Any, shift: Any) -> Any:
         """forward(x) * scale + shift per output feature (see Conv2D.infer_folded)."""
-        check_rank(x, 2, repr(self), "(N, features)")
-        self._check_channels(x, self.in_features, "features")
-        y, _ = F.linear_forward(x, *self._folded(scale, shift))
+        self._check(x)
+        y, _ = F.linear_forward(x, *_folded(self, scale, shift))
         return y
 
-    def output_shape(self, input_shape):
-        if input_shape != (self.in_features,):
+    def output_shape(self, input_shape: Shape) -> Shape:
+        if tuple(input_shape) != (self.in_features,):
             raise ValueError(f"{self!r}: expected input shape ({self.in_features},), got {input_shape}")
         return (self.out_features,)
+
+    def flops(self, input_shape: Shape) -> int:
+        return 2 * self.in_features * self.out_features
+
+    def get_config(self) -> dict[str, Any]:
+        return {"in_features": self.in_features, "out_features": self.out_features, "bias": "bias" in self.params,
+                "init": self.init, "dtype": self.dtype_name}
 
     def __repr__(self) -> str:
         return f"Dense({self.in_features}, {self.out_features})"
 
 
-class _Pool2D(Layer):
-    _forward = staticmethod(F.max_pool2d_forward)
-    _backward = staticmethod(F.max_pool2d_backward)
-
-    def __init__(self, pool_size: int | tuple[int, int] = 2, stride: int | tuple[int, int] | None = None,
-                 padding: int | tuple[int, int] = 0) -> None:
-        super().__init__()
-        self.pool_size = pair(pool_size, "pool_size")
-        self.stride = self.pool_size if stride is None else pair(stride, "stride")
-        self.padding = pair(padding, "padding")
-
-    def forward(self, x: Any) -> Any:
-        y, self._cache = self._forward(x, self.pool_size, self.stride, self.padding)
-        return y
-
-    def backward(self, dout: Any, need_dx: bool = True) -> Any:
-        dx = self._backward(dout, self._cache) if need_dx else None
-        self._cache = None
-        return dx
-
-    def input_extent(self, h: int, w: int) -> tuple[int, int]:
-        """The rows and columns of an (h, w) input that some window reads: all of them with
-        padding, else up to the last whole window (a 2x2 pool of 11 x 11 reads 10 x 10)."""
-        (kh, kw), (sh, sw), (ph, pw) = self.pool_size, self.stride, self.padding
-        if ph or pw:
-            return h, w
-        oh, ow = self.output_shape((h, w, 1))[:2]
-        return (oh - 1) * sh + kh, (ow - 1) * sw + kw
-
-    def output_shape(self, input_shape):
-        h, w, c = input_shape
-        (kh, kw), (sh, sw), (ph, pw) = self.pool_size, self.stride, self.padding
-        return (output_size(h, kh, sh, ph, op=repr(self), axis="height"),
-                output_size(w, kw, sw, pw, op=repr(self), axis="width"), c)
-
-    def __repr__(self) -> str:
-        extra = "".join(f", {name}={value}" for name, value, default in
-                        (("stride", self.stride, self.pool_size), ("padding", self.padding, (0, 0))) if value != default)
-        return f"{type(self).__name__}({self.pool_size[0]}x{self.pool_size[1]}{extra})"
-
-
-class MaxPool2D(_Pool2D):
-    """Max pooling on (N, H, W, C); the gradient goes to the first maximum of each window."""
-
-    def infer(self, x: Any) -> Any:
-        return F.max_pool2d(x, self.pool_size, self.stride, self.padding)  # no argmax: nothing backpropagates
-
-
-class AvgPool2D(_Pool2D):
-    """Average pooling on (N, H, W, C); padding counts as zeros."""
-    _forward = staticmethod(F.avg_pool2d_forward)
-    _backward = staticmethod(F.avg_pool2d_backward)
+def _folded(layer: Layer, scale: Any, shift: Any) -> tuple[Any, Any]:
+    """weight * scale and bias * scale + shift (shift alone without a bias), scale and shift per
+    output channel (the last axis of the weight): the parameters of `layer` followed by y * scale + shift."""
+    bias = layer.params.get("bias")
+    return layer.params["weight"].data * scale, shift if bias is None else bias.data * scale + shift
 
 
 class _BatchNorm(Layer):
@@ -253,6 +473,7 @@ class _BatchNorm(Layer):
                  dtype: str = "float32") -> None:
         super().__init__()
         self.num_features, self.momentum, self.eps = num_features, momentum, eps
+        self.dtype_name = np.dtype(dtype).name
         self.params = {"gamma": Parameter(np.ones(num_features, dtype=dtype)),
                        "beta": Parameter(np.zeros(num_features, dtype=dtype))}
         self.buffers = {"running_mean": np.zeros(num_features, dtype=dtype),
@@ -266,12 +487,15 @@ class _BatchNorm(Layer):
             self.buffers["running_var"], training=self.training, momentum=self.momentum, eps=self.eps)
         return y
 
-    def backward(self, dout: Any, need_dx: bool = True) -> Any:
-        dx, self.params["gamma"].grad, self.params["beta"].grad = F.batch_norm_backward(dout, self._cache)
-        self._cache = None
+    def backward(self, dy: Any, need_dx: bool = True) -> Any:
+        dx, dgamma, dbeta = F.batch_norm_backward(dy, self._cache)
+        self._set_grads(gamma=dgamma, beta=dbeta)
         return dx
 
-    def eval_scale_shift(self) -> tuple[Any, Any]:
+    def affine_channels(self) -> int:
+        return self.num_features
+
+    def eval_affine(self) -> tuple[Any, Any]:
         """Eval mode's batch norm as y = x * scale + shift per channel: scale = gamma / sqrt(running_var
         + eps), shift = beta - running_mean * scale; (C,) each, in the parameters' dtype (computed
         in float64)."""
@@ -281,6 +505,16 @@ class _BatchNorm(Layer):
         scale = gamma / xp.sqrt(var + self.eps)
         dtype = self.params["gamma"].data.dtype
         return scale.astype(dtype), (beta - mean * scale).astype(dtype)
+
+    def output_shape(self, input_shape: Shape) -> Shape:
+        if len(input_shape) != len(self._layout.split(",")) - 1 or input_shape[-1] != self.num_features:
+            raise ValueError(f"{self!r}: expected a {self._layout} input with {self.num_features} channels, "
+                             f"got one sample of shape {input_shape}")
+        return input_shape
+
+    def get_config(self) -> dict[str, Any]:
+        return {"num_features": self.num_features, "momentum": self.momentum, "eps": self.eps,
+                "dtype": self.dtype_name}
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.num_features})"
@@ -296,31 +530,242 @@ class BatchNorm1D(_BatchNorm):
     _layout = "(N, C)"
 
 
-class ReLU(Layer):
-    """max(x, 0), any shape."""
+# ---- pooling ----------------------------------------------------------------------------------------
 
-    def forward(self, x: Any) -> Any:
-        y, self._cache = F.relu_forward(x)
-        return y
+class _Pool2D(Layer):
+    def __init__(self, kernel_size: int | tuple[int, int] = 2, stride: int | tuple[int, int] | None = None,
+                 padding: int | tuple[int, int] = 0, ceil_mode: bool = False) -> None:
+        super().__init__()
+        self.kernel_size = pair(kernel_size, "kernel_size")
+        self.stride = self.kernel_size if stride is None else pair(stride, "stride")
+        self.padding, self.ceil_mode = pair(padding, "padding"), bool(ceil_mode)
+        check_pool_padding(self.padding, self.kernel_size, type(self).__name__)
 
-    def backward(self, dout: Any, need_dx: bool = True) -> Any:
-        dx = F.relu_backward(dout, self._cache)
+    dilation = (1, 1)
+
+    def _window(self) -> Window:
+        return Window(*self.kernel_size, *self.stride, *self.padding, *self.dilation)
+
+    def output_shape(self, input_shape: Shape) -> Shape:
+        if len(input_shape) != 3:
+            raise ValueError(f"{self!r}: expected an (H, W, C) input, got {input_shape}")
+        h, w, c = input_shape
+        return (*self._window().output_hw(h, w, repr(self), self.ceil_mode), c)
+
+    def input_extent(self, input_shape: Shape) -> tuple[int, int] | None:
+        """Without padding or ceil mode, the windows read rows and columns up to the last whole one
+        (a 2x2 pool of 11 x 11 reads 10 x 10); None when they read everything."""
+        if self.padding != (0, 0) or self.ceil_mode:
+            return None
+        oh, ow, _ = self.output_shape(input_shape)
+        extent = self._window().read_extent(oh, ow)
+        return None if extent == tuple(input_shape[:2]) else extent
+
+    def backward(self, dy: Any, need_dx: bool = True) -> Any:
+        dx = self._backward(dy, self._cache) if need_dx else None
         self._cache = None
         return dx
 
+    def _base_config(self) -> dict[str, Any]:
+        return {"kernel_size": list(self.kernel_size), "stride": list(self.stride), "padding": list(self.padding),
+                "ceil_mode": self.ceil_mode}
 
-class Flatten(Layer):
-    """(N, ...) -> (N, prod(...))."""
+    def _repr_extras(self) -> tuple:
+        return (("stride", self.stride, self.kernel_size), ("padding", self.padding, (0, 0)),
+                ("dilation", self.dilation, (1, 1)), ("ceil_mode", self.ceil_mode, False))
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.kernel_size[0]}x{self.kernel_size[1]}{_extras(self._repr_extras())})"
+
+
+class MaxPool2D(_Pool2D):
+    """Max pooling on (N, H, W, C), padding counting as -inf; the gradient goes to the first maximum of
+    each window."""
+
+    def __init__(self, kernel_size: int | tuple[int, int] = 2, stride: int | tuple[int, int] | None = None,
+                 padding: int | tuple[int, int] = 0, dilation: int | tuple[int, int] = 1,
+                 ceil_mode: bool = False) -> None:
+        self.dilation = pair(dilation, "dilation")
+        super().__init__(kernel_size, stride, padding, ceil_mode)
+
+    def _args(self) -> dict[str, Any]:
+        return {"kernel_size": self.kernel_size, "stride": self.stride, "padding": self.padding,
+                **({"dilation": self.dilation} if self.dilation != (1, 1) else {}),
+                **({"ceil_mode": True} if self.ceil_mode else {})}
 
     def forward(self, x: Any) -> Any:
-        y, self._cache = F.flatten_forward(x)
+        y, self._cache = F.max_pool2d_forward(x, **self._args())
         return y
 
-    def backward(self, dout: Any, need_dx: bool = True) -> Any:
-        return F.flatten_backward(dout, self._cache)
+    def infer(self, x: Any) -> Any:
+        return F.max_pool2d(x, **self._args())  # no argmax: nothing backpropagates
 
-    def output_shape(self, input_shape):
-        return (int(np.prod(input_shape)),)
+    _backward = staticmethod(F.max_pool2d_backward)
+
+    def get_config(self) -> dict[str, Any]:
+        return {**self._base_config(), "dilation": list(self.dilation)}
+
+
+class AvgPool2D(_Pool2D):
+    """Average pooling on (N, H, W, C). count_include_pad (default, as PyTorch's): padding counts as zeros
+    in each average; without it a window averages only the input positions it covers."""
+
+    def __init__(self, kernel_size: int | tuple[int, int] = 2, stride: int | tuple[int, int] | None = None,
+                 padding: int | tuple[int, int] = 0, ceil_mode: bool = False, count_include_pad: bool = True) -> None:
+        super().__init__(kernel_size, stride, padding, ceil_mode)
+        self.count_include_pad = bool(count_include_pad)
+
+    def _args(self) -> dict[str, Any]:
+        return {"kernel_size": self.kernel_size, "stride": self.stride, "padding": self.padding,
+                **({"ceil_mode": True} if self.ceil_mode else {}),
+                **({"count_include_pad": False} if not self.count_include_pad else {})}
+
+    def forward(self, x: Any) -> Any:
+        y, self._cache = F.avg_pool2d_forward(x, **self._args())
+        return y
+
+    _backward = staticmethod(F.avg_pool2d_backward)
+
+    def get_config(self) -> dict[str, Any]:
+        return {**self._base_config(), "count_include_pad": self.count_include_pad}
+
+    def _repr_extras(self) -> tuple:
+        return super()._repr_extras() + (("count_include_pad", self.count_include_pad, True),)
+
+
+class GlobalAvgPool2D(Layer):
+    """(N, H, W, C) -> (N, C): the mean of each channel over the image, whatever its size."""
+
+    def forward(self, x: Any) -> Any:
+        check_rank(x, 4, repr(self), "(N, H, W, C)")
+        y, self._cache = F.global_avg_pool2d_forward(x)
+        return y
+
+    def backward(self, dy: Any, need_dx: bool = True) -> Any:
+        dx = F.global_avg_pool2d_backward(dy, self._cache) if need_dx else None
+        self._cache = None
+        return dx
+
+    def output_shape(self, input_shape: Shape) -> Shape:
+        if len(input_shape) != 3:
+            raise ValueError(f"{self!r}: expected an (H, W, C) input, got {input_shape}")
+        return (input_shape[2],)
+
+
+# ---- elementwise -------------------------------------------------------------------------------------
+
+class _Activation(Layer):
+    """An elementwise layer: y = f(x) of any shape, with its functional pair (_forward, _backward)."""
+
+    def _options(self) -> dict[str, Any]:
+        return {}
+
+    def forward(self, x: Any) -> Any:
+        y, self._cache = self._forward(x, **self._options())
+        return y
+
+    def backward(self, dy: Any, need_dx: bool = True) -> Any:
+        dx = self._backward(dy, self._cache, **self._options()) if need_dx else None
+        self._cache = None
+        return dx
+
+    def get_config(self) -> dict[str, Any]:
+        return self._options()
+
+    def __repr__(self) -> str:
+        return type(self).__name__ + "(" + ", ".join(f"{k}={v:g}" for k, v in self._options().items()) + ")"
+
+
+class ReLU(_Activation):
+    """max(x, 0)."""
+    _forward, _backward = staticmethod(F.relu_forward), staticmethod(F.relu_backward)
+
+
+class LeakyReLU(_Activation):
+    """x where x > 0, else negative_slope * x."""
+    _forward, _backward = staticmethod(F.leaky_relu_forward), staticmethod(F.leaky_relu_backward)
+
+    def __init__(self, negative_slope: float = 0.01) -> None:
+        super().__init__()
+        self.negative_slope = float(negative_slope)
+
+    def _options(self) -> dict[str, Any]:
+        return {"negative_slope": self.negative_slope}
+
+
+class Clip(_Activation):
+    """min(max(x, low), high) (ONNX's Clip)."""
+    _forward, _backward = staticmethod(F.clip_forward), staticmethod(F.clip_backward)
+
+    def __init__(self, low: float, high: float) -> None:
+        super().__init__()
+        if not low < high:
+            raise ValueError(f"Clip: low must be below high, got {low} and {high}")
+        self.low, self.high = float(low), float(high)
+
+    def _options(self) -> dict[str, Any]:
+        return {"low": self.low, "high": self.high}
+
+
+class ReLU6(Clip):
+    """min(max(x, 0), 6), MobileNet's activation."""
+
+    def __init__(self) -> None:
+        super().__init__(0.0, 6.0)
+
+    def get_config(self) -> dict[str, Any]:
+        return {}
+
+    def __repr__(self) -> str:
+        return "ReLU6()"
+
+
+class Sigmoid(_Activation):
+    """1 / (1 + exp(-x))."""
+    _forward, _backward = staticmethod(F.sigmoid_forward), staticmethod(F.sigmoid_backward)
+
+
+class Tanh(_Activation):
+    """tanh(x)."""
+    _forward, _backward = staticmethod(F.tanh_forward), staticmethod(F.tanh_backward)
+
+
+class SiLU(_Activation):
+    """x * sigmoid(x) (swish)."""
+    _forward, _backward = staticmethod(F.silu_forward), staticmethod(F.silu_backward)
+
+
+class HardSigmoid(_Activation):
+    """clip(alpha * x + beta, 0, 1); PyTorch's defaults (alpha 1/6, beta 1/2)."""
+    _forward, _backward = staticmethod(F.hard_sigmoid_forward), staticmethod(F.hard_sigmoid_backward)
+
+    def __init__(self, alpha: float = 1 / 6, beta: float = 0.5) -> None:
+        super().__init__()
+        self.alpha, self.beta = float(alpha), float(beta)
+
+    def _options(self) -> dict[str, Any]:
+        return {"alpha": self.alpha, "beta": self.beta}
+
+
+class HardSwish(_Activation):
+    """x * relu6(x + 3) / 6 (MobileNetV3)."""
+    _forward, _backward = staticmethod(F.hard_swish_forward), staticmethod(F.hard_swish_backward)
+
+
+class Softmax(_Activation):
+    """The softmax over the last axis (N, K) -> (N, K), for models that end in probabilities (ONNX
+    imports). A classifier trains on logits: leave it out, the loss applies it."""
+    _forward, _backward = staticmethod(F.softmax_forward), staticmethod(F.softmax_backward)
+
+
+class Identity(Layer):
+    """y = x (ONNX's Identity; a placeholder where a block has no shortcut layer)."""
+
+    def forward(self, x: Any) -> Any:
+        return x
+
+    def backward(self, dy: Any, need_dx: bool = True) -> Any:
+        return dy if need_dx else None
 
 
 class Dropout(Layer):
@@ -349,10 +794,74 @@ class Dropout(Layer):
         y, self._cache = F.dropout_forward(x, self.p, self.training, rng)
         return y
 
-    def backward(self, dout: Any, need_dx: bool = True) -> Any:
-        dx = F.dropout_backward(dout, self._cache)
+    def backward(self, dy: Any, need_dx: bool = True) -> Any:
+        dx = F.dropout_backward(dy, self._cache) if need_dx else None
         self._cache = None
         return dx
 
+    def get_config(self) -> dict[str, Any]:
+        return {"p": self.p}
+
     def __repr__(self) -> str:
         return f"Dropout(p={self.p})"
+
+
+# ---- shapes and merges --------------------------------------------------------------------------------
+
+class Flatten(Layer):
+    """(N, ...) -> (N, prod(...)), in the channels-last order (h, w, c)."""
+
+    def forward(self, x: Any) -> Any:
+        y, self._cache = F.flatten_forward(x)
+        return y
+
+    def backward(self, dy: Any, need_dx: bool = True) -> Any:
+        return F.flatten_backward(dy, self._cache) if need_dx else None
+
+    def output_shape(self, input_shape: Shape) -> Shape:
+        return (int(np.prod(input_shape)),)
+
+
+class Add(Layer):
+    """x_1 + ... + x_k of one shape: the merge of a residual connection."""
+
+    num_inputs = None
+
+    def forward(self, *xs: Any) -> Any:
+        y, self._cache = F.add_forward(*xs)
+        return y
+
+    def backward(self, dy: Any, need_dx: bool = True) -> Any:
+        grads = F.add_backward(dy, self._cache) if need_dx else None
+        self._cache = None
+        return grads
+
+    def output_shape(self, *input_shapes: Shape) -> Shape:
+        for i, shape in enumerate(input_shapes[1:], start=1):
+            if tuple(shape) != tuple(input_shapes[0]):
+                raise ValueError(f"Add: input {i} has shape {tuple(shape)} but input 0 has "
+                                 f"{tuple(input_shapes[0])}")
+        return input_shapes[0]
+
+
+class Concat(Layer):
+    """The concatenation of k inputs along the channel axis (the last): (..., C_1), ... -> (..., sum C_i)."""
+
+    num_inputs = None
+
+    def forward(self, *xs: Any) -> Any:
+        y, self._cache = F.concat_forward(xs, axis=-1)
+        return y
+
+    def backward(self, dy: Any, need_dx: bool = True) -> Any:
+        grads = F.concat_backward(dy, self._cache) if need_dx else None
+        self._cache = None
+        return grads
+
+    def output_shape(self, *input_shapes: Shape) -> Shape:
+        first = tuple(input_shapes[0])
+        for i, shape in enumerate(input_shapes[1:], start=1):
+            if len(shape) != len(first) or tuple(shape[:-1]) != first[:-1]:
+                raise ValueError(f"Concat: input {i} has shape {tuple(shape)} and input 0 has {first}; "
+                                 "they may differ only in their channels (the last axis)")
+        return (*first[:-1], sum(int(s[-1]) for s in input_shapes))

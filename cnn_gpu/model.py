@@ -1,233 +1,358 @@
-"""Sequential: a model is a list of layers run in order."""
+"""Models: a Graph of layers over named tensors, and Sequential, the graph that is a chain.
+
+A Graph is a directed acyclic graph whose nodes are (name, layer, input names); each node's
+output is the tensor of its own name, the graph's inputs are tensors of their own names, and one
+tensor is the output. Build one with symbolic tensors, in the spirit of Keras' functional API:
+
+    x = Input((32, 32, 16))
+    h = ReLU()(BatchNorm2D(16)(Conv2D(16, 16, 3, padding=1, bias=False)(x, name="conv1"), name="bn1"), name="relu1")
+    h = BatchNorm2D(16)(Conv2D(16, 16, 3, padding=1, bias=False)(h, name="conv2"), name="bn2")
+    block = Graph(x, ReLU()(Add()(h, x, name="add"), name="relu2"))    # a residual block
+
+or from a list of nodes (Graph.from_nodes, which is what a JSON config or an ONNX file gives).
+A graph is itself a Layer, so a block is a node of a larger model, and parameter names are paths
+through the nodes ('stage1.block0.conv1.weight').
+
+The forward runs the steps of a plan (cnn_gpu/plan.py) built once per mode and input shape from
+the graph's structure: in order, each node's layer on the tensors it reads. The backward runs the
+nodes in reverse order with each layer's own backward: a node receives the gradient of its
+output, which is the sum of what every node reading that tensor sent back, added in one fixed
+order (the reverse of the nodes' order), so the result is deterministic; and it passes on the
+gradients of its inputs. There is no tape: the layers' forward/backward pairs are the autograd,
+and the graph's order is the schedule. Gradients are computed only where they lead to a
+parameter (or to the graph's input, with need_dx=True).
+"""
 from __future__ import annotations
 
-import os
-from pathlib import Path
-from typing import Any, Iterable
+from collections.abc import Iterable, Sequence
+from typing import Any, NamedTuple
 
 import numpy as np
 
-from . import cpu
-from .atomic import atomic_write
-from .backend import backend_of, to_device, to_numpy
-from .layers import Conv2D, Layer, Parameter, _BatchNorm, _Pool2D
-
-DEVICE_ALIASES = {"cpu": "numpy", "numpy": "numpy", "gpu": "cupy", "cuda": "cupy", "cupy": "cupy"}
-# Evaluation on the CPU runs a large batch in slices whose largest activation is about this size,
-# so that each layer finds its input still in cache (see Sequential.forward).
-EVAL_SLICE_BYTES = 1 << 23
+from .backend import backend_of
+from .layers import Layer, Shape, Tensor
+from .plan import EVAL_SLICE_BYTES, Plan, build_plan, run_step
 
 
-def _folds_into(layer: Layer, after: Layer | None) -> bool:
-    """Whether `after` is a batch norm that eval mode can fold into `layer` (a conv or dense layer
-    with as many outputs as the batch norm has channels)."""
-    outputs = getattr(layer, "out_channels", getattr(layer, "out_features", None))
-    return (isinstance(after, _BatchNorm) and hasattr(layer, "infer_folded")
-            and outputs == after.num_features)
+class Node(NamedTuple):
+    """One node of a Graph: `layer` reads the tensors named `inputs` and writes the tensor `name`."""
+
+    name: str
+    layer: Layer
+    inputs: tuple[str, ...]
 
 
-class Sequential:
-    """Layers applied in order. forward(x) -> logits; backward(dlogits) fills every parameter's grad."""
+def Input(shape: Shape | None = None, name: str = "input") -> Tensor:  # noqa: N802 - reads as a layer
+    """A graph input: a symbolic tensor of one sample's shape (optional; given, every node's output
+    shape is checked as the graph is built)."""
+    return Tensor(None, (), name, None if shape is None else tuple(int(s) for s in shape))
 
-    def __init__(self, layers: Iterable[Layer]) -> None:
-        self.layers = list(layers)
-        self.training = True
 
-    def forward(self, x: Any) -> Any:
-        """x -> the last layer's output. In training mode, and on the GPU, each layer's forward
-        in turn; in eval mode on NumPy, the evaluation path below (slices, folded batch norms,
-        no caches), which gives the same numbers up to rounding."""
-        if not self.training and not any(layer.training for layer in self.layers) and backend_of(x) == "numpy":
-            return self._forward_in_slices(x)
-        return self._forward(x)
+class Graph(Layer):
+    """A DAG of layers over named tensors (see the module docstring)."""
 
-    def _forward(self, x: Any) -> Any:
-        for i, layer in enumerate(self.layers):
-            x = layer.forward(x, **self._read_part(i, i + 1, x))
-            if not layer.training:
-                layer._cache = None  # nothing will backpropagate: free each activation once used
-        return x
+    def __init__(self, inputs: Tensor | Sequence[Tensor], output: Tensor) -> None:
+        inputs = [inputs] if isinstance(inputs, Tensor) else list(inputs)
+        nodes = _collect_nodes(inputs, output)
+        self._setup(nodes, [t.name for t in inputs], _name_of(output, nodes))
 
-    def _forward_in_slices(self, x: Any) -> Any:
-        """Evaluation on NumPy, slice by slice of the batch. In eval mode every sample's output
-        depends on that sample alone, so the slices give the batch's result; and each slice's
-        activations (~EVAL_SLICE_BYTES) stay in cache from one layer to the next, where a whole
-        batch's would go out to memory and back at every layer. Measured, seed network at batch
-        256, one thread: 1.2x with batch norm, no change without; smaller slices lose to call
-        overhead, so a batch of up to one slice (64 images here) runs whole."""
-        try:
-            per_sample = self._largest_activation_bytes(tuple(x.shape[1:]), x.dtype.itemsize)
-        except (ValueError, TypeError, IndexError):  # a bad input: let the layers say what is wrong
-            return self._infer(x)
-        size = max(1, EVAL_SLICE_BYTES // per_sample)
-        if x.ndim == 0 or len(x) <= size:
-            return self._infer(x)
-        size = -(-len(x) // -(-len(x) // size))  # as many slices as needed, of equal size
-        first = self._infer(x[:size])
-        out = np.empty((len(x), *first.shape[1:]), dtype=first.dtype)
+    @classmethod
+    def from_nodes(cls, nodes: Iterable[Node | tuple], inputs: Sequence[str], output: str) -> "Graph":
+        """A graph from (name, layer, input names) nodes in any order; they are sorted so that each
+        node comes after the nodes it reads (ties keep the given order)."""
+        graph = cls.__new__(cls)
+        graph._setup(_topological([Node(n, layer, tuple(i)) for n, layer, i in nodes], list(inputs), output),
+                     list(inputs), output)
+        return graph
+
+    def _setup(self, nodes: list[Node], input_names: list[str], output: str) -> None:
+        Layer.__init__(self)
+        self.nodes, self.input_names, self.output_name = tuple(nodes), tuple(input_names), output
+        self.num_inputs = len(input_names) if len(input_names) > 1 else 1
+        _validate(self.nodes, self.input_names, output)
+        for node in self.nodes:
+            self.add_child(node.name, node.layer)
+        # Which tensors need a gradient: those a parameter lies upstream of (the inputs' own
+        # flag is need_dx, given to each backward).
+        has_params = {node.name: bool(node.layer.parameters()) for node in self.nodes}
+        self._upstream_params: dict[str, bool] = {name: False for name in self.input_names}
+        for node in self.nodes:
+            self._upstream_params[node.name] = has_params[node.name] or any(
+                self._upstream_params[i] for i in node.inputs)
+        self._plans: dict[tuple, Plan] = {}
+
+    # ---- forward and backward ----------------------------------------------------------------
+
+    def forward(self, *xs: Any) -> Any:
+        """The output for inputs xs (one array per graph input). In eval mode the plan folds batch
+        norms into the layer before them and, on the CPU, runs large batches in slices; the numbers
+        are those of each layer's forward, up to rounding."""
+        if len(xs) != len(self.input_names):
+            raise ValueError(f"{self!r} takes {len(self.input_names)} input(s) {list(self.input_names)}, "
+                             f"got {len(xs)}")
+        plan = self.plan_for(xs)
+        if plan.slice_size is not None and len(xs[0]) > plan.slice_size:
+            return self._forward_in_slices(plan, xs)
+        return self._run(plan, xs)
+
+    def _run(self, plan: Plan, xs: Sequence[Any]) -> Any:
+        values = dict(zip(self.input_names, xs))
+        for step in plan.steps:
+            values[step.output] = run_step(step, plan.training, [values[name] for name in step.inputs])
+            for name in step.frees:
+                del values[name]
+        return values[self.output_name]
+
+    def _forward_in_slices(self, plan: Plan, xs: Sequence[Any]) -> Any:
+        """Evaluation slice by slice of the batch: in eval mode each sample's output depends on that
+        sample alone, and each slice's activations stay in cache from one layer to the next."""
+        n = len(xs[0])
+        size = -(-n // -(-n // plan.slice_size))  # as many slices as needed, of equal size
+        first = self._run(plan, [x[:size] for x in xs])
+        out = np.empty((n, *first.shape[1:]), dtype=first.dtype)
         out[:size] = first
-        for start in range(size, len(x), size):
-            out[start:start + size] = self._infer(x[start:start + size])
+        for start in range(size, n, size):
+            out[start:start + size] = self._run(plan, [x[start:start + size] for x in xs])
         return out
 
-    def _infer(self, x: Any) -> Any:
-        """Evaluation through each layer's infer(); a batch norm right after a conv or dense
-        layer is folded into that layer's weights (Conv2D.infer_folded), so it costs nothing."""
-        layers, i = self.layers, 0
-        while i < len(layers):
-            layer, after = layers[i], layers[i + 1] if i + 1 < len(layers) else None
-            if _folds_into(layer, after):
-                x = layer.infer_folded(x, *after.eval_scale_shift(), **self._read_part(i, i + 2, x))
-                i += 2
-            else:
-                x = layer.infer(x, **self._read_part(i, i + 1, x))
-                i += 1
-        return x
+    def backward(self, dy: Any, need_dx: bool = False) -> Any:
+        """Backpropagate dL/d(output): fills every parameter's .grad, and returns dL/d(input) (a
+        tuple for several inputs) when need_dx; a model's own input needs none, so False is the
+        default (a graph inside another graph is called with need_dx as its parent needs)."""
+        # A tensor needs its gradient when a parameter lies upstream of it, or the input does and
+        # need_dx asks for the input's (every node descends from an input).
+        needs = {name: need_dx for name in self.input_names}
+        needs.update({node.name: self._upstream_params[node.name] or need_dx for node in self.nodes})
+        grads: dict[str, Any] = {self.output_name: dy}
+        owned: set[str] = set()  # gradients that are sums made here, safe to add into in place
+        for node in reversed(self.nodes):
+            grad = grads.pop(node.name, None)
+            owned.discard(node.name)
+            if grad is None or not needs[node.name]:
+                node.layer._cache = None  # nothing upstream of this node wants a gradient
+                continue
+            want = [needs[name] for name in node.inputs]
+            dxs = node.layer.backward(grad, need_dx=any(want))
+            if not any(want):
+                continue
+            for name, dx, wanted in zip(node.inputs, dxs if len(node.inputs) > 1 else (dxs,), want):
+                if not wanted:
+                    continue
+                if name not in grads:
+                    grads[name] = dx
+                elif name in owned:
+                    grads[name] += dx
+                else:  # the first gradient may be shared (Add sends dy to each input): add into a new array
+                    grads[name] = grads[name] + dx
+                    owned.add(name)
+        if not need_dx:
+            return None
+        dxs = tuple(grads.get(name) for name in self.input_names)
+        return dxs if len(dxs) > 1 else dxs[0]
 
-    def _read_part(self, i: int, j: int, x: Any) -> dict[str, Any]:
-        """{"out_size": (rows, cols)} when layer i is a convolution whose output layer j, a pool,
-        reads only in part, so that the convolution computes just that part; else {}. The seed
-        network's 2x2 pool reads 10 x 10 of conv2's 11 x 11 outputs. Layer j must read layer i's
-        output itself: in training a batch norm between them needs all of it for its statistics."""
-        layer, reader = self.layers[i], self.layers[j] if j < len(self.layers) else None
-        if not (isinstance(layer, Conv2D) and isinstance(reader, _Pool2D) and layer.padding == (0, 0)
-                and getattr(x, "ndim", 0) == 4 and x.shape[3] == layer.in_channels):
-            return {}  # not this case, or a bad input that the layer's forward will name
-        rows, cols, _ = layer.output_shape(tuple(x.shape[1:]))
-        used = reader.input_extent(rows, cols)
-        return {"out_size": used} if used != (rows, cols) else {}
+    # ---- the plan ------------------------------------------------------------------------------
 
-    def _largest_activation_bytes(self, sample_shape: tuple[int, ...], itemsize: int) -> int:
-        """Bytes of the largest input or output of any layer, for one sample."""
-        shape, largest = sample_shape, int(np.prod(sample_shape))
-        for layer in self.layers:
-            shape = layer.output_shape(shape)
-            largest = max(largest, int(np.prod(shape)))
-        return largest * itemsize
+    def plan_for(self, xs: Sequence[Any]) -> Plan:
+        """The plan for these inputs' mode, per-sample shapes and backend (built once, then reused)."""
+        training = any(layer.training for _, layer in self.named_layers())
+        shapes = tuple(tuple(int(s) for s in x.shape[1:]) for x in xs)
+        on_cpu = backend_of(xs[0]) == "numpy"
+        key = (training, shapes, on_cpu, xs[0].dtype.itemsize)
+        plan = self._plans.get(key)
+        if plan is None:
+            plan = self._plans[key] = build_plan(self, training, shapes, on_cpu, xs[0].dtype.itemsize,
+                                                 EVAL_SLICE_BYTES)
+        return plan
 
-    __call__ = forward
+    # ---- shapes and description ------------------------------------------------------------------
 
-    def backward(self, dout: Any) -> None:
-        """Backpropagate dL/d(output). The input gradient of the first layer is never computed."""
-        for i in range(len(self.layers) - 1, -1, -1):
-            dout = self.layers[i].backward(dout, need_dx=i > 0)
+    def tensor_shapes(self, *input_shapes: Shape) -> dict[str, Shape]:
+        """Every tensor's per-sample shape, for per-sample input shapes; a ValueError naming the node
+        and the shapes it was given when a layer cannot take them."""
+        if len(input_shapes) != len(self.input_names):
+            raise ValueError(f"{self!r} takes {len(self.input_names)} input shape(s), got {len(input_shapes)}")
+        shapes = {name: tuple(s) for name, s in zip(self.input_names, input_shapes)}
+        for node in self.nodes:
+            given = [shapes[i] for i in node.inputs]
+            try:
+                shapes[node.name] = tuple(node.layer.output_shape(*given))
+            except ValueError as exc:
+                reads = ", ".join(f"{i!r} {shapes[i]}" for i in node.inputs)
+                raise ValueError(f"node {node.name!r} ({node.layer!r}) reading {reads}: {exc}") from None
+        return shapes
 
-    def parameters(self) -> list[Parameter]:
-        return [p for layer in self.layers for p in layer.params.values()]
+    def output_shape(self, *input_shapes: Shape) -> Shape:
+        return self.tensor_shapes(*input_shapes)[self.output_name]
 
-    def named_parameters(self) -> list[tuple[str, Parameter]]:
-        return [(f"{i}.{name}", p) for i, layer in enumerate(self.layers) for name, p in layer.params.items()]
+    def flops(self, *input_shapes: Shape) -> int:
+        shapes = self.tensor_shapes(*input_shapes)
+        return sum(node.layer.flops(*(shapes[i] for i in node.inputs)) for node in self.nodes)
 
-    def zero_grad(self) -> None:
-        for p in self.parameters():
-            p.grad = None
+    def summary_rows(self, input_shapes: Sequence[Shape], path: str) -> tuple[list[tuple[str, str, str]], Shape]:
+        shapes = {name: tuple(s) for name, s in zip(self.input_names, input_shapes)}
+        rows: list[tuple[str, str, str]] = []
+        previous = self.input_names[0]
+        for node in self.nodes:
+            node_rows, shapes[node.name] = node.layer.summary_rows(
+                [shapes[i] for i in node.inputs], f"{path}.{node.name}" if path else node.name)
+            if node.inputs != (previous,):  # a node that does not read the one before it says what it reads
+                label, shape, count = node_rows[0]
+                node_rows[0] = (f"{label} <- {', '.join(node.inputs)}", shape, count)
+            rows += node_rows
+            previous = node.name
+        return rows, shapes[self.output_name]
 
-    def train(self, mode: bool = True) -> "Sequential":
-        self.training = mode
-        for layer in self.layers:
-            layer.training = mode
-        return self
+    def get_config(self) -> dict[str, Any]:
+        from .config import layer_config  # noqa: PLC0415 - config imports this module
+        return {"inputs": list(self.input_names), "output": self.output_name,
+                "nodes": [{"name": n.name, "layer": layer_config(n.layer), "inputs": list(n.inputs)}
+                          for n in self.nodes]}
 
-    def eval(self) -> "Sequential":
-        return self.train(False)
-
-    def to(self, device: str) -> "Sequential":
-        """Move every parameter and buffer to 'cpu'/'numpy' or 'gpu'/'cuda'/'cupy'."""
-        if device not in DEVICE_ALIASES:
-            raise ValueError(f"device must be one of {sorted(DEVICE_ALIASES)}, got {device!r}")
-        for layer in self.layers:
-            layer.to(DEVICE_ALIASES[device])
-        return self
-
-    @property
-    def backend(self) -> str:
-        """'numpy' or 'cupy': where the parameters live."""
-        params = self.parameters()
-        return backend_of(params[0].data) if params else "numpy"
-
-    @property
-    def dtype(self) -> np.dtype:
-        params = self.parameters()
-        return params[0].data.dtype if params else np.dtype("float32")
-
-    def num_parameters(self) -> int:
-        return sum(int(np.prod(p.shape)) for p in self.parameters())
-
-    def summary(self, input_shape: tuple[int, ...]) -> str:
-        """A table of each layer's output shape (per sample) and parameter count."""
-        rows = [("layer", "output shape", "params"), ("input", str(tuple(input_shape)), "")]
-        shape = tuple(input_shape)
-        for layer in self.layers:
-            shape = layer.output_shape(shape)
-            count = sum(int(np.prod(p.shape)) for p in layer.params.values())
-            rows.append((repr(layer), str(shape), f"{count:,}" if count else "0"))
-        widths = [max(len(r[i]) for r in rows) for i in range(3)]
-        lines = [f"{r[0]:<{widths[0]}}  {r[1]:<{widths[1]}}  {r[2]:>{widths[2]}}" for r in rows]
-        lines.insert(1, "-" * len(lines[0]))
-        lines.append(f"total parameters: {self.num_parameters():,}")
-        return "\n".join(lines)
+    @classmethod
+    def from_config(cls, args: dict[str, Any], build: Any, path: str) -> "Graph":
+        """Rebuild from get_config()'s dict; build(config, path) makes each node's layer."""
+        try:
+            nodes = [(n["name"], build(n["layer"], f"{path}.{n['name']}" if path else n["name"]), n["inputs"])
+                     for n in args["nodes"]]
+            inputs, output = args["inputs"], args["output"]
+        except (KeyError, TypeError) as exc:
+            raise ValueError(f"{path or 'model'}: a Graph config needs 'inputs', 'output' and 'nodes' of "
+                             f"'name', 'layer', 'inputs' ({type(exc).__name__}: {exc})") from None
+        return cls.from_nodes(nodes, inputs, output)
 
     def __repr__(self) -> str:
-        return "Sequential(\n" + "".join(f"  ({i}) {layer!r}\n" for i, layer in enumerate(self.layers)) + ")"
-
-    # ---- state -----------------------------------------------------------------------------
-
-    def state_dict(self) -> dict[str, np.ndarray]:
-        """Every parameter and buffer as NumPy arrays, keyed '<layer index>.<name>'."""
-        state = {}
-        for i, layer in enumerate(self.layers):
-            for name, p in layer.params.items():
-                state[f"{i}.{name}"] = to_numpy(p.data).copy()
-            for name, value in layer.buffers.items():
-                state[f"{i}.{name}"] = to_numpy(value).copy()
-        return state
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Copy arrays into the model (onto its device), checking names, shapes and dtypes first.
-        On the CPU, subnormal parameter values become zero (see cnn_gpu.cpu.flush_subnormals)."""
-        expected = self.state_dict()
-        missing = sorted(set(expected) - set(state))
-        unexpected = sorted(set(state) - set(expected))
-        if missing or unexpected:
-            raise ValueError(f"state does not match the model: missing {missing or 'nothing'}, "
-                             f"unexpected {unexpected or 'nothing'}")
-        for key, ref in expected.items():
-            value = state[key]
-            if tuple(value.shape) != ref.shape or value.dtype != ref.dtype:
-                raise ValueError(f"state entry {key!r}: the model expects {ref.dtype} {ref.shape}, "
-                                 f"got {value.dtype} {tuple(value.shape)}")
-        backend = self.backend
-        for i, layer in enumerate(self.layers):
-            for name, p in layer.params.items():
-                p.data = to_device(np.array(to_numpy(state[f"{i}.{name}"])), backend)
-                p.grad = None
-                if backend == "numpy":  # e.g. weights trained on a GPU, which keeps subnormals
-                    cpu.flush_subnormals(p.data)
-            for name in layer.buffers:
-                layer.buffers[name] = to_device(np.array(to_numpy(state[f"{i}.{name}"])), backend)
-
-    def save(self, path: str | os.PathLike) -> None:
-        """Write the state to a .npz file atomically: a crash leaves the old file or the new one."""
-        save_npz_atomic(path, self.state_dict())
-
-    def load(self, path: str | os.PathLike) -> "Sequential":
-        """Load a state written by save() (never unpickles)."""
-        self.load_state_dict(load_npz(path))
-        return self
+        return f"{type(self).__name__}({len(self.nodes)} nodes)"
 
 
-def save_npz_atomic(path: str | os.PathLike, arrays: dict[str, np.ndarray]) -> None:
-    """np.savez to a temporary file beside `path`, fsync, then rename over it."""
-    atomic_write(path, lambda f: np.savez(f, **arrays))
+class Sequential(Graph):
+    """Layers applied in order: the graph that is a chain. Children are named '0', '1', ... unless
+    (name, layer) pairs are given. forward(x) -> the last layer's output; backward(dy) fills every
+    parameter's grad (and computes no input gradient for the first layer)."""
+
+    def __init__(self, layers: Iterable[Layer | tuple[str, Layer]]) -> None:
+        named = [item if isinstance(item, tuple) else (str(i), item) for i, item in enumerate(layers)]
+        if not named:
+            raise ValueError("Sequential: needs at least one layer")
+        nodes, previous = [], "input"
+        for name, layer in named:
+            nodes.append(Node(name, layer, (previous,)))
+            previous = name
+        self._setup(nodes, ["input"], previous)
+
+    @property
+    def layers(self) -> list[Layer]:
+        return [node.layer for node in self.nodes]
+
+    def get_config(self) -> dict[str, Any]:
+        from .config import layer_config  # noqa: PLC0415 - config imports this module
+        return {"layers": [{"name": n.name, "layer": layer_config(n.layer)} for n in self.nodes]}
+
+    @classmethod
+    def from_config(cls, args: dict[str, Any], build: Any, path: str) -> "Sequential":
+        try:
+            return cls([(item["name"], build(item["layer"], f"{path}.{item['name']}" if path else item["name"]))
+                        for item in args["layers"]])
+        except (KeyError, TypeError) as exc:
+            raise ValueError(f"{path or 'model'}: a Sequential config needs 'layers' of 'name' and 'layer' "
+                             f"({type(exc).__name__}: {exc})") from None
+
+    def __repr__(self) -> str:
+        return "Sequential(\n" + "".join(f"  ({n.name}) {n.layer!r}\n" for n in self.nodes) + ")"
 
 
-def load_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
-    """Every array of a .npz file, with pickles refused and a clear error for a damaged file."""
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"no checkpoint at {path}")
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            return {key: data[key] for key in data.files}
-    except Exception as exc:  # zipfile.BadZipFile, ValueError, EOFError, OSError...
-        raise ValueError(f"{path} is not a readable .npz checkpoint (truncated or corrupted?): {exc}") from exc
+# ---- building and checking the node list ------------------------------------------------------------
+
+def _collect_nodes(inputs: list[Tensor], output: Tensor) -> list[Node]:
+    """The nodes between symbolic inputs and an output, in creation order (a topological order),
+    with names given to unnamed nodes (the layer's type and a count: 'conv2d_0')."""
+    for t in inputs:
+        if not isinstance(t, Tensor) or t.layer is not None:
+            raise TypeError(f"Graph inputs must be tensors from Input(), got {t!r}")
+    if not isinstance(output, Tensor):
+        raise TypeError(f"a Graph's output must be a symbolic Tensor, got {type(output).__name__}")
+    seen: dict[int, Tensor] = {}
+    stack = [output]
+    while stack:
+        t = stack.pop()
+        if id(t) in seen:
+            continue
+        seen[id(t)] = t
+        if t.layer is None:
+            if not any(t is i for i in inputs):
+                raise ValueError(f"the output depends on input {t.name!r}, which is not among the Graph's "
+                                 f"inputs {[i.name for i in inputs]}")
+            continue
+        stack.extend(t.inputs)
+    ordered = sorted((t for t in seen.values() if t.layer is not None), key=lambda t: t.order)
+    names: dict[int, str] = {id(t): t.name for t in inputs}
+    counts: dict[str, int] = {}
+    taken = {t.name for t in seen.values() if t.name}
+    for t in ordered:
+        name = t.name
+        if name is None:
+            base = _snake(type(t.layer).__name__)
+            while name is None or name in taken:
+                name = f"{base}_{counts.get(base, 0)}"
+                counts[base] = counts.get(base, 0) + 1
+            taken.add(name)
+        names[id(t)] = name
+    return [Node(names[id(t)], t.layer, tuple(names[id(i)] for i in t.inputs)) for t in ordered]
+
+
+def _name_of(output: Tensor, nodes: list[Node]) -> str:
+    if output.layer is None:
+        raise ValueError("a Graph needs at least one layer between its input and its output")
+    return next(node.name for node in nodes if node.layer is output.layer)
+
+
+def _snake(name: str) -> str:
+    return "".join("_" + c.lower() if c.isupper() and i and not name[i - 1].isupper() else c.lower()
+                   for i, c in enumerate(name))
+
+
+def _topological(nodes: list[Node], inputs: list[str], output: str) -> list[Node]:
+    """Kahn's order over the nodes, stable in the given order; a ValueError names a missing
+    tensor or the nodes on a cycle."""
+    produced = {name for name in inputs}
+    names = [node.name for node in nodes]
+    known = set(names) | produced
+    for node in nodes:
+        for i in node.inputs:
+            if i not in known:
+                raise ValueError(f"node {node.name!r} reads {i!r}, which no node produces and which is not "
+                                 f"a graph input (inputs: {inputs})")
+    ordered, waiting = [], list(nodes)
+    while waiting:
+        ready = [node for node in waiting if all(i in produced for i in node.inputs)]
+        if not ready:
+            raise ValueError("the graph has a cycle through nodes " + ", ".join(repr(n.name) for n in waiting))
+        for node in ready:
+            ordered.append(node)
+            produced.add(node.name)
+        waiting = [node for node in waiting if node not in ready]
+    return ordered
+
+
+def _validate(nodes: Sequence[Node], inputs: Sequence[str], output: str) -> None:
+    """Unique names; each layer in one node; every node on the way to the output; the output exists."""
+    names = list(inputs) + [node.name for node in nodes]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise ValueError(f"tensor names must be unique in a graph; repeated: {duplicates}")
+    if len({id(node.layer) for node in nodes}) != len(nodes):
+        shared = [node.name for node in nodes if sum(n.layer is node.layer for n in nodes) > 1]
+        raise ValueError(f"a layer object may be one node only (its cache holds one call); nodes {shared} share one")
+    for node in nodes:
+        node.layer._check_input_count(len(node.inputs), node.name)
+    if output not in names:
+        raise ValueError(f"the graph's output {output!r} is neither a node nor an input")
+    used = {output}
+    for node in reversed(nodes):
+        if node.name in used:
+            used.update(node.inputs)
+    unused = [node.name for node in nodes if node.name not in used]
+    if unused:
+        raise ValueError(f"nodes {unused} do not lead to the output {output!r}")
+    missing = [name for name in inputs if name not in used]
+    if missing:
+        raise ValueError(f"graph inputs {missing} are read by no node on the way to the output")

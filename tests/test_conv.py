@@ -99,7 +99,7 @@ def test_out_size_computes_a_corner_of_the_output(xp, rng, stride, out_size):
     dy zero outside the corner (x keeps its shape, zero where no computed output reads it)."""
     x, wt, b = random(xp, rng, (2, 8, 9, 3)), random(xp, rng, (3, 2, 3, 4)), random(xp, rng, (4,))
     full, full_cache = conv2d_forward(x, wt, b, stride)
-    y, cache = conv2d_forward(x, wt, b, stride, 0, out_size)
+    y, cache = conv2d_forward(x, wt, b, stride, 0, out_size=out_size)
     rows, cols = out_size
     assert y.shape == (2, rows, cols, 4)
     assert_close(y, full[:, :rows, :cols], rtol=1e-12, atol=1e-12)
@@ -113,9 +113,9 @@ def test_out_size_computes_a_corner_of_the_output(xp, rng, stride, out_size):
 def test_out_size_outside_the_output_or_with_padding_is_refused(xp, rng):
     x, wt = random(xp, rng, (1, 6, 6, 1)), random(xp, rng, (3, 3, 1, 2))
     with pytest.raises(ValueError, match=r"out_size must be within the full output \(4, 4\)"):
-        conv2d_forward(x, wt, None, 1, 0, (5, 4))
+        conv2d_forward(x, wt, None, 1, 0, out_size=(5, 4))
     with pytest.raises(ValueError, match="needs padding 0"):
-        conv2d_forward(x, wt, None, 1, 1, (3, 3))
+        conv2d_forward(x, wt, None, 1, 1, out_size=(3, 3))
 
 
 @pytest.mark.parametrize("bias", [True, False])

@@ -1,7 +1,6 @@
 import numpy as np
 import pytest
 
-import cnn_gpu
 from cnn_gpu import SGD, seed_cnn
 from cnn_gpu.backend import to_numpy
 from cnn_gpu.functional import softmax_cross_entropy
@@ -160,7 +159,7 @@ def test_seed_cnn_pool_before_relu_is_the_seed_order(xp, rng, batch_norm):
 
 @pytest.mark.parametrize("batch_norm", [False, True])
 def test_eval_in_slices_equals_the_whole_batch(monkeypatch, batch_norm):
-    """Eval mode on NumPy runs the batch in slices (cnn_gpu.model.EVAL_SLICE_BYTES); the result
+    """Eval mode on NumPy runs the batch in slices (cnn_gpu.plan.EVAL_SLICE_BYTES); the result
     is the one of running each sample alone, including a short last slice."""
     import cnn_gpu.model as model_module
     rng = np.random.default_rng(3)
@@ -169,18 +168,18 @@ def test_eval_in_slices_equals_the_whole_batch(monkeypatch, batch_norm):
     model.forward(x)  # a training step's forward: batch-norm running statistics move off 0 and 1
     model.eval()
     alone = np.concatenate([model.forward(x[i:i + 1]) for i in range(len(x))])
-    per_sample = model._largest_activation_bytes((28, 28, 1), 8)
+    per_sample = max(int(np.prod(s)) for s in model.tensor_shapes((28, 28, 1)).values()) * 8
     monkeypatch.setattr(model_module, "EVAL_SLICE_BYTES", 5 * per_sample)  # slices of 5: 5+5+5+5+3
+    model._plans.clear()  # plans are built once per mode and shape: rebuild with the new slice size
     calls = []
-    monkeypatch.setattr(model, "_infer", lambda xs, inner=model._infer: calls.append(len(xs)) or inner(xs))
-    monkeypatch.setattr(model, "_forward", lambda xs, inner=model._forward: calls.append(-len(xs)) or inner(xs))
+    monkeypatch.setattr(model, "_run", lambda plan, xs, inner=model._run: calls.append(len(xs[0])) or inner(plan, xs))
     sliced = model.forward(x)
     assert calls == [5, 5, 5, 5, 3]
     np.testing.assert_allclose(sliced, alone, rtol=1e-12, atol=1e-12)
     model.train()
     calls.clear()
     model.forward(x)
-    assert calls == [-23]  # training mode: one batch through forward (batch norm needs all of it)
+    assert calls == [23]  # training mode: one batch through forward (batch norm needs all of it)
 
 
 @pytest.mark.parametrize("batch_norm", [False, True])
@@ -228,10 +227,12 @@ def test_a_conv_computes_only_what_its_pool_reads(xp, rng):
     """Sequential asks the conv for the 4 x 4 corner; the gradients still match finite differences."""
     model = _net_whose_pool_reads_part_of_a_conv().to("cpu" if xp is np else "gpu")
     x = random(xp, rng, (3, 6, 6, 2))
-    assert model._read_part(0, 1, x) == {"out_size": (4, 4)}
+    assert model.plan_for([x]).steps[0].options == {"out_size": (4, 4)}
     labels = xp.asarray(np.array([0, 3, 1]))
+    pool, seen = model.layers[1], []
+    pool.forward = lambda h, inner=pool.forward: seen.append(h.shape) or inner(h)
     _, d = softmax_cross_entropy(model.forward(x), labels)
-    assert model.layers[1]._cache[1] == (3, 4, 4, 3)  # the pool saw the corner only
+    assert seen == [(3, 4, 4, 3)]  # the pool saw the corner only
     model.backward(d)
     analytic = [to_numpy(p.grad).copy() for p in model.parameters()]
     numeric = numerical_gradients(lambda *_: softmax_cross_entropy(model.forward(x), labels)[0],
@@ -247,8 +248,8 @@ def test_seed_network_training_step_equals_the_layers_own_forwards(batch_norm):
     rng = np.random.default_rng(5)
     model = seed_cnn(batch_norm=batch_norm, seed=3, dtype="float64")
     x, labels = rng.standard_normal((6, 28, 28, 1)), rng.integers(0, 10, 6)
-    reads = [model._read_part(i, i + 1, np.zeros((1, 13, 13, 32))) for i in (3, 4)]
-    assert reads == ([{"out_size": (10, 10)}, {}] if not batch_norm else [{}, {}])
+    conv2 = next(step for step in model.plan_for([x]).steps if getattr(step.layer, "in_channels", 0) == 32)
+    assert conv2.options == ({"out_size": (10, 10)} if not batch_norm else {})  # read by its pool directly
     logits = model.forward(x)
     model.backward(softmax_cross_entropy(logits, labels)[1])
     grads = {name: p.grad.copy() for name, p in model.named_parameters()}
@@ -264,10 +265,11 @@ def test_seed_network_training_step_equals_the_layers_own_forwards(batch_norm):
 
 
 def test_pool_input_extent_is_what_its_windows_read():
-    assert MaxPool2D(2).input_extent(11, 11) == (10, 10)
-    assert MaxPool2D(2).input_extent(12, 13) == (12, 12)
-    assert AvgPool2D(3, 2).input_extent(8, 9) == (7, 9)
-    assert MaxPool2D(3, 2, 1).input_extent(8, 8) == (8, 8)  # padded: every row is read
+    assert MaxPool2D(2).input_extent((11, 11, 3)) == (10, 10)
+    assert MaxPool2D(2).input_extent((12, 13, 3)) == (12, 12)
+    assert AvgPool2D(3, 2).input_extent((8, 9, 3)) == (7, 9)
+    assert MaxPool2D(2).input_extent((12, 12, 3)) is None  # every row and column is read
+    assert MaxPool2D(3, 2, 1).input_extent((8, 8, 3)) is None  # padded: every row is read
 
 
 def test_loading_on_the_cpu_flushes_subnormal_weights():

@@ -175,7 +175,7 @@ def _is_pointwise(kh: int, kw: int, sh: int, sw: int, ph: int, pw: int) -> bool:
 
 
 def conv2d_forward(x: Any, w: Any, b: Any = None, stride: int | tuple[int, int] = 1,
-                   padding: int | tuple[int, int] = 0,
+                   padding: int | tuple[int, int] = 0, dilation: int | tuple[int, int] = 1, groups: int = 1,
                    out_size: tuple[int, int] | None = None, inference: bool = False) -> tuple[Any, tuple]:
     """x (N, H, W, C), w (KH, KW, C, O), b (O,) or None -> y (N, OH, OW, O), cache.
 
@@ -187,6 +187,8 @@ def conv2d_forward(x: Any, w: Any, b: Any = None, stride: int | tuple[int, int] 
     network's conv2 reads 10 x 10 of its 11 x 11 outputs: 17% of its FLOPs are never used. The
     backward's dx still has x's shape, zero where x was not read.
     """
+    if pair(dilation, "dilation") != (1, 1) or groups != 1:
+        raise NotImplementedError("conv2d: dilation and groups are not implemented yet")
     check_float(x, "conv2d")
     check_rank(x, 4, "conv2d", "(N, H, W, C)")
     check_rank(w, 4, "conv2d", "(KH, KW, C_in, C_out)", name="w")

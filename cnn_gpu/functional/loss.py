@@ -57,3 +57,19 @@ def softmax_cross_entropy(logits: Any, labels: Any, label_smoothing: float = 0.0
         dlogits -= dlogits.dtype.type(spread)
     dlogits *= dlogits.dtype.type(1.0 / n)
     return loss, dlogits
+
+
+def softmax_forward(x: Any) -> tuple[Any, Any]:
+    """x (..., K) -> y (..., K), the softmax over the last axis; the cache is y. (A classifier's
+    training loss takes logits instead: softmax_cross_entropy.)"""
+    check_float(x, "softmax")
+    xp = get_array_module(x)
+    e = xp.exp(x - x.max(axis=-1, keepdims=True))
+    y = e / e.sum(axis=-1, keepdims=True)
+    return y, y
+
+
+def softmax_backward(dy: Any, cache: Any) -> Any:
+    """dx = y * (dy - sum(dy * y)) over the last axis."""
+    y = cache
+    return y * (dy - (dy * y).sum(axis=-1, keepdims=True))

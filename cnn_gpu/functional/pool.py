@@ -29,6 +29,11 @@ def _compiled(x: Any, kh: int, kw: int, sh: int, sw: int, ph: int, pw: int) -> b
     return (sh, sw) == (kh, kw) and ph == pw == 0 and cpu.runs_on(x)
 
 
+def _not_yet(dilation: Any, ceil_mode: bool) -> None:
+    if pair(dilation, "dilation") != (1, 1) or ceil_mode:
+        raise NotImplementedError("pooling: dilation, ceil_mode and count_include_pad=False are not implemented yet")
+
+
 def _pool_geometry(x: Any, pool_size, stride, padding, op: str):
     check_float(x, op)
     check_rank(x, 4, op, "(N, H, W, C)")
@@ -43,15 +48,16 @@ def _pool_geometry(x: Any, pool_size, stride, padding, op: str):
     return (kh, kw), (sh, sw), (ph, pw), oh, ow
 
 
-def max_pool2d(x: Any, pool_size: int | tuple[int, int] = 2, stride: int | tuple[int, int] | None = None,
-               padding: int | tuple[int, int] = 0) -> Any:
+def max_pool2d(x: Any, kernel_size: int | tuple[int, int] = 2, stride: int | tuple[int, int] | None = None,
+               padding: int | tuple[int, int] = 0, dilation: Any = 1, ceil_mode: bool = False) -> Any:
     """x (N, H, W, C) -> y (N, OH, OW, C): max pooling for evaluation, with no argmax and no cache.
 
     The same y as max_pool2d_forward (a NaN in a window gives NaN). On NumPy: a running
     np.maximum over the KH*KW offsets, a chunk of images at a time so that the running maximum
     stays in cache (one pass per offset instead of the forward's three).
     """
-    (kh, kw), (sh, sw), (ph, pw), oh, ow = _pool_geometry(x, pool_size, stride, padding, "max_pool2d")
+    _not_yet(dilation, ceil_mode)
+    (kh, kw), (sh, sw), (ph, pw), oh, ow = _pool_geometry(x, kernel_size, stride, padding, "max_pool2d")
     if is_cupy_array(x):
         return max_pool2d_forward(x, (kh, kw), (sh, sw), (ph, pw))[0]
     if _compiled(x, kh, kw, sh, sw, ph, pw):
@@ -69,11 +75,12 @@ def max_pool2d(x: Any, pool_size: int | tuple[int, int] = 2, stride: int | tuple
     return y
 
 
-def max_pool2d_forward(x: Any, pool_size: int | tuple[int, int] = 2,
+def max_pool2d_forward(x: Any, kernel_size: int | tuple[int, int] = 2,
                        stride: int | tuple[int, int] | None = None,
-                       padding: int | tuple[int, int] = 0) -> tuple[Any, tuple]:
+                       padding: int | tuple[int, int] = 0, dilation: Any = 1, ceil_mode: bool = False) -> tuple[Any, tuple]:
     """x (N, H, W, C) -> y (N, OH, OW, C), cache. stride defaults to pool_size; padding is -inf."""
-    (kh, kw), (sh, sw), (ph, pw), oh, ow = _pool_geometry(x, pool_size, stride, padding, "max_pool2d")
+    _not_yet(dilation, ceil_mode)
+    (kh, kw), (sh, sw), (ph, pw), oh, ow = _pool_geometry(x, kernel_size, stride, padding, "max_pool2d")
     if is_cupy_array(x):
         from ..cuda import maxpool
         y, argmax = maxpool.max_pool2d_forward(x, (kh, kw), (sh, sw), (ph, pw))
@@ -177,15 +184,17 @@ def max_pool2d_backward(dy: Any, cache: tuple) -> Any:
     return dxpad[:, ph:ph + h, pw:pw + w, :] if (ph or pw) else dxpad
 
 
-def avg_pool2d_forward(x: Any, pool_size: int | tuple[int, int] = 2,
+def avg_pool2d_forward(x: Any, kernel_size: int | tuple[int, int] = 2,
                        stride: int | tuple[int, int] | None = None,
-                       padding: int | tuple[int, int] = 0) -> tuple[Any, tuple]:
+                       padding: int | tuple[int, int] = 0, ceil_mode: bool = False,
+                       count_include_pad: bool = True) -> tuple[Any, tuple]:
     """x (N, H, W, C) -> y (N, OH, OW, C), cache.
 
     Padding counts as zeros in the average (every window divides by KH*KW), as PyTorch's
     default count_include_pad=True does.
     """
-    (kh, kw), (sh, sw), (ph, pw), oh, ow = _pool_geometry(x, pool_size, stride, padding, "avg_pool2d")
+    _not_yet(1, ceil_mode or not count_include_pad)
+    (kh, kw), (sh, sw), (ph, pw), oh, ow = _pool_geometry(x, kernel_size, stride, padding, "avg_pool2d")
     xpad = pad_hw(x, Window(kh, kw, sh, sw, ph, pw))
     y = xpad[Window(kh, kw, sh, sw).tap(0, 0, oh, ow)].copy()
     for k in range(1, kh * kw):
@@ -205,3 +214,18 @@ def avg_pool2d_backward(dy: Any, cache: tuple) -> Any:
     for k in range(kh * kw):
         dxpad[Window(kh, kw, sh, sw).tap(k // kw, k % kw, oh, ow)] += share
     return dxpad[:, ph:ph + h, pw:pw + w, :] if (ph or pw) else dxpad
+
+
+def global_avg_pool2d_forward(x: Any) -> tuple[Any, tuple[int, ...]]:
+    """x (N, H, W, C) -> y (N, C), the mean over each image's H*W positions; cache = x's shape."""
+    check_float(x, "global_avg_pool2d")
+    check_rank(x, 4, "global_avg_pool2d", "(N, H, W, C)")
+    n, h, w, c = x.shape
+    return x.reshape(n, h * w, c).mean(axis=1), tuple(x.shape)
+
+
+def global_avg_pool2d_backward(dy: Any, cache: tuple[int, ...]) -> Any:
+    """dy (N, C) -> dx (N, H, W, C): each position gets dy / (H*W)."""
+    xp = get_array_module(dy)
+    n, h, w, c = cache
+    return xp.broadcast_to((dy * dy.dtype.type(1.0 / (h * w)))[:, None, None, :], cache).copy()

@@ -7,10 +7,10 @@ import numpy as np
 
 from ..backend import get_array_module, to_numpy
 from ..functional import softmax, softmax_cross_entropy
-from ..model import Sequential
+from ..layers import Layer
 
 
-def evaluate(model: Sequential, images: Any, labels: Any, batch_size: int = 500,
+def evaluate(model: Layer, images: Any, labels: Any, batch_size: int = 500,
              transform: Callable[[Any], Any] | None = None, hflip: bool = False) -> tuple[float, float, np.ndarray]:
     """Mean loss, accuracy and predicted classes of a model on a split, in eval mode.
 

@@ -14,12 +14,13 @@ validation split the best epoch is the last.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
@@ -28,8 +29,8 @@ from ..backend import get_array_module, to_device, to_numpy
 from ..checkpoint import Checkpoint, load_checkpoint, restore, save_checkpoint, write_json_atomic
 from ..data import BatchIterator, NormStats, compute_norm_stats, normalize
 from ..functional import softmax_cross_entropy
-from ..layers import Dropout
-from ..model import Sequential
+from ..config import layer_config
+from ..layers import Layer
 from ..optim import Optimizer, Schedule
 from .errors import DeviceOutOfMemory, TrainingDiverged, is_out_of_memory
 from .evaluate import evaluate
@@ -59,7 +60,7 @@ class FitResult:
         return self.history[-1] if self.history else None
 
 
-def fit(model: Sequential, optimizer: Optimizer, train_data: Split, *, epochs: int,
+def fit(model: Layer, optimizer: Optimizer, train_data: Split, *, epochs: int,
         batch_size: int = 64, schedule: Schedule | None = None, val_data: Split | None = None,
         test_data: Split | None = None, norm_stats: NormStats | None = None,
         augment: AugmentFn | None = None, seed: int = 0, out_dir: str | os.PathLike | None = None,
@@ -76,108 +77,139 @@ def fit(model: Sequential, optimizer: Optimizer, train_data: Split, *, epochs: i
     resume: a checkpoint (path or loaded) whose model, optimizer, schedule, epoch, seed, history
         and normalization statistics replace the ones given; training continues after its epoch.
     metadata: stored in checkpoints as JSON (e.g. {"model": {"name": "seed_cnn", "kwargs": {...}},
-        "dataset": ..., "class_names": [...]}); the library version is added.
+        "dataset": ..., "class_names": [...]}); the architecture and library version are added.
     progress: a tqdm bar per epoch when tqdm is installed. log: where the one-line-per-epoch
         summaries go (None: silent).
     label_smoothing: the training loss's target is (1 - s) * one_hot + s / num_classes
         (a regularizer); train_loss is that smoothed loss, val_loss and test_loss the plain one.
 
-    Raises TrainingDiverged on a NaN/Inf loss, DeviceOutOfMemory when a batch does not fit,
-    ValueError for labels outside [0, num_classes).
+    Raises TrainingDiverged on a NaN, infinite or exploding loss, DeviceOutOfMemory when a batch
+    does not fit, ValueError for labels outside [0, num_classes).
     """
     if epochs < 1:
         raise ValueError(f"epochs must be >= 1, got {epochs}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     say = log or (lambda _msg: None)
-    history: list[dict[str, Any]] = []
-    start_epoch, best_epoch, best_score = 0, 0, -math.inf
+    # 1. Where the run starts: fresh, or from a checkpoint's states, history and statistics.
+    run = _RunState(seed=seed, norm_stats=norm_stats, metadata=dict(metadata or {}))
     if resume is not None:
-        ckpt = resume if isinstance(resume, Checkpoint) else load_checkpoint(resume)
-        restore(ckpt, model, optimizer, schedule)
-        if ckpt.seed != seed:
-            say(f"resuming with the checkpoint's seed {ckpt.seed} (not {seed}) to continue identically")
-        seed, start_epoch, history = ckpt.seed, ckpt.epoch, list(ckpt.history)
-        best_epoch = ckpt.best_epoch
-        best_score = -math.inf if math.isnan(ckpt.best_score) else ckpt.best_score
-        if ckpt.norm_mean is not None:
-            norm_stats = NormStats(mean=ckpt.norm_mean, std=ckpt.norm_std)
-        metadata = {**ckpt.metadata, **(metadata or {})}
-        say(f"resumed from epoch {start_epoch} of a run with seed {seed}")
-    train_x, train_y = train_data
-    num_classes = _num_classes(model, tuple(train_x.shape[1:]))
+        run.resume_from(resume if isinstance(resume, Checkpoint) else load_checkpoint(resume),
+                        model, optimizer, schedule, say)
+    # 2. The data: checked once on the host, then on the model's device, normalized per batch there.
+    num_classes = _num_classes(model, tuple(train_data[0].shape[1:]))
     for name, split in (("training", train_data), ("validation", val_data), ("test", test_data)):
         if split is not None:
             _check_labels(split, num_classes, name)
-    if norm_stats is None:
-        norm_stats = compute_norm_stats(train_x)
-    metadata = {**(metadata or {}), "cnn_gpu_version": __version__}
-    out = Path(out_dir) if out_dir is not None else None
-
-    # The data moves to the model's device once; every batch is gathered and normalized there.
-    backend = model.backend
-    train_x, train_y = to_device(train_x, backend), to_device(np.asarray(train_y, np.int64), backend)
-    val = _to(val_data, backend)
-    test = _to(test_data, backend)
-    dtype = model.dtype
+    if run.norm_stats is None:
+        run.norm_stats = compute_norm_stats(train_data[0])
+    run.metadata.update(architecture=layer_config(model), cnn_gpu_version=__version__)
+    backend, dtype, stats = model.backend, model.dtype, run.norm_stats
+    train_x, train_y = _to(train_data, backend)
+    val, test = _to(val_data, backend), _to(test_data, backend)
 
     def transform(x: Any) -> Any:
-        return normalize(x, norm_stats, dtype=dtype)
+        return normalize(x, stats, dtype=dtype)
 
-    loader = BatchIterator(train_x, train_y, batch_size, shuffle=True, seed=seed,
+    loader = BatchIterator(train_x, train_y, batch_size, shuffle=True, seed=run.seed,
                            augment=augment, transform=transform)
-    result = FitResult(history=history, best_epoch=best_epoch, out_dir=out)
-    if start_epoch >= epochs:
-        say(f"the checkpoint has already trained {start_epoch} epochs (>= {epochs}); nothing to do")
+    out = Path(out_dir) if out_dir is not None else None
+    result = FitResult(history=run.history, best_epoch=run.best_epoch, out_dir=out)
+    if run.start_epoch >= epochs:
+        say(f"the checkpoint has already trained {run.start_epoch} epochs (>= {epochs}); nothing to do")
         return result
-
-    for epoch in range(start_epoch, epochs):  # 0-based here, 1-based in records and messages
-        started = time.perf_counter()
-        lr = optimizer.lr
-        try:
-            _seed_dropout(model, seed, epoch)
-            train_loss, train_acc, train_seconds = _train_epoch(
-                model, optimizer, loader, epoch, epochs, progress, label_smoothing, num_classes)
-            record: dict[str, Any] = {"epoch": epoch + 1, "train_loss": train_loss, "train_accuracy": train_acc}
+    # 3. The epochs: train, evaluate, step the schedule, keep the best by validation, save.
+    for epoch in range(run.start_epoch, epochs):  # 0-based here, 1-based in records and messages
+        started, lr = time.perf_counter(), optimizer.lr
+        with _out_of_memory_as_error(backend, batch_size, epoch):
+            _seed_dropout(model, run.seed, epoch)
+            loss, acc, seconds = _train_epoch(model, optimizer, loader, epoch, epochs, progress,
+                                              label_smoothing, num_classes)
+            record: dict[str, Any] = {"epoch": epoch + 1, "train_loss": loss, "train_accuracy": acc}
             if label_smoothing:
                 record["label_smoothing"] = label_smoothing  # train_loss is against smoothed targets
             for name, split in (("val", val), ("test", test)):
                 if split is not None:
-                    loss, acc, _ = evaluate(model, *split, batch_size=eval_batch_size, transform=transform)
-                    record[f"{name}_loss"], record[f"{name}_accuracy"] = loss, acc
-        except Exception as exc:
-            if is_out_of_memory(exc):
-                where = "GPU" if backend == "cupy" else "host"
-                raise DeviceOutOfMemory(
-                    f"out of memory on the {where} at batch size {batch_size} (epoch {epoch + 1}); "
-                    f"try a smaller batch size, e.g. --batch-size {max(1, batch_size // 2)}", batch_size) from exc
-            raise
+                    record[f"{name}_loss"], record[f"{name}_accuracy"], _ = evaluate(
+                        model, *split, batch_size=eval_batch_size, transform=transform)
         if schedule is not None:
             schedule.step()
         record.update(lr=lr, seconds=time.perf_counter() - started,
-                      images_per_second=len(train_y) / train_seconds if train_seconds > 0 else float("nan"))
-        history.append(record)
-        # Best = highest validation accuracy (earliest on ties); without validation, the last epoch.
-        score = record.get("val_accuracy", math.inf)
-        improved = val is None or score > best_score
-        if improved:
-            best_epoch, best_score = epoch + 1, score
-        result.best_epoch = best_epoch
+                      images_per_second=len(train_y) / seconds if seconds > 0 else float("nan"))
+        improved = run.add(record, has_validation=val is not None)
+        result.best_epoch = run.best_epoch
         say(_epoch_line(record, epochs, improved and val is not None))
         if out is not None:
-            ckpt = Checkpoint(
-                model_state=model.state_dict(), optimizer_state=optimizer.state_dict(),
-                schedule_state=schedule.state_dict() if schedule is not None else None,
-                epoch=epoch + 1, seed=seed, norm_mean=norm_stats.mean, norm_std=norm_stats.std,
-                metadata=metadata, history=history, best_epoch=best_epoch,
-                best_score=best_score if math.isfinite(best_score) else float("nan"))
-            # best before last: a crash between the two leaves last.npz one epoch behind,
-            # and resuming from it redoes that epoch identically.
-            if improved:
-                save_checkpoint(out / "best.npz", ckpt)
-            save_checkpoint(out / "last.npz", ckpt)
-            write_json_atomic(out / "history.json", history)
+            _save_epoch(out, run, model, optimizer, schedule, epoch + 1, improved)
     return result
+
+
+@dataclass
+class _RunState:
+    """What a run carries from epoch to epoch, and what its checkpoints hold besides the states."""
+
+    seed: int
+    norm_stats: NormStats | None
+    metadata: dict[str, Any]
+    history: list[dict[str, Any]] = field(default_factory=list)
+    start_epoch: int = 0
+    best_epoch: int = 0
+    best_score: float = -math.inf
+
+    def resume_from(self, ckpt: Checkpoint, model: Layer, optimizer: Optimizer, schedule: Schedule | None,
+                    say: Callable[[str], None]) -> None:
+        restore(ckpt, model, optimizer, schedule)
+        if ckpt.seed != self.seed:
+            say(f"resuming with the checkpoint's seed {ckpt.seed} (not {self.seed}) to continue identically")
+        self.seed, self.start_epoch, self.history = ckpt.seed, ckpt.epoch, list(ckpt.history)
+        self.best_epoch = ckpt.best_epoch
+        self.best_score = -math.inf if math.isnan(ckpt.best_score) else ckpt.best_score
+        if ckpt.norm_mean is not None:
+            self.norm_stats = NormStats(mean=ckpt.norm_mean, std=ckpt.norm_std)
+        self.metadata = {**ckpt.metadata, **self.metadata}
+        say(f"resumed from epoch {self.start_epoch} of a run with seed {self.seed}")
+
+    def add(self, record: dict[str, Any], has_validation: bool) -> bool:
+        """Append an epoch's record; True when it is the new best: the highest validation accuracy
+        (the earliest on ties), or without validation, the last epoch."""
+        self.history.append(record)
+        score = record.get("val_accuracy", math.inf)
+        improved = not has_validation or score > self.best_score
+        if improved:
+            self.best_epoch, self.best_score = record["epoch"], score
+        return improved
+
+
+def _save_epoch(out: Path, run: _RunState, model: Layer, optimizer: Optimizer, schedule: Schedule | None,
+                epoch: int, improved: bool) -> None:
+    """best.npz (when improved), last.npz and history.json, each written atomically."""
+    ckpt = Checkpoint(
+        model_state=model.state_dict(), optimizer_state=optimizer.state_dict(),
+        schedule_state=schedule.state_dict() if schedule is not None else None,
+        epoch=epoch, seed=run.seed, norm_mean=run.norm_stats.mean, norm_std=run.norm_stats.std,
+        metadata=run.metadata, history=run.history, best_epoch=run.best_epoch,
+        best_score=run.best_score if math.isfinite(run.best_score) else float("nan"))
+    # best before last: a crash between the two leaves last.npz one epoch behind, and resuming
+    # from it redoes that epoch identically.
+    if improved:
+        save_checkpoint(out / "best.npz", ckpt)
+    save_checkpoint(out / "last.npz", ckpt)
+    write_json_atomic(out / "history.json", run.history)
+
+
+@contextlib.contextmanager
+def _out_of_memory_as_error(backend: str, batch_size: int, epoch: int) -> Iterator[None]:
+    """Turn running out of memory (MemoryError, CuPy's OutOfMemoryError) into DeviceOutOfMemory,
+    which says what to change."""
+    try:
+        yield
+    except Exception as exc:
+        if not is_out_of_memory(exc):
+            raise
+        where = "GPU" if backend == "cupy" else "host"
+        raise DeviceOutOfMemory(
+            f"out of memory on the {where} at batch size {batch_size} (epoch {epoch + 1}); "
+            f"try a smaller batch size, e.g. --batch-size {max(1, batch_size // 2)}", batch_size) from exc
 
 
 # A training loss this many times that of a uniform guess (log K for K classes) has diverged,
@@ -190,7 +222,7 @@ def divergence_threshold(num_classes: int) -> float:
     return DIVERGED_LOSS_FACTOR * math.log(max(num_classes, 2))
 
 
-def _train_epoch(model: Sequential, optimizer: Optimizer, loader: BatchIterator, epoch: int, epochs: int,
+def _train_epoch(model: Layer, optimizer: Optimizer, loader: BatchIterator, epoch: int, epochs: int,
                  progress: bool, label_smoothing: float, num_classes: int) -> tuple[float, float, float]:
     """One pass over the training data. Returns (mean loss, accuracy, seconds).
 
@@ -206,7 +238,7 @@ def _train_epoch(model: Sequential, optimizer: Optimizer, loader: BatchIterator,
         return _train_steps(model, optimizer, loader, epoch, epochs, progress, label_smoothing, num_classes)
 
 
-def _train_steps(model: Sequential, optimizer: Optimizer, loader: BatchIterator, epoch: int, epochs: int,
+def _train_steps(model: Layer, optimizer: Optimizer, loader: BatchIterator, epoch: int, epochs: int,
                  progress: bool, label_smoothing: float, num_classes: int) -> tuple[float, float, float]:
     model.train()
     limit = divergence_threshold(num_classes)
@@ -263,11 +295,9 @@ def _to(split: Split | None, backend: str) -> Split | None:
     return to_device(split[0], backend), to_device(np.asarray(split[1], np.int64), backend)
 
 
-def _num_classes(model: Sequential, sample_shape: tuple[int, ...]) -> int:
+def _num_classes(model: Layer, sample_shape: tuple[int, ...]) -> int:
     """The width of the model's output for one sample of this shape (checks the shapes fit, too)."""
-    shape = sample_shape
-    for layer in model.layers:
-        shape = layer.output_shape(shape)
+    shape = model.output_shape(sample_shape)
     if len(shape) != 1:
         raise ValueError(f"the model's output per sample has shape {shape}; a classifier needs (num_classes,)")
     return shape[0]
@@ -289,9 +319,10 @@ def _check_labels(split: Split, num_classes: int, name: str) -> None:
                          f"got values from {low} to {high}")
 
 
-def _seed_dropout(model: Sequential, seed: int, epoch: int) -> None:
-    """Give each Dropout layer a generator derived from (seed, epoch, layer), so a resumed run
-    draws the same masks as one that never stopped."""
-    for i, layer in enumerate(model.layers):
-        if isinstance(layer, Dropout):
+def _seed_dropout(model: Layer, seed: int, epoch: int) -> None:
+    """Give each layer that draws random numbers (Dropout: reseed) a generator derived from
+    (seed, epoch, its place in the model), so a resumed run draws the same masks as one that never
+    stopped."""
+    for i, (_, layer) in enumerate(model.named_layers()):
+        if hasattr(layer, "reseed"):
             layer.reseed(int(np.random.SeedSequence([seed, epoch, _DROPOUT_STREAM, i]).generate_state(1)[0]))

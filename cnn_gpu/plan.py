@@ -1,0 +1,118 @@
+"""What a Graph's forward runs: a plan, built once per mode and input shape from the graph's structure.
+
+Some of the fastest shortcuts depend on how layers are connected, not on any one layer. Each is
+found here, from the nodes and the layers' capabilities (the methods of cnn_gpu.layers.Layer that
+a layer overrides), so every model gets it wherever its structure allows, Sequential or Graph:
+
+- fold (evaluation): a layer in eval mode that is a per-channel affine map (batch norm:
+  affine_channels) whose only input is the output of a layer that can absorb one (a convolution
+  or a dense layer with as many outputs: absorbs_affine) and that nothing else reads, runs as
+  that layer with scaled weights and a shifted bias (infer_folded), costing no pass of its own;
+- crop (training and evaluation): a layer that can compute the top-left part of its output
+  (computes_part: an unpadded convolution) whose output only one layer reads, and that layer
+  only in part (input_extent: a pool whose windows stop short of the edge, as a 2x2 pool of an
+  11 x 11 map reads 10 x 10), computes only that part;
+- slices (evaluation on the CPU): a batch whose largest activation exceeds EVAL_SLICE_BYTES runs
+  in slices of equal size whose activations stay in cache from one layer to the next; every
+  sample's output depends on that sample alone in eval mode, so the slices give the batch's.
+
+Training keeps every layer's own forward (batch norm needs its batch statistics); evaluation runs
+each layer's infer(), which keeps no cache, and drops each tensor once its last reader has run.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, NamedTuple, Sequence
+
+import numpy as np
+
+from .layers import Layer, Shape
+
+if TYPE_CHECKING:
+    from .model import Graph
+
+# Evaluation on the CPU runs a large batch in slices whose largest activation is about this size,
+# so that each layer finds its input still in cache (a 2 MiB L2 holds it with room to spare).
+EVAL_SLICE_BYTES = 1 << 23
+
+
+class Step(NamedTuple):
+    """Run `layer` (and the affine layer `folded` into it) on the tensors `inputs`, writing `output`."""
+
+    output: str
+    inputs: tuple[str, ...]
+    layer: Layer
+    folded: Layer | None = None  # evaluation: the batch norm whose node this step also computes
+    options: dict[str, Any] = {}  # {"out_size": (rows, cols)} for a layer that computes part
+    frees: tuple[str, ...] = ()  # evaluation: tensors no later step reads, dropped after this one
+
+
+class Plan(NamedTuple):
+    training: bool
+    steps: tuple[Step, ...]
+    slice_size: int | None  # evaluation on the CPU: samples per slice; None: the batch runs whole
+
+
+def run_step(step: Step, training: bool, xs: Sequence[Any]) -> Any:
+    """One step on its input arrays: the layer's forward in training, else its inference form."""
+    if training:
+        return step.layer.forward(*xs, **step.options)
+    if step.folded is not None:
+        return step.layer.infer_folded(xs[0], *step.folded.eval_affine(), **step.options)
+    return step.layer.infer(*xs, **step.options)
+
+
+def build_plan(graph: "Graph", training: bool, input_shapes: Sequence[Shape], on_cpu: bool, itemsize: int,
+               slice_bytes: int = EVAL_SLICE_BYTES) -> Plan:
+    """The plan of `graph` for one mode, per-sample input shapes, backend and dtype size."""
+    shapes = graph.tensor_shapes(*input_shapes)
+    readers: dict[str, list[int]] = {name: [] for name in shapes}
+    for k, node in enumerate(graph.nodes):
+        for name in node.inputs:
+            readers[name].append(k)
+    nodes = graph.nodes
+
+    def only_reader(name: str) -> int | None:
+        """The one node reading tensor `name`, when exactly one does and it is not the graph's output."""
+        ks = readers[name]
+        return ks[0] if len(ks) == 1 and name != graph.output_name else None
+
+    steps: list[Step] = []
+    skip: set[int] = set()
+    for k, node in enumerate(nodes):
+        if k in skip:
+            continue
+        step = Step(node.name, node.inputs, node.layer)
+        reader = only_reader(node.name)
+        if not training and reader is not None:
+            after = nodes[reader].layer
+            channels = after.affine_channels()
+            if channels is not None and node.layer.absorbs_affine(channels):
+                step = step._replace(output=nodes[reader].name, folded=after)
+                skip.add(reader)
+        reader = only_reader(step.output)
+        if reader is not None and step.layer.computes_part():
+            extent = nodes[reader].layer.input_extent(shapes[step.output])
+            if extent is not None:
+                step = step._replace(options={"out_size": extent})
+        steps.append(step)
+
+    if not training:
+        steps = _with_frees(steps, graph.output_name)
+    slice_size = None
+    if not training and on_cpu:
+        largest = max(int(np.prod(s)) for s in shapes.values()) * itemsize
+        slice_size = max(1, slice_bytes // max(largest, 1))
+    return Plan(training, tuple(steps), slice_size)
+
+
+def _with_frees(steps: list[Step], output: str) -> list[Step]:
+    """Each step marked with the tensors whose last reader it is (never the output)."""
+    last_read: dict[str, int] = {}
+    for k, step in enumerate(steps):
+        for name in step.inputs:
+            last_read[name] = k
+    frees: dict[int, list[str]] = {}
+    for name, k in last_read.items():
+        if name != output:
+            frees.setdefault(k, []).append(name)
+    return [step._replace(frees=tuple(frees.get(k, ()))) for k, step in enumerate(steps)]
