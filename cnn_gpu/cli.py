@@ -4,6 +4,7 @@
     cnn-gpu evaluate runs/fashion-mnist-<time>/best.npz          # accuracy, per class, confusion matrix
     cnn-gpu predict runs/.../best.npz images.npy shoe.png        # class names and probabilities
     cnn-gpu info                                                 # backend, device, versions, BLAS
+    cnn-gpu models                                               # the model zoo with parameter counts
 
 Every error a user can cause ends in one `cnn-gpu: error: ...` line and a non-zero exit code.
 """
@@ -24,36 +25,26 @@ import numpy as np
 from . import __version__, cpu
 from .backend import (BackendUnavailableError, cupy_unavailable_reason, require_cupy, resolve_backend, to_device,
                       to_numpy)
-from .checkpoint import Checkpoint, build_model, load_checkpoint
+from .checkpoint import Checkpoint, load_checkpoint
 from .data import (Augmentation, DatasetNotFoundError, DownloadError, NormStats, augmentation_for,
                    load_dataset, normalize, train_val_split)
 from .data.datasets import DATASETS, get_spec
 from .functional import softmax
-from .model import Sequential
+from .layers import Layer
+from .models import DEFAULT_BATCH_NORM, MODELS, build, describe
 from .optim import SGD, Adam, CosineLR, Optimizer, Schedule, StepLR, no_decay_parameters
+from .recipes import DEFAULT_LR, LEGACY_SETTINGS, apply_recipe
 from .training import DeviceOutOfMemory, confusion_matrix, evaluate, fit, per_class_accuracy
 
 PROG = "cnn-gpu"
-# Each optimizer's learning rate when --lr is not given and the recipe below names another optimizer.
-DEFAULT_LR = {"sgd": 0.02, "adam": 1e-3}
-# Per network, the settings the validation split chose among those tried in 15 epochs on
-# Fashion-MNIST (BENCHMARKS.md, Accuracy); each applies where the option is not given.
-RECIPES = {
-    False: {"optimizer": "adam", "lr": 1e-3, "augment": True, "max_shift": 0,  # plain: flips only
-            "label_smoothing": 0.1, "erase": 0.0, "bias_decay": False},
-    True: {"optimizer": "sgd", "lr": 0.1, "augment": True, "max_shift": 1,  # --batch-norm
-           "label_smoothing": 0.0, "erase": 0.0, "bias_decay": False},
-}
-# What a run did before these settings existed: a checkpoint that records none of them resumes so.
-LEGACY_SETTINGS = {"label_smoothing": 0.0, "erase": 0.0, "bias_decay": True}
 DEFAULT_VAL_SIZE = 5000
 # Settings a checkpoint records so that --resume continues the same run.
-RUN_SETTINGS = ("dataset", "batch_size", "lr", "momentum", "optimizer", "schedule", "weight_decay",
+RUN_SETTINGS = ("model", "dataset", "batch_size", "lr", "momentum", "optimizer", "schedule", "weight_decay",
                 "bias_decay", "batch_norm", "dropout", "augment", "max_shift", "label_smoothing", "erase",
                 "val_size", "seed", "limit_train", "limit_test", "epochs")
 
 
-Split = tuple[np.ndarray, np.ndarray]  # (images (N, 28, 28, 1) uint8, labels (N,) int64)
+Split = tuple[np.ndarray, np.ndarray]  # (images (N, H, W, C) uint8, labels (N,) int64)
 
 
 class UsageError(Exception):
@@ -68,20 +59,24 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    train = sub.add_parser("train", help="train the seed CNN; writes history, checkpoints and plots")
+    train = sub.add_parser("train", help="train a model of the zoo; writes history, checkpoints and plots")
+    train.add_argument("--model", choices=list(MODELS), default="seed_cnn",
+                       help="the network (default seed_cnn; `cnn-gpu models` lists them)")
     train.add_argument("--dataset", choices=sorted(DATASETS), default="fashion-mnist")
     train.add_argument("--data-dir", help="where the dataset's IDX files are (default: searched, then downloaded)")
     train.add_argument("--epochs", type=_positive_int, default=None, help="default 15")
-    train.add_argument("--batch-size", type=_positive_int, default=64)
+    train.add_argument("--batch-size", type=_positive_int, default=None,
+                       help="default: the model's recipe (64 for seed_cnn, 128 for the deeper networks)")
     train.add_argument("--optimizer", choices=("sgd", "adam"), default=None,
-                       help="default: adam for the plain network, sgd with --batch-norm")
+                       help="default: the model's recipe (adam for the plain seed_cnn, sgd for the rest)")
     train.add_argument("--lr", type=_positive_float,
                        help="learning rate (default: adam 0.001; sgd 0.1 with --batch-norm, else 0.02)")
     train.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default 0.9)")
     train.add_argument("--weight-decay", type=float, default=5e-4, help="L2 weight decay (default 5e-4)")
     train.add_argument("--schedule", choices=("none", "step", "cosine"), default="cosine",
                        help="learning-rate schedule per epoch (default cosine; step: x0.1 every third of the run)")
-    train.add_argument("--batch-norm", action="store_true", help="batch norm after each conv and the dense 128")
+    train.add_argument("--batch-norm", action=argparse.BooleanOptionalAction, default=None,
+                       help="batch norm after each conv (default: off for seed_cnn, on for the others)")
     train.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None,
                        help="random shifts (up to --max-shift pixels) and, for fashion-mnist, left-right "
                             "flips (default on)")
@@ -89,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="with --augment: shift by up to this many pixels (default 0, flips only, for the "
                             "plain network; 1 with --batch-norm)")
     train.add_argument("--dropout", type=_probability, default=0.0,
-                       help="dropout probability before each dense layer (default 0: the seed network as is)")
+                       help="dropout probability before each dense layer of seed_cnn and vgg (default 0)")
     train.add_argument("--bias-decay", action=argparse.BooleanOptionalAction, default=None,
                        help="weight decay on biases and batch-norm scales and shifts too, not only on "
                             "weights (default off)")
@@ -135,6 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_backend(pr)
 
     sub.add_parser("info", help="backend, device, versions, BLAS, CPU count")
+    sub.add_parser("models", help="the model zoo: each network with its parameter count")
     sub.add_parser("bench", help="speed benchmarks (cnn_gpu.bench); arguments are passed on", add_help=False)
     return parser
 
@@ -184,7 +180,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # argparse has printed "cnn-gpu ...: error: ..." (2) or the help (0)
         return int(exc.code or 0)
-    commands = {"train": cmd_train, "evaluate": cmd_evaluate, "predict": cmd_predict, "info": cmd_info}
+    commands = {"train": cmd_train, "evaluate": cmd_evaluate, "predict": cmd_predict, "info": cmd_info,
+                "models": cmd_models}
     return _run_guarded(lambda: commands[args.command](args))
 
 
@@ -223,7 +220,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         out = out or Path(args.resume).resolve().parent
         print(f"resuming {args.resume} at epoch {resume.epoch}; the run's settings come from the checkpoint")
     settings["epochs"] = settings["epochs"] or 15
-    _apply_recipe(settings)
+    apply_recipe(settings)
     s = argparse.Namespace(**settings)
     backend = resolve_backend(args.backend)
     if out is None:
@@ -232,10 +229,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     train_set, (images, labels), val_data, (test_x, test_y) = _training_splits(s, args)
     val_size = 0 if val_data is None else len(val_data[1])
 
-    model_spec = {"name": "seed_cnn", "kwargs": {"num_classes": train_set.num_classes,
-                                                 "batch_norm": bool(s.batch_norm), "dropout": s.dropout,
-                                                 "seed": s.seed}}
-    model = build_model({"model": model_spec})
+    input_shape = tuple(int(d) for d in images.shape[1:])
+    model_spec = {"name": s.model, "kwargs": _model_kwargs(s, train_set.num_classes, input_shape)}
+    model = build(s.model, **model_spec["kwargs"])
     if backend == "cupy":
         model.to("gpu")
     optimizer = _optimizer(model, s)
@@ -244,8 +240,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     print(f"data: {s.dataset} from {train_set.source}: {len(labels)} training, {val_size} validation, "
           f"{len(test_y)} test images | backend {backend} | out {out}")
     print(_describe_settings(s))
-    metadata = {"model": model_spec, "dataset": s.dataset, "class_names": list(train_set.class_names),
-                "config": {k: getattr(s, k) for k in RUN_SETTINGS}}
+    metadata = {"model": model_spec, "input_shape": list(input_shape), "dataset": s.dataset,
+                "class_names": list(train_set.class_names), "config": {k: getattr(s, k) for k in RUN_SETTINGS}}
     started = time.perf_counter()
     result = fit(model, optimizer, (images, labels), epochs=s.epochs, batch_size=s.batch_size,
                  schedule=schedule, val_data=val_data, test_data=(test_x, test_y),
@@ -284,7 +280,7 @@ def _training_splits(s: argparse.Namespace, args: argparse.Namespace) -> tuple[A
     return train_set, (images, labels), val_data, (test_x, test_y)
 
 
-def _print_mirror_tta(model: Sequential, stats: NormStats, val_data: Split, test_data: Split, backend: str) -> None:
+def _print_mirror_tta(model: Layer, stats: NormStats, val_data: Split, test_data: Split, backend: str) -> None:
     """The best checkpoint's accuracy with mirror test-time augmentation, validation first: it is
     the split that says whether the augmentation helps (BENCHMARKS.md: it did, for both networks)."""
     val_acc = _evaluate_arrays(model, stats, *val_data, backend, hflip=True)[1]
@@ -311,17 +307,18 @@ def _hold_out(images: np.ndarray, labels: np.ndarray, seed: int, limit_train: in
     return images, labels, (val_x, val_y)
 
 
-def _apply_recipe(settings: dict) -> None:
-    """Fill the options not given from the network's recipe (RECIPES)."""
-    recipe = RECIPES[bool(settings["batch_norm"])]
-    if settings["optimizer"] is None:
-        settings["optimizer"] = recipe["optimizer"]
-    if settings["lr"] is None:
-        same = settings["optimizer"] == recipe["optimizer"]
-        settings["lr"] = recipe["lr"] if same else DEFAULT_LR[settings["optimizer"]]
-    for key in ("augment", "max_shift", "label_smoothing", "erase", "bias_decay"):
-        if settings.get(key) is None:
-            settings[key] = recipe[key]
+def _model_kwargs(s: argparse.Namespace, num_classes: int, input_shape: tuple[int, ...]) -> dict[str, Any]:
+    """The builder's arguments for the run's model; --dropout only where the model has dense layers."""
+    kwargs: dict[str, Any] = {"num_classes": num_classes, "batch_norm": bool(s.batch_norm), "seed": s.seed}
+    if tuple(input_shape) != (28, 28, 1) or s.model != "seed_cnn":
+        kwargs["input_shape"] = list(input_shape)
+    if s.dropout:
+        if s.model not in ("seed_cnn", "vgg"):
+            raise UsageError(f"--dropout applies to seed_cnn and vgg, not {s.model}")
+        kwargs["dropout"] = s.dropout
+    elif s.model == "seed_cnn":
+        kwargs["dropout"] = 0.0
+    return kwargs
 
 
 def _describe_settings(s: argparse.Namespace) -> str:
@@ -332,7 +329,7 @@ def _describe_settings(s: argparse.Namespace) -> str:
             + f", {decay}, schedule {s.schedule}, batch {s.batch_size}, epochs {s.epochs}"
             + f" | augment: {augment.describe() if augment else 'none'}"
             + (f" | label smoothing {s.label_smoothing:g}" if s.label_smoothing else "")
-            + f" | batch norm {'on' if s.batch_norm else 'off'}"
+            + f" | model {s.model}, batch norm {'on' if s.batch_norm else 'off'}"
             + (f" | dropout {s.dropout:g}" if s.dropout else "") + f" | seed {s.seed}")
 
 
@@ -343,7 +340,7 @@ def _augmentation(s: argparse.Namespace) -> Augmentation | None:
     return Augmentation(erase=s.erase) if s.erase else None
 
 
-def _optimizer(model: Sequential, s: argparse.Namespace) -> Optimizer:
+def _optimizer(model: Layer, s: argparse.Namespace) -> Optimizer:
     lr = s.lr if s.lr is not None else DEFAULT_LR[s.optimizer]
     s.lr = lr
     no_decay = [] if s.bias_decay else no_decay_parameters(model)
@@ -360,7 +357,7 @@ def _schedule(optimizer: Optimizer, s: argparse.Namespace) -> Schedule | None:
     return None
 
 
-def _write_run_plots(out: Path, result: Any, model: Sequential, stats: NormStats, epoch: int, test_x: np.ndarray,
+def _write_run_plots(out: Path, result: Any, model: Layer, stats: NormStats, epoch: int, test_x: np.ndarray,
                      test_y: np.ndarray, class_names: Sequence[str], backend: str) -> None:
     """learning_curves.png, and confusion_matrix.png of the best checkpoint (model, from `epoch`) on the test split."""
     from . import plots
@@ -378,7 +375,7 @@ def _write_run_plots(out: Path, result: Any, model: Sequential, stats: NormStats
 
 # ---- evaluate --------------------------------------------------------------------------------------
 
-def _model_from(ckpt: Checkpoint, backend: str) -> tuple[Sequential, NormStats]:
+def _model_from(ckpt: Checkpoint, backend: str) -> tuple[Layer, NormStats]:
     model = ckpt.build_model()
     if backend == "cupy":
         model.to("gpu")
@@ -387,7 +384,7 @@ def _model_from(ckpt: Checkpoint, backend: str) -> tuple[Sequential, NormStats]:
     return model, NormStats(mean=ckpt.norm_mean, std=ckpt.norm_std)
 
 
-def _evaluate_arrays(model: Sequential, stats: NormStats, images: Any, labels: Any, backend: str,
+def _evaluate_arrays(model: Layer, stats: NormStats, images: Any, labels: Any, backend: str,
                      batch_size: int = 500, hflip: bool = False) -> tuple[float, float, np.ndarray]:
     x, y = to_device(images, backend), to_device(np.asarray(labels, np.int64), backend)
     return evaluate(model, x, y, batch_size=batch_size,
@@ -581,6 +578,22 @@ def cmd_info(args: argparse.Namespace | None = None) -> int:
     print(f"cpu jit   {cpu.describe()}")
     affinity = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
     print(f"cpus      {os.cpu_count()}" + (f" ({affinity} usable by this process)" if affinity else ""))
+    return 0
+
+
+def cmd_models(args: argparse.Namespace | None = None) -> int:
+    """The zoo: each model's parameters for 28x28x1 (Fashion-MNIST) and 32x32x3 (CIFAR-10) images,
+    10 classes, with its default batch norm setting and the other one."""
+    print(f"{'model':10}  {'batch norm':10}  {'28x28x1':>9}  {'32x32x3':>9}  description")
+    for name in MODELS:
+        for batch_norm in (DEFAULT_BATCH_NORM[name], not DEFAULT_BATCH_NORM[name]):
+            counts = [build(name, input_shape=shape, batch_norm=batch_norm).num_parameters()
+                      for shape in ((28, 28, 1), (32, 32, 3))]
+            note = describe(name) if batch_norm == DEFAULT_BATCH_NORM[name] else "(--" + (
+                "" if batch_norm else "no-") + "batch-norm)"
+            print(f"{name:10}  {'on' if batch_norm else 'off':10}  {counts[0]:9,}  {counts[1]:9,}  {note}")
+    print("train one with `cnn-gpu train --model NAME`; in Python: cnn_gpu.models.build(NAME, input_shape=..., "
+          "num_classes=...)")
     return 0
 
 

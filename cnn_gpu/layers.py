@@ -156,14 +156,14 @@ class Layer:
             try:
                 shape = self.output_shape(*shapes)
             except ValueError as exc:
-                raise ValueError(f"node {name or '(unnamed)'} ({self!r}): {exc}") from None
+                raise ValueError(f"node {name or '(unnamed)'!r} ({self!r}): {exc}") from None
         return Tensor(self, tuple(args), name, shape)
 
     def _check_input_count(self, count: int, node: str | None) -> None:
         expected = self.num_inputs
         if (expected is None and count < 2) or (expected is not None and count != expected):
             want = "two or more" if expected is None else str(expected)
-            raise ValueError(f"node {node or '(unnamed)'} ({self!r}) takes {want} input(s), got {count}")
+            raise ValueError(f"node {node or '(unnamed)'!r} ({self!r}) takes {want} input(s), got {count}")
 
     # ---- recursion through children ------------------------------------------------------------
 

@@ -311,8 +311,8 @@ def _snake(name: str) -> str:
 
 
 def _topological(nodes: list[Node], inputs: list[str], output: str) -> list[Node]:
-    """Kahn's order over the nodes, stable in the given order; a ValueError names a missing
-    tensor or the nodes on a cycle."""
+    """The nodes in an order where each comes after the nodes it reads, as close to the given
+    order as that allows; a ValueError names a missing tensor or the nodes on a cycle."""
     produced = {name for name in inputs}
     names = [node.name for node in nodes]
     known = set(names) | produced
@@ -322,14 +322,13 @@ def _topological(nodes: list[Node], inputs: list[str], output: str) -> list[Node
                 raise ValueError(f"node {node.name!r} reads {i!r}, which no node produces and which is not "
                                  f"a graph input (inputs: {inputs})")
     ordered, waiting = [], list(nodes)
-    while waiting:
-        ready = [node for node in waiting if all(i in produced for i in node.inputs)]
-        if not ready:
+    while waiting:  # the first node whose inputs exist, one at a time: a valid order is kept as it is
+        k = next((k for k, node in enumerate(waiting) if all(i in produced for i in node.inputs)), None)
+        if k is None:
             raise ValueError("the graph has a cycle through nodes " + ", ".join(repr(n.name) for n in waiting))
-        for node in ready:
-            ordered.append(node)
-            produced.add(node.name)
-        waiting = [node for node in waiting if node not in ready]
+        node = waiting.pop(k)
+        ordered.append(node)
+        produced.add(node.name)
     return ordered
 
 

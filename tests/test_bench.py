@@ -28,8 +28,8 @@ def test_seed_flops_match_hand_count():
 
 def test_bench_runs_end_to_end_and_writes_json(tmp_path, capsys):
     out = tmp_path / "bench.json"
-    assert main(["--batch-sizes", "8", "--repeats", "1", "--warmup", "0", "--no-torch",
-                 "--gemm-size", "64", "--breakdown", "--json", str(out)]) == 0
+    assert main(["--batch-sizes", "8", "--repeats", "1", "--warmup", "0", "--no-torch", "--nets", "seed", "seed_bn",
+                 "resnet20", "--gemm-size", "64", "--breakdown", "--json", str(out)]) == 0
     result = json.loads(out.read_text())
     assert {"date", "command", "machine", "gemm_gflops", "flops_per_image", "rows", "breakdown"} <= set(result)
     assert result["machine"]["torch"] == "skipped (--no-torch)"
@@ -37,11 +37,26 @@ def test_bench_runs_end_to_end_and_writes_json(tmp_path, capsys):
     assert result["flops_per_image"]["seed"]["training"] == SEED_TRAINING_FLOPS
     rows = result["rows"]
     assert {(r["net"], r["mode"], r["batch"]) for r in rows} == {
-        (net, mode, 8) for net in ("seed", "seed_bn") for mode in ("train", "infer")}
+        (net, mode, 8) for net in ("seed", "seed_bn", "resnet20") for mode in ("train", "infer")}
     for r in rows:
         assert r["ours_images_per_s"] > 0 and r["ours_gemm_pct"] > 0
         assert r["ours_peak_bytes"] > 0 and r["ours_tracemalloc_bytes"] > 0
         assert "torch_images_per_s" not in r and "ratio" not in r
     layers = [b["layer"] for b in result["breakdown"]["seed/train/8"]]
     assert layers[0].startswith("0 Conv2D") and layers[-1] == "SGD step"
+    assert [b["layer"].split()[0] for b in result["breakdown"]["resnet20/train/8"]][3:6] == ["stage1", "stage2", "stage3"]
     assert "skipped (--no-torch)" in capsys.readouterr().out
+
+
+def test_resnet20_flops_by_hand():
+    """ResNet-20 on 28x28x1: the stem (1 -> 16), six 3x3 convs per stage at 28, 14 and 7 pixels (the
+    first of stages 2 and 3 with stride 2 from the previous width), two 1x1 projections, the dense layer."""
+    from cnn_gpu.models import resnet20
+    macs = 28 * 28 * 9 * 1 * 16
+    macs += 6 * 28 * 28 * 9 * 16 * 16
+    macs += 14 * 14 * 9 * (16 * 32 + 5 * 32 * 32) + 14 * 14 * 16 * 32
+    macs += 7 * 7 * 9 * (32 * 64 + 5 * 64 * 64) + 7 * 7 * 32 * 64
+    macs += 64 * 10
+    flops = model_flops(resnet20(input_shape=(28, 28, 1)), (28, 28, 1))
+    assert flops["forward"] == 2 * macs
+    assert flops["training"] == 3 * 2 * macs - 2 * 28 * 28 * 9 * 16  # no input gradient for the stem

@@ -238,3 +238,41 @@ def test_evaluate_with_mirror_test_time_augmentation(trained_run, capsys):
     assert "(60 images, mirror test-time augmentation): accuracy" in capsys.readouterr().out
     assert main(["evaluate", str(out / "best.npz"), "--data-dir", str(data), "--tta", "--dataset", "mnist"]) == 2
     assert "--tta mirrors the images, which suits fashion-mnist, not mnist" in capsys.readouterr().err
+
+
+def test_models_lists_the_zoo_with_parameter_counts(capsys):
+    assert main(["models"]) == 0
+    text = capsys.readouterr().out
+    for name in ("seed_cnn", "resnet20", "mobilenet", "vgg"):
+        assert name in text
+    assert "225,034" in text and "272,186" in text  # seed_cnn and resnet20 on 28x28x1
+
+
+def test_train_another_model_then_evaluate_predict_and_resume_from_the_checkpoint_alone(trained_run, tmp_path,
+                                                                                       capsys):
+    """--model resnet20: the checkpoint records the architecture, and every command rebuilds it."""
+    data, *_ = trained_run
+    out = tmp_path / "resnet"
+    argv = ["train", "--model", "resnet20", "--data-dir", str(data), "--epochs", "1", "--limit-train", "60",
+            "--val-size", "20", "--batch-size", "20", "--out", str(out), "--no-progress"]
+    assert main(argv) == 0
+    text = capsys.readouterr().out
+    assert "stage3.block2.relu2" in text and "model resnet20, batch norm on" in text
+    from cnn_gpu.checkpoint import load_checkpoint
+    ckpt = load_checkpoint(out / "last.npz")
+    assert ckpt.metadata["architecture"]["type"] == "Sequential" and ckpt.metadata["model"]["name"] == "resnet20"
+    assert main(["evaluate", str(out / "best.npz"), "--data-dir", str(data)]) == 0
+    assert "accuracy" in capsys.readouterr().out
+    images = read_idx(data / "fashion-mnist" / "t10k-images-idx3-ubyte.gz")[:2]
+    np.save(tmp_path / "two.npy", images)
+    assert main(["predict", str(out / "best.npz"), str(tmp_path / "two.npy")]) == 0
+    assert len(capsys.readouterr().out.strip().splitlines()) == 2
+    assert main(["train", "--resume", str(out / "last.npz"), "--epochs", "2", "--data-dir", str(data),
+                 "--no-progress"]) == 0
+    assert "epoch 2/2" in capsys.readouterr().out
+
+
+def test_dropout_on_a_model_without_dense_layers_is_a_usage_error(trained_run, capsys):
+    data, *_ = trained_run
+    assert main(["train", "--model", "resnet20", "--dropout", "0.2", "--data-dir", str(data)]) == 2
+    assert "--dropout applies to seed_cnn and vgg, not resnet20" in capsys.readouterr().err

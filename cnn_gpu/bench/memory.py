@@ -1,6 +1,6 @@
 """Peak memory of one configuration, measured in a fresh process.
 
-    python -m cnn_gpu.bench.memory IMPL BATCH_NORM BATCH MODE THREADS [channels_last]
+    python -m cnn_gpu.bench.memory IMPL NET BATCH MODE THREADS [channels_last]
 
 prints one JSON object. The measure, the same for both implementations: the process's
 resident-set high-water mark (VmHWM; getrusage's ru_maxrss elsewhere) after a few steps, minus its resident
@@ -51,7 +51,7 @@ def _maxrss() -> int:
     return peak if sys.platform == "darwin" else peak * 1024  # Linux reports KiB
 
 
-def measure(impl: str, batch_norm: bool, batch: int, mode: str, threads: int,
+def measure(impl: str, net: str, batch: int, mode: str, threads: int,
             channels_last: bool = False) -> dict:
     import tracemalloc  # noqa: PLC0415
 
@@ -59,9 +59,9 @@ def measure(impl: str, batch_norm: bool, batch: int, mode: str, threads: int,
     if impl == "torch":
         import torch  # noqa: PLC0415
         torch.set_num_threads(threads)
-        step = workloads.torch_step(torch, batch_norm, batch, mode, channels_last=channels_last)
+        step = workloads.torch_step(torch, net, batch, mode, channels_last=channels_last)
     else:
-        step = workloads.ours(batch_norm, batch, mode)
+        step = workloads.ours(net, batch, mode)
     before = _rss_now()
     for _ in range(STEPS):
         step()
@@ -78,8 +78,8 @@ def measure(impl: str, batch_norm: bool, batch: int, mode: str, threads: int,
 
 
 if __name__ == "__main__":
-    impl, bn, batch, mode, threads = sys.argv[1:6]
+    impl, net, batch, mode, threads = sys.argv[1:6]
     cl = len(sys.argv) > 6 and sys.argv[6] == "channels_last"
     # NumPy's BLAS threads are fixed by the caller through OPENBLAS_NUM_THREADS & co. in our
     # environment: NumPy is already imported here (by cnn_gpu/__init__), too late to set them.
-    print(json.dumps(measure(impl, bn == "1", int(batch), mode, int(threads), cl)))
+    print(json.dumps(measure(impl, net, int(batch), mode, int(threads), cl)))

@@ -1,7 +1,8 @@
 """The benchmark driver: time every configuration, ours and PyTorch's side by side, print a
 table, write JSON.
 
-What a row measures (one network: the seed CNN with or without batch norm; one batch size):
+What a row measures (one network of workloads.NETS: the seed CNN with or without batch norm, the
+zoo's resnet20 and depthwise mobilenet; one batch size):
     train  images/s of a training step: forward, loss, backward, SGD-with-momentum update
     infer  images/s of an eval-mode forward (PyTorch under torch.inference_mode)
 ours and PyTorch's steps are timed in alternation, round after round, after a warm-up, and
@@ -37,12 +38,11 @@ import numpy as np
 
 from .. import cpu
 from ..backend import module_for, synchronize
-from ..models import seed_cnn
 from . import workloads
 from .flops import layer_flops, model_flops
 from .reference import torch_or_reason
 
-NETS = {"seed": False, "seed_bn": True}  # name -> batch_norm
+NETS = workloads.NETS
 CPU_BATCHES, GPU_BATCHES = (64, 256), (64, 256, 1024)
 
 
@@ -121,10 +121,10 @@ def time_interleaved(steps: dict[str, Callable[[], None]], syncs: dict[str, Call
     return {name: statistics.median(t) for name, t in times.items()}
 
 
-def pick_torch_format(torch: Any, batch_norm: bool, batch: int, mode: str, device: str,
+def pick_torch_format(torch: Any, net: str, batch: int, mode: str, device: str,
                       warmup: int, inner: int, sync: Callable[[], None]) -> tuple[bool, str]:
     """(channels_last?, 'NCHW' | 'channels_last'): whichever steps faster here, on a short trial."""
-    steps = {fmt: workloads.torch_step(torch, batch_norm, batch, mode, device, fmt == "channels_last")
+    steps = {fmt: workloads.torch_step(torch, net, batch, mode, device, fmt == "channels_last")
              for fmt in ("NCHW", "channels_last")}
     t = time_interleaved(steps, {fmt: sync for fmt in steps}, max(warmup, 1), 5, inner)
     best = min(t, key=t.get)
@@ -133,13 +133,13 @@ def pick_torch_format(torch: Any, batch_norm: bool, batch: int, mode: str, devic
 
 # -- memory -------------------------------------------------------------------------------------
 
-def cpu_memory(impl: str, batch_norm: bool, batch: int, mode: str, threads: int,
+def cpu_memory(impl: str, net: str, batch: int, mode: str, threads: int,
                channels_last: bool = False) -> dict:
     """Run memory.py in a fresh process (see its docstring); {} with an 'error' if it fails."""
     env = dict(os.environ)
     for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         env[var] = str(threads)
-    cmd = [sys.executable, "-m", "cnn_gpu.bench.memory", impl, str(int(batch_norm)), str(batch), mode,
+    cmd = [sys.executable, "-m", "cnn_gpu.bench.memory", impl, net, str(batch), mode,
            str(threads)] + (["channels_last"] if channels_last else [])
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
@@ -157,12 +157,14 @@ def gpu_pool_bytes(impl: str, torch: Any = None) -> int:
 
 # -- per-layer breakdown ------------------------------------------------------------------------
 
-def layer_breakdown(batch_norm: bool, batch: int, backend: str, warmup: int, repeats: int) -> list[dict]:
-    """Median ms of each layer's forward and backward in a training step, then loss and update."""
+def layer_breakdown(net: str, batch: int, backend: str, warmup: int, repeats: int) -> list[dict]:
+    """Median ms of each top-level layer's forward and backward in a training step (a stage of a
+    ResNet counts as one), then loss and update. Each layer runs its own forward: the plan's
+    shortcuts across layers (a conv computing only what its pool reads) are not in these times."""
     from ..functional import softmax_cross_entropy  # noqa: PLC0415
     from ..optim import SGD  # noqa: PLC0415
     xp = module_for(backend)
-    model = seed_cnn(workloads.NUM_CLASSES, batch_norm=batch_norm).to("gpu" if backend == "cupy" else "cpu")
+    model = workloads.network(net).to("gpu" if backend == "cupy" else "cpu")
     opt = SGD(model.parameters(), lr=workloads.LR, momentum=workloads.MOMENTUM)
     x, labels = (xp.asarray(a) for a in workloads.random_batch(batch))
     n = len(model.layers)
@@ -187,8 +189,8 @@ def layer_breakdown(batch_norm: bool, batch: int, backend: str, warmup: int, rep
         for i in range(n - 1, -1, -1):
             d = timed(lambda: model.layers[i].backward(d, need_dx=i > 0), bwd[i] if keep else None)
         timed(lambda: (opt.step(), opt.zero_grad()), update_t if keep else None)
-    rows = [{"layer": f"{i} {layer!r}", "forward_ms": statistics.median(fwd[i]),
-             "backward_ms": statistics.median(bwd[i])} for i, layer in enumerate(model.layers)]
+    rows = [{"layer": f"{node.name} {node.layer!r}", "forward_ms": statistics.median(fwd[i]),
+             "backward_ms": statistics.median(bwd[i])} for i, node in enumerate(model.nodes)]
     rows.append({"layer": "softmax_cross_entropy", "forward_ms": statistics.median(loss_t), "backward_ms": 0.0})
     rows.append({"layer": "SGD step", "forward_ms": 0.0, "backward_ms": statistics.median(update_t)})
     return rows
@@ -202,7 +204,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="numpy (CPU, the default) or cupy (GPU; PyTorch on cuda with cuDNN)")
     p.add_argument("--batch-sizes", type=int, nargs="+", default=None,
                    help="default: 64 256 on the CPU, 64 256 1024 on the GPU")
-    p.add_argument("--nets", nargs="+", choices=sorted(NETS), default=sorted(NETS))
+    p.add_argument("--nets", nargs="+", choices=list(NETS), default=list(NETS))
     p.add_argument("--modes", nargs="+", choices=("train", "infer"), default=["train", "infer"])
     p.add_argument("--warmup", type=int, default=3, help="untimed steps before timing (default 3)")
     p.add_argument("--repeats", type=int, default=15, help="timed rounds; medians are reported (default 15)")
@@ -252,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
 
     gemm_n = args.gemm_size or (8192 if gpu else 2048)
     ceiling = gemm_ceiling(xp, gemm_n, max(3, min(args.repeats, 10)), synchronize)
-    flops = {net: model_flops(seed_cnn(batch_norm=bn), workloads.INPUT_SHAPE) for net, bn in NETS.items()}
+    flops = {net: model_flops(workloads.network(net), workloads.INPUT_SHAPE) for net in args.nets}
 
     machine = {
         "platform": platform.platform(), "cpu": cpu_name(), "cores": os.cpu_count(),
@@ -282,19 +284,18 @@ def main(argv: list[str] | None = None) -> int:
 
     rows = []
     for net in args.nets:
-        bn = NETS[net]
         for mode in args.modes:
             for batch in batches:
-                steps = {"ours": workloads.ours(bn, batch, mode, args.backend)}
+                steps = {"ours": workloads.ours(net, batch, mode, args.backend)}
                 syncs = {"ours": synchronize}
                 fmt = None
                 if torch is not None:
                     if args.torch_format == "auto":
-                        channels_last, fmt = pick_torch_format(torch, bn, batch, mode, device,
+                        channels_last, fmt = pick_torch_format(torch, net, batch, mode, device,
                                                                args.warmup, inner, torch_sync)
                     else:
                         fmt, channels_last = args.torch_format, args.torch_format == "channels_last"
-                    steps["torch"] = workloads.torch_step(torch, bn, batch, mode, device, channels_last)
+                    steps["torch"] = workloads.torch_step(torch, net, batch, mode, device, channels_last)
                     syncs["torch"] = torch_sync
                 if gpu:  # the allocators' holdings before the first step
                     gpu_before = {impl: gpu_pool_bytes(impl, torch) for impl in steps}
@@ -319,7 +320,7 @@ def main(argv: list[str] | None = None) -> int:
                         if gpu:
                             row[f"{impl}_peak_bytes"] = gpu_pool_bytes(impl, torch) - gpu_before[impl]
                         else:
-                            mem = cpu_memory(impl, bn, batch, mode, threads, fmt == "channels_last")
+                            mem = cpu_memory(impl, net, batch, mode, threads, fmt == "channels_last")
                             row[f"{impl}_peak_bytes"] = mem.get("rss_peak_delta_bytes")
                             if "tracemalloc_peak_bytes" in mem:
                                 row["ours_tracemalloc_bytes"] = mem["tracemalloc_peak_bytes"]
@@ -333,7 +334,7 @@ def main(argv: list[str] | None = None) -> int:
               "command": "python -m cnn_gpu.bench " + " ".join(sys.argv[1:] if argv is None else argv),
               "machine": machine, "gemm_gflops": ceiling, "gemm_size": gemm_n,
               "flops_per_image": flops,
-              "layer_flops": {net: layer_flops(seed_cnn(batch_norm=bn), workloads.INPUT_SHAPE) for net, bn in NETS.items()},
+              "layer_flops": {net: layer_flops(workloads.network(net), workloads.INPUT_SHAPE) for net in args.nets},
               "rows": rows}
 
     if args.breakdown:
@@ -341,7 +342,7 @@ def main(argv: list[str] | None = None) -> int:
         for net in args.nets:
             for batch in batches:
                 key = f"{net}/train/{batch}"
-                result["breakdown"][key] = rows_ = layer_breakdown(NETS[net], batch, args.backend,
+                result["breakdown"][key] = rows_ = layer_breakdown(net, batch, args.backend,
                                                                   args.warmup, args.repeats)
                 print_breakdown(key, rows_)
 

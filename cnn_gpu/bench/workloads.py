@@ -1,9 +1,13 @@
 """One benchmark step of each configuration, as a zero-argument function, for us and for PyTorch.
 
-A configuration is (implementation, batch norm or not, batch size, mode, device):
+A configuration is (implementation, network, batch size, mode, device):
     mode "train": forward, softmax cross-entropy, backward, SGD-with-momentum update
     mode "infer": eval-mode forward only
-Inputs are standard-normal float32 images (N, 28, 28, 1) and uniform labels in [0, 10).
+Networks (NETS): the seed CNN with and without batch norm, and the zoo's resnet20 and depthwise
+mobilenet, all on 28x28x1 images (Fashion-MNIST's). Inputs are standard-normal float32 images
+(N, 28, 28, 1) and uniform labels in [0, 10). PyTorch runs the seed network as a hand-written
+nn.Sequential, and the zoo's networks as cnn_gpu.bench.reference.to_torch builds them, from our
+weights (so both sides start from the same loss).
 The functions return nothing and do not synchronize the GPU; the caller does.
 """
 from __future__ import annotations
@@ -14,12 +18,22 @@ import numpy as np
 
 from ..backend import module_for
 from ..functional import softmax_cross_entropy
-from ..models import seed_cnn
+from ..layers import Layer
+from ..models import build
 from ..optim import SGD
 
 INPUT_SHAPE = (28, 28, 1)
 NUM_CLASSES = 10
 LR, MOMENTUM = 0.01, 0.9
+# benchmark name -> (zoo model, batch norm)
+NETS: dict[str, tuple[str, bool]] = {"seed": ("seed_cnn", False), "seed_bn": ("seed_cnn", True),
+                                     "resnet20": ("resnet20", True), "mobilenet": ("mobilenet", True)}
+
+
+def network(net: str) -> Layer:
+    """Our model of a benchmark network (seeded: the same weights every time)."""
+    name, batch_norm = NETS[net]
+    return build(name, input_shape=INPUT_SHAPE, num_classes=NUM_CLASSES, batch_norm=batch_norm, seed=0)
 
 
 def random_batch(batch: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -29,10 +43,10 @@ def random_batch(batch: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     return x, rng.integers(0, NUM_CLASSES, batch)
 
 
-def ours(batch_norm: bool, batch: int, mode: str, backend: str = "numpy") -> Callable[[], None]:
-    """A step of seed_cnn on 'numpy' or 'cupy'."""
+def ours(net: str, batch: int, mode: str, backend: str = "numpy") -> Callable[[], None]:
+    """A step of our network on 'numpy' or 'cupy'."""
     xp = module_for(backend)
-    model = seed_cnn(NUM_CLASSES, batch_norm=batch_norm).to("gpu" if backend == "cupy" else "cpu")
+    model = network(net).to("gpu" if backend == "cupy" else "cpu")
     x, labels = (xp.asarray(a) for a in random_batch(batch))
     if mode == "infer":
         model.eval()
@@ -51,11 +65,20 @@ def ours(batch_norm: bool, batch: int, mode: str, backend: str = "numpy") -> Cal
     return step
 
 
-def torch_step(torch: Any, batch_norm: bool, batch: int, mode: str, device: str = "cpu",
+def torch_network(torch: Any, net: str) -> Any:
+    """The same network in PyTorch (NCHW)."""
+    name, batch_norm = NETS[net]
+    if name == "seed_cnn":
+        from .reference import torch_seed_cnn  # noqa: PLC0415
+        return torch_seed_cnn(torch, batch_norm, NUM_CLASSES)
+    from .reference import to_torch  # noqa: PLC0415
+    return to_torch(network(net), INPUT_SHAPE)
+
+
+def torch_step(torch: Any, net: str, batch: int, mode: str, device: str = "cpu",
                channels_last: bool = False) -> Callable[[], None]:
     """The same step in PyTorch (NCHW, or channels_last memory format)."""
-    from .reference import torch_seed_cnn  # noqa: PLC0415
-    model = torch_seed_cnn(torch, batch_norm, NUM_CLASSES).to(device)
+    model = torch_network(torch, net).to(device)
     xn, ln = random_batch(batch)
     x = torch.from_numpy(xn.transpose(0, 3, 1, 2).copy()).to(device)  # (N, 1, 28, 28)
     labels = torch.from_numpy(ln).to(device)
