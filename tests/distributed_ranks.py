@@ -7,6 +7,7 @@ problems defined here (which import no MPI).
     mpiexec -n 2 python -m tests.distributed_ranks kill OUT       # rank 1 is SIGKILLed mid-run
     mpiexec -n 2 python -m tests.distributed_ranks hang OUT       # rank 1 stops calling collectives
     mpiexec -n 2 python -m tests.distributed_ranks exit OUT       # rank 1's main returns code 3
+    mpiexec -n 2 python -m tests.distributed_ranks exit_all OUT   # every rank returns code 4
     mpiexec -n 2 python -m tests.distributed_ranks gpu OUT        # CuPy arrays (NCCL, or MPI host copies)
 """
 from __future__ import annotations
@@ -126,6 +127,33 @@ def sgd(params: list[Param]) -> None:
         p.grad = None
 
 
+def seed_images() -> tuple[np.ndarray, np.ndarray]:
+    """23 uint8 images (28, 28, 1) for the seed network, labels in [0, 10)."""
+    rng = np.random.default_rng(19)
+    return rng.integers(0, 256, size=(23, 28, 28, 1), dtype=np.uint8), rng.integers(0, 10, size=23)
+
+
+def seed_network(seed: int) -> tuple[Any, Any]:
+    """The seed network in float64 and its optimizer (SGD, momentum, weight decay)."""
+    from cnn_gpu import SGD, seed_cnn
+    model = seed_cnn(seed=seed, dtype="float64")
+    return model, SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
+
+
+def seed_step(model: Any, optimizer: Any, x_u8: np.ndarray, y: np.ndarray, scale: float,
+              average: Callable[[], None] = lambda: None) -> None:
+    """One training step of the seed network on images x_u8 (b, 28, 28, 1): the loss gradient
+    times `scale`, then average() (the gradient averaging), then the optimizer."""
+    logits = model.forward(x_u8.astype(np.float64) / 255.0)
+    _, dlogits = softmax_cross_entropy(logits, y)
+    if scale != 1.0:
+        dlogits *= scale
+    model.backward(dlogits)
+    average()
+    optimizer.step()
+    optimizer.zero_grad()
+
+
 # ---- the scenarios ------------------------------------------------------------------------------
 
 def exact(comm: Any, out: Path) -> None:
@@ -201,6 +229,20 @@ def exact(comm: Any, out: Path) -> None:
     for i, p in enumerate(net):
         found[f"net{i}"] = p.data
     found["net_running_mean"], found["net_running_var"] = running
+
+    # the seed network itself, built with another seed on every rank: rank 0's weights after
+    # the broadcast, then three sharded steps of SGD with momentum and weight decay
+    model, optimizer = seed_network(seed=100 + r)
+    params = model.parameters()
+    dist.broadcast_arrays(comm, [p.data for p in params])
+    averager = dist.GradientAverager(comm, params)
+    images, labels = seed_images()
+    batches = BatchIterator(images, labels, BATCH, shuffle=True, seed=4)
+    for shard in dist.shard_batches(batches.batches(0), r, n):
+        seed_step(model, optimizer, shard.x, shard.y, shard.grad_scale, averager.average)
+    found["seed_agree"] = dist.ranks_agree(comm, [p.data for p in params])
+    for i, p in enumerate(params):
+        found[f"seed{i}"] = p.data
     np.savez(out / f"rank{r}.npz", **found)
 
 
@@ -250,6 +292,14 @@ def fails_by_exit_code(comm: Any, out: Path) -> int:
     return 0
 
 
+def fails_together(comm: Any, out: Path) -> int:
+    """Every rank ends with exit code 4, an error all of them saw: no abort needed."""
+    _busy(comm, 5)
+    if comm.rank == 0:
+        print("cnn-gpu: error: training diverged (as every rank saw)", file=sys.stderr)
+    return 4
+
+
 def gpu(comm: Any, out: Path) -> None:
     """The collectives and the averaging on CuPy arrays (NCCL, or MPI with host copies)."""
     import cnn_gpu.distributed as dist
@@ -291,7 +341,7 @@ def gpu(comm: Any, out: Path) -> None:
 
 SCENARIOS: dict[str, Callable[[Any, Path], Any]] = {
     "exact": exact, "raise": fails_by_raising, "kill": fails_by_being_killed, "hang": fails_by_hanging,
-    "exit": fails_by_exit_code, "gpu": gpu,
+    "exit": fails_by_exit_code, "exit_all": fails_together, "gpu": gpu,
 }
 
 
@@ -300,7 +350,7 @@ def main(argv: list[str]) -> int:
     import cnn_gpu.distributed as dist
     comm = dist.init(array_backend="cupy" if scenario == "gpu" else "numpy")
     code = SCENARIOS[scenario](comm, out) or 0
-    return comm.finish(code)
+    return comm.finish(code, collective=scenario == "exit_all")
 
 
 if __name__ == "__main__":

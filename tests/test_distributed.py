@@ -472,3 +472,12 @@ def test_ranks_sharing_a_gpu_are_found():
     keys = np.array([[7, 0, 3, 0], [7, 0, 4, 0], [7, 0, 3, 0], [8, 0, 3, 0]])
     assert dist.shared_devices(keys) == [[0, 2]]
     assert dist.shared_devices(keys[:2]) == []
+
+
+def test_the_ring_model_is_fitted_back_from_its_own_times():
+    from cnn_gpu.distributed.bench import SIZES, fit_ring
+    latency, bandwidth, n = 5e-6, 4e9, 3
+    times = [2 * (n - 1) * latency + 2 * (n - 1) / n * size / bandwidth for size in SIZES]
+    fitted = fit_ring(SIZES, times, n)
+    np.testing.assert_allclose(fitted, (latency, bandwidth), rtol=1e-6)
+

@@ -5,10 +5,13 @@ reads what the ranks wrote and compares it with one process computing the same.
 """
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
 from cnn_gpu.distributed import shard_sizes
+from cnn_gpu.distributed.bench import SIZES
 from cnn_gpu.functional import batch_norm_backward, batch_norm_forward
 
 from . import distributed_ranks as problems
@@ -143,3 +146,30 @@ def test_sharded_training_equals_one_process(ranks):
         np.testing.assert_allclose(f["net_running_var"], running[1], rtol=1e-10)
         np.testing.assert_allclose(f["train_totals"][0], totals[0], rtol=1e-12)
         np.testing.assert_array_equal(f["train_totals"][1:], totals[1:])  # counts: exact
+
+
+def test_sharded_seed_network_equals_one_process(ranks):
+    """The seed network, built with a different seed on each rank and broadcast from rank 0,
+    trained three sharded steps (SGD with momentum and weight decay): one process's weights."""
+    _, found = ranks
+    model, optimizer = problems.seed_network(seed=100)  # rank 0's
+    images, labels = problems.seed_images()
+    for x, y in problems.BatchIterator(images, labels, problems.BATCH, shuffle=True, seed=4).batches(0):
+        problems.seed_step(model, optimizer, x, y, 1.0)
+    for r, f in enumerate(found):
+        assert bool(f["seed_agree"]), f"rank {r}: the replicas differ"
+        for i, p in enumerate(model.parameters()):
+            # Shards and whole batches run GEMMs of other shapes (other summation orders).
+            np.testing.assert_allclose(f[f"seed{i}"], p.data, rtol=1e-9, atol=1e-12, err_msg=f"rank {r}, param {i}")
+
+
+def test_communication_benchmark_runs(tmp_path):
+    out = tmp_path / "bench.json"
+    done = run_ranks(2, "--json", out, timeout=180, module="cnn_gpu.distributed.bench")
+    assert done.returncode == 0, done.stderr
+    assert "ring model fitted" in done.stdout and "seed_cnn" in done.stdout
+    results = json.loads(out.read_text())
+    assert results["ranks"] == 2 and results["backend"] == "mpi"
+    assert [s["bytes"] for s in results["sweep"]] == SIZES
+    assert results["networks"][0]["parameters"] == 225_034 and results["networks"][0]["buckets"] == 1
+

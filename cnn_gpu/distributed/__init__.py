@@ -21,21 +21,27 @@ The pieces, each usable on its own (see each module):
     watchdog.py   a bounded wait for every collective; one rank's exception stops all ranks
     bench.py      the time of an allreduce by size: latency and bandwidth for the cost model
 
-Exact data parallelism in a training loop (one process gives the same weights up to float
-summation order):
+Exact data parallelism in a training loop: N ranks give one process's weights up to the order
+of float sums (tests/test_distributed_mpi.py trains the seed network both ways):
 
-    comm = init(array_backend="cupy" or "numpy")       # before anything goes to a GPU
-    broadcast_arrays(comm, [p.data for p in params] + buffers)
-    averager = GradientAverager(comm, params)
-    for shard in shard_batches(loader.batches(epoch), comm.rank, comm.size, transform):
+    comm = init(array_backend=resolve_backend(name))  # before the model or data go to a GPU
+    broadcast_arrays(comm, [p.data for p in model.parameters()] + batch_norm_buffers)
+    averager = GradientAverager(comm, model.parameters())
+    loader = BatchIterator(x, y, batch_size, seed=seed, augment=augment)   # the same on every rank
+    for shard in shard_batches(loader.batches(epoch), comm.rank, comm.size, transform=normalize):
+        if shard.batch_len < comm.size:             # a rank would get no images: skip, on all ranks
+            continue
         logits = model.forward(shard.x)
         loss, dlogits = softmax_cross_entropy(logits, shard.y)
-        if shard.grad_scale != 1.0:
+        if shard.grad_scale != 1.0:                 # N b_r / B, when N does not divide B
             dlogits *= dlogits.dtype.type(shard.grad_scale)
         model.backward(dlogits)
         averager.average()
         optimizer.step(); optimizer.zero_grad()
-        sums += (loss * len(shard.y), correct, len(shard.y))   # totals: comm.sum_scalars(sums)
+        loss_sum += loss * len(shard.y); correct += ...; seen += len(shard.y)
+    loss_sum, correct, seen = comm.sum_scalars([loss_sum, correct, seen])   # sums, not means of means
+    ...
+    return comm.finish(exit_code)                   # at the end of main(): see Communicator.finish
 """
 from __future__ import annotations
 

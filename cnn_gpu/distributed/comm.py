@@ -81,10 +81,17 @@ class Communicator:
         sys.stderr.flush()
         self._stop_all(exit_code)
 
-    def finish(self, exit_code: int) -> int:
+    def finish(self, exit_code: int, collective: bool = False) -> int:
         """Call with main()'s exit code before returning it. With several ranks a non-zero code
-        stops every rank (returning would leave the others waiting for this one for ever)."""
+        stops every rank (returning would leave the others waiting for this one for ever).
+
+        collective=True says every rank ends here with the same code (an error all ranks saw,
+        e.g. a diverged loss reduced over ranks): they meet in a barrier and return it, and
+        mpiexec ends with it, without an abort."""
         if exit_code and self.size > 1:
+            if collective:
+                self.barrier()
+                return exit_code
             self.abort(f"exited with code {exit_code}", exit_code)
         return exit_code
 
