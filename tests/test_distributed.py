@@ -416,6 +416,7 @@ def test_watchdog_stays_quiet_for_calls_that_return():
             pass
     watchdog.watch_event(FakeEvent(done=True), "NCCL allreduce_sum")
     time.sleep(0.1)  # a few polls of the finished event
+    watchdog.stop()
     assert not fired.is_set() and messages == []
 
 

@@ -162,6 +162,9 @@ class MPICommunicator(Communicator):
         self._threads_ok = MPI.Query_thread() >= MPI.THREAD_MULTIPLE
         self.watchdog = Watchdog(timeout, self._timed_out)
 
+    def close(self) -> None:
+        self.watchdog.stop()
+
     def broadcast(self, a: Any, root: int = 0) -> None:
         """a on every rank becomes a on root (in place)."""
         self._check_root(root, "broadcast")
@@ -293,6 +296,7 @@ class NCCLCommunicator(Communicator):
         return self.mpi.sum_scalars(values)  # a few host numbers: MPI, without a device round trip
 
     def close(self) -> None:
+        self.watchdog.stop()
         self._comm.destroy()
 
     def _type(self, a: Any) -> int:

@@ -23,6 +23,7 @@ default DEFAULT_TIMEOUT, 0 for none.
 from __future__ import annotations
 
 import collections
+import math
 import os
 import sys
 import threading
@@ -69,23 +70,30 @@ class Watchdog:
     - guard(what): a blocking call on the host (an MPI collective); its deadline starts at entry;
     - watch_event(event, what): work queued on a GPU stream (an NCCL collective returns at once);
       its deadline starts when it is queued, and it ends when event.done turns true.
-    check(), if given, is called every poll and returns an error message or None (NCCL's
-    asynchronous errors, a peer that failed); a message ends the run like a timeout.
+    check(), if given, returns an error message or None (NCCL's asynchronous errors, a peer that
+    failed); a message ends the run like a timeout.
 
-    The thread starts at the first guarded wait; timeout None turns everything off. on_timeout
-    runs on the watchdog's thread and is expected not to return (it aborts the job).
+    A thread, started at the first guarded wait, looks every `poll` seconds (default: half a
+    second, or a quarter of the timeout if less), so a wait is reported between timeout and
+    timeout + poll seconds after it began. The waiting side only sets a field or appends to a
+    deque, no lock and no wake-up: the watchdog costs a collective next to nothing. timeout None
+    turns the deadlines off. on_timeout runs on the watchdog's thread and is expected not to
+    return (it aborts the job).
     """
 
     def __init__(self, timeout: float | None, on_timeout: Callable[[str], Any],
-                 check: Callable[[], str | None] | None = None, poll: float = _POLL) -> None:
+                 check: Callable[[], str | None] | None = None, poll: float | None = None) -> None:
         if timeout is not None and not timeout > 0:
             raise ValueError(f"the watchdog's timeout must be > 0 seconds or None, got {timeout}")
         self.timeout = timeout
-        self._on_timeout, self._check, self._poll = on_timeout, check, poll
-        self._cond = threading.Condition()
+        self._on_timeout, self._check = on_timeout, check
+        self._poll = poll if poll is not None else min(_POLL, timeout / 4) if timeout is not None else _POLL
         self._host: tuple[str, float] | None = None  # (what, deadline) of the blocking call now running
+        # (event, what, deadline) of queued device work, oldest first; appended by the caller's
+        # thread, popped by the watchdog's (a deque is safe for that).
         self._events: collections.deque[tuple[DeviceEvent, str, float]] = collections.deque()
         self._thread: threading.Thread | None = None
+        self._stopped = threading.Event()
         self.fired: str | None = None  # the message, once it fired
 
     @contextmanager
@@ -94,70 +102,56 @@ class Watchdog:
         if self.timeout is None:
             yield
             return
-        with self._cond:
-            self._start()
-            self._host = (what, time.monotonic() + self.timeout)
-            self._cond.notify()
+        self._start()
+        self._host = (what, time.monotonic() + self.timeout)
         try:
             yield
         finally:
-            with self._cond:
-                self._host = None
-                self._cond.notify()
+            self._host = None
 
     def watch_event(self, event: DeviceEvent, what: str) -> None:
         """Bound the wait for queued device work that ends with `event`."""
         if self.timeout is None and self._check is None:
             return
-        deadline = time.monotonic() + self.timeout if self.timeout is not None else float("inf")
-        with self._cond:
-            self._start()
-            self._events.append((event, what, deadline))
-            self._cond.notify()
+        self._start()
+        deadline = time.monotonic() + self.timeout if self.timeout is not None else math.inf
+        self._events.append((event, what, deadline))
 
     def _start(self) -> None:
         if self._thread is None:
             self._thread = threading.Thread(target=self._run, name="cnn_gpu-watchdog", daemon=True)
             self._thread.start()
 
+    def stop(self) -> None:
+        """End the watchdog's thread (the communicator is closed); guarded waits are no longer bounded."""
+        self._stopped.set()
+        if self._thread is not None:
+            self._thread.join()
+
     def _run(self) -> None:
-        while True:
-            with self._cond:
-                message = self._late()
-                if message is None:
-                    self._cond.wait(timeout=self._sleep())
-                    message = self._late()
+        while not self._stopped.wait(self._poll):
+            message = self._late()
             if message is None and self._check is not None:
-                message = self._check()  # outside the lock: it may call into NCCL
+                message = self._check()
             if message is not None:
                 self.fired = message
                 self._on_timeout(message)
                 return
 
-    def _waits(self) -> list[tuple[str, float]]:
-        """(what, deadline) of the blocking call and of the oldest unfinished device work."""
-        waits = [self._host] if self._host is not None else []
-        return waits + [(what, deadline) for _, what, deadline in list(self._events)[:1]]
-
     def _late(self) -> str | None:
-        """The message for a wait past its deadline, or None. Holds the lock."""
+        """The message for a wait past its deadline, or None."""
         while self._events and self._events[0][0].done:  # stream order: the finished ones are the oldest
             self._events.popleft()
+        waits = [self._host] if self._host is not None else []
+        if self._events:
+            _, what, deadline = self._events[0]
+            waits.append((what, deadline))
         now = time.monotonic()
-        for what, deadline in self._waits():
+        for what, deadline in waits:
             if deadline <= now:
                 return (f"{what} did not complete within {self.timeout:g} s: another rank has stopped, "
                         f"hung or fallen far behind ({TIMEOUT_VAR} sets this bound)")
         return None
-
-    def _sleep(self) -> float | None:
-        """Seconds until the next deadline (None: until notified); device events and check() are
-        polled, so then at most the poll interval."""
-        deadlines = [deadline for _, deadline in self._waits()]
-        wait = max(min(deadlines) - time.monotonic(), 0.0) if deadlines else None
-        if self._events or self._check is not None:
-            wait = self._poll if wait is None else min(wait, self._poll)
-        return wait
 
 
 def format_failure(rank: int, size: int, message: str) -> str:
