@@ -44,9 +44,9 @@ class Launch(NamedTuple):
 
 
 def run_ranks(n: int, scenario: str, out: Path, timeout: float, env: dict[str, str] | None = None,
-              module: str = "tests.distributed_ranks") -> Launch:
+              command_line: list[str] | None = None) -> Launch:
     """mpiexec -n N python -m tests.distributed_ranks SCENARIO OUT, from the repository root
-    (or python -m MODULE SCENARIO OUT, where SCENARIO and OUT are the module's arguments).
+    (command_line: other arguments to python, e.g. ["-m", "cnn_gpu.distributed.bench", ...]).
 
     A launch still running after `timeout` seconds is killed with all its ranks, and the test
     fails saying so (a hang is what the failure tests look for). Open MPI gets --oversubscribe
@@ -63,7 +63,7 @@ def run_ranks(n: int, scenario: str, out: Path, timeout: float, env: dict[str, s
         command.append("--oversubscribe")
         if hasattr(os, "geteuid") and os.geteuid() == 0:
             environ.update(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
-    command += [sys.executable, "-m", module, scenario, str(out)]
+    command += [sys.executable, *(command_line or ["-m", "tests.distributed_ranks", scenario, str(out)])]
     process = subprocess.Popen(command, cwd=ROOT, env=environ, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                text=True, start_new_session=True)
     try:

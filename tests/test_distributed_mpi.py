@@ -165,7 +165,8 @@ def test_sharded_seed_network_equals_one_process(ranks):
 
 def test_communication_benchmark_runs(tmp_path):
     out = tmp_path / "bench.json"
-    done = run_ranks(2, "--json", out, timeout=180, module="cnn_gpu.distributed.bench")
+    done = run_ranks(2, "bench", out, timeout=180,
+                     command_line=["-m", "cnn_gpu.distributed.bench", "--repeats", "2", "--json", str(out)])
     assert done.returncode == 0, done.stderr
     assert "ring model fitted" in done.stdout and "seed_cnn" in done.stdout
     results = json.loads(out.read_text())
