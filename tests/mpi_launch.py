@@ -61,6 +61,9 @@ def run_ranks(n: int, scenario: str, out: Path, timeout: float, env: dict[str, s
         del environ[var]  # a test run under a launcher must not pass its own rank on
     if _is_open_mpi():
         command.append("--oversubscribe")
+        # Containers often forbid the cross-process memory reads (CMA) that shared memory uses
+        # for large messages ("Read -1, expected ..., errno = 1"): copy through buffers instead.
+        environ.setdefault("OMPI_MCA_btl_vader_single_copy_mechanism", "none")
         if hasattr(os, "geteuid") and os.geteuid() == 0:
             environ.update(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
     command += [sys.executable, *(command_line or ["-m", "tests.distributed_ranks", scenario, str(out)])]
