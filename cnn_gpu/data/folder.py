@@ -361,7 +361,7 @@ def _mismatch(index: dict, request: dict[str, Any], files: list[list]) -> str | 
         changed = sum(1 for p in new if p in old and old[p] != new[p])
         added, removed = len(new.keys() - old.keys()), len(old.keys() - new.keys())
         parts = [f"{n} {what}" for n, what in ((changed, "changed"), (added, "added"), (removed, "removed")) if n]
-        return f"the folder changed ({', '.join(parts) or 'other order'} file(s))"
+        return f"the folder changed ({', '.join(parts)} file(s))"
     stored, resolved = index.get("request", {}), index.get("resolved", {})
     for key in ("channels", "image_size"):
         # None (decide from the images) matches a cache that decided too; a value matches what it holds.
@@ -415,7 +415,7 @@ def load_image_folder(root: str | os.PathLike, channels: int | None = None,
     check_resize_mode(resize)
     scan = scan_image_folder(root, test_fraction, split_seed)
     request = _request(channels, size, resize, test_fraction, split_seed, skip_bad)
-    files = [[f.path, f.size, f.mtime_ns] for f in scan.files]
+    files = sorted([f.path, f.size, f.mtime_ns] for f in scan.files)  # what is there, whatever the split
     notes = list(scan.notes)
     directory = stem = None
     if cache:
