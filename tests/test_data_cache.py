@@ -11,8 +11,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cnn_gpu.data import (BatchIterator, Subset, augmentation_for, compute_norm_stats, is_on_disk,
-                          load_image_folder, normalize, train_val_split)
+from cnn_gpu.data import (
+    BatchIterator,
+    Subset,
+    augmentation_for,
+    compute_norm_stats,
+    is_on_disk,
+    load_image_folder,
+    normalize,
+    train_val_split,
+)
 from cnn_gpu.data import cache as cache_files
 from cnn_gpu.data import folder as folder_module
 from cnn_gpu.data.folder import BESIDE_STEM, CACHE_SUBDIR
@@ -303,6 +311,7 @@ def test_the_validation_split_of_a_memory_map_copies_nothing(root: Path) -> None
     np.testing.assert_array_equal(np.asarray(tx), rx)
     np.testing.assert_array_equal(np.asarray(vx), rvx)
     np.testing.assert_array_equal(ty, ry)
+    np.testing.assert_array_equal(vy, rvy)
     kwargs = dict(batch_size=4, seed=0, augment=augmentation_for("images", image_size=(8, 8)))
     for (xd, yd), (xr, yr) in zip(batches(tx, ty, **kwargs), batches(rx, ry, **kwargs), strict=True):
         assert xd.tobytes() == xr.tobytes() and yd.tobytes() == yr.tobytes()

@@ -16,7 +16,7 @@ import pytest
 from cnn_gpu.data import DATASETS, DatasetNotFoundError, load_dataset
 from cnn_gpu.data.cifar import find_cifar, parse_records
 from cnn_gpu.data.datasets import user_cache_dir
-from tests.data_fixtures import (cifar_record_bytes, expected_cifar_images, isolate, refused_url, running_server)
+from tests.data_fixtures import cifar_record_bytes, expected_cifar_images, isolate, refused_url, running_server
 
 # Per file of the generated CIFAR-10: how many records. Small, and different, so that the order of
 # the five training files shows in the result.

@@ -253,3 +253,30 @@ def test_fashion_mnist_as_png_files_equals_its_idx_files(tmp_path: Path) -> None
     again = load_image_folder(root, progress=False)
     assert again.cache_reused
     np.testing.assert_array_equal(again.images, folder.images)
+
+
+def test_decoding_threads_change_nothing(tmp_path: Path) -> None:
+    root = tmp_path / "threads"
+    write_class_tree(root, {"a": 9, "b": 7, "c": 5}, size=(6, 6))
+    (root / "b" / "003.png").write_text("broken")  # a bad file in the middle of the order
+    save_image(root / "c" / "rgba.png", random_pixels(9, 6, 4, seed=3), "RGBA")
+    results = [load_image_folder(root, image_size=(6, 6), skip_bad=True, cache=False, workers=w, progress=False)
+               for w in (1, 2, 5)]
+    for other in results[1:]:
+        np.testing.assert_array_equal(other.images, results[0].images)
+        assert other.paths == results[0].paths and other.skipped == results[0].skipped
+        assert other.notes == results[0].notes
+    with pytest.raises(ImageDecodeError, match="003.png"):
+        load_image_folder(root, image_size=(6, 6), cache=False, workers=3, progress=False)
+
+
+def test_pillow_warnings_in_worker_threads_become_notes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                        recwarn: pytest.WarningsRecorder) -> None:
+    from PIL import Image
+
+    root = tmp_path / "bombs"
+    write_class_tree(root, {"a": 4, "b": 4}, size=(12, 12))
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # 144 pixels: Pillow warns for each image
+    folder = load_image_folder(root, cache=False, workers=3, progress=False)
+    assert len(folder.labels) == 8 and len(recwarn) == 0
+    assert any(n.startswith("Pillow: DecompressionBombWarning") and n.endswith(": 8 image(s)") for n in folder.notes)

@@ -8,8 +8,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cnn_gpu.data.images import (ImageDecodeError, channels_of_mode, decode_image, is_image_file, parse_image_size,
-                                 read_header)
+from cnn_gpu.data.images import (
+    ImageDecodeError,
+    channels_of_mode,
+    decode_image,
+    is_image_file,
+    parse_image_size,
+    read_header,
+)
 from tests.data_fixtures import random_pixels, save_image
 
 Image = pytest.importorskip("PIL.Image", reason="Pillow is the [images] extra")

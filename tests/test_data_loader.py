@@ -202,7 +202,7 @@ def test_device_numpy_moves_nothing_and_changes_nothing(memmap) -> None:
 @skip_without_gpu
 def test_memory_map_batches_moved_to_the_gpu_equal_batches_of_gpu_data(memmap) -> None:
     from cnn_gpu.backend import to_device, to_numpy
-    from cnn_gpu.data import normalize, compute_norm_stats
+    from cnn_gpu.data import compute_norm_stats, normalize
 
     labels = np.arange(40)
     stats = compute_norm_stats(memmap)

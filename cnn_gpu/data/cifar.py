@@ -28,7 +28,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .datasets import Dataset, fetch_or_explain, get_spec, search_locations, _check_split
+from .datasets import Dataset, check_split, fetch_or_explain, get_spec, search_locations
 from .download import DEFAULT_TIMEOUT_S
 
 HEIGHT = WIDTH = 32
@@ -75,7 +75,7 @@ def find_cifar(name: str, split: str = "train", data_dir: str | os.PathLike | No
     files (data_dir given as the extracted folder), then the archive (<place>/cifar-10-binary.tar.gz,
     or the same name without .gz)."""
     spec = get_spec(name)
-    names = spec.files[_check_split(split)]
+    names = spec.files[check_split(split)]
     for place, _ in search_locations(spec.name, data_dir):
         if place.is_file():
             return CifarSource(place, "archive")
@@ -138,7 +138,7 @@ def load_cifar(name: str, split: str = "train", data_dir: str | os.PathLike | No
     Raises ValueError naming the file for a truncated or foreign file or a label out of range.
     """
     spec = get_spec(name)
-    _check_split(split)
+    check_split(split)
     if label_mode not in LABEL_MODES:
         raise ValueError(f"label_mode must be one of {LABEL_MODES}, got {label_mode!r}")
     if label_mode == "coarse" and not spec.coarse_class_names:

@@ -215,7 +215,8 @@ def get_spec(name: str) -> DatasetSpec:
     return DATASETS[key]
 
 
-def _check_split(split: str) -> str:
+def check_split(split: str) -> str:
+    """The split, if it is one of SPLITS; else a ValueError naming them."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     return split
@@ -263,7 +264,7 @@ def find_dataset_files(name: str, split: str = "train",
     if spec.format != "idx":
         raise ValueError(f"find_dataset_files reads IDX datasets; {spec.title} is {spec.format} "
                          "(see cnn_gpu.data.cifar.find_cifar)")
-    images_name, labels_name = spec.files[_check_split(split)]
+    images_name, labels_name = spec.files[check_split(split)]
     for directory, _ in search_locations(spec.name, data_dir):
         images, labels = _find_file(directory, images_name), _find_file(directory, labels_name)
         if images is not None and labels is not None:
@@ -287,7 +288,7 @@ def download_dataset(name: str, dest: str | os.PathLike | None = None,
     dest = Path(dest) if dest is not None else user_cache_dir(spec.name)
     mirrors = tuple(mirrors) if mirrors is not None else spec.mirrors
     sums = {**spec.md5, **(md5 or {})}
-    wanted = dict.fromkeys(f for split in splits for f in spec.download_names(_check_split(split)))
+    wanted = dict.fromkeys(f for split in splits for f in spec.download_names(check_split(split)))
     for file_name in wanted:
         if _find_file(dest, file_name) is not None:
             continue
@@ -322,7 +323,7 @@ def load_dataset(name: str, split: str = "train", data_dir: str | os.PathLike | 
     download is False or fails; ValueError when a file is malformed or the image and label
     counts disagree; TypeError for an option the dataset does not take.
     """
-    _check_split(split)
+    check_split(split)
     key = canonical_name(name)
     if key == IMAGE_FOLDER:
         from .folder import load_image_folder  # noqa: PLC0415 - folder.py imports this module

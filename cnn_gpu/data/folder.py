@@ -30,7 +30,10 @@ image_size=None takes the size all images share, and is an error naming the size
 
 The cache (cnn_gpu.data.cache): in root/.cnn_gpu_cache/ when that can be written, else under
 user_cache_dir("images"), or in cache_dir. It is reused while every file keeps its path, size and
-modification time and the options match, and rebuilt (with a note saying why) otherwise.
+modification time (as make and rsync judge a file: an edit that keeps both is not seen) and the
+options match, and rebuilt (with a note saying why) otherwise. One cache per folder: other options
+replace it. Files are decoded by a few threads (workers), in a fixed order, so the result is the
+same for any number of them.
 """
 from __future__ import annotations
 
@@ -39,9 +42,11 @@ import hashlib
 import os
 import re
 import sys
-from collections import Counter
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+import warnings
+from collections import Counter, deque
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -49,8 +54,20 @@ import numpy as np
 
 from . import cache as cache_files
 from .datasets import IMAGE_FOLDER, SPLITS, Dataset, DatasetNotFoundError, user_cache_dir
-from .images import (IMAGE_EXTENSIONS, ImageDecodeError, channels_of_mode, check_resize_mode, decode_image, hw,
-                     is_image_file, parse_image_size, read_header, require_pillow)
+from .images import (
+    IMAGE_EXTENSIONS,
+    DecodedImage,
+    ImageDecodeError,
+    channels_of_mode,
+    check_resize_mode,
+    decode_image,
+    hw,
+    is_image_file,
+    parse_image_size,
+    read_header,
+    require_pillow,
+    warning_note,
+)
 
 CACHE_SUBDIR = ".cnn_gpu_cache"
 BESIDE_STEM = "images"  # the cache's file stem in root/.cnn_gpu_cache/
@@ -283,13 +300,14 @@ def cache_location(root: Path, cache_dir: str | os.PathLike | None = None) -> tu
 
 @contextlib.contextmanager
 def _progress(total: int, description: str, enabled: bool) -> Iterator[Any]:
-    """A tqdm.auto bar (a widget in notebooks) when tqdm is installed and enabled; else nothing."""
+    """A tqdm.auto bar when tqdm is installed and enabled: a widget in notebooks, and on a console only
+    when stderr is a terminal (disable=None), so a log or a captured stderr holds no bar text."""
     bar = None
     if enabled and total:
         try:
             from tqdm.auto import tqdm  # noqa: PLC0415 - optional dependency
 
-            bar = tqdm(total=total, desc=description, unit="img", leave=False, file=sys.stderr)
+            bar = tqdm(total=total, desc=description, unit="img", leave=False, file=sys.stderr, disable=None)
         except ImportError:
             pass
     try:
@@ -337,6 +355,31 @@ def _resolve(scan: FolderScan, channels: int | None, image_size: tuple[int, int]
                              "'crop' cuts the centre of the target's shape")
         image_size = next(iter(sizes))
     return channels, image_size
+
+
+def _ordered_map(fn: Callable[[int], Any], items: Sequence[int], workers: int) -> Iterator[Any]:
+    """fn(item) for each item, in order, computed by `workers` threads a bounded window ahead
+    (Executor.map would submit every item at once: a million futures for a million files)."""
+    if workers <= 1:
+        yield from map(fn, items)
+        return
+    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="cnn_gpu-decode")
+    pending: deque = deque()
+    try:
+        for item in items:
+            pending.append(pool.submit(fn, item))
+            if len(pending) >= 4 * workers:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def default_workers() -> int:
+    """Decoding threads: the usable CPUs, at most 8 (Pillow's decoders and resampling release the GIL)."""
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(8, usable))
 
 
 def _summarize(kinds: Counter[str]) -> list[str]:
@@ -394,7 +437,7 @@ def load_image_folder(root: str | os.PathLike, channels: int | None = None,
                       image_size: str | Sequence[int] | None = None, resize: str = "resize",
                       test_fraction: float = DEFAULT_TEST_FRACTION, split_seed: int = 0, skip_bad: bool = False,
                       cache: bool = True, cache_dir: str | os.PathLike | None = None,
-                      progress: bool = True) -> ImageFolder:
+                      progress: bool = True, workers: int | None = None) -> ImageFolder:
     """Read an image folder (layouts: module docstring) into (N, H, W, C) uint8 arrays.
 
     channels: 1 or 3, or None for what most images have. image_size: (H, W) or 'HxW', or None
@@ -403,7 +446,8 @@ def load_image_folder(root: str | os.PathLike, channels: int | None = None,
     the test split is cut when there is no test/ folder. skip_bad: leave out files that cannot be
     decoded (counted in .skipped and the notes) instead of raising ImageDecodeError. cache: decode
     once into a memory-mapped cache (cache_dir: where; default beside the data) and reuse it;
-    False decodes into memory every time. progress: tqdm bars while reading.
+    False decodes into memory every time. progress: tqdm bars while reading. workers: decoding
+    threads (default_workers(); 1 decodes in this thread); the result does not depend on it.
 
     Raises DatasetNotFoundError when root is not a folder, ImageDecodeError (a ValueError) naming
     the first unreadable file unless skip_bad, and ValueError for a folder without images, sizes
@@ -435,6 +479,7 @@ def load_image_folder(root: str | os.PathLike, channels: int | None = None,
         except (KeyError, TypeError, IndexError) as exc:  # an index of this version but not of this shape
             notes.append(f"cache rebuilt: its index is malformed ({type(exc).__name__}: {exc})")
     require_pillow()
+    workers = default_workers() if workers is None else max(1, int(workers))
     if directory is not None and cache_dir is None and not cache_files.writable_directory(directory):
         directory, stem = user_cache_dir(IMAGE_FOLDER), _stem_for(scan.root)  # readable beside the data, not writable
     skipped: dict[str, str] = {}
@@ -445,23 +490,29 @@ def load_image_folder(root: str | os.PathLike, channels: int | None = None,
     kept: list[int] = []
     changes: Counter[str] = Counter()
 
+    def decode_one(i: int) -> DecodedImage | ImageDecodeError:  # runs in a worker thread
+        try:
+            return decode_image(scan.root / scan.files[i].path, channels, size, resize, catch_warnings=False)
+        except ImageDecodeError as exc:
+            return exc
+
     def decoded() -> Iterator[np.ndarray]:
-        with _progress(len(todo), f"decoding {len(todo)} images", progress) as bar:
-            for i in todo:
-                path = scan.root / scan.files[i].path
-                try:
-                    image = decode_image(path, channels, size, resize)
-                except ImageDecodeError as exc:
+        """The pixels of each readable file in stored order, decoded by `workers` threads."""
+        with _progress(len(todo), f"decoding {len(todo)} images", progress) as bar, \
+                warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")  # the workers' warnings land here, never on the console
+            for i, image in zip(todo, _ordered_map(decode_one, todo, workers)):
+                if bar is not None:
+                    bar.update(1)
+                if isinstance(image, ImageDecodeError):
                     if not skip_bad:
-                        raise ImageDecodeError(f"{exc}; {SKIP_HINT}") from exc
-                    skipped[scan.files[i].path] = str(exc)
+                        raise ImageDecodeError(f"{image}; {SKIP_HINT}") from image
+                    skipped[scan.files[i].path] = str(image)
                     continue
-                finally:
-                    if bar is not None:
-                        bar.update(1)
                 changes.update(image.notes)
                 kept.append(i)
                 yield image.pixels
+        changes.update(warning_note(w) for w in caught)
 
     item_shape = (*size, channels)
     if directory is not None:

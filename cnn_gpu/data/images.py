@@ -24,6 +24,7 @@ Sizes in messages are H x W (rows x columns), as --image-size takes them.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import warnings
@@ -183,13 +184,20 @@ def _fit(im: Any, size: tuple[int, int], resize: str, notes: list[str]) -> Any:
     return im.resize((w, h), Image.Resampling.BILINEAR, box=box)
 
 
+def warning_note(w: warnings.WarningMessage) -> str:
+    """A caught Pillow warning as a one-line note."""
+    return f"Pillow: {w.category.__name__}: {' '.join(str(w.message).split())}"
+
+
 def decode_image(path: str | os.PathLike, channels: int, size: tuple[int, int] | None = None,
-                 resize: str = "resize") -> DecodedImage:
+                 resize: str = "resize", catch_warnings: bool = True) -> DecodedImage:
     """Decode an image file -> DecodedImage(pixels (H, W, channels) uint8, notes).
 
     channels: 1 or 3. size: (H, W) to resize to by `resize` (RESIZE_MODES), or None to keep
     the stored size. Raises ImageDecodeError (a ValueError), one line naming the file, when the
     file cannot be decoded, is truncated, or holds pixels outside its mode's range.
+    catch_warnings: turn Pillow's warnings into notes. warnings.catch_warnings is not thread-safe,
+    so threads decoding together pass False and catch them once around all of them.
     """
     if channels not in (1, 3):
         raise ValueError(f"channels must be 1 or 3, got {channels}")
@@ -197,8 +205,9 @@ def decode_image(path: str | os.PathLike, channels: int, size: tuple[int, int] |
     Image = require_pillow()
     path = Path(path)
     notes: list[str] = []
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
+    with warnings.catch_warnings(record=True) if catch_warnings else contextlib.nullcontext([]) as caught:
+        if catch_warnings:
+            warnings.simplefilter("always")
         try:
             with Image.open(path) as im:
                 frames = getattr(im, "n_frames", 1)
@@ -210,7 +219,7 @@ def decode_image(path: str | os.PathLike, channels: int, size: tuple[int, int] |
             raise ImageDecodeError(_describe_failure(path, exc)) from exc
     if frames > 1:
         notes.append(f"first of {frames} frames")
-    notes += [f"Pillow: {w.category.__name__}: {' '.join(str(w.message).split())}" for w in caught]
+    notes += [warning_note(w) for w in caught]
     if pixels.ndim == 2:
         pixels = pixels[:, :, None]
     return DecodedImage(pixels=pixels, notes=notes)
