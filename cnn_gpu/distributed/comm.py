@@ -6,7 +6,7 @@ Every communicator has the same members:
     broadcast(a, root=0)        # in place: every rank's a becomes root's
     allreduce_sum(a)            # in place: every rank's a becomes the sum over ranks
     allgather(a) -> (size, *a.shape), row r from rank r
-    barrier()
+    barrier(poll=None)          # poll: seconds to sleep between looks, for long waits (see MPICommunicator)
     sum_scalars([x, y, ...]) -> (sum x, sum y, ...) as floats (metrics: loss sums and counts)
     abort(message, exit_code)   # prints 'cnn-gpu: error: rank r of n: message', stops every rank
     finish(exit_code) -> exit_code   # the end of main(): a non-zero code on one rank stops all
@@ -32,6 +32,7 @@ import os
 import socket
 import sys
 import threading
+import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple, NoReturn
 
@@ -111,7 +112,7 @@ class Communicator:
     def allgather(self, a: Any) -> Any:
         raise NotImplementedError
 
-    def barrier(self) -> None:
+    def barrier(self, poll: float | None = None) -> None:
         raise NotImplementedError
 
 
@@ -134,7 +135,7 @@ class SingleProcess(Communicator):
         """a (...) -> (1, ...), a copy."""
         return a[None].copy()
 
-    def barrier(self) -> None:
+    def barrier(self, poll: float | None = None) -> None:
         pass
 
 
@@ -199,9 +200,17 @@ class MPICommunicator(Communicator):
             self._comm.Allgather(send, out)
         return xp.asarray(out)
 
-    def barrier(self) -> None:
+    def barrier(self, poll: float | None = None) -> None:
+        """Every rank reaches this point. poll: seconds to sleep between looks at a non-blocking
+        barrier, for a wait of seconds (the other ranks while rank 0 writes files or evaluates
+        alone): MPI's own wait spins on a core, which a shared machine wants back. None: MPI's wait."""
         with self.watchdog.guard("barrier"):
-            self._comm.Barrier()
+            if poll is None:
+                self._comm.Barrier()
+                return
+            request = self._comm.Ibarrier()
+            while not request.Test():
+                time.sleep(poll)
 
     def _check_root(self, root: int, what: str) -> None:
         if not 0 <= root < self.size:
@@ -288,9 +297,9 @@ class NCCLCommunicator(Communicator):
         self._watch(stream, "allgather")
         return out
 
-    def barrier(self) -> None:
+    def barrier(self, poll: float | None = None) -> None:
         """Every rank's host reaches this point (queued GPU work may still be running)."""
-        self.mpi.barrier()
+        self.mpi.barrier(poll)
 
     def sum_scalars(self, values: Sequence[float]) -> tuple[float, ...]:
         return self.mpi.sum_scalars(values)  # a few host numbers: MPI, without a device round trip
