@@ -194,7 +194,9 @@ def cli_scenario(argv: list[str]) -> int:
     from cnn_gpu.distributed import detect_launch
     if os.environ.get(FAULT_VAR):
         _inject_fault(os.environ[FAULT_VAR], detect_launch().rank)
-    return main(argv)
+    code = main(argv)
+    print(f"mpi4py imported: {'mpi4py' in sys.modules}")  # a plain process must run without it
+    return code
 
 
 def main(argv: list[str]) -> int:
