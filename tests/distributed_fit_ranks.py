@@ -2,6 +2,7 @@
 
     mpiexec -n 3 python -m tests.distributed_fit_ranks fit OUT        # fit() on N ranks: OUT/rank<r>.npz
     mpiexec -n 2 python -m tests.distributed_fit_ranks cli OUT train --data-dir ...   # cnn_gpu.cli.main
+    mpiexec -n 2 python -m tests.distributed_fit_ranks gpu OUT        # fit() on CuPy (NCCL or MPI host copies)
 
 The problems (CASES, the data) are defined here without MPI, so the test computes the same in one
 process and compares. For `cli`, CNN_GPU_TEST_FAULT="what:rank:step" makes one rank fail at its
@@ -82,10 +83,11 @@ def case_model(case: Case, seed: int) -> tuple[Any, Any]:
 
 
 def fit_case(case: Case, comm: Any = None, epochs: int = 1, out_dir: Any = None, resume: Any = None,
-             seed: int = 0, lr: float | None = None) -> tuple[Any, Any]:
-    """fit() of the case (the model built with `seed`): (model, FitResult)."""
+             seed: int = 0, lr: float | None = None, device: str = "cpu") -> tuple[Any, Any]:
+    """fit() of the case (the model built with `seed`, on `device`): (model, FitResult)."""
     from cnn_gpu.training import fit
     model, optimizer = case_model(case, seed)
+    model.to(device)
     if lr is not None:
         optimizer.lr = lr
     data = case_data(case)
@@ -166,6 +168,23 @@ def fit_scenario(comm: Any, out: Path) -> None:
     np.savez(out / f"rank{r}.npz", **found)
 
 
+GPU_CASES = ("seed_sgd", "seed_bn_sync", "seed_bn_local")
+
+
+def gpu_scenario(comm: Any, out: Path) -> None:
+    """GPU_CASES through fit() with the models on this rank's GPU; OUT/rank<r>.npz."""
+    import cnn_gpu.distributed as dist
+    from cnn_gpu.backend import require_cupy
+    found: dict[str, Any] = {"name": comm.name, "device": require_cupy().cuda.Device().id}
+    for name in GPU_CASES:
+        model, result = fit_case(CASES[name], comm, epochs=2, seed=100 + comm.rank, device="gpu")
+        found[f"{name}_agree"] = dist.ranks_agree(comm, list(model.state_dict().values()))
+        for key, value in model.state_dict().items():
+            found[f"{name}/{key}"] = value
+        found[f"{name}_history"] = np.array([numbers(rec) for rec in result.history])
+    np.savez(out / f"rank{comm.rank}.npz", **found)
+
+
 def _inject_fault(spec: str, rank: int) -> None:
     """Make this rank fail as CNN_GPU_TEST_FAULT says (see the module docstring)."""
     what, fault_rank, at_step = spec.split(":")
@@ -203,8 +222,8 @@ def main(argv: list[str]) -> int:
     if argv[0] == "cli":
         return cli_scenario(argv[2:])
     import cnn_gpu.distributed as dist
-    comm = dist.init()
-    fit_scenario(comm, Path(argv[1]))
+    comm = dist.init(array_backend="cupy" if argv[0] == "gpu" else "numpy")
+    (gpu_scenario if argv[0] == "gpu" else fit_scenario)(comm, Path(argv[1]))
     return comm.finish(0)
 
 

@@ -110,3 +110,31 @@ def test_a_loss_that_diverges_on_one_rank_stops_every_rank_together(data, tmp_pa
     assert done.stderr.count("cnn-gpu: error:") == 1, done.stderr
     assert "cnn-gpu: error: training diverged: the loss became nan at epoch 1, step 2 of 4" in done.stderr
     assert "MPI_ABORT" not in done.stderr
+
+
+def test_the_scaling_benchmark_times_one_rank_against_n(tmp_path):
+    out = tmp_path / "scaling.json"
+    done = run_ranks(2, "scaling", tmp_path, timeout=LIMIT,
+                     command_line=["-m", "cnn_gpu.bench.scaling", "--nets", "seed", "seed_bn", "--batch", "4",
+                                   "--warmup", "0", "--repeats", "1", "--steps", "1", "--json", str(out)])
+    assert done.returncode == 0, done.stderr
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["net"] for r in rows] == ["seed", "seed_bn"] and rows[0]["global_batch"] == 8
+    for row in rows:
+        assert row["ranks"] == 2 and row["buckets"] == 1 and 0 <= row["averaging_share"] <= 1
+        assert row["speedup"] == pytest.approx(row["n_rank_images_per_s"] / row["one_rank_images_per_s"])
+    assert done.stdout.count("seed_bn ") == 1  # the table, from rank 0 only
+
+
+def test_bench_ranks_launches_the_scaling_benchmark_under_mpiexec(monkeypatch):
+    import subprocess
+    import sys
+
+    from cnn_gpu.bench import main as bench_main
+    launched = []
+    monkeypatch.setattr(subprocess, "run",
+                        lambda command: launched.append(command) or subprocess.CompletedProcess(command, 0))
+    assert bench_main(["--ranks", "3", "--mpiexec", "mpirun --oversubscribe", "--nets", "seed"]) == 0
+    assert launched == [["mpirun", "--oversubscribe", "-n", "3", sys.executable, "-m", "cnn_gpu.bench.scaling",
+                         "--nets", "seed"]]
+    assert bench_main(["--ranks", "1"]) == 2

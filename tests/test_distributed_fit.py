@@ -62,7 +62,8 @@ def _check_case(name: str, found: list[dict], one_process: dict, rtol: float, at
     for r, f in enumerate(found):
         assert bool(f[f"{name}_agree"]), f"{name}: rank {r}'s replica differs from rank 0's"
         for key, value in state.items():
-            np.testing.assert_allclose(f[f"{name}/{key}"], value, rtol=rtol, atol=atol, err_msg=f"{name} {key} rank {r}")
+            np.testing.assert_allclose(f[f"{name}/{key}"], value, rtol=rtol, atol=atol,
+                                       err_msg=f"{name} {key} rank {r}")
         np.testing.assert_allclose(f[f"{name}_history"], [problems.numbers(rec) for rec in result.history],
                                    rtol=rtol, atol=atol, err_msg=f"{name}: losses and accuracies, rank {r}")
 

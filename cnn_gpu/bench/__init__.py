@@ -4,6 +4,7 @@
     python -m cnn_gpu.bench --breakdown          # also time each layer's forward and backward
     python -m cnn_gpu.bench --backend cupy       # the GPU, batch 64, 256 and 1024
     python -m cnn_gpu.bench.kernel_bandwidth     # the CUDA kernels against copy bandwidth
+    cnn-gpu bench --ranks 2                      # 1 rank against 2 ranks: images/s, gradient averaging
 
 See run.py for what each column means and how it is measured; BENCHMARKS.md keeps results.
 """

@@ -224,6 +224,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if any(a == "--ranks" or a.startswith("--ranks=") for a in argv):  # the scaling benchmark, under mpiexec
+        from .scaling import launch  # noqa: PLC0415
+        return launch(argv)
     args = parse_args(argv)
     gpu = args.backend == "cupy"
     xp = module_for(args.backend)  # raises with the reason when CuPy cannot run

@@ -23,8 +23,11 @@ The pieces, each usable on its own (see each module):
     watchdog.py   a bounded wait for every collective; one rank's exception stops all ranks
     bench.py      the time of an allreduce by size: latency and bandwidth for the cost model
 
-Exact data parallelism in a training loop: N ranks give one process's weights up to the order
-of float sums (tests/test_distributed_mpi.py trains the seed network both ways):
+In cnn_gpu itself, `cnn-gpu train` and cnn_gpu.training.fit(..., comm=comm, batch_norm_sync=...)
+do all of the following (through Replicas; tests/test_distributed_fit.py compares N ranks with one
+process). What happens, written out for a loop of one's own -- N ranks give one process's
+weights up to the order of float sums (tests/test_distributed_mpi.py trains the seed network
+both ways):
 
     comm = init(array_backend=resolve_backend(name))  # before the model or data go to a GPU
     broadcast_arrays(comm, [p.data for p in model.parameters()] + batch_norm_buffers)
@@ -61,7 +64,8 @@ from .sharding import Shard, grad_scale, shard_batches, shard_sizes, shard_slice
 from .watchdog import DEFAULT_TIMEOUT, TIMEOUT_VAR, Watchdog, install_excepthook, timeout_from_env
 
 __all__ = [
-    "allgather_moments", "average_arrays", "BATCH_NORM_SYNC", "Replicas", "set_batch_norm_sync", "backend_report", "BackendChoice", "BACKENDS", "BackendStatus", "broadcast_arrays",
+    "allgather_moments", "average_arrays", "backend_report", "BackendChoice", "BACKENDS", "BackendStatus",
+    "BATCH_NORM_SYNC", "broadcast_arrays", "Replicas", "set_batch_norm_sync",
     "Bucket", "channel_moments", "check_same_layout", "choose_backend", "combine_moments", "Communicator",
     "DEFAULT_BUCKET_BYTES", "DEFAULT_TIMEOUT", "detect_launch", "DistributedError", "gpu_for_rank",
     "grad_scale", "GradientAverager", "init", "install_excepthook", "LaunchInfo", "merge_moments", "Moments",
