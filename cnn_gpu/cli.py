@@ -249,6 +249,7 @@ def cmd_train(args: argparse.Namespace, comm: Communicator | None = None) -> int
     writes (fit() does the same for its part)."""
     comm = comm if comm is not None else SingleProcess()
     say = print if comm.rank == 0 else _quiet
+    _share_cores(comm, say)
     settings = {key: getattr(args, key) for key in RUN_SETTINGS}
     resume: Checkpoint | None = None
     out = Path(args.out) if args.out else None
@@ -328,6 +329,26 @@ def _rank0_first(comm: Communicator) -> Iterator[None]:
     yield
     if comm.rank == 0:
         comm.barrier(poll=WAIT_POLL)
+
+
+THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+
+
+def _share_cores(comm: Communicator, say: Any = print) -> Any:
+    """Several ranks on this machine: each rank's BLAS gets its share of the cores (those this
+    process may run on, at most cores / ranks here), unless the environment chose a thread count
+    (THREAD_VARS) or threadpoolctl is missing. N ranks each running a BLAS thread per core would
+    fight over the cores. Returns threadpoolctl's limiter, or None where nothing changed."""
+    if comm.local_size < 2 or any(v in os.environ for v in THREAD_VARS) or \
+            importlib.util.find_spec("threadpoolctl") is None:
+        return None
+    from threadpoolctl import threadpool_limits
+
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    threads = max(1, min(usable, (os.cpu_count() or 1) // comm.local_size))
+    say(f"{comm.local_size} ranks on this machine: {threads} BLAS thread{'s' if threads > 1 else ''} each "
+        f"(set OPENBLAS_NUM_THREADS to choose)")
+    return threadpool_limits(limits=threads, user_api="blas")
 
 
 def _quiet(*_args: Any, **_kwargs: Any) -> None:

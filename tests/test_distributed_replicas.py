@@ -225,3 +225,23 @@ def test_info_lists_the_communication_backends(capsys):
 def test_train_refuses_an_unknown_batch_norm_sync(capsys):
     assert cli.main(["train", "--batch-norm-sync", "global"]) == 2
     assert "invalid choice: 'global'" in capsys.readouterr().err
+
+
+def test_ranks_on_one_machine_share_its_cores_unless_the_environment_chose(monkeypatch):
+    pytest.importorskip("threadpoolctl")
+    from threadpoolctl import threadpool_info
+    for var in cli.THREAD_VARS:
+        monkeypatch.delenv(var, raising=False)
+    comm = Ranks(0)
+    comm.local_size = 2 * (cli.os.cpu_count() or 1)  # more ranks than cores: one thread each
+    said = []
+    limiter = cli._share_cores(comm, said.append)
+    try:
+        assert said == [f"{comm.local_size} ranks on this machine: 1 BLAS thread each (set OPENBLAS_NUM_THREADS "
+                        "to choose)"]
+        assert all(i["num_threads"] == 1 for i in threadpool_info() if i["user_api"] == "blas")
+    finally:
+        limiter.restore_original_limits()
+    monkeypatch.setenv("OPENBLAS_NUM_THREADS", "2")
+    assert cli._share_cores(comm, said.append) is None and len(said) == 1
+    assert cli._share_cores(SingleProcess(), said.append) is None
