@@ -27,6 +27,7 @@ import numpy as np
 from .backend import get_array_module
 
 FLOAT_DTYPES = ("float32", "float64")
+_FLOATS = (np.dtype(np.float32), np.dtype(np.float64))  # compared as dtypes: dtype.name costs more than the op
 
 
 # ---- arguments ------------------------------------------------------------------------------------
@@ -47,7 +48,7 @@ def pair(value: int | tuple[int, int] | list[int], name: str) -> tuple[int, int]
 def check_float(x: Any, op: str, name: str = "x") -> None:
     """Ops compute in float32 or float64: reject integer, bool and complex arrays up front."""
     dtype = getattr(x, "dtype", None)
-    if dtype is None or dtype.name not in FLOAT_DTYPES:
+    if dtype is None or dtype not in _FLOATS:
         got = dtype.name if dtype is not None else type(x).__name__
         raise TypeError(f"{op}: {name} must be a float32 or float64 array, got {got}")
 

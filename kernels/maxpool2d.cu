@@ -1,11 +1,16 @@
-// maxpool2d.cu -- 2-D max pooling, forward and backward, channels-last.
+// maxpool2d.cu -- 2-D max pooling, forward and backward, channels-last: PyTorch's max_pool2d
+// (kernel, stride, padding, dilation, ceil mode) and its gradient.
 //
 // What it computes
-//   forward:  y[n, oh, ow, c]      = max over the window of x (padded positions are -inf)
-//             argmax[n, oh, ow, c] = kh * KW + kw of that maximum, counted row-major over the
-//                                    whole window, padded positions included
-//   backward: dx[n, ih, iw, c]     = sum of dy[n, oh, ow, c] over the windows whose argmax
-//                                    is this input position (positions in the padding drop out)
+//   Window (oh, ow) reads its taps (kh, kw), kh < KH, kw < KW, at the input positions
+//       ih = oh*SH - PH + kh*DH,   iw = ow*SW - PW + kw*DW;
+//   a tap outside the input -- in the padding, or past it in a ceil-mode window -- reads -inf.
+//   forward:  y[n, oh, ow, c]      = max over the window's taps of x[n, ih, iw, c]
+//             argmax[n, oh, ow, c] = the tap k = kh * KW + kw of that maximum, counted row-major
+//                                    over the whole window, taps outside the input included
+//   backward: dx[n, ih, iw, c]     = sum of dy[n, oh, ow, c] over the windows whose argmax tap is
+//                                    this input position (one outside the input drops its dy),
+//                                    added by ascending tap k, as the NumPy code adds them
 //   Tie rule (the same as numpy.argmax over the flattened window): the FIRST maximum wins,
 //   and a NaN counts as the maximum (the first NaN wins).
 //
@@ -13,8 +18,10 @@
 //   x, dx        (N, H, W, C)        T = float | double
 //   y, dy        (N, OH, OW, C)      T
 //   argmax       (N, OH, OW, C)      I = unsigned char (KH*KW <= 256) | int
-//   OH = (H + 2*PH - KH) / SH + 1, OW likewise; the caller guarantees PH <= KH/2, PW <= KW/2,
-//   so every window holds at least one real input position.
+//   OH, OW come from the caller (cnn_gpu.geometry.output_size, floor or ceil mode): every
+//   window starts inside the input or its top/left padding. A window may still read no input
+//   position at all (dilated taps that straddle a small input): its y is -inf, its argmax 0,
+//   and its dy drops out, as in the NumPy code.
 //
 // How the work is divided
 //   A 1-D grid of 1-D blocks walks the flat output (forward, backward_scatter) or flat input
@@ -33,15 +40,17 @@
 //   kernels instruction-bound, so the 32-bit version is the one that normally runs. The flat
 //   index runs fastest over the channel vectors, so the threads of a warp touch consecutive
 //   channels of the same pixel(s): every load and store is coalesced. Any blockDim (a multiple
-//   of 32) and gridDim.x work.
-//   The backward pass gathers: each input channel vector visits, in a fixed order (oh, then
-//   ow, ascending), the few windows that cover it and adds dy where that window's argmax
-//   points here. Overlapping windows (stride < pool) therefore need no atomics and the result
-//   is bit-for-bit deterministic.
-//   backward_scatter is for windows that cannot overlap (stride >= pool): one thread per
-//   output vector writes its whole window (dy at the argmax, 0 elsewhere), so each dx element
-//   is written at most once -- a quarter of the gather's index arithmetic for 2x2 windows. The
-//   caller zero-fills dx first when the windows do not cover every input position.
+//   of 32) and gridDim.x work. Dilation costs no division when DH = DW = 1.
+//   The backward pass gathers: each input channel vector visits the few windows whose taps
+//   read it, last window first -- a later window reads it at an earlier tap, so the dy arrive
+//   by ascending tap k -- and adds dy where that window's argmax points here. Overlapping
+//   windows (stride < dilated kernel) therefore need no atomics, and the result is
+//   bit-for-bit deterministic.
+//   backward_scatter is for windows that cannot overlap (stride >= dilated kernel DH*(KH-1)+1,
+//   and across): one thread per output vector writes its whole window (dy at the argmax, 0
+//   elsewhere), so each dx element is written at most once -- a quarter of the gather's index
+//   arithmetic for 2x2 windows. The caller zero-fills dx first when the windows do not cover
+//   every input position.
 
 template <typename T> struct NegInf;
 template <> struct NegInf<float> {
@@ -98,27 +107,29 @@ __device__ __forceinline__ void split_nabc(Idx i, int A, int B, int C, Idx& n, i
     a = (int)(na - n * A);
 }
 
-// Along one axis: the windows o in [lo, hi] (0 <= o < O) that cover position p of the padded
-// input, i.e. o*S <= p <= o*S + K - 1, and k_lo = p - lo*S, p's offset inside window lo
-// (p's offset inside window o is k_lo - (o - lo)*S). lo > hi when no window covers p.
-// One division instead of the two of the closed forms lo = ceil((p-K+1)/S), hi = p/S: starting
-// from q = p/S, the last window that starts at or before p, step back while the previous
-// window still reaches p -- at most ceil(K/S) - 1 steps (one for 3x3 stride 2).
-__device__ __forceinline__ void covering_windows(int p, int K, int S, int O,
-                                                 int& lo, int& hi, int& k_lo)
+// Along one axis: the taps t in [lo, hi) of a window that starts at o0 (< size; < 0 in the
+// padding), K taps D apart, whose positions o0 + t*D lie inside the input [0, size).
+__device__ __forceinline__ void taps_inside(int o0, int K, int D, int size, int& lo, int& hi)
 {
-    const int q = p / S;
-    hi = min(q, O - 1);
-    lo = q;
-    k_lo = p - q * S;  // p's offset inside window q, in [0, S)
-    if (k_lo >= K) {   // p lies in the gap after window q (S > K): no window covers it
-        lo = q + 1;
-        return;
+    if (D == 1) {  // no division for undilated windows, the usual case
+        lo = max(0, -o0);
+        hi = min(K, size - o0);
+    } else {
+        lo = o0 < 0 ? (-o0 + D - 1) / D : 0;
+        hi = o0 < size ? min(K, (size - 1 - o0) / D + 1) : 0;
     }
-    while (lo > 0 && k_lo + S < K) {
-        --lo;
-        k_lo += S;
+}
+
+// Along one axis: whether an offset `off` >= 0 from a window's start falls on one of its taps,
+// D apart, and which tap t (the caller checks t < K).
+__device__ __forceinline__ bool tap_at(int off, int D, int& t)
+{
+    if (D == 1) {
+        t = off;
+        return true;
     }
+    t = off / D;
+    return t * D == off;
 }
 
 // x (N, H, W, C) -> y (N, OH, OW, C), argmax (N, OH, OW, C); total = N * OH * OW * C / V
@@ -126,10 +137,11 @@ template <typename T, typename I, typename Idx, int V>
 __global__ void max_pool2d_forward(const T* __restrict__ x, T* __restrict__ y,
                                    I* __restrict__ argmax, Idx total,
                                    int H, int W, int C, int OH, int OW,
-                                   int KH, int KW, int SH, int SW, int PH, int PW)
+                                   int KH, int KW, int SH, int SW, int PH, int PW, int DH, int DW)
 {
     const T neg_inf = NegInf<T>::value();
     const Idx step = (Idx)gridDim.x * blockDim.x;
+    const Idx tap_step = (Idx)DW * (Idx)C;  // elements from one tap of a row to the next
     for (Idx i = (Idx)blockIdx.x * blockDim.x + threadIdx.x; i < total; i += step) {
         Idx n;
         int oh, ow, cv;
@@ -137,24 +149,25 @@ __global__ void max_pool2d_forward(const T* __restrict__ x, T* __restrict__ y,
         const int c0 = cv * V;        // first channel of this thread's vector
         const int h0 = oh * SH - PH;  // window origin in input coordinates (may be < 0)
         const int w0 = ow * SW - PW;
-        // Only the window's real positions are visited: a padded position is -inf, which never
+        // Only the taps inside the input are visited: a tap outside reads -inf, which never
         // beats the running best (greater(-inf, b) is false for every b, NaN included, and
         // -inf is no NaN), so skipping it changes nothing -- and the loops need no bounds checks.
-        const int kh_lo = max(0, -h0), kh_hi = min(KH, H - h0);
-        const int kw_lo = max(0, -w0), kw_hi = min(KW, W - w0);
+        int kh_lo, kh_hi, kw_lo, kw_hi;
+        taps_inside(h0, KH, DH, H, kh_lo, kh_hi);
+        taps_inside(w0, KW, DW, W, kw_lo, kw_hi);
 
         Pack<T, V> best;
         int best_k[V];
 #pragma unroll
         for (int l = 0; l < V; ++l) {
-            best.lane[l] = neg_inf;  // padded positions are -inf, so starting here with k = 0 ...
+            best.lane[l] = neg_inf;  // taps outside the input are -inf, so starting here with k = 0 ...
             best_k[l] = 0;           // ... gives numpy's answer when every value is -inf
         }
         for (int kh = kh_lo; kh < kh_hi; ++kh) {
-            // The first real position of the row; the index stays >= 0 (w0 alone may be < 0,
+            // The row's first tap inside the input; the index stays >= 0 (w0 alone may be < 0,
             // and an unsigned Idx would wrap instead of going negative).
-            const T* p = x + ((n * H + (Idx)(h0 + kh)) * W + (Idx)(w0 + kw_lo)) * C + c0;
-            for (int kw = kw_lo; kw < kw_hi; ++kw, p += C) {
+            const T* p = x + ((n * H + (Idx)(h0 + kh * DH)) * W + (Idx)(w0 + kw_lo * DW)) * C + c0;
+            for (int kw = kw_lo; kw < kw_hi; ++kw, p += tap_step) {
                 const Pack<T, V> v = load<V>(p);
                 const int k = kh * KW + kw;
 #pragma unroll
@@ -182,7 +195,7 @@ template <typename T, typename I, typename Idx, int V>
 __global__ void max_pool2d_backward(const T* __restrict__ dy, const I* __restrict__ argmax,
                                     T* __restrict__ dx, Idx total,
                                     int H, int W, int C, int OH, int OW,
-                                    int KH, int KW, int SH, int SW, int PH, int PW)
+                                    int KH, int KW, int SH, int SW, int PH, int PW, int DH, int DW)
 {
     const Idx step = (Idx)gridDim.x * blockDim.x;
     for (Idx i = (Idx)blockIdx.x * blockDim.x + threadIdx.x; i < total; i += step) {
@@ -190,16 +203,24 @@ __global__ void max_pool2d_backward(const T* __restrict__ dy, const I* __restric
         int ih, iw, cv;
         split_nabc(i, H, W, C / V, n, ih, iw, cv);
         const int c0 = cv * V;
-        int oh_lo, oh_hi, kh_lo, ow_lo, ow_hi, kw_lo;
-        covering_windows(ih + PH, KH, SH, OH, oh_lo, oh_hi, kh_lo);  // padded coordinates, >= 0
-        covering_windows(iw + PW, KW, SW, OW, ow_lo, ow_hi, kw_lo);
+        // In padded coordinates (>= 0), window o starts at o*S: the last window that starts at
+        // or before this input is p / S. Walking back from it, the offset p - o*S grows by S a
+        // window, and the windows whose span it outgrows (> D*(K-1)) end the walk.
+        const int ph = ih + PH, pw = iw + PW;
+        const int oh_last = min(ph / SH, OH - 1), ow_last = min(pw / SW, OW - 1);
+        const int h_span = DH * (KH - 1), w_span = DW * (KW - 1);
 
         Pack<T, V> acc;
 #pragma unroll
         for (int l = 0; l < V; ++l) acc.lane[l] = T(0);
-        // kh, kw: this input's offset inside window (oh, ow); it shrinks by S per window.
-        for (int oh = oh_lo, kh = kh_lo; oh <= oh_hi; ++oh, kh -= SH) {
-            for (int ow = ow_lo, kw = kw_lo; ow <= ow_hi; ++ow, kw -= SW) {
+        for (int oh = oh_last, h_off = ph - oh_last * SH; oh >= 0 && h_off <= h_span;
+             --oh, h_off += SH) {
+            int kh;
+            if (!tap_at(h_off, DH, kh)) continue;  // the input falls between two dilated taps
+            for (int ow = ow_last, w_off = pw - ow_last * SW; ow >= 0 && w_off <= w_span;
+                 --ow, w_off += SW) {
+                int kw;
+                if (!tap_at(w_off, DW, kw)) continue;
                 const Idx o = ((n * OH + (Idx)oh) * OW + (Idx)ow) * C + c0;
                 const int k = kh * KW + kw;
                 const Pack<I, V> am = load<V>(argmax + o);
@@ -222,16 +243,19 @@ __global__ void max_pool2d_backward(const T* __restrict__ dy, const I* __restric
     }
 }
 
-// Windows that cannot overlap (SH >= KH, SW >= KW): dy, argmax (N, OH, OW, C) -> dx (N, H, W, C),
-// one thread per output vector writing its window. total = N * OH * OW * C / V. Positions
-// outside every window are not written: the caller zero-fills dx when there are any.
+// Windows that cannot overlap (SH > DH*(KH-1), SW > DW*(KW-1)): dy, argmax (N, OH, OW, C) ->
+// dx (N, H, W, C), one thread per output vector writing its window's taps inside the input.
+// total = N * OH * OW * C / V. Positions no tap reads are not written: the caller zero-fills dx
+// when there are any.
 template <typename T, typename I, typename Idx, int V>
 __global__ void max_pool2d_backward_scatter(const T* __restrict__ dy, const I* __restrict__ argmax,
                                             T* __restrict__ dx, Idx total,
                                             int H, int W, int C, int OH, int OW,
-                                            int KH, int KW, int SH, int SW, int PH, int PW)
+                                            int KH, int KW, int SH, int SW, int PH, int PW,
+                                            int DH, int DW)
 {
     const Idx step = (Idx)gridDim.x * blockDim.x;
+    const Idx tap_step = (Idx)DW * (Idx)C;
     for (Idx i = (Idx)blockIdx.x * blockDim.x + threadIdx.x; i < total; i += step) {
         Idx n;
         int oh, ow, cv;
@@ -239,17 +263,18 @@ __global__ void max_pool2d_backward_scatter(const T* __restrict__ dy, const I* _
         const int c0 = cv * V;
         const int h0 = oh * SH - PH;
         const int w0 = ow * SW - PW;
-        // The window's positions inside the input; padded ones have no dx to write.
-        const int kh_lo = max(0, -h0), kh_hi = min(KH, H - h0);
-        const int kw_lo = max(0, -w0), kw_hi = min(KW, W - w0);
+        // The window's taps inside the input; the others have no dx to write.
+        int kh_lo, kh_hi, kw_lo, kw_hi;
+        taps_inside(h0, KH, DH, H, kh_lo, kh_hi);
+        taps_inside(w0, KW, DW, W, kw_lo, kw_hi);
         const Pack<I, V> am = load<V>(argmax + i * V);
         const Pack<T, V> g = load<V>(dy + i * V);
         for (int kh = kh_lo; kh < kh_hi; ++kh) {
-            T* p = dx + ((n * H + (Idx)(h0 + kh)) * W + (Idx)(w0 + kw_lo)) * C + c0;
+            T* p = dx + ((n * H + (Idx)(h0 + kh * DH)) * W + (Idx)(w0 + kw_lo * DW)) * C + c0;
             // Not unrolled: windows are narrow, and nvcc's unrolled remainder split the vector
             // store into V scalar stores.
 #pragma unroll 1
-            for (int kw = kw_lo; kw < kw_hi; ++kw, p += C) {
+            for (int kw = kw_lo; kw < kw_hi; ++kw, p += tap_step) {
                 const int k = kh * KW + kw;
                 Pack<T, V> out;
 #pragma unroll

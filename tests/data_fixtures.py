@@ -134,3 +134,65 @@ def running_server() -> Iterator[LocalServer]:
         yield server
     finally:
         server.close()
+
+
+# ---- image files, image folders and CIFAR records -------------------------------------------------
+
+def save_image(path: Path, pixels: np.ndarray, mode: str | None = None, **save_kwargs) -> Path:
+    """Write pixels ((H, W) or (H, W, C) uint8, or another dtype for 16-bit/float modes) as an
+    image file whose format Pillow takes from the extension (in any case)."""
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image = Image.fromarray(pixels) if mode is None else Image.fromarray(pixels, mode)
+    fmt = {".jpg": "JPEG", ".jpeg": "JPEG", ".tif": "TIFF", ".tiff": "TIFF", ".png": "PNG", ".bmp": "BMP",
+           ".gif": "GIF", ".webp": "WEBP"}[path.suffix.lower()]
+    if fmt == "WEBP":
+        save_kwargs.setdefault("lossless", True)
+    image.save(path, format=fmt, **save_kwargs)
+    return path
+
+
+def random_pixels(h: int, w: int, c: int, seed: int) -> np.ndarray:
+    """(H, W, C) uint8 noise; (H, W) when c == 0."""
+    shape = (h, w) if c == 0 else (h, w, c)
+    return np.random.default_rng(seed).integers(0, 256, size=shape, dtype=np.uint8)
+
+
+def write_class_tree(root: Path, counts: dict[str, int], size: tuple[int, int] = (8, 8), channels: int = 3,
+                     ext: str = ".png", seed: int = 0) -> dict[str, np.ndarray]:
+    """root/<class>/<i>.png for each class: counts[class] random images. Returns {relative path: pixels (H, W, C)}."""
+    written = {}
+    for k, (name, n) in enumerate(counts.items()):
+        (root / name).mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            pixels = random_pixels(*size, channels, seed=seed * 1000 + k * 100 + i)
+            rel = f"{name}/{i:03d}{ext}"
+            save_image(root / rel, pixels if channels != 1 else pixels[..., 0])
+            written[rel] = pixels
+    return written
+
+
+def cifar_pixel(n: int, y: int, x: int, c: int) -> int:
+    """The value the CIFAR tests put at image n, row y, column x, channel c: every index moves
+    it differently, so a transposed, interleaved or channel-swapped read gives other values."""
+    return (n * 31 + c * 97 + y * 7 + x * 3 + (y * x) % 5) % 256
+
+
+def cifar_record_bytes(first: int, count: int, labels: list[tuple[int, ...]]) -> bytes:
+    """count records in the distribution's byte order, written out element by element: the
+    label bytes, then channel 0 (red) row by row, then green, then blue."""
+    out = bytearray()
+    for k in range(count):
+        out += bytes(labels[k])
+        for c in range(3):
+            for y in range(32):
+                out += bytes(cifar_pixel(first + k, y, x, c) for x in range(32))
+    return bytes(out)
+
+
+def expected_cifar_images(first: int, count: int) -> np.ndarray:
+    """(count, 32, 32, 3) uint8 of cifar_pixel, channels-last."""
+    n, y, x, c = np.meshgrid(np.arange(first, first + count), np.arange(32), np.arange(32), np.arange(3),
+                             indexing="ij")
+    return ((n * 31 + c * 97 + y * 7 + x * 3 + (y * x) % 5) % 256).astype(np.uint8)

@@ -1,8 +1,8 @@
 """Plain NumPy references for the CUDA kernels in cnn_gpu.cuda (loops over windows, float64 sums).
 
 Same signatures and semantics as the kernels, written for clarity, not speed:
-    max_pool2d_ref(x, pool, stride, padding) -> y, argmax         # x (N, H, W, C)
-    max_pool2d_backward_ref(dy, argmax, x_shape, pool, stride, padding) -> dx (float64)
+    max_pool2d_ref(x, window, ceil_mode) -> y, argmax             # x (N, H, W, C), a geometry.Window
+    max_pool2d_backward_ref(dy, argmax, x_shape, window) -> dx (float64)
     channel_mean_var_ref(x2d) -> mean, var                         # float64, biased var
     channel_grad_sums_ref(dy2d, x2d, mean, inv_std) -> sum_dy, sum_dy_xhat (float64)
 """
@@ -10,45 +10,27 @@ from __future__ import annotations
 
 import numpy as np
 
-Pair = tuple[int, int]
+from cnn_gpu.geometry import Window
+
+from .references import max_pool_backward_loops, max_pool_loops
 
 
-def _argmax_dtype(pool: Pair) -> type:
-    return np.uint8 if pool[0] * pool[1] <= 256 else np.int32
+def _argmax_dtype(window: Window) -> type:
+    return np.uint8 if window.kh * window.kw <= 256 else np.int32
 
 
-def max_pool2d_ref(x: np.ndarray, pool: Pair, stride: Pair, padding: Pair
-                   ) -> tuple[np.ndarray, np.ndarray]:
-    """x (N, H, W, C) -> y (N, OH, OW, C), argmax (N, OH, OW, C): numpy.argmax over each
-    row-major flattened window of the -inf padded input (first maximum wins, NaN is the max)."""
-    n, h, w, c = x.shape
-    (kh, kw), (sh, sw), (ph, pw) = pool, stride, padding
-    xp = np.full((n, h + 2 * ph, w + 2 * pw, c), -np.inf, dtype=x.dtype)
-    xp[:, ph:ph + h, pw:pw + w, :] = x
-    oh, ow = (h + 2 * ph - kh) // sh + 1, (w + 2 * pw - kw) // sw + 1
-    y = np.empty((n, oh, ow, c), dtype=x.dtype)
-    argmax = np.empty((n, oh, ow, c), dtype=_argmax_dtype(pool))
-    for i in range(oh):
-        for j in range(ow):
-            window = xp[:, i * sh:i * sh + kh, j * sw:j * sw + kw, :].reshape(n, kh * kw, c)
-            k = np.argmax(window, axis=1)                       # (N, C)
-            argmax[:, i, j, :] = k
-            y[:, i, j, :] = np.take_along_axis(window, k[:, None, :], axis=1)[:, 0, :]
-    return y, argmax
+def max_pool2d_ref(x: np.ndarray, window: Window, ceil_mode: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """x (N, H, W, C) -> y (N, OH, OW, C), argmax (N, OH, OW, C): numpy.argmax over each row-major
+    flattened window, taps outside the input reading -inf (first maximum wins, NaN is the max);
+    tests/references.py's loops, in the kernels' dtypes."""
+    y, argmax = max_pool_loops(x, window[0:2], window[2:4], window[4:6], window[6:8], ceil_mode)
+    return y, argmax.astype(_argmax_dtype(window))
 
 
 def max_pool2d_backward_ref(dy: np.ndarray, argmax: np.ndarray, x_shape: tuple[int, ...],
-                            pool: Pair, stride: Pair, padding: Pair) -> np.ndarray:
-    """dy, argmax (N, OH, OW, C) -> dx (N, H, W, C) in float64: each dy added at its argmax."""
-    n, h, w, c = x_shape
-    (kh, kw), (sh, sw), (ph, pw) = pool, stride, padding
-    dxp = np.zeros((n, h + 2 * ph, w + 2 * pw, c))
-    nn, cc = np.meshgrid(np.arange(n), np.arange(c), indexing="ij")   # (N, C)
-    for i in range(dy.shape[1]):
-        for j in range(dy.shape[2]):
-            k = argmax[:, i, j, :].astype(np.int64)
-            np.add.at(dxp, (nn, i * sh + k // kw, j * sw + k % kw, cc), dy[:, i, j, :])
-    return dxp[:, ph:ph + h, pw:pw + w, :]
+                            window: Window) -> np.ndarray:
+    """dy, argmax (N, OH, OW, C) -> dx (N, H, W, C) in float64: each dy added at its argmax tap."""
+    return max_pool_backward_loops(dy, argmax, x_shape, window[0:2], window[2:4], window[4:6], window[6:8])
 
 
 def channel_mean_var_ref(x2d: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -38,41 +38,53 @@ def jit():
     cpu.set_enabled(previous)
 
 
-# (N, H, W, C, pool): the seed network's two pools, odd sizes (a row and column no window
-# covers), wide and one-channel inputs, non-square windows, and a window over 256 (int32 argmax).
-POOL_CASES = [(4, 26, 26, 32, 2), (3, 11, 11, 64, 2), (2, 7, 9, 3, 2), (2, 9, 9, 5, 3), (3, 6, 9, 1, (2, 3)),
-              (1, 17, 17, 2, 17)]
+# (N, H, W, C, kernel, stride, padding, dilation, ceil_mode): the seed network's two pools, odd
+# sizes (a row and column no window covers), wide and one-channel inputs, non-square windows, a
+# window over 256 taps (int32 argmax); overlapping windows (the ImageNet stem's 3x3/2/1, stride 1),
+# ceil mode, dilation, and gaps between windows (the general kernels).
+POOL_CASES = [(4, 26, 26, 32, 2, None, 0, 1, False), (3, 11, 11, 64, 2, None, 0, 1, False),
+              (2, 7, 9, 3, 2, None, 0, 1, False), (2, 9, 9, 5, 3, None, 0, 1, False),
+              (3, 6, 9, 1, (2, 3), None, 0, 1, False), (1, 17, 17, 2, 17, None, 0, 1, False),
+              (2, 11, 11, 8, 2, None, 0, 1, True), (2, 13, 12, 16, 3, 2, 1, 1, False),
+              (2, 14, 12, 16, 3, 2, 1, 1, True), (2, 8, 7, 3, 3, 1, 1, 1, False),
+              (2, 9, 10, 4, 3, 1, 1, 2, False), (1, 10, 9, 3, (3, 2), (2, 3), (1, 0), (2, 3), True),
+              (2, 8, 9, 3, 2, 3, 1, 2, True), (1, 20, 19, 2, 17, 3, 8, 1, True)]
 
 
 @requires_jit
 @pytest.mark.usefixtures("jit")
-@pytest.mark.parametrize("case", POOL_CASES)
+@pytest.mark.parametrize("case", POOL_CASES, ids=["x".join(map(str, c[1:4])) + "-" + "-".join(map(str, c[4:]))
+                                                  for c in POOL_CASES])
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 @pytest.mark.parametrize("values", ["continuous", "ties", "nan"])
 def test_max_pool_kernels_equal_the_numpy_code(rng, case, dtype, values):
-    n, h, w, c, pool = case
+    """Values, argmax, evaluation and gradients, exactly: where windows overlap the kernels add an
+    input's gradients in the NumPy code's order (by ascending tap), so the sums round alike."""
+    n, h, w, c, *args = case
     if values == "continuous":
         x = rng.standard_normal((n, h, w, c)).astype(dtype)
     else:
         x = rng.integers(0, 3, (n, h, w, c)).astype(dtype)  # many equal values in a window
         if values == "nan":
             x[rng.random(x.shape) < 0.05] = np.nan
-    y, cache = max_pool2d_forward(x, pool)
-    ref_y, ref_cache = _numpy_code(max_pool2d_forward, x, pool)
+    y, cache = max_pool2d_forward(x, *args)
+    ref_y, ref_cache = _numpy_code(max_pool2d_forward, x, *args)
     np.testing.assert_array_equal(y, ref_y)
-    np.testing.assert_array_equal(cache[0], ref_cache[0])
-    assert cache[0].dtype == ref_cache[0].dtype
-    np.testing.assert_array_equal(max_pool2d(x, pool), ref_y)
+    np.testing.assert_array_equal(cache.argmax, ref_cache.argmax)
+    assert cache.argmax.dtype == ref_cache.argmax.dtype
+    np.testing.assert_array_equal(max_pool2d(x, *args), ref_y)
     dy = rng.standard_normal(y.shape).astype(dtype)
+    # Equal values (the NumPy blocks write dy * 0 = -0.0 where the kernels write 0.0).
     np.testing.assert_array_equal(max_pool2d_backward(dy, cache), _numpy_code(max_pool2d_backward, dy, ref_cache))
 
 
 @requires_jit
 @pytest.mark.usefixtures("jit")
-def test_max_pool_kernels_take_non_contiguous_inputs(rng):
+@pytest.mark.parametrize("args", [(2,), (3, 2, 1, 1, True)], ids=["2x2", "3x3-2-1-ceil"])
+def test_max_pool_kernels_take_non_contiguous_inputs(rng, args):
     x = rng.standard_normal((4, 8, 8, 6)).astype("float32")[:, :, ::-1, 1:5]
-    y, cache = max_pool2d_forward(x, 2)
-    np.testing.assert_array_equal(y, _numpy_code(max_pool2d_forward, x, 2)[0])
+    y, cache = max_pool2d_forward(x, *args)
+    np.testing.assert_array_equal(y, _numpy_code(max_pool2d_forward, x, *args)[0])
     dy = rng.standard_normal(y.shape).astype("float32")[..., ::-1]
     np.testing.assert_array_equal(max_pool2d_backward(dy, cache), _numpy_code(max_pool2d_backward, dy, cache))
 
@@ -165,9 +177,11 @@ def test_batch_norm_gradients_through_the_kernels_match_finite_differences(rng):
 
 @requires_jit
 def test_the_kernels_run_only_where_they_apply(rng, monkeypatch):
-    """Switched on: float32/float64 NumPy arrays of one dtype go through them; other dtypes,
-    mixed dtypes and overlapping pools take the NumPy code. Switched off: nothing does."""
+    """Switched on: float32/float64 NumPy arrays of one dtype go through them, max pooling of
+    every geometry included; other dtypes and mixed dtypes take the NumPy code. Switched off:
+    nothing does."""
     from cnn_gpu.cpu import maxpool
+    from cnn_gpu.geometry import Window
     calls = []
     real = maxpool.max_pool2d_forward
     monkeypatch.setattr(maxpool, "max_pool2d_forward", lambda *a: calls.append(a[1:]) or real(*a))
@@ -177,11 +191,11 @@ def test_the_kernels_run_only_where_they_apply(rng, monkeypatch):
         assert cpu.runs_on(x, x.astype("float32")) and not cpu.runs_on(x, x.astype("float64"))
         assert not cpu.runs_on(x.astype("float16")) and not cpu.runs_on(x.tolist())
         max_pool2d_forward(x, 2)
-        max_pool2d_forward(x, 3, 2, 1)  # overlapping, padded: NumPy code
-        assert calls == [(2, 2)]
+        max_pool2d_forward(x, 3, 2, 1, ceil_mode=True)  # overlapping, padded, ceil mode
+        assert calls == [(Window.of(2, 2), (3, 3)), (Window.of(3, 2, 1), (4, 4))]
         cpu.set_enabled(False)
         max_pool2d_forward(x, 2)
-        assert calls == [(2, 2)] and not cpu.runs_on(x)
+        assert len(calls) == 2 and not cpu.runs_on(x)
     finally:
         cpu.set_enabled(previous)
 

@@ -12,7 +12,7 @@ import pytest
 
 from cnn_gpu import backend
 from cnn_gpu.cuda import batchnorm, loader, maxpool
-from cnn_gpu.geometry import output_size
+from cnn_gpu.geometry import Window
 from tests.conftest import requires_gpu
 from tests.gpu_reference import (batch_norm_backward_dx_ref, channel_grad_sums_ref,
                                  channel_mean_var_ref, max_pool2d_backward_ref,
@@ -40,12 +40,22 @@ def _bits(a) -> bytes:
 # ---------------------------------------------------------------- max pooling
 
 def _pool_cases():
-    """Square pools 1, 2, 3, 5 x strides 1, 2, 3 x every padding 0..pool//2, plus non-square."""
-    cases = [((k, k), (s, s), (p, p)) for k in (1, 2, 3, 5) for s in (1, 2, 3)
-             for p in range(k // 2 + 1)]
-    cases += [((2, 3), (1, 2), (1, 1)), ((3, 1), (2, 1), (1, 0)),
-              ((1, 4), (1, 3), (0, 2)), ((5, 3), (3, 2), (2, 0))]
+    """(window, ceil_mode): square kernels 1, 2, 3, 5 x strides 1, 2, 3 x every padding 0..k//2,
+    in floor mode and, where it adds a window, ceil mode; non-square windows; dilation."""
+    cases = [(Window.of(k, s, p), False) for k in (1, 2, 3, 5) for s in (1, 2, 3) for p in range(k // 2 + 1)]
+    cases += [(Window.of(k, s, p), True) for k in (2, 3, 5) for s in (2, 3) for p in range(k // 2 + 1)]
+    cases += [(Window.of((2, 3), (1, 2), (1, 1)), False), (Window.of((3, 1), (2, 1), (1, 0)), True),
+              (Window.of((1, 4), (1, 3), (0, 2)), False), (Window.of((5, 3), (3, 2), (2, 0)), True)]
+    cases += [(Window.of(3, 1, 1, 2), False), (Window.of(3, 2, 1, 2), True), (Window.of(2, 3, 1, 2), True),
+              (Window.of((3, 2), (2, 3), (1, 0), (2, 3)), True), (Window.of(2, 1, 0, (1, 3)), False)]
     return cases
+
+
+def _case_id(case):
+    window, ceil_mode = case
+    dilation = f"d{window.dh}x{window.dw}" if (window.dh, window.dw) != (1, 1) else ""
+    return (f"k{window.kh}x{window.kw}s{window.sh}x{window.sw}p{window.ph}x{window.pw}{dilation}"
+            + ("-ceil" if ceil_mode else ""))
 
 
 POOL_CASES = _pool_cases()
@@ -58,66 +68,88 @@ def _input(rng, shape, dtype, ties):
     return rng.standard_normal(shape).astype(dtype)
 
 
-def _poisoned_forward(cp, x, pool, stride, padding):
+def _poisoned_forward(cp, x, window, ceil_mode=False):
     n, h, w, c = x.shape
-    oh = output_size(h, pool[0], stride[0], padding[0])
-    ow = output_size(w, pool[1], stride[1], padding[1])
+    oh, ow = window.output_hw(h, w, "test", ceil_mode)
     y = cp.full((n, oh, ow, c), np.nan, dtype=x.dtype)
-    index = maxpool.argmax_dtype(pool)
+    index = maxpool.argmax_dtype(window)
     argmax = cp.full((n, oh, ow, c), np.iinfo(index).max, dtype=index)
-    maxpool._forward_into(x, y, argmax, pool, stride, padding)
+    maxpool._forward_into(x, y, argmax, window)
     return y, argmax
 
 
-def _poisoned_backward(cp, dy, argmax, x_shape, pool, stride, padding):
+def _poisoned_backward(cp, dy, argmax, x_shape, window):
     dx = cp.full(x_shape, np.nan, dtype=dy.dtype)
-    maxpool._backward_into(dy, argmax, dx, pool, stride, padding)
+    maxpool._backward_into(dy, argmax, dx, window)
     return dx
 
 
 @pytest.mark.parametrize("ties", [False, True], ids=["distinct", "ties"])
 @pytest.mark.parametrize("dtype", FLOATS, ids=_ids)
-@pytest.mark.parametrize("case", range(len(POOL_CASES)),
-                         ids=[f"k{p}s{s}p{q}" for p, s, q in POOL_CASES])
+@pytest.mark.parametrize("case", range(len(POOL_CASES)), ids=[_case_id(c) for c in POOL_CASES])
 def test_max_pool_matches_reference(cp, case, dtype, ties):
-    pool, stride, padding = POOL_CASES[case]
+    window, ceil_mode = POOL_CASES[case]
     rng = np.random.default_rng(case)
     shape = SHAPES[case % len(SHAPES)]
     x = _input(rng, shape, dtype, ties)
-    y_ref, argmax_ref = max_pool2d_ref(x, pool, stride, padding)
+    y_ref, argmax_ref = max_pool2d_ref(x, window, ceil_mode)
 
-    y, argmax = _poisoned_forward(cp, cp.asarray(x), pool, stride, padding)
+    y, argmax = _poisoned_forward(cp, cp.asarray(x), window, ceil_mode)
     assert argmax.dtype == argmax_ref.dtype
     np.testing.assert_array_equal(argmax.get(), argmax_ref)
     np.testing.assert_array_equal(y.get(), y_ref)
 
     dy = rng.standard_normal(y_ref.shape).astype(dtype)
-    dx_ref = max_pool2d_backward_ref(dy, argmax_ref, shape, pool, stride, padding)
-    dx = _poisoned_backward(cp, cp.asarray(dy), argmax, shape, pool, stride, padding)
+    dx_ref = max_pool2d_backward_ref(dy, argmax_ref, shape, window)
+    dx = _poisoned_backward(cp, cp.asarray(dy), argmax, shape, window)
     np.testing.assert_allclose(dx.get(), dx_ref, rtol=RTOL[np.dtype(dtype)],
                                atol=RTOL[np.dtype(dtype)])
 
     # the public functions give the same bits
-    y2, argmax2 = maxpool.max_pool2d_forward(cp.asarray(x), pool, stride, padding)
+    out_hw = window.output_hw(*shape[1:3], "test", ceil_mode)
+    y2, argmax2 = maxpool.max_pool2d_forward(cp.asarray(x), window, out_hw)
     assert _bits(y2) == _bits(y) and _bits(argmax2) == _bits(argmax)
-    dx2 = maxpool.max_pool2d_backward(cp.asarray(dy), argmax2, shape, pool, stride, padding)
+    assert _bits(maxpool.max_pool2d(cp.asarray(x), window, out_hw)) == _bits(y)
+    dx2 = maxpool.max_pool2d_backward(cp.asarray(dy), argmax2, shape, window)
     assert _bits(dx2) == _bits(dx)
 
 
+@pytest.mark.parametrize("dtype", FLOATS, ids=_ids)
+@pytest.mark.parametrize("case", [(Window.of(3, 2, 1), True), (Window.of(3, 1, 1, 2), False),
+                                  (Window.of((3, 2), (2, 3), (1, 0), (2, 3)), True), (Window.of(5, 2, 2), False)],
+                         ids=["3x3s2p1-ceil", "3x3s1p1d2", "3x2-dilated-ceil", "5x5s2p2"])
+def test_max_pool_backward_adds_in_the_numpy_codes_order(cp, dtype, case):
+    """Overlapping windows: the gather adds an input's gradients by ascending tap, as the NumPy
+    code does, so the two agree to the last bit (float64: no flush-to-zero to tell them apart)."""
+    from cnn_gpu.functional.pool import _plain_backward
+    window, ceil_mode = case
+    rng = np.random.default_rng(21)
+    x = rng.integers(-1, 2, size=(2, 15, 14, 8)).astype(dtype)  # ties: inputs that win several windows
+    y, argmax = _poisoned_forward(cp, cp.asarray(x), window, ceil_mode)
+    dy = rng.standard_normal(y.shape).astype(dtype)
+    dx = _poisoned_backward(cp, cp.asarray(dy), argmax, x.shape, window)
+    dx_numpy = _plain_backward(dy, argmax.get(), x.shape, window)
+    if dtype == np.float64:
+        np.testing.assert_array_equal(dx.get(), dx_numpy)
+    else:  # float32 sums on the GPU flush subnormals (-ftz=true): equal to rounding
+        np.testing.assert_allclose(dx.get(), dx_numpy, rtol=1e-6, atol=1e-6)
+
+
 @pytest.mark.parametrize("c", [5, 8])  # the scalar and the 4-channel vector path
-@pytest.mark.parametrize("case", [((2, 2), (2, 2), (0, 0)), ((3, 3), (2, 2), (1, 1)), ((2, 2), (3, 3), (1, 1))])
+@pytest.mark.parametrize("case", [(Window.of(2, 2), False), (Window.of(3, 2, 1), True), (Window.of(2, 3, 1), False),
+                                  (Window.of(3, 1, 1, 2), False)], ids=_case_id)
 def test_max_pool_64_bit_offsets_give_the_same_result(cp, monkeypatch, case, c):
     # The 64-bit instantiations only run for tensors past 2**32 elements; force them here.
-    pool, stride, padding = case
+    window, ceil_mode = case
     x = np.random.default_rng(3).standard_normal((2, 9, 8, c)).astype(np.float32)
-    y_ref, argmax_ref = max_pool2d_ref(x, pool, stride, padding)
+    y_ref, argmax_ref = max_pool2d_ref(x, window, ceil_mode)
     dy = np.random.default_rng(4).standard_normal(y_ref.shape).astype(np.float32)
-    dx_ref = max_pool2d_backward_ref(dy, argmax_ref, x.shape, pool, stride, padding)
+    dx_ref = max_pool2d_backward_ref(dy, argmax_ref, x.shape, window)
     monkeypatch.setattr(maxpool, "_offset_type", lambda *arrays: "unsigned long long")
-    y, argmax = _poisoned_forward(cp, cp.asarray(x), pool, stride, padding)
+    y, argmax = _poisoned_forward(cp, cp.asarray(x), window, ceil_mode)
     np.testing.assert_array_equal(y.get(), y_ref)
     np.testing.assert_array_equal(argmax.get(), argmax_ref)
-    dx = _poisoned_backward(cp, cp.asarray(dy), argmax, x.shape, pool, stride, padding)
+    dx = _poisoned_backward(cp, cp.asarray(dy), argmax, x.shape, window)
     np.testing.assert_allclose(dx.get(), dx_ref, rtol=1e-6, atol=1e-6)
 
 
@@ -125,9 +157,11 @@ def test_max_pool_64_bit_offsets_give_the_same_result(cp, monkeypatch, case, c):
 VECTOR_CHANNELS = ([(np.float32, c) for c in (1, 3, 4, 8, 64)]
                    + [(np.float64, c) for c in (1, 2, 3, 64)])
 # Overlapping (gather) and non-overlapping (scatter) windows, with padding, with gaps
-# between windows (stride > pool), and windows cut by the padded border.
-VECTOR_POOLS = [((2, 2), (2, 2), (0, 0)), ((3, 3), (2, 2), (1, 1)), ((3, 3), (1, 1), (1, 1)),
-                ((2, 3), (3, 2), (1, 1)), ((3, 2), (4, 3), (1, 0)), ((5, 5), (2, 3), (2, 1))]
+# between windows (stride > pool), windows cut by the padded border, ceil mode and dilation.
+VECTOR_POOLS = [(Window.of(2, 2), False), (Window.of(3, 2, 1), False), (Window.of(3, 1, 1), False),
+                (Window.of((2, 3), (3, 2), (1, 1)), False), (Window.of((3, 2), (4, 3), (1, 0)), False),
+                (Window.of(5, (2, 3), (2, 1)), False), (Window.of(3, 2, 1), True), (Window.of(2, 2), True),
+                (Window.of(3, 1, 1, 2), False), (Window.of(2, 3, 1, 2), True)]
 
 
 @pytest.mark.parametrize("values", ["distinct", "ties", "specials"])
@@ -144,41 +178,40 @@ def test_max_pool_vector_path_matches_reference_and_scalar_path(cp, monkeypatch,
     wide = 16 // np.dtype(dtype).itemsize
     x_gpu = cp.asarray(x)
     assert maxpool._vector_width(c, x_gpu) == (wide if c % wide == 0 else 1)
-    for pool, stride, padding in VECTOR_POOLS:
-        y_ref, argmax_ref = max_pool2d_ref(x, pool, stride, padding)
+    for window, ceil_mode in VECTOR_POOLS:
+        y_ref, argmax_ref = max_pool2d_ref(x, window, ceil_mode)
         dy = cp.asarray(rng.standard_normal(y_ref.shape).astype(dtype))
-        y, argmax = _poisoned_forward(cp, x_gpu, pool, stride, padding)
+        y, argmax = _poisoned_forward(cp, x_gpu, window, ceil_mode)
         np.testing.assert_array_equal(argmax.get(), argmax_ref)
         np.testing.assert_array_equal(y.get(), y_ref)  # NaN == NaN here
-        dx = _poisoned_backward(cp, dy, argmax, shape, pool, stride, padding)
-        dx_ref = max_pool2d_backward_ref(dy.get(), argmax_ref, shape, pool, stride, padding)
+        dx = _poisoned_backward(cp, dy, argmax, shape, window)
+        dx_ref = max_pool2d_backward_ref(dy.get(), argmax_ref, shape, window)
         np.testing.assert_allclose(dx.get(), dx_ref, rtol=RTOL[np.dtype(dtype)],
                                    atol=RTOL[np.dtype(dtype)])
         with monkeypatch.context() as m:  # the same launches with V = 1
             m.setattr(maxpool, "_vector_width", lambda c, *arrays: 1)
-            y1, argmax1 = _poisoned_forward(cp, x_gpu, pool, stride, padding)
-            dx1 = _poisoned_backward(cp, dy, argmax1, shape, pool, stride, padding)
+            y1, argmax1 = _poisoned_forward(cp, x_gpu, window, ceil_mode)
+            dx1 = _poisoned_backward(cp, dy, argmax1, shape, window)
         assert _bits(y1) == _bits(y) and _bits(argmax1) == _bits(argmax)
-        assert _bits(dx1) == _bits(dx), (pool, stride, padding)
+        assert _bits(dx1) == _bits(dx), (window, ceil_mode)
 
 
 @pytest.mark.parametrize("dtype", FLOATS, ids=_ids)
 def test_max_pool_misaligned_view_falls_back_to_the_scalar_path(cp, dtype):
     """A contiguous view one element into its buffer cannot take vector loads."""
-    shape, pool, stride, padding = (2, 7, 10, 8), (3, 3), (2, 2), (1, 1)
+    shape, window = (2, 7, 10, 8), Window.of(3, 2, 1)
     rng = np.random.default_rng(12)
     flat = cp.asarray(rng.standard_normal(1 + int(np.prod(shape))).astype(dtype))
     x = flat[1:].reshape(shape)
     assert x.flags.c_contiguous and maxpool._vector_width(8, x) == 1
-    y_ref, argmax_ref = max_pool2d_ref(x.get(), pool, stride, padding)
-    y, argmax = maxpool.max_pool2d_forward(x, pool, stride, padding)
+    y_ref, argmax_ref = max_pool2d_ref(x.get(), window)
+    y, argmax = maxpool.max_pool2d_forward(x, window, window.output_hw(7, 10, "test"))
     np.testing.assert_array_equal(argmax.get(), argmax_ref)
     np.testing.assert_array_equal(y.get(), y_ref)
     dy_flat = cp.asarray(rng.standard_normal(1 + y.size).astype(dtype))
     dy = dy_flat[1:].reshape(y.shape)
-    dx = maxpool.max_pool2d_backward(dy, argmax, shape, pool, stride, padding)
-    assert _bits(dx) == _bits(maxpool.max_pool2d_backward(dy.copy(), argmax, shape,
-                                                          pool, stride, padding))
+    dx = maxpool.max_pool2d_backward(dy, argmax, shape, window)
+    assert _bits(dx) == _bits(maxpool.max_pool2d_backward(dy.copy(), argmax, shape, window))
 
 
 @pytest.mark.parametrize("dtype", FLOATS, ids=_ids)
@@ -187,10 +220,10 @@ def test_max_pool_nan_and_infinities_follow_numpy_argmax(cp, dtype):
     x = rng.integers(-1, 2, size=(2, 10, 9, 4)).astype(dtype)
     specials = rng.choice([np.nan, np.inf, -np.inf], size=x.shape)
     x = np.where(rng.random(x.shape) < 0.2, specials, x).astype(dtype)
-    for pool, stride, padding in [((2, 2), (2, 2), (0, 0)), ((3, 3), (1, 1), (1, 1)),
-                                  ((3, 2), (2, 1), (1, 1))]:
-        y_ref, argmax_ref = max_pool2d_ref(x, pool, stride, padding)
-        y, argmax = _poisoned_forward(cp, cp.asarray(x), pool, stride, padding)
+    for window, ceil_mode in [(Window.of(2, 2), False), (Window.of(3, 1, 1), False),
+                              (Window.of((3, 2), (2, 1), (1, 1)), False), (Window.of(3, 2, 1, 2), True)]:
+        y_ref, argmax_ref = max_pool2d_ref(x, window, ceil_mode)
+        y, argmax = _poisoned_forward(cp, cp.asarray(x), window, ceil_mode)
         np.testing.assert_array_equal(argmax.get(), argmax_ref)
         np.testing.assert_array_equal(y.get(), y_ref)  # NaN == NaN here
 
@@ -204,58 +237,62 @@ def test_max_pool_subnormals_and_signed_zeros_follow_numpy_argmax(cp, dtype, cha
     tiny = np.finfo(dtype).smallest_subnormal
     x = (rng.integers(-3, 4, size=(2, 9, 8, channels)) * tiny).astype(dtype)
     x[rng.random(x.shape) < 0.2] = -0.0
-    for pool, stride, padding in [((2, 2), (2, 2), (0, 0)), ((3, 3), (1, 1), (1, 1))]:
-        y_ref, argmax_ref = max_pool2d_ref(x, pool, stride, padding)
-        y, argmax = _poisoned_forward(cp, cp.asarray(x), pool, stride, padding)
+    for window in [Window.of(2, 2), Window.of(3, 1, 1)]:
+        y_ref, argmax_ref = max_pool2d_ref(x, window)
+        y, argmax = _poisoned_forward(cp, cp.asarray(x), window)
         np.testing.assert_array_equal(argmax.get(), argmax_ref)
         assert _bits(y) == y_ref.tobytes()  # the very same values, -0.0 included
 
 
 @pytest.mark.parametrize("dtype", FLOATS, ids=_ids)
-def test_max_pool_all_minus_inf_routes_to_the_first_position_or_drops(cp, dtype):
-    """Windows of -inf pick position 0, which may lie in the padding: that dy is dropped."""
-    shape, pool, stride, padding = (1, 6, 5, 2), (3, 3), (1, 2), (1, 1)
+@pytest.mark.parametrize("case", [(Window.of(3, (1, 2), 1), False), (Window.of(2, 1, 1, (2, 3)), False)],
+                         ids=["padding", "dilated-window-of-padding-alone"])
+def test_max_pool_all_minus_inf_routes_to_the_first_tap_or_drops(cp, dtype, case):
+    """Windows of -inf pick tap 0, which may lie outside the input: that dy is dropped. In the
+    dilated case the 1 x 2 input leaves a window with no input position at all."""
+    window, ceil_mode = case
+    shape = (1, 6, 5, 2) if window.dh == 1 else (1, 1, 2, 2)
     x = np.full(shape, -np.inf, dtype=dtype)
-    y_ref, argmax_ref = max_pool2d_ref(x, pool, stride, padding)
+    y_ref, argmax_ref = max_pool2d_ref(x, window, ceil_mode)
     assert (argmax_ref == 0).all()
-    y, argmax = _poisoned_forward(cp, cp.asarray(x), pool, stride, padding)
+    y, argmax = _poisoned_forward(cp, cp.asarray(x), window, ceil_mode)
     np.testing.assert_array_equal(argmax.get(), argmax_ref)
     np.testing.assert_array_equal(y.get(), y_ref)
     dy = np.arange(1, y_ref.size + 1, dtype=dtype).reshape(y_ref.shape)
-    dx = _poisoned_backward(cp, cp.asarray(dy), argmax, shape, pool, stride, padding)
-    np.testing.assert_array_equal(dx.get(), max_pool2d_backward_ref(dy, argmax_ref, shape,
-                                                                    pool, stride, padding))
+    dx = _poisoned_backward(cp, cp.asarray(dy), argmax, shape, window)
+    np.testing.assert_array_equal(dx.get(), max_pool2d_backward_ref(dy, argmax_ref, shape, window))
 
 
 @pytest.mark.parametrize("dtype", FLOATS, ids=_ids)
 def test_max_pool_large_window_uses_int32_argmax(cp, dtype):
-    shape, pool, stride, padding = (2, 20, 23, 3), (17, 17), (3, 5), (8, 0)
+    shape, window = (2, 20, 23, 3), Window.of(17, (3, 5), (8, 0))
     rng = np.random.default_rng(3)
     x = rng.integers(-3, 4, size=shape).astype(dtype)
-    y_ref, argmax_ref = max_pool2d_ref(x, pool, stride, padding)
-    assert argmax_ref.dtype == np.int32
-    y, argmax = _poisoned_forward(cp, cp.asarray(x), pool, stride, padding)
-    np.testing.assert_array_equal(argmax.get(), argmax_ref)
-    np.testing.assert_array_equal(y.get(), y_ref)
-    dy = rng.standard_normal(y_ref.shape).astype(dtype)
-    dx = _poisoned_backward(cp, cp.asarray(dy), argmax, shape, pool, stride, padding)
-    np.testing.assert_allclose(dx.get(), max_pool2d_backward_ref(dy, argmax_ref, shape, pool,
-                                                                 stride, padding),
-                               rtol=RTOL[np.dtype(dtype)], atol=RTOL[np.dtype(dtype)])
+    for ceil_mode in (False, True):
+        y_ref, argmax_ref = max_pool2d_ref(x, window, ceil_mode)
+        assert argmax_ref.dtype == np.int32
+        y, argmax = _poisoned_forward(cp, cp.asarray(x), window, ceil_mode)
+        np.testing.assert_array_equal(argmax.get(), argmax_ref)
+        np.testing.assert_array_equal(y.get(), y_ref)
+        dy = rng.standard_normal(y_ref.shape).astype(dtype)
+        dx = _poisoned_backward(cp, cp.asarray(dy), argmax, shape, window)
+        np.testing.assert_allclose(dx.get(), max_pool2d_backward_ref(dy, argmax_ref, shape, window),
+                                   rtol=RTOL[np.dtype(dtype)], atol=RTOL[np.dtype(dtype)])
 
 
 @pytest.mark.parametrize("dtype", FLOATS, ids=_ids)
-def test_max_pool_overlapping_backward_is_deterministic(cp, dtype):
+@pytest.mark.parametrize("window", [Window.of(5, 2, 2), Window.of(3, 1, 1, 2)], ids=["5x5s2p2", "3x3s1p1d2"])
+def test_max_pool_overlapping_backward_is_deterministic(cp, dtype, window):
     """stride < pool: up to 9 windows feed one input; two runs give the same bits."""
-    shape, pool, stride, padding = (4, 33, 31, 67), (5, 5), (2, 2), (2, 2)
+    shape = (4, 33, 31, 67)
     rng = np.random.default_rng(11)
     x = cp.asarray(rng.integers(-2, 3, size=shape).astype(dtype))
-    y, argmax = maxpool.max_pool2d_forward(x, pool, stride, padding)
+    y, argmax = _poisoned_forward(cp, x, window)
     dy = cp.asarray(rng.standard_normal(y.shape).astype(dtype))
-    first = _poisoned_backward(cp, dy, argmax, shape, pool, stride, padding)
-    second = _poisoned_backward(cp, dy, argmax, shape, pool, stride, padding)
+    first = _poisoned_backward(cp, dy, argmax, shape, window)
+    second = _poisoned_backward(cp, dy, argmax, shape, window)
     assert _bits(first) == _bits(second)
-    ref = max_pool2d_backward_ref(dy.get(), argmax.get(), shape, pool, stride, padding)
+    ref = max_pool2d_backward_ref(dy.get(), argmax.get(), shape, window)
     np.testing.assert_allclose(first.get(), ref, rtol=RTOL[np.dtype(dtype)],
                                atol=RTOL[np.dtype(dtype)])
 
@@ -266,29 +303,38 @@ def test_max_pool_non_contiguous_input_and_input_untouched(cp):
     x_host = base[:, :, ::2, :]                       # (2, 10, 9, 6), strided
     x = cp.asarray(base)[:, :, ::2, :]
     assert not x.flags.c_contiguous
-    y, argmax = maxpool.max_pool2d_forward(x, (3, 2), (2, 2), (1, 0))
-    y_ref, argmax_ref = max_pool2d_ref(x_host, (3, 2), (2, 2), (1, 0))
+    window = Window.of((3, 2), 2, (1, 0))
+    y, argmax = maxpool.max_pool2d_forward(x, window, window.output_hw(10, 9, "test", ceil_mode=True))
+    y_ref, argmax_ref = max_pool2d_ref(x_host, window, True)
     np.testing.assert_array_equal(argmax.get(), argmax_ref)
     np.testing.assert_array_equal(y.get(), y_ref)
     np.testing.assert_array_equal(x.get(), x_host)
 
 
 def test_max_pool_rejects_bad_inputs(cp):
+    window = Window.of(2, 2)
     with pytest.raises(TypeError, match="float32 or float64"):
-        maxpool.max_pool2d_forward(cp.zeros((1, 4, 4, 1), dtype=cp.float16), (2, 2), (2, 2), (0, 0))
+        maxpool.max_pool2d_forward(cp.zeros((1, 4, 4, 1), dtype=cp.float16), window, (2, 2))
     with pytest.raises(TypeError, match="cupy.ndarray"):
-        maxpool.max_pool2d_forward(np.zeros((1, 4, 4, 1), np.float32), (2, 2), (2, 2), (0, 0))
-    with pytest.raises(ValueError, match="padding"):
-        maxpool.max_pool2d_forward(cp.zeros((1, 4, 4, 1), cp.float32), (2, 2), (2, 2), (2, 0))
-    y, argmax = maxpool.max_pool2d_forward(cp.zeros((1, 4, 4, 1), cp.float32), (2, 2), (2, 2), (0, 0))
+        maxpool.max_pool2d_forward(np.zeros((1, 4, 4, 1), np.float32), window, (2, 2))
+    with pytest.raises(TypeError, match="geometry.Window"):
+        maxpool.max_pool2d_forward(cp.zeros((1, 4, 4, 1), cp.float32), ((2, 2), (2, 2), (0, 0)), (2, 2))
+    with pytest.raises(ValueError, match="32-bit"):
+        maxpool.max_pool2d_forward(cp.zeros((1, 4, 4, 1), cp.float32), window, (2**31, 2))
+    y, argmax = maxpool.max_pool2d_forward(cp.zeros((1, 4, 4, 1), cp.float32), window, (2, 2))
     with pytest.raises(TypeError, match="argmax"):
-        maxpool.max_pool2d_backward(y, argmax.astype(cp.int32), (1, 4, 4, 1), (2, 2), (2, 2), (0, 0))
+        maxpool.max_pool2d_backward(y, argmax.astype(cp.int32), (1, 4, 4, 1), window)
+    with pytest.raises(ValueError, match="dy has shape"):
+        maxpool.max_pool2d_backward(y, argmax, (1, 4, 4, 2), window)
+    with pytest.raises(ValueError, match="argmax must be"):
+        maxpool.max_pool2d_backward(y, argmax[:, :1], (1, 4, 4, 1), window)
 
 
 def test_max_pool_empty_batch(cp):
-    y, argmax = maxpool.max_pool2d_forward(cp.zeros((0, 4, 4, 3), cp.float32), (2, 2), (2, 2), (0, 0))
+    window = Window.of(2, 2)
+    y, argmax = maxpool.max_pool2d_forward(cp.zeros((0, 4, 4, 3), cp.float32), window, (2, 2))
     assert y.shape == argmax.shape == (0, 2, 2, 3)
-    dx = maxpool.max_pool2d_backward(y, argmax, (0, 4, 4, 3), (2, 2), (2, 2), (0, 0))
+    dx = maxpool.max_pool2d_backward(y, argmax, (0, 4, 4, 3), window)
     assert dx.shape == (0, 4, 4, 3)
 
 

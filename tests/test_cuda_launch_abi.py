@@ -17,6 +17,7 @@ import pytest
 
 from cnn_gpu import backend
 from cnn_gpu.cuda import batchnorm, loader, maxpool
+from cnn_gpu.geometry import Window
 
 CTYPES = {"float": np.float32, "double": np.float64, "unsigned char": np.uint8,
           "int": np.int32, "long long": np.int64, "unsigned int": np.uint32,
@@ -114,9 +115,9 @@ def _aligned_zeros(shape, dtype, offset_elements=0):
 @pytest.mark.parametrize("c", [3, 4, 6, 64])
 def test_max_pool_launches_match_signatures(launches, dtype, pool, c):
     x = _aligned_zeros((2, 20, 19, c), dtype)
-    y, argmax = maxpool.max_pool2d_forward(x, pool, (2, 2), (1, 1))
-    maxpool.max_pool2d_backward(_aligned_zeros(y.shape, dtype), argmax, x.shape,
-                                pool, (2, 2), (1, 1))
+    window = Window.of(pool, 2, 1)
+    y, argmax = maxpool.max_pool2d_forward(x, window, window.output_hw(20, 19, "test"))
+    maxpool.max_pool2d_backward(_aligned_zeros(y.shape, dtype), argmax, x.shape, window)
     index = "unsigned char" if pool == (2, 2) else "int"
     t = loader.ctype(dtype)
     wide = 16 // np.dtype(dtype).itemsize
@@ -130,13 +131,37 @@ def test_max_pool_launches_match_signatures(launches, dtype, pool, c):
 def test_max_pool_misaligned_input_takes_the_scalar_path(launches, dtype):
     # x starts one element past an aligned address: vector loads of x would fault.
     x = _aligned_zeros((2, 8, 8, 8), dtype, offset_elements=1)
-    y, argmax = maxpool.max_pool2d_forward(x, (2, 2), (2, 2), (0, 0))
-    maxpool.max_pool2d_backward(_aligned_zeros(y.shape, dtype, 1), argmax, x.shape,
-                                (2, 2), (2, 2), (0, 0))
-    maxpool.max_pool2d_backward(_aligned_zeros(y.shape, dtype), argmax, x.shape,
-                                (2, 2), (2, 2), (0, 0))
+    window = Window.of(2, 2)
+    y, argmax = maxpool.max_pool2d_forward(x, window, (4, 4))
+    maxpool.max_pool2d_backward(_aligned_zeros(y.shape, dtype, 1), argmax, x.shape, window)
+    maxpool.max_pool2d_backward(_aligned_zeros(y.shape, dtype), argmax, x.shape, window)
     wide = 16 // np.dtype(dtype).itemsize
     assert [e.rsplit(", ", 1)[1] for e in launches] == ["1>", "1>", f"{wide}>"]
+
+
+@pytest.mark.parametrize("window, ceil_mode, backward", [
+    (Window.of(2, 2), False, "max_pool2d_backward_scatter"),
+    (Window.of(2, 2), True, "max_pool2d_backward_scatter"),
+    (Window.of(2, 3, 0, 2), False, "max_pool2d_backward_scatter"),  # taps 2 apart, stride 3: disjoint
+    (Window.of(2, 2, 0, 2), True, "max_pool2d_backward"),           # taps 2 apart, stride 2: overlap
+    (Window.of(3, 2, 1), True, "max_pool2d_backward"),
+    (Window.of((3, 2), (3, 2), 0, (1, 2)), False, "max_pool2d_backward"),  # disjoint down, not across
+])
+def test_max_pool_backward_gathers_exactly_where_windows_overlap(launches, window, ceil_mode, backward):
+    x = _aligned_zeros((2, 11, 13, 4), np.float32)
+    y, argmax = maxpool.max_pool2d_forward(x, window, window.output_hw(11, 13, "test", ceil_mode))
+    maxpool.max_pool2d_backward(_aligned_zeros(y.shape, np.float32), argmax, x.shape, window)
+    assert launches == ["max_pool2d_forward<float, unsigned char, unsigned int, 4>",
+                        f"{backward}<float, unsigned char, unsigned int, 4>"]
+
+
+def test_windows_cover_the_input_only_when_their_taps_reach_every_position():
+    assert maxpool.windows_cover_input(8, 8, Window.of(2, 2), 4, 4)
+    assert not maxpool.windows_cover_input(9, 9, Window.of(2, 2), 4, 4)  # the last row and column
+    assert maxpool.windows_cover_input(9, 9, Window.of(2, 2), 5, 5)      # ceil mode: a window past the edge
+    assert maxpool.windows_cover_input(5, 5, Window.of(2, 2, 1), 3, 3)   # windows at -1, 1, 3
+    assert not maxpool.windows_cover_input(8, 8, Window.of(2, 2, 0, 2), 3, 3)  # dilated: holes
+    assert not maxpool.windows_cover_input(9, 9, Window.of(2, 3), 3, 3)  # gaps between windows
 
 
 def test_vector_width_needs_every_pointer_aligned():
@@ -152,7 +177,7 @@ def test_vector_width_needs_every_pointer_aligned():
 def test_max_pool_uses_64_bit_offsets_past_32_bits(monkeypatch, launches):
     x = _fake(np.zeros((1, 4, 4, 1), np.float32))
     monkeypatch.setattr(maxpool, "_offset_type", lambda *a: "unsigned long long")
-    maxpool.max_pool2d_forward(x, (2, 2), (2, 2), (0, 0))
+    maxpool.max_pool2d_forward(x, Window.of(2, 2), (2, 2))
     assert launches == ["max_pool2d_forward<float, unsigned char, unsigned long long, 1>"]
 
 

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from cnn_gpu.data import DATASETS, DatasetNotFoundError, find_dataset_files, load_dataset
-from cnn_gpu.data.datasets import search_locations, user_cache_dir
+from cnn_gpu.data.datasets import DATASET_NAMES, canonical_name, get_spec, search_locations, user_cache_dir
 from cnn_gpu.data.idx import write_idx
 from tests.data_fixtures import FASHION_SYSTEM_DIR, MNIST_T10K_DIR, isolate, set_system_dirs, write_split
 
@@ -23,14 +23,27 @@ def clean_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 def test_registry() -> None:
-    assert set(DATASETS) == {"mnist", "fashion-mnist"}
+    assert set(DATASETS) == {"mnist", "fashion-mnist", "cifar10", "cifar100"}
     assert DATASETS["mnist"].class_names == tuple("0123456789")
     assert DATASETS["fashion-mnist"].class_names == (
         "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
         "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
     for spec in DATASETS.values():
-        assert sorted(spec.md5) == sorted(f for pair in spec.files.values() for f in pair)
+        assert sorted(spec.md5) == sorted({f for split in spec.files for f in spec.download_names(split)})
         assert all(len(s) == 32 for s in spec.md5.values())
+        assert len(spec.class_names) == len(set(spec.class_names))
+    assert len(DATASETS["cifar100"].class_names) == 100 and len(DATASETS["cifar100"].coarse_class_names) == 20
+
+
+def test_dataset_names_and_aliases() -> None:
+    assert DATASET_NAMES == ("mnist", "fashion-mnist", "cifar10", "cifar100", "images")
+    for alias, key in [("CIFAR-10", "cifar10"), ("cifar_100", "cifar100"), ("Fashion_MNIST", "fashion-mnist"),
+                       ("images", "images")]:
+        assert canonical_name(alias) == key
+    with pytest.raises(ValueError, match="not a registry dataset"):
+        get_spec("images")
+    with pytest.raises(TypeError, match="takes no options"):
+        load_dataset("mnist", "train", download=False, label_mode="fine")
 
 
 @pytest.mark.parametrize("gz", [True, False])
@@ -47,8 +60,8 @@ def test_load_from_data_dir(tmp_path: Path, gz: bool) -> None:
 def test_names_accept_underscores_and_reject_unknowns(tmp_path: Path) -> None:
     write_split(tmp_path, 3, "train")
     assert load_dataset("Fashion_MNIST", data_dir=tmp_path, download=False).name == "fashion-mnist"
-    with pytest.raises(ValueError, match="unknown dataset 'cifar10'"):
-        load_dataset("cifar10", data_dir=tmp_path)
+    with pytest.raises(ValueError, match="unknown dataset 'svhn'; known: mnist, fashion-mnist, cifar10"):
+        load_dataset("svhn", data_dir=tmp_path)
     with pytest.raises(ValueError, match="split must be one of"):
         load_dataset("mnist", "validation", data_dir=tmp_path)
 

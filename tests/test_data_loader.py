@@ -141,3 +141,78 @@ def test_cupy_batches_stay_on_the_device() -> None:
     np.testing.assert_array_equal(to_numpy(vy), train_val_split(images, labels, val_size=10, seed=1)[3])
     with pytest.raises(TypeError, match="both backends"):
         BatchIterator(to_device(images, "cupy"), labels, 16)
+
+
+# ---- data on disk: Subset, copy-free splits of a memory map, batches moved to a device --------------
+
+@pytest.fixture
+def memmap(tmp_path) -> np.ndarray:
+    images = np.random.default_rng(0).integers(0, 256, size=(40, 4, 4, 3), dtype=np.uint8)
+    np.save(tmp_path / "x.npy", images)
+    return np.load(tmp_path / "x.npy", mmap_mode="r")
+
+
+def test_subset_indexes_its_rows_of_the_base(memmap) -> None:
+    from cnn_gpu.data import Subset
+
+    index = np.array([5, 1, 30, 7, 7])
+    s = Subset(memmap, index)
+    assert len(s) == 5 and s.shape == (5, 4, 4, 3) and s.dtype == np.uint8 and s.ndim == 4
+    np.testing.assert_array_equal(s[0], memmap[5])
+    np.testing.assert_array_equal(s[1:3], memmap[[1, 30]])
+    np.testing.assert_array_equal(s[np.array([4, 0])], memmap[[7, 5]])
+    np.testing.assert_array_equal(s[-1], memmap[7])
+    np.testing.assert_array_equal(s[1:4, 0, :, 2], memmap[[1, 30, 7], 0, :, 2])
+    np.testing.assert_array_equal(s[2, 1], memmap[30, 1])
+    np.testing.assert_array_equal(np.asarray(s), memmap[index])
+    assert np.asarray(s, dtype=np.float32).dtype == np.float32
+    nested = Subset(s, [2, 0])
+    assert nested.base is memmap and nested.index.tolist() == [30, 5]
+    with pytest.raises(IndexError, match="out of range for 40 rows"):
+        Subset(memmap, [0, 40])
+    with pytest.raises(ValueError, match="1-D integer array"):
+        Subset(memmap, np.array([0.5]))
+
+
+def test_train_val_split_of_a_memory_map_gives_subsets(memmap) -> None:
+    from cnn_gpu.data import Subset, is_on_disk
+
+    labels = np.arange(40)
+    tx, ty, vx, vy = train_val_split(memmap, labels, val_size=8, seed=2)
+    assert isinstance(tx, Subset) and isinstance(vx, Subset) and is_on_disk(tx) and is_on_disk(memmap)
+    ram = train_val_split(np.array(memmap), labels, val_size=8, seed=2)
+    assert type(ram[0]) is np.ndarray and not is_on_disk(ram[0])
+    for got, expected in zip((tx, ty, vx, vy), ram):
+        np.testing.assert_array_equal(np.asarray(got), expected)
+    # A split of a split is a Subset of the same memory map.
+    t2, _, v2, _ = train_val_split(tx, ty, val_size=4, seed=0)
+    assert t2.base is memmap and v2.base is memmap
+
+
+def test_device_numpy_moves_nothing_and_changes_nothing(memmap) -> None:
+    labels = np.arange(40)
+    augment = augmentation_for("cifar10")
+    moved = BatchIterator(memmap, labels, 16, seed=4, augment=augment, device="numpy")
+    plain = BatchIterator(np.array(memmap), labels, 16, seed=4, augment=augment)
+    for (mx, my), (px, py) in zip(moved, plain, strict=True):
+        assert type(mx) is np.ndarray and mx.tobytes() == px.tobytes() and my.tobytes() == py.tobytes()
+
+
+@pytest.mark.gpu
+@skip_without_gpu
+def test_memory_map_batches_moved_to_the_gpu_equal_batches_of_gpu_data(memmap) -> None:
+    from cnn_gpu.backend import to_device, to_numpy
+    from cnn_gpu.data import compute_norm_stats, normalize
+
+    labels = np.arange(40)
+    stats = compute_norm_stats(memmap)
+    kwargs = dict(batch_size=16, seed=5, augment=augmentation_for("cifar10", erase=0.5),
+                  transform=lambda x: normalize(x, stats))
+    moved = BatchIterator(memmap, labels, device="cupy", **kwargs)
+    resident = BatchIterator(to_device(np.array(memmap), "cupy"), to_device(labels, "cupy"), **kwargs)
+    for (mx, my), (rx, ry) in zip(moved, resident, strict=True):
+        assert type(mx).__module__.startswith("cupy") and type(my).__module__.startswith("cupy")
+        np.testing.assert_array_equal(to_numpy(mx), to_numpy(rx))  # the same ops on the same device
+        np.testing.assert_array_equal(to_numpy(my), to_numpy(ry))
+    with pytest.raises(ValueError, match="on the GPU already"):
+        BatchIterator(to_device(np.array(memmap), "cupy"), to_device(labels, "cupy"), 8, device="cupy")

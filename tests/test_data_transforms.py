@@ -178,3 +178,81 @@ def test_gpu_matches_cpu(max_shift: int, erase: float, policy: str) -> None:
     np.testing.assert_allclose(stats.mean, cpu_stats.mean, rtol=1e-12)
     np.testing.assert_allclose(stats.std, cpu_stats.std, rtol=1e-12)
     np.testing.assert_allclose(to_numpy(normalize(x_gpu, stats)), normalize(x, cpu_stats), rtol=1e-6, atol=1e-6)
+
+
+# ---- colour, memory maps, random crops, per-dataset defaults ---------------------------------------
+
+def test_norm_stats_per_channel_of_a_memory_map_in_chunks(tmp_path, monkeypatch) -> None:
+    """C = 3 with channels of different statistics, read 5 images at a time from a memory map: the
+    same bits as the in-memory computation (exact integer sums), and per channel the float64 reference."""
+    from cnn_gpu.data import transforms
+
+    rng = np.random.default_rng(3)
+    x = np.stack([rng.integers(0, 64, (23, 6, 5)), rng.integers(100, 256, (23, 6, 5)),
+                  rng.integers(0, 256, (23, 6, 5))], axis=-1).astype(np.uint8)
+    np.save(tmp_path / "x.npy", x)
+    mm = np.load(tmp_path / "x.npy", mmap_mode="r")
+    whole = compute_norm_stats(x)
+    monkeypatch.setattr(transforms, "NORM_STATS_CHUNK_VALUES", 5 * 6 * 5 * 3)
+    chunked = compute_norm_stats(mm)
+    np.testing.assert_array_equal(chunked.mean, whole.mean)
+    np.testing.assert_array_equal(chunked.std, whole.std)
+    ref = x.astype(np.float64) / 255
+    np.testing.assert_allclose(chunked.mean, ref.mean(axis=(0, 1, 2)), rtol=1e-12)
+    np.testing.assert_allclose(chunked.std, ref.std(axis=(0, 1, 2)), rtol=1e-12)
+    assert chunked.mean[0] < 0.25 and chunked.mean[1] > 0.5  # really per channel
+    # Float input, chunked: two passes in float64 against NumPy's one (other summation order).
+    floats = compute_norm_stats(ref)
+    np.testing.assert_allclose(floats.std, ref.std(axis=(0, 1, 2)), rtol=1e-12)
+    normalized = normalize(mm[:4], chunked)
+    np.testing.assert_allclose(normalized, (ref[:4] - chunked.mean) / chunked.std, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="no training images"):
+        compute_norm_stats(np.zeros((0, 4, 4, 3), np.uint8))
+
+
+def crop_reference(images: np.ndarray, padding: int, offsets: np.ndarray) -> np.ndarray:
+    """Pad every side with zeros, then cut the (H, W) window at offset (i, j) of each image."""
+    h, w = images.shape[1:3]
+    padded = np.pad(images, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
+    return np.stack([padded[n, i:i + h, j:j + w] for n, (i, j) in enumerate(offsets)])
+
+
+def test_random_crop_is_a_padded_crop() -> None:
+    from cnn_gpu.data import random_crop
+
+    x = images_uint8(64, 8, 6, 3, seed=7)
+    out = random_crop(x, 4, np.random.default_rng(1))
+    shifts = np.random.default_rng(1).integers(-4, 5, size=(64, 2))  # the draws random_shift makes
+    np.testing.assert_array_equal(out, crop_reference(x, 4, 4 - shifts))
+    offsets = 4 - shifts
+    assert offsets.min() == 0 and offsets.max() == 8  # every window position of the padded image
+
+
+def test_augmentation_defaults_per_dataset() -> None:
+    from cnn_gpu.data import AUGMENT_DEFAULTS, augmentation_defaults
+
+    assert set(AUGMENT_DEFAULTS) == {"mnist", "fashion-mnist", "cifar10", "cifar100", "images"}
+    assert augmentation_for("cifar10") == Augmentation(max_shift=4, hflip=True)
+    assert augmentation_for("CIFAR-100", erase=0.25) == Augmentation(max_shift=4, hflip=True, erase=0.25)
+    assert augmentation_for("images", image_size=(32, 32)) == Augmentation(max_shift=4, hflip=True)
+    assert augmentation_for("images", image_size=(64, 48)).max_shift == 6
+    assert augmentation_for("images", image_size=(5, 5)).max_shift == 1
+    assert augmentation_for("images", max_shift=0, hflip=False) == Augmentation()
+    assert augmentation_for("fashion-mnist", hflip=False) == Augmentation(max_shift=2)
+    assert augmentation_defaults("mnist").hflip is False and augmentation_defaults("cifar10").hflip is True
+    with pytest.raises(ValueError, match="give image_size"):
+        augmentation_for("images")
+    with pytest.raises(ValueError, match="unknown dataset"):
+        augmentation_for("svhn")
+
+
+def test_colour_augmentation_keeps_the_channels_together() -> None:
+    """A flip or crop moves whole pixels: each channel of an augmented colour batch is that channel
+    augmented alone with the same draws."""
+    x = images_uint8(32, 8, 8, 1, seed=3)
+    colour = np.concatenate([x, 255 - x, x // 2], axis=-1)
+    policy = augmentation_for("cifar10", max_shift=2)
+    out = policy(colour, np.random.default_rng(0))
+    for k in range(3):
+        np.testing.assert_array_equal(out[..., k:k + 1], policy(colour[..., k:k + 1], np.random.default_rng(0)))
+    assert not np.array_equal(out, colour)

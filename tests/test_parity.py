@@ -55,23 +55,42 @@ def test_conv2d(dtype, seed):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("seed", range(8))
 @pytest.mark.parametrize("kind", ["max", "avg"])
 def test_pooling(dtype, seed, kind):
     rng = np.random.default_rng(seed)
     n, h, w, c, k, s, p = _random_geometry(rng)
-    fwd, bwd = (F.max_pool2d_forward, F.max_pool2d_backward) if kind == "max" else (F.avg_pool2d_forward, F.avg_pool2d_backward)
+    ceil_mode = bool(seed % 4 >= 2)
+    if kind == "max":  # dilation 2 where the input has room for it
+        dilation = 2 if seed % 3 == 0 and min(h, w) + 2 * p >= 2 * (k - 1) + 1 else 1
+        fwd, bwd, args = F.max_pool2d_forward, F.max_pool2d_backward, (k, s, p, dilation, ceil_mode)
+    else:
+        fwd, bwd, args = F.avg_pool2d_forward, F.avg_pool2d_backward, (k, s, p, ceil_mode, seed % 3 != 1)
     xc, xg = _both(rng, (n, h, w, c), dtype)
     if seed % 2:  # integer values: many ties, so the tie rule decides routing
         xc = np.round(xc).astype(dtype)
         xg = module_for("cupy").asarray(xc)
-    yc, cc = fwd(xc, k, s, p)
-    yg, cg = fwd(xg, k, s, p)
-    _check([yc], [yg], "pool", dtype, f"{kind} pool forward")
+    yc, cc = fwd(xc, *args)
+    yg, cg = fwd(xg, *args)
+    _check([yc], [yg], "pool", dtype, f"{kind} pool forward {args}")
     if kind == "max":
-        np.testing.assert_array_equal(to_numpy(cg[0]), cc[0], err_msg="max-pool routing differs")
+        np.testing.assert_array_equal(to_numpy(cg.argmax), cc.argmax, err_msg="max-pool routing differs")
     dyc, dyg = _both(rng, yc.shape, dtype)
-    _check([bwd(dyc, cc)], [bwd(dyg, cg)], "pool", dtype, f"{kind} pool backward")
+    _check([bwd(dyc, cc)], [bwd(dyg, cg)], "pool", dtype, f"{kind} pool backward {args}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(4, 7, 7, 64), (2, 13, 5, 3), (3, 1, 1, 8)])
+def test_global_avg_pooling(dtype, shape):
+    rng = np.random.default_rng(shape[1])
+    xc, xg = _both(rng, shape, dtype)
+    yc, cc = F.global_avg_pool2d_forward(xc)
+    yg, cg = F.global_avg_pool2d_forward(xg)
+    _check([yc], [yg], "pool", dtype, "global avg pool forward")
+    assert to_numpy(F.global_avg_pool2d_forward(xg)[0]).tobytes() == to_numpy(yg).tobytes()  # deterministic
+    dyc, dyg = _both(rng, yc.shape, dtype)
+    _check([F.global_avg_pool2d_backward(dyc, cc)], [F.global_avg_pool2d_backward(dyg, cg)], "pool", dtype,
+           "global avg pool backward")
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

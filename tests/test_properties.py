@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 
 from cnn_gpu.functional import avg_pool2d_forward, batch_norm_forward, conv2d_forward, max_pool2d_backward, max_pool2d_forward
 
-from .references import batch_norm_loops, conv2d_loops, max_pool_argmax_loops, pool_loops
+from .references import avg_pool_loops, batch_norm_loops, conv2d_loops, max_pool_backward_loops, max_pool_loops
 
 settings.register_profile("ci", max_examples=40, deadline=None)
 settings.load_profile("ci")
@@ -36,32 +36,41 @@ def test_conv2d_matches_loops(case):
 
 @st.composite
 def pool_case(draw):
+    """A pooling geometry the ops accept: padding at most half the kernel, an input the dilated
+    window fits, floor or ceil mode."""
     kh, kw = draw(st.integers(1, 4)), draw(st.integers(1, 4))
     sh, sw = draw(st.integers(1, 3)), draw(st.integers(1, 3))
     ph, pw = draw(st.integers(0, kh // 2)), draw(st.integers(0, kw // 2))
-    h = draw(st.integers(max(1, kh - 2 * ph), 9))
-    w = draw(st.integers(max(1, kw - 2 * pw), 9))
+    dh, dw = draw(st.integers(1, 3)), draw(st.integers(1, 3))
+    h = draw(st.integers(max(1, dh * (kh - 1) + 1 - 2 * ph), 10))
+    w = draw(st.integers(max(1, dw * (kw - 1) + 1 - 2 * pw), 10))
     n, c = draw(st.integers(1, 3)), draw(st.integers(1, 3))
-    return n, h, w, c, (kh, kw), (sh, sw), (ph, pw), draw(st.integers(0, 2**31 - 1)), draw(st.booleans())
+    return (n, h, w, c, (kh, kw), (sh, sw), (ph, pw), (dh, dw), draw(st.booleans()),
+            draw(st.integers(0, 2**31 - 1)), draw(st.booleans()))
 
 
 @given(pool_case())
 def test_max_pool_matches_loops_and_routes_to_the_first_maximum(case):
-    n, h, w, c, pool, stride, padding, seed, ties = case
+    n, h, w, c, kernel, stride, padding, dilation, ceil_mode, seed, ties = case
     rng = np.random.default_rng(seed)
     x = rng.integers(0, 3, (n, h, w, c)).astype(float) if ties else rng.standard_normal((n, h, w, c))
-    y, cache = max_pool2d_forward(x, pool, stride, padding)
-    np.testing.assert_array_equal(y, pool_loops(x, pool, stride, padding, np.max))
-    np.testing.assert_array_equal(cache[0], max_pool_argmax_loops(x, pool, stride, padding))
-    assert max_pool2d_backward(np.ones_like(y), cache).sum() == y.size
+    y, cache = max_pool2d_forward(x, kernel, stride, padding, dilation, ceil_mode)
+    y_ref, argmax_ref = max_pool_loops(x, kernel, stride, padding, dilation, ceil_mode)
+    np.testing.assert_array_equal(y, y_ref)
+    np.testing.assert_array_equal(cache.argmax, argmax_ref)
+    dy = rng.standard_normal(y.shape)
+    np.testing.assert_allclose(max_pool2d_backward(dy, cache),  # the same sums in another order
+                               max_pool_backward_loops(dy, argmax_ref, x.shape, kernel, stride, padding, dilation),
+                               rtol=1e-12, atol=1e-12)
 
 
-@given(pool_case())
-def test_avg_pool_matches_loops(case):
-    n, h, w, c, pool, stride, padding, seed, _ = case
+@given(pool_case(), st.booleans())
+def test_avg_pool_matches_loops(case, count_include_pad):
+    n, h, w, c, kernel, stride, padding, _, ceil_mode, seed, _ = case
     x = np.random.default_rng(seed).standard_normal((n, h, w, c))
-    y, _ = avg_pool2d_forward(x, pool, stride, padding)
-    np.testing.assert_allclose(y, pool_loops(x, pool, stride, padding, np.mean), rtol=1e-12, atol=1e-12)
+    y, _ = avg_pool2d_forward(x, kernel, stride, padding, ceil_mode, count_include_pad)
+    np.testing.assert_allclose(y, avg_pool_loops(x, kernel, stride, padding, ceil_mode, count_include_pad),
+                               rtol=1e-12, atol=1e-12)
 
 
 @given(st.lists(st.integers(1, 5), min_size=1, max_size=3), st.integers(1, 6), st.integers(0, 2**31 - 1),

@@ -21,6 +21,7 @@ import numpy as np
 
 from cnn_gpu.backend import require_cupy
 from cnn_gpu.cuda import batchnorm, maxpool
+from cnn_gpu.geometry import Window
 
 GIB = 1 << 30
 WARMUP, REPEATS = 3, 10
@@ -80,13 +81,14 @@ def measure(dtype: str = "float32", gib: float = 1.0) -> list[dict]:
     x = cupy.random.standard_normal((batch, h, w, c), dtype=dt)
     for pool, stride, padding in (((2, 2), (2, 2), (0, 0)), ((3, 3), (2, 2), (1, 1))):
         tag = f"pool {pool[0]}x{pool[1]} stride {stride[0]} pad {padding[0]}"
-        y, argmax = maxpool.max_pool2d_forward(x, pool, stride, padding)
-        ms = _median_ms(cupy, lambda: maxpool.max_pool2d_forward(x, pool, stride, padding))
+        window = Window.of(pool, stride, padding)
+        out_hw = window.output_hw(h, w, "max_pool2d")
+        y, argmax = maxpool.max_pool2d_forward(x, window, out_hw)
+        ms = _median_ms(cupy, lambda: maxpool.max_pool2d_forward(x, window, out_hw))
         rows.append(_row(f"max_pool2d_forward {tag}", x.shape, ms,
                          x.nbytes + y.nbytes + argmax.nbytes, copy_gbs))
         dy = cupy.random.standard_normal(y.shape, dtype=dt)
-        ms = _median_ms(cupy, lambda: maxpool.max_pool2d_backward(dy, argmax, x.shape,
-                                                                  pool, stride, padding))
+        ms = _median_ms(cupy, lambda: maxpool.max_pool2d_backward(dy, argmax, x.shape, window))
         rows.append(_row(f"max_pool2d_backward {tag}", x.shape, ms,
                          dy.nbytes + argmax.nbytes + x.nbytes, copy_gbs))
         del y, argmax, dy

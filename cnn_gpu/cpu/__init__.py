@@ -7,7 +7,7 @@ in one pass per result, which on the seed network's first pool and batch norm is
 every kernel with it, and it runs wherever Numba is missing or switched off.
 
 - `cnn_gpu.cpu.maxpool`: `max_pool2d_forward`, `max_pool2d`, `max_pool2d_backward`
-  (non-overlapping windows: stride == pool size, no padding)
+  (every window geometry: stride, padding, dilation, ceil mode)
 - `cnn_gpu.cpu.batchnorm`: `channel_mean_var`, `channel_grad_sums`,
   `batch_norm_normalize`, `batch_norm_backward_dx` (the four calls of cnn_gpu.cuda.batchnorm)
 - `cnn_gpu.cpu.conv`: `col2im`, for the convolution's input gradient

@@ -1,12 +1,19 @@
-"""Max pooling over non-overlapping windows (stride == pool size, no padding), compiled by Numba.
+"""Max pooling compiled by Numba, for every window geometry (kernel, stride, padding, dilation, ceil mode).
 
-    x (N, H, W, C) -> y (N, OH, OW, C), OH = H // KH, OW = W // KW
+    x (N, H, W, C) -> y (N, OH, OW, C);  window (oh, ow) reads tap (kh, kw) at input position
+    (oh*SH - PH + kh*DH, ow*SW - PW + kw*DW), and a tap outside the input counts as -inf.
 
-The same results as the NumPy code in cnn_gpu.functional.pool, bit for bit: the gradient
-goes to the FIRST maximum of a window in row-major (kh, kw) order, and a NaN counts as a
-maximum. Each kernel walks the windows once; for each window it runs over the KH*KW offsets
-with the C channels innermost, so the compare-and-select compiles to SIMD over channels
-and the window's running maximum stays in registers or L1.
+The same results as the plain NumPy code in cnn_gpu.functional.pool, bit for bit: the gradient
+goes to the FIRST maximum of a window in row-major (kh, kw) order, a NaN counts as a maximum, and
+where windows overlap an input adds its gradients in ascending tap order k = kh*KW + kw. The three
+calls are functional.pool's paths: they take the geometry checked there, a geometry.Window and the
+output size (OH, OW), and are memory-safe whatever it is (no tap outside x is read).
+
+Each kernel walks the windows once; for each window it runs over the taps with the C channels
+innermost, so the compare-and-select compiles to SIMD over channels and the window's running
+maximum stays in L1. Windows that tile the input (stride == kernel, no padding or dilation), the
+seed network's 2x2 pools, have kernels of their own: no bounds, and the 2x2 forward keeps its
+running maximum in a register.
 """
 from __future__ import annotations
 
@@ -15,43 +22,64 @@ from typing import Any
 import numba
 import numpy as np
 
-from ..geometry import window_index_dtype
+from ..geometry import Window, window_index_dtype
 
 _jit = numba.njit(cache=True, nogil=True, boundscheck=False)
+_NO_ARGMAX = np.zeros((1, 1, 1, 1), np.uint8)  # what evaluation passes for the argmax: never read or written
 
 
 @_jit
 def _pick(v, best, at, k):  # pragma: no cover - compiled
-    """The running (maximum, argmax) after seeing v at window offset k: strictly greater keeps the
-    first maximum; a NaN beats all but an earlier NaN. Selects, not branches (SIMD)."""
+    """The running (maximum, argmax) after seeing v at tap k: strictly greater keeps the first
+    maximum; a NaN beats all but an earlier NaN. Selects, not branches (SIMD)."""
     better = (v > best) | ((v != v) & (best == best))
     return (v if better else best), (k if better else at)
 
 
 @_jit
-def _forward(x, kh, kw, y, argmax, record):  # pragma: no cover - compiled; tested against NumPy
-    """record False (evaluation): argmax is not written (pass any uint8 array)."""
-    n, oh, ow, c = y.shape
-    for b in range(n):
-        for i in range(oh):
-            for j in range(ow):
-                for ch in range(c):
-                    y[b, i, j, ch] = x[b, i * kh, j * kw, ch]
-                    if record:
-                        argmax[b, i, j, ch] = 0
-                for k in range(1, kh * kw):
-                    r, s = i * kh + k // kw, j * kw + k % kw
-                    for ch in range(c):
-                        at = argmax[b, i, j, ch] if record else 0
-                        y[b, i, j, ch], at = _pick(x[b, r, s, ch], y[b, i, j, ch], at, k)
-                        if record:
-                            argmax[b, i, j, ch] = at
+def _taps_inside(start, kernel, dilation, size):  # pragma: no cover - compiled
+    """Along one axis, the taps t in [lo, hi) of a window at `start` (< size; < 0 in the padding)
+    whose positions start + t*dilation lie inside [0, size)."""
+    lo = (-start + dilation - 1) // dilation if start < 0 else 0
+    hi = min(kernel, (size - 1 - start) // dilation + 1)
+    return lo, hi
 
 
 @_jit
-def _forward_2x2(x, y, argmax, record):  # pragma: no cover - compiled; tested against NumPy
-    """_forward for 2x2 windows, the four offsets written out: the running maximum stays in a
-    register instead of y (the seed network's first pool at batch 64: 0.5 -> 0.25 ms)."""
+def _forward(x, kh, kw, sh, sw, ph, pw, dh, dw, y, argmax, record):  # pragma: no cover - compiled
+    """Any geometry; y (N, OH, OW, C) gives OH and OW. record False (evaluation): argmax is not
+    written (pass any array of its dtype). Taps outside the input are skipped: -inf never beats
+    the running maximum, which starts at -inf with argmax 0 -- the plain code's answer when a
+    window holds nothing but -inf."""
+    n, h, w, c = x.shape
+    oh, ow = y.shape[1], y.shape[2]
+    neg_inf = x.dtype.type(-np.inf)
+    for b in range(n):
+        for i in range(oh):
+            h0 = i * sh - ph
+            th_lo, th_hi = _taps_inside(h0, kh, dh, h)
+            for j in range(ow):
+                w0 = j * sw - pw
+                tw_lo, tw_hi = _taps_inside(w0, kw, dw, w)
+                for ch in range(c):
+                    y[b, i, j, ch] = neg_inf
+                    if record:
+                        argmax[b, i, j, ch] = 0
+                for th in range(th_lo, th_hi):
+                    r = h0 + th * dh
+                    for tw in range(tw_lo, tw_hi):
+                        s, k = w0 + tw * dw, th * kw + tw
+                        for ch in range(c):
+                            at = argmax[b, i, j, ch] if record else 0
+                            y[b, i, j, ch], at = _pick(x[b, r, s, ch], y[b, i, j, ch], at, k)
+                            if record:
+                                argmax[b, i, j, ch] = at
+
+
+@_jit
+def _forward_2x2(x, y, argmax, record):  # pragma: no cover - compiled
+    """_forward for 2x2 windows that tile the input, the four taps written out: the running
+    maximum stays in a register instead of y."""
     n, oh, ow, c = y.shape
     for b in range(n):
         for i in range(oh):
@@ -68,7 +96,33 @@ def _forward_2x2(x, y, argmax, record):  # pragma: no cover - compiled; tested a
 
 
 @_jit
-def _backward(dy, argmax, kh, kw, dx):  # pragma: no cover - compiled; tested against NumPy
+def _backward(dy, argmax, kh, kw, sh, sw, ph, pw, dh, dw, dx):  # pragma: no cover - compiled
+    """Any geometry; dx (N, H, W, C) must hold zeros. The windows go in reverse row-major order:
+    an input's windows then come by ascending tap k (a later window reads it at an earlier tap),
+    the order in which the plain code adds them -- the same sums, bit for bit. Adding zero where
+    the argmax points elsewhere changes no bits (dx never holds -0.0) and keeps the loop SIMD."""
+    n, oh, ow, c = dy.shape
+    h, w = dx.shape[1], dx.shape[2]
+    zero = dx.dtype.type(0)
+    for b in range(n):
+        for i in range(oh - 1, -1, -1):
+            h0 = i * sh - ph
+            th_lo, th_hi = _taps_inside(h0, kh, dh, h)
+            for j in range(ow - 1, -1, -1):
+                w0 = j * sw - pw
+                tw_lo, tw_hi = _taps_inside(w0, kw, dw, w)
+                for th in range(th_lo, th_hi):
+                    r = h0 + th * dh
+                    for tw in range(tw_lo, tw_hi):
+                        s, k = w0 + tw * dw, th * kw + tw
+                        for ch in range(c):
+                            dx[b, r, s, ch] += dy[b, i, j, ch] if argmax[b, i, j, ch] == k else zero
+
+
+@_jit
+def _backward_tiles(dy, argmax, kh, kw, dx):  # pragma: no cover - compiled
+    """Windows that tile the input: each input is in one window at most, so its dy or 0 is
+    written, not added; rows and columns past the last window are left to the caller."""
     n, oh, ow, c = dy.shape
     zero = dx.dtype.type(0)
     for b in range(n):
@@ -80,37 +134,49 @@ def _backward(dy, argmax, kh, kw, dx):  # pragma: no cover - compiled; tested ag
                         dx[b, r, s, ch] = dy[b, i, j, ch] if argmax[b, i, j, ch] == k else zero
 
 
-def max_pool2d_forward(x: Any, kh: int, kw: int) -> tuple[Any, Any]:
-    """x (N, H, W, C) -> y (N, H // KH, W // KW, C), argmax (same shape; uint8 for windows up to 256)."""
-    x = np.ascontiguousarray(x)
-    n, h, w, c = x.shape
-    y = np.empty((n, h // kh, w // kw, c), dtype=x.dtype)
-    argmax = np.empty(y.shape, dtype=window_index_dtype(kh, kw))
-    if (kh, kw) == (2, 2):
-        _forward_2x2(x, y, argmax, True)
+def _windows_tile(window: Window, h: int, w: int, oh: int, ow: int) -> bool:
+    """Stride == kernel, no padding, no dilation, every window inside the input."""
+    kh, kw, sh, sw, ph, pw, dh, dw = window
+    return sh == kh and sw == kw and ph == pw == 0 and dh == dw == 1 and oh * kh <= h and ow * kw <= w
+
+
+def _run_forward(x: Any, window: Window, y: Any, argmax: Any, record: bool) -> None:
+    if (window.kh, window.kw) == (2, 2) and _windows_tile(window, x.shape[1], x.shape[2], y.shape[1], y.shape[2]):
+        _forward_2x2(x, y, argmax, record)
     else:
-        _forward(x, kh, kw, y, argmax, True)
+        _forward(x, *window, y, argmax, record)
+
+
+def max_pool2d_forward(x: Any, window: Window, out_hw: tuple[int, int]) -> tuple[Any, Any]:
+    """x (N, H, W, C) -> y (N, OH, OW, C), argmax (same shape, window_index_dtype: the tap kh*KW + kw
+    of each maximum). out_hw: (OH, OW), geometry's output size for the window (floor or ceil mode)."""
+    x = np.ascontiguousarray(x)
+    shape = (x.shape[0], *out_hw, x.shape[3])
+    y = np.empty(shape, dtype=x.dtype)
+    argmax = np.empty(shape, dtype=window_index_dtype(window.kh, window.kw))
+    _run_forward(x, window, y, argmax, True)
     return y, argmax
 
 
-def max_pool2d(x: Any, kh: int, kw: int) -> Any:
-    """x (N, H, W, C) -> y (N, H // KH, W // KW, C), with no argmax (evaluation)."""
+def max_pool2d(x: Any, window: Window, out_hw: tuple[int, int]) -> Any:
+    """x (N, H, W, C) -> y (N, OH, OW, C), with no argmax (evaluation)."""
     x = np.ascontiguousarray(x)
-    n, h, w, c = x.shape
-    y = np.empty((n, h // kh, w // kw, c), dtype=x.dtype)
-    unused = np.empty((1, 1, 1, 1), dtype=window_index_dtype(kh, kw))
-    if (kh, kw) == (2, 2):
-        _forward_2x2(x, y, unused, False)
-    else:
-        _forward(x, kh, kw, y, unused, False)
+    y = np.empty((x.shape[0], *out_hw, x.shape[3]), dtype=x.dtype)
+    _run_forward(x, window, y, _NO_ARGMAX, False)
     return y
 
 
-def max_pool2d_backward(dy: Any, argmax: Any, x_shape: tuple[int, ...], kh: int, kw: int) -> Any:
-    """dy (N, OH, OW, C) -> dx (N, H, W, C): each gradient to its window's argmax, zeros elsewhere."""
-    dx = np.empty(x_shape, dtype=dy.dtype)
+def max_pool2d_backward(dy: Any, argmax: Any, x_shape: tuple[int, ...], window: Window) -> Any:
+    """dy, argmax (N, OH, OW, C) -> dx (N, H, W, C): each gradient to its window's argmax tap (one
+    outside the input drops out); where windows overlap, an input adds what it receives."""
+    dy, argmax = np.ascontiguousarray(dy), np.ascontiguousarray(argmax)
     oh, ow = dy.shape[1], dy.shape[2]
-    dx[:, oh * kh:] = 0  # rows and columns no window covers
-    dx[:, :, ow * kw:] = 0
-    _backward(np.ascontiguousarray(dy), argmax, kh, kw, dx)
+    if _windows_tile(window, x_shape[1], x_shape[2], oh, ow):
+        dx = np.empty(x_shape, dtype=dy.dtype)
+        dx[:, oh * window.kh:] = 0  # rows and columns no window covers
+        dx[:, :, ow * window.kw:] = 0
+        _backward_tiles(dy, argmax, window.kh, window.kw, dx)
+    else:
+        dx = np.zeros(x_shape, dtype=dy.dtype)
+        _backward(dy, argmax, *window, dx)
     return dx

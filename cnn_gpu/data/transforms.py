@@ -20,10 +20,13 @@ from typing import Any
 import numpy as np
 
 from cnn_gpu.backend import get_array_module, to_numpy
-from cnn_gpu.data.datasets import get_spec
+from cnn_gpu.data.datasets import IMAGE_FOLDER, canonical_name
 
 # An augmentation takes a batch (N, H, W, C) and a Generator and returns a new batch of that shape.
 AugmentFn = Callable[[Any, np.random.Generator], Any]
+# compute_norm_stats reads this many pixel values at a time, so a memory-mapped dataset is
+# streamed through in pieces instead of read (and squared) whole.
+NORM_STATS_CHUNK_VALUES = 1 << 24
 
 
 @dataclass(frozen=True)
@@ -44,25 +47,40 @@ def to_unit_float(images: Any, dtype: Any = np.float32) -> Any:
 def compute_norm_stats(train_images: Any) -> NormStats:
     """Per-channel mean and std of training images (N, H, W, C), in [0, 1] units.
 
-    Compute these on the training split only and apply them to every split.
+    Compute these on the training split only and apply them to every split. The images are
+    read NORM_STATS_CHUNK_VALUES values at a time (rows train_images[i:j]), so a np.memmap or
+    Subset is never held in memory whole; uint8 sums are exact integers, so the result does
+    not depend on the chunking.
     """
     xp = get_array_module(train_images)
-    axes = tuple(range(train_images.ndim - 1))  # all but the channel axis
-    n = int(np.prod(train_images.shape[:-1]))
+    shape = tuple(train_images.shape)
+    axes = tuple(range(len(shape) - 1))  # all but the channel axis
+    n = int(np.prod(shape[:-1]))
+    if n == 0:
+        raise ValueError(f"compute_norm_stats: no training images (shape {shape})")
+    step = max(1, NORM_STATS_CHUNK_VALUES // max(1, int(np.prod(shape[1:]))))
+    chunks = [(i, min(i + step, shape[0])) for i in range(0, shape[0], step)]
     if train_images.dtype == np.uint8:
         # Exact integer sums (x**2 <= 255**2 fits uint16) instead of a float64 copy of the whole
         # set (60000x28x28 pixels would be 376 MB) or np.var, which is ~30x slower here.
-        total = to_numpy(train_images.sum(axis=axes, dtype=xp.uint64)).astype(object)
-        squares = to_numpy(xp.square(train_images, dtype=xp.uint16).sum(axis=axes, dtype=xp.uint64))
-        var_255 = (n * squares.astype(object) - total * total) / (n * n)  # Python ints: no rounding
+        total = np.zeros(shape[-1], dtype=object)
+        squares = np.zeros(shape[-1], dtype=object)
+        for i, j in chunks:
+            chunk = train_images[i:j]
+            total += to_numpy(chunk.sum(axis=axes, dtype=xp.uint64)).astype(object)
+            squares += to_numpy(xp.square(chunk, dtype=xp.uint16).sum(axis=axes, dtype=xp.uint64)).astype(object)
+        var_255 = (n * squares - total * total) / (n * n)  # Python ints: no rounding
         mean = total.astype(np.float64) / n / 255.0
         std = np.sqrt(var_255.astype(np.float64)) / 255.0
-    else:
-        scaled = to_unit_float(train_images, np.float64)
-        mean, std = to_numpy(scaled.mean(axis=axes)), to_numpy(scaled.std(axis=axes))
+    else:  # two passes in float64: the mean, then the squared deviations from it
+        mean = sum(to_numpy(to_unit_float(train_images[i:j], np.float64).sum(axis=axes)) for i, j in chunks) / n
+        mean_xp = xp.asarray(mean)
+        deviations = sum(to_numpy(xp.square(to_unit_float(train_images[i:j], np.float64) - mean_xp).sum(axis=axes))
+                         for i, j in chunks)
+        std = np.sqrt(deviations / n)
     if np.any(std == 0):
         raise ValueError(f"a channel of the training images is constant (std {std}); cannot normalize")
-    return NormStats(mean=mean, std=std)
+    return NormStats(mean=np.asarray(mean, dtype=np.float64), std=np.asarray(std, dtype=np.float64))
 
 
 def normalize(images: Any, stats: NormStats, dtype: Any = np.float32) -> Any:
@@ -94,6 +112,18 @@ def random_shift(images: Any, max_shift: int, rng: np.random.Generator, fill: An
     cols = xp.arange(w)[None, :] + k - dx[:, None]  # (N, W)
     batch = xp.arange(n)[:, None, None]
     return padded[batch, rows[:, :, None], cols[:, None, :]]
+
+
+def random_crop(images: Any, padding: int, rng: np.random.Generator, fill: Any = 0) -> Any:
+    """Random crop with padding, CIFAR's usual augmentation (padding 4): pad each image by
+    `padding` pixels of `fill` on every side and cut an (H, W) window at a uniformly random offset.
+
+    images (N, H, W, C) -> (N, H, W, C). The window at offset (i, j) in [0, 2p]^2 holds
+    out[y, x] = images[y + i - p, x + j - p]: exactly a shift by (p - i, p - j), each uniform in
+    [-p, p] with the gap filled, so this is random_shift(images, padding, ...) (the same draws,
+    the same output; torchvision's RandomCrop(size, padding=p) draws from the same distribution).
+    """
+    return random_shift(images, padding, rng, fill=fill)
 
 
 def random_hflip(images: Any, rng: np.random.Generator, p: float = 0.5) -> Any:
@@ -158,9 +188,46 @@ class Augmentation:
         return ", ".join(parts) or "none"
 
 
-def augmentation_for(dataset_name: str, max_shift: int = 2, erase: float = 0.0) -> Augmentation:
-    """The augmentation that suits a dataset: small shifts for both, left-right flips for
-    Fashion-MNIST only (a mirrored shirt is a shirt; a mirrored digit is not a digit), and
-    random erasing with probability `erase` if asked for."""
-    name = get_spec(dataset_name).name
-    return Augmentation(max_shift=max_shift, hflip=(name == "fashion-mnist"), erase=erase)
+@dataclass(frozen=True)
+class AugmentDefaults:
+    """A dataset's usual augmentation, read by augmentation_for and by the training recipes."""
+
+    max_shift: int | None  # pixels of random shift (= random-crop padding); None: an eighth of the smaller side
+    hflip: bool  # whether its classes survive a left-right mirror (also what mirror TTA needs)
+
+
+AUGMENT_DEFAULTS: dict[str, AugmentDefaults] = {
+    "mnist": AugmentDefaults(max_shift=2, hflip=False),  # a mirrored digit is not a digit
+    "fashion-mnist": AugmentDefaults(max_shift=2, hflip=True),  # a mirrored shirt is a shirt
+    "cifar10": AugmentDefaults(max_shift=4, hflip=True),  # the usual CIFAR recipe: 4-pixel padded crops, flips
+    "cifar100": AugmentDefaults(max_shift=4, hflip=True),
+    # Photos of objects: flips, and crops padded by an eighth of the side (4 px at 32x32, as CIFAR).
+    # Text, digits or anything with a handedness should turn flips off (hflip=False).
+    IMAGE_FOLDER: AugmentDefaults(max_shift=None, hflip=True),
+}
+
+
+def augmentation_defaults(dataset_name: str) -> AugmentDefaults:
+    """The AUGMENT_DEFAULTS entry of a dataset name (any spelling load_dataset accepts)."""
+    return AUGMENT_DEFAULTS[canonical_name(dataset_name)]
+
+
+def augmentation_for(dataset_name: str, max_shift: int | None = None, erase: float = 0.0,
+                     hflip: bool | None = None, image_size: tuple[int, int] | None = None) -> Augmentation:
+    """The augmentation that suits a dataset (AUGMENT_DEFAULTS), each part overridable.
+
+    max_shift: pixels of random shift, the same as a random crop with that padding (None: the
+    dataset's default: 2 for the MNISTs, 4 for CIFAR, an eighth of the smaller side of
+    image_size (H, W) for an image folder). hflip: left-right flips (None: the default, on for
+    all but MNIST). erase: the probability of random erasing per image (0: off).
+    """
+    defaults = augmentation_defaults(dataset_name)
+    if max_shift is None:
+        max_shift = defaults.max_shift
+        if max_shift is None:
+            if image_size is None:
+                raise ValueError(f"augmentation_for({dataset_name!r}): give image_size (H, W) or max_shift; "
+                                 "the default shift is an eighth of the smaller side")
+            max_shift = max(1, round(min(image_size) / 8))
+    return Augmentation(max_shift=int(max_shift), hflip=defaults.hflip if hflip is None else bool(hflip),
+                        erase=erase)
