@@ -179,6 +179,41 @@ def test_a_flatten_read_by_a_concat_is_reordered(tmp_path, rng):
     assert_runtimes_agree(model, proto, (4, 3, 2), rng)
 
 
+def test_a_flatten_changed_by_a_layer_then_reordered(tmp_path, rng):
+    """flatten -> ReLU (which keeps ONNX's order) -> concat (which needs ours): the reorder starts
+    from the ReLU's output, not from the image before the flatten."""
+    x = Input((4, 3, 2))
+    a = L.ReLU()(L.Flatten()(L.Conv2D(2, 3, 1, rng=rng)(x, name="conv"), name="flat"), name="relu")
+    model = Graph(x, L.Dense(72, 2, rng=rng)(L.Concat()(a, a, name="cat"), name="out"))
+    proto = export_checked(model, tmp_path, (4, 3, 2))
+    assert_runtimes_agree(model, proto, (4, 3, 2), rng)
+
+
+def test_a_graph_of_two_inputs(tmp_path, rng):
+    image, vector = Input((5, 5, 2), name="image"), Input((3,), name="extra")
+    h = L.Dense(4, 3, rng=rng)(L.GlobalAvgPool2D()(L.Conv2D(2, 4, 3, rng=rng)(image, name="conv"), name="gap"),
+                               name="fc")
+    model = Graph([image, vector], L.Add()(h, L.Tanh()(vector, name="tanh"), name="sum"))
+    proto = export_checked(model, tmp_path, [(5, 5, 2), (3,)])
+    assert [i.name for i in proto.graph.input] == ["image", "extra"]
+    a = rng.standard_normal((4, 5, 5, 2)).astype(np.float32)
+    b = rng.standard_normal((4, 3)).astype(np.float32)
+    model.eval()
+    import onnxruntime as ort
+    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    y = session.run(None, {"image": a, "extra": b})[0]
+    np.testing.assert_allclose(y, model.forward(a, b), rtol=RTOL, atol=ATOL)
+
+
+def test_a_float64_model_is_written_in_float32(tmp_path, rng):
+    model = zoo_model("seed_cnn", (12, 12, 1), {"dtype": "float64"}, batch_norm=True)
+    proto = export_checked(model, tmp_path, (12, 12, 1))
+    assert all(t.data_type == onnx.TensorProto.FLOAT for t in proto.graph.initializer
+               if t.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE))
+    x = rng.standard_normal((3, 12, 12, 1))
+    np.testing.assert_allclose(run_ort(proto, x.astype(np.float32)), ours(model, x), rtol=RTOL, atol=ATOL)
+
+
 def test_a_model_of_vectors(tmp_path, rng):
     model = Sequential([L.Dense(6, 8, rng=rng), L.BatchNorm1D(8), L.Tanh(), L.Dense(8, 3, bias=False, rng=rng)])
     randomize_batch_norm(model, rng)

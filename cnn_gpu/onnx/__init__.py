@@ -32,10 +32,11 @@ def export(model: Any, path: str | os.PathLike, input_shape: Sequence[int] | Seq
     """Write `model` (any cnn_gpu layer or model) in evaluation mode to an ONNX file, atomically.
 
     input_shape: one sample's (H, W, C) (or (D,) for a model of vectors), one per input of a
-    multi-input Graph. The file has opset 17 (IR 8), the model's float dtype, a dynamic batch axis,
-    its input "input" in our (N, H, W, C) layout and its output "output" ((N, classes) for a
-    classifier; an image output comes back as (N, H, W, C)). metadata: more metadata_props (a
-    value that is not a string is written as JSON) besides input_layout and input_shape.
+    multi-input Graph. The file has opset 17 (IR 8), float32 (a float64 model's weights are
+    rounded), a dynamic batch axis, its input "input" in our (N, H, W, C) layout (a Graph's inputs
+    keep their names) and its output "output" ((N, classes) for a classifier; an image output
+    comes back as (N, H, W, C)). metadata: more metadata_props (a value that is not a string is
+    written as JSON) besides input_layout and input_shape.
     Raises OnnxError naming the node (its path and type) of a layer that cannot be exported.
     Returns the path written.
     """

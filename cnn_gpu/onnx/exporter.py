@@ -1,4 +1,4 @@
-"""Export any cnn_gpu model to ONNX (opset 17, IR 8, float32 as the model is) for onnxruntime,
+"""Export any cnn_gpu model to ONNX (opset 17, IR 8, float32) for onnxruntime,
 TensorRT and the rest; cnn_gpu.onnx.export and export_checkpoint are the entry points.
 
 The file computes the model's evaluation mode:
@@ -54,6 +54,10 @@ class Value(NamedTuple):
     form: str
     image: tuple[int, int, int] | None = None
     source: str | None = None
+
+    def computed(self, name: str) -> "Value":
+        """The value of a layer that keeps this one's shape and form (its source no longer holds it)."""
+        return self._replace(name=name, source=None)
 
 
 class _Builder:
@@ -157,7 +161,7 @@ def _batch_norm(b: _Builder, layer: Any, path: str, xs: list[Value]) -> Value:
         arrays = {k: hwc_rows_to_chw(v, x.image) for k, v in arrays.items()}
     inputs = [x.name] + [b.const(f"{path}.{k}", v) for k, v in arrays.items()]
     y = b.node("BatchNormalization", inputs, path, epsilon=float(layer.eps), momentum=1.0 - float(layer.momentum))
-    return x._replace(name=y)
+    return x.computed(y)
 
 
 def _max_pool(b: _Builder, layer: L.MaxPool2D, path: str, xs: list[Value]) -> Value:
@@ -185,23 +189,23 @@ def _global_avg_pool(b: _Builder, layer: L.GlobalAvgPool2D, path: str, xs: list[
 
 def _clip(b: _Builder, layer: L.Clip, path: str, xs: list[Value]) -> Value:
     low, high = b.const(f"{path}.min", np.float64(layer.low)), b.const(f"{path}.max", np.float64(layer.high))
-    return xs[0]._replace(name=b.node("Clip", [xs[0].name, low, high], path))
+    return xs[0].computed(b.node("Clip", [xs[0].name, low, high], path))
 
 
 def _silu(b: _Builder, layer: L.SiLU, path: str, xs: list[Value]) -> Value:
     gate = b.node("Sigmoid", [xs[0].name], f"{path}/sigmoid")
-    return xs[0]._replace(name=b.node("Mul", [xs[0].name, gate], path))
+    return xs[0].computed(b.node("Mul", [xs[0].name, gate], path))
 
 
 def _softmax(b: _Builder, layer: L.Softmax, path: str, xs: list[Value]) -> Value:
     # Over our last axis: the channels of an image (ONNX's axis 1), the features of a vector (a CHW
     # vector's features are permuted, which a softmax over all of them does not see).
-    return xs[0]._replace(name=b.node("Softmax", [xs[0].name], path, axis=1))
+    return xs[0].computed(b.node("Softmax", [xs[0].name], path, axis=1))
 
 
 def _dropout(b: _Builder, layer: L.Dropout, path: str, xs: list[Value]) -> Value:
     ratio = b.const(f"{path}.ratio", np.float64(layer.p))  # the identity in inference
-    return xs[0]._replace(name=b.node("Dropout", [xs[0].name, ratio], path))
+    return xs[0].computed(b.node("Dropout", [xs[0].name, ratio], path))
 
 
 def _flatten(b: _Builder, layer: L.Flatten, path: str, xs: list[Value]) -> Value:
@@ -219,7 +223,7 @@ def _add(b: _Builder, layer: L.Add, path: str, xs: list[Value]) -> Value:
     if not all(x.form == CHW and x.image == xs[0].image for x in xs):
         xs = [b.plain(x, path) for x in xs]
     y = b.node("Add" if len(xs) == 2 else "Sum", [x.name for x in xs], path)
-    return xs[0]._replace(name=y, source=None)
+    return xs[0].computed(y)
 
 
 def _concat(b: _Builder, layer: L.Concat, path: str, xs: list[Value]) -> Value:
@@ -245,7 +249,7 @@ def _channel_affine(b: _Builder, layer: OL.ChannelAffine, path: str, xs: list[Va
     if "shift" in layer.params:
         shift = b.const(f"{path}.shift", _per_feature(x, to_numpy(layer.params["shift"].data)))
         y = b.node("Add", [y, shift], path)
-    return x._replace(name=y, source=None)
+    return x.computed(y)
 
 
 def _reshape(b: _Builder, layer: OL.Reshape, path: str, xs: list[Value]) -> Value:
@@ -270,13 +274,13 @@ def _reshape(b: _Builder, layer: OL.Reshape, path: str, xs: list[Value]) -> Valu
 
 def _simple(op: str) -> Exporter:
     def export(b: _Builder, layer: L.Layer, path: str, xs: list[Value]) -> Value:
-        return xs[0]._replace(name=b.node(op, [xs[0].name], path))
+        return xs[0].computed(b.node(op, [xs[0].name], path))
     return export
 
 
 def _with_attrs(op: str, attrs: Callable[[Any], dict[str, Any]]) -> Exporter:
     def export(b: _Builder, layer: L.Layer, path: str, xs: list[Value]) -> Value:
-        return xs[0]._replace(name=b.node(op, [xs[0].name], path, **attrs(layer)))
+        return xs[0].computed(b.node(op, [xs[0].name], path, **attrs(layer)))
     return export
 
 
@@ -347,11 +351,8 @@ def to_onnx(model: L.Layer, input_shape: Sequence[int] | Sequence[Sequence[int]]
         output_shape = tuple(model.output_shape(*shapes))
     except ValueError as exc:
         raise OnnxError(f"cannot export: the model does not take inputs of shape {shapes}: {exc}") from None
-    dtype = np.dtype(model.dtype)
-    if dtype.name not in ("float32", "float64"):
-        raise OnnxError(f"cannot export a model of dtype {dtype}; float32 or float64 only")
-    elem = {"float32": TensorProto.FLOAT, "float64": TensorProto.DOUBLE}[dtype.name]
-    b = _Builder(dtype, reserved=[*input_names, "output"])
+    elem = TensorProto.FLOAT  # what deployment runs: a float64 model's weights are rounded to float32
+    b = _Builder(np.dtype(np.float32), reserved=[*input_names, "output"])
     graph_inputs, values = [], []
     for name, shape in zip(input_names, shapes):
         graph_inputs.append(helper.make_tensor_value_info(name, elem, ["batch", *shape]))

@@ -253,7 +253,8 @@ class _Importer:
         return sum(len(self.readers.get(name, [])) + self.outputs.count(name) for name in names)
 
     def dtype_array(self, a: Any) -> np.ndarray:
-        return np.ascontiguousarray(np.asarray(a, dtype=self.dtype))
+        """A parameter's array: a writable copy in the model's dtype (onnx gives read-only views)."""
+        return np.array(a, dtype=self.dtype, order="C")
 
     # ---- the whole graph ----------------------------------------------------------------------------
 
@@ -470,23 +471,34 @@ def _pool(imp: _Importer, node: Any, attrs: _Attrs) -> None:
         raise OnnxError(f"{describe(node)}: dilations {dilations} of an average pool are not supported")
     pads = _pads(node, attrs, (h, w), kernel, strides, dilations)
     tensor, padding = x.tensor, (pads.top, pads.left)
-    if not (_symmetric(pads) and pads.top <= kernel[0] // 2 and pads.left <= kernel[1] // 2):
-        # Our pools pad symmetrically by at most half a window: the padding becomes a layer, of -inf
-        # for a max pool and of zeros for an average that counts them. In ceil mode that is the same
-        # only when ONNX's rule (drop a last window that starts in the end padding) drops nothing.
-        if not (is_max or include_pad):
-            raise OnnxError(f"{describe(node)}: pads {list(pads)} (top, bottom, left, right) of an average pool "
-                            "with count_include_pad=0 are not supported (only symmetric pads of at most half the "
-                            "window)")
-        for size, k, s, d, begin, end, axis in ((h, kernel[0], strides[0], dilations[0], pads.top, pads.bottom, "height"),
-                                                (w, kernel[1], strides[1], dilations[1], pads.left, pads.right, "width")):
-            ours = output_size(size + begin + end, k, s, 0, d, ceil, describe(node), axis)
-            onnx_out = _onnx_pool_size(size, k, s, d, begin, end, ceil)
-            if ours != onnx_out:
+    fits = pads.top <= kernel[0] // 2 and pads.left <= kernel[1] // 2  # our pools pad at most half a window
+    axes = ((h, kernel[0], strides[0], dilations[0], pads.top, pads.bottom, "height"),
+            (w, kernel[1], strides[1], dilations[1], pads.left, pads.right, "width"))
+    if not (_symmetric(pads) and fits):
+        onnx_hw = [_onnx_pool_size(size, k, s, d, begin, end, ceil) for size, k, s, d, begin, end, _ in axes]
+        # Extra padding at the end that positions do not count in (-inf of a max pool, left out of an
+        # average without count_include_pad) is what ceil mode does: PyTorch writes its ceil-mode
+        # pools that way. The windows are the same when there are as many.
+        as_ceil = fits and (is_max or not include_pad) and pads.bottom >= pads.top and pads.right >= pads.left and \
+            [output_size(size, k, s, begin, d, True, describe(node), axis)
+             for size, k, s, d, begin, _, axis in axes] == onnx_hw
+        if as_ceil:
+            ceil = True
+        elif is_max or include_pad:
+            # Else the padding becomes a layer: -inf before a max pool, zeros before an average that
+            # counts them; in ceil mode that is the same when ONNX's rule (drop a last window that
+            # starts in the end padding) drops nothing.
+            ours_hw = [output_size(size + begin + end, k, s, 0, d, ceil, describe(node), axis)
+                       for size, k, s, d, begin, end, axis in axes]
+            if ours_hw != onnx_hw:
                 raise OnnxError(f"{describe(node)}: ceil_mode with pads {list(pads)} (top, bottom, left, right) is "
                                 "not supported (our pools pad symmetrically)")
-        tensor = imp.add(node, OL.Pad2D(pads, -np.inf if is_max else 0.0), [tensor], "_pad")
-        padding = (0, 0)
+            tensor = imp.add(node, OL.Pad2D(pads, -np.inf if is_max else 0.0), [tensor], "_pad")
+            padding = (0, 0)
+        else:
+            raise OnnxError(f"{describe(node)}: pads {list(pads)} (top, bottom, left, right) of an average pool "
+                            "with count_include_pad=0 are not supported (only symmetric pads of at most half the "
+                            "window, or extra end pads that ceil mode gives)")
     if is_max:
         layer: L.Layer = L.MaxPool2D(kernel, strides, padding, dilations, ceil_mode=ceil)
     else:
