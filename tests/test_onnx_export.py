@@ -11,16 +11,16 @@ import pytest
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
 
-import cnn_gpu.onnx as cnn_onnx  # noqa: E402
-from cnn_gpu import layers as L  # noqa: E402
-from cnn_gpu.checkpoint import Checkpoint, save_checkpoint  # noqa: E402
-from cnn_gpu.config import LAYER_TYPES, layer_config  # noqa: E402
-from cnn_gpu.model import Graph, Input, Sequential  # noqa: E402
-from cnn_gpu.onnx import ChannelAffine, OnnxError, Pad2D, Reshape  # noqa: E402
-from cnn_gpu.onnx.exporter import EXPORTERS  # noqa: E402
-from cnn_gpu.onnx.layout import hwc_rows_to_chw  # noqa: E402
+import cnn_gpu.onnx as cnn_onnx
+from cnn_gpu import layers as L
+from cnn_gpu.checkpoint import Checkpoint, save_checkpoint
+from cnn_gpu.config import LAYER_TYPES, layer_config
+from cnn_gpu.model import Graph, Input, Sequential
+from cnn_gpu.onnx import ChannelAffine, OnnxError, Pad2D, Reshape
+from cnn_gpu.onnx.exporter import EXPORTERS
+from cnn_gpu.onnx.layout import hwc_rows_to_chw
 
-from .onnx_fixtures import ATOL, RTOL, ZOO, ours, randomize_batch_norm, run_ort, run_reference, zoo_model  # noqa: E402
+from .onnx_fixtures import ATOL, RTOL, ZOO, ours, randomize_batch_norm, run_ort, run_reference, zoo_model
 
 
 def export_checked(model, tmp_path, input_shape, **kwargs):
@@ -218,7 +218,7 @@ def test_a_model_of_vectors(tmp_path, rng):
     model = Sequential([L.Dense(6, 8, rng=rng), L.BatchNorm1D(8), L.Tanh(), L.Dense(8, 3, bias=False, rng=rng)])
     randomize_batch_norm(model, rng)
     proto = export_checked(model, tmp_path, (6,))
-    assert [n.op_type for n in proto.graph.node][0] == "Gemm"  # no transpose of a vector input
+    assert proto.graph.node[0].op_type == "Gemm"  # no transpose of a vector input
     assert_runtimes_agree(model, proto, (6,), rng)
 
 

@@ -10,18 +10,18 @@ import pytest
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
 
-from onnx import TensorProto, helper, numpy_helper  # noqa: E402
+from onnx import TensorProto, helper, numpy_helper
 
-import cnn_gpu.onnx as cnn_onnx  # noqa: E402
-from cnn_gpu import SGD  # noqa: E402
-from cnn_gpu import layers as L  # noqa: E402
-from cnn_gpu.backend import to_numpy  # noqa: E402
-from cnn_gpu.config import from_json, to_json  # noqa: E402
-from cnn_gpu.functional import softmax_cross_entropy  # noqa: E402
-from cnn_gpu.model import Graph  # noqa: E402
-from cnn_gpu.onnx import ChannelAffine, OnnxError, Pad2D  # noqa: E402
+import cnn_gpu.onnx as cnn_onnx
+from cnn_gpu import SGD
+from cnn_gpu import layers as L
+from cnn_gpu.backend import to_numpy
+from cnn_gpu.config import from_json, to_json
+from cnn_gpu.functional import softmax_cross_entropy
+from cnn_gpu.model import Graph
+from cnn_gpu.onnx import ChannelAffine, OnnxError, Pad2D
 
-from .onnx_fixtures import ATOL, RTOL, ZOO, ours, run_ort, zoo_model  # noqa: E402
+from .onnx_fixtures import ATOL, RTOL, ZOO, ours, run_ort, zoo_model
 
 F32 = TensorProto.FLOAT
 
@@ -358,7 +358,8 @@ def test_opsets_7_and_8(opset, rng):
 
 
 def test_an_opset_before_6_is_refused():
-    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g", [helper.make_tensor_value_info("x", F32, [1, 2])],
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", F32, [1, 2])],
                               [helper.make_tensor_value_info("y", F32, [1, 2])])
     proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 5)], ir_version=3)
     with pytest.raises(OnnxError, match="opset 5"):

@@ -8,8 +8,16 @@ import pytest
 
 from cnn_gpu.backend import to_numpy
 from cnn_gpu.config import from_config, layer_config
-from cnn_gpu.onnx.layers import (ChannelAffine, Pad2D, Pads, Reshape, channel_affine_backward, channel_affine_forward,
-                                 pad2d_backward, pad2d_forward)
+from cnn_gpu.onnx.layers import (
+    ChannelAffine,
+    Pad2D,
+    Pads,
+    Reshape,
+    channel_affine_backward,
+    channel_affine_forward,
+    pad2d_backward,
+    pad2d_forward,
+)
 
 from .helpers import assert_close, numerical_gradients, random
 

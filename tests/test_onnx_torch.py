@@ -13,9 +13,9 @@ onnx = pytest.importorskip("onnx")
 torch = pytest.importorskip("torch")
 nn = torch.nn
 
-import cnn_gpu.onnx as cnn_onnx  # noqa: E402
+import cnn_gpu.onnx as cnn_onnx
 
-from .onnx_fixtures import ATOL, RTOL, ours  # noqa: E402
+from .onnx_fixtures import ATOL, RTOL, ours
 
 
 class Plain(nn.Module):

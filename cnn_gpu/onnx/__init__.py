@@ -18,8 +18,9 @@ needs no onnx package; the rest needs `pip install 'cnn_gpu[onnx]'`.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from .common import OnnxError
 from .layers import ChannelAffine, Pad2D, Reshape

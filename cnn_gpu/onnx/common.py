@@ -25,7 +25,7 @@ class OnnxError(ValueError):
 def require_onnx() -> ModuleType:
     """The onnx module, or an ImportError that says how to install it."""
     try:
-        import onnx  # noqa: PLC0415
+        import onnx  # noqa: PLC0415 - an optional dependency, imported when used
     except ImportError as exc:
         raise ImportError("cnn_gpu.onnx needs the onnx package: pip install 'cnn_gpu[onnx]' "
                           f"(onnx and onnxruntime) ({exc})") from exc

@@ -19,8 +19,9 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, NamedTuple, Sequence
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -35,7 +36,7 @@ from .common import OnnxError, require_onnx
 from .layout import conv_weight_to_onnx, hwc_rows_to_chw
 
 onnx = require_onnx()
-from onnx import TensorProto, helper, numpy_helper  # noqa: E402
+from onnx import TensorProto, helper, numpy_helper
 
 IMAGE, FLAT, CHW = "image", "flat", "chw"
 
@@ -55,7 +56,7 @@ class Value(NamedTuple):
     image: tuple[int, int, int] | None = None
     source: str | None = None
 
-    def computed(self, name: str) -> "Value":
+    def computed(self, name: str) -> Value:
         """The value of a layer that keeps this one's shape and form (its source no longer holds it)."""
         return self._replace(name=name, source=None)
 
@@ -63,8 +64,8 @@ class Value(NamedTuple):
 class _Builder:
     """The nodes and initializers of the ONNX graph under construction, with unique tensor names."""
 
-    def __init__(self, dtype: np.dtype, reserved: Sequence[str]) -> None:
-        self.dtype = dtype
+    def __init__(self, reserved: Sequence[str]) -> None:
+        self.dtype = np.dtype(np.float32)  # of every float initializer: what deployment runs
         self.nodes: list[Any] = []
         self.initializers: list[Any] = []
         self.taken: set[str] = set(reserved)
@@ -79,7 +80,7 @@ class _Builder:
         return name
 
     def const(self, name: str, array: Any, dtype: Any = None) -> str:
-        """An initializer of `array` (in the model's float dtype unless told) named after `name`."""
+        """An initializer of `array` (float32 unless told) named after `name`."""
         a = np.array(array, dtype=self.dtype if dtype is None else dtype, order="C")  # 0-d stays 0-d
         name = self.unique(name)
         self.initializers.append(numpy_helper.from_array(a, name))
@@ -351,8 +352,8 @@ def to_onnx(model: L.Layer, input_shape: Sequence[int] | Sequence[Sequence[int]]
         output_shape = tuple(model.output_shape(*shapes))
     except ValueError as exc:
         raise OnnxError(f"cannot export: the model does not take inputs of shape {shapes}: {exc}") from None
-    elem = TensorProto.FLOAT  # what deployment runs: a float64 model's weights are rounded to float32
-    b = _Builder(np.dtype(np.float32), reserved=[*input_names, "output"])
+    elem = TensorProto.FLOAT  # a float64 model's weights are rounded to float32
+    b = _Builder(reserved=[*input_names, "output"])
     graph_inputs, values = [], []
     for name, shape in zip(input_names, shapes):
         graph_inputs.append(helper.make_tensor_value_info(name, elem, ["batch", *shape]))

@@ -32,8 +32,9 @@ from __future__ import annotations
 import math
 import os
 import re
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, NamedTuple, Sequence
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -47,7 +48,7 @@ from .common import OnnxError, require_onnx
 from .layout import chw_rows_to_hwc, conv_weight_from_onnx
 
 onnx = require_onnx()
-from onnx import TensorProto, helper, numpy_helper  # noqa: E402
+from onnx import TensorProto, helper, numpy_helper
 
 IMAGE, NHWC, VECTOR, FLAT, POOLED = "image", "nhwc", "vector", "flat", "pooled"
 BATCH = np.iinfo(np.int64).min  # the batch size in a folded shape: unknown until the model runs
@@ -117,12 +118,13 @@ class _Importer:
                 self.readers.setdefault(name, []).append(node)
         self.outputs = [o.name for o in self.graph.output]
         self.batch: int | None = None  # the file's fixed batch size, if it has one
-        self.input_names = self._inputs(input_shape)
+        self.input_names, self.dtype = self._inputs(input_shape)
         self._images: dict[str, Value] = {}  # POOLED tensor -> its IMAGE (N, 1, 1, C) form
 
     # ---- graph inputs -----------------------------------------------------------------------------
 
-    def _inputs(self, input_shape: Sequence[int] | None) -> list[str]:
+    def _inputs(self, input_shape: Sequence[int] | None) -> tuple[list[str], np.dtype]:
+        """Our graph inputs (their names) for the file's, and the float dtype they have."""
         inputs = [i for i in self.graph.input if i.name not in self.consts]
         if not inputs:
             raise OnnxError("the model has no graph input that is not an initializer")
@@ -150,8 +152,7 @@ class _Importer:
             names.append(name)
         if len(dtypes) > 1:
             raise OnnxError(f"the graph inputs mix float types {sorted(d.name for d in dtypes)}")
-        self.dtype = dtypes.pop()
-        return names
+        return names, dtypes.pop()
 
     def _input_sample(self, name: str, dims: list[int | None], input_shape: Sequence[int] | None,
                       nhwc: bool) -> tuple[int, ...]:
@@ -274,8 +275,10 @@ class _Importer:
             raise OnnxError(f"the graph's output {name!r} is the flatten of an image in NCHW (c, h, w) order, "
                             "which cnn_gpu's channels-last layers do not compute without a transpose")
         tensor = out.tensor
-        if tensor in self.input_names:
-            tensor = self.add(self.producer.get(name) or self.graph.node[-1], L.Identity(), [tensor], "_output")
+        if tensor in self.input_names:  # the output is an input (through Identity nodes): a graph needs a layer
+            identity = Node(self._unique("output"), L.Identity(), (tensor,))
+            self.nodes.append(identity)
+            tensor = identity.name
         return Graph.from_nodes(_reaching(self.nodes, tensor), self.input_names, tensor)
 
     def convert(self, node: Any) -> None:
@@ -291,9 +294,9 @@ class _Importer:
         elif op in CONVERTERS:
             CONVERTERS[op](self, node, attrs)
         else:
+            folded = ", ".join(sorted(set(FOLDERS) - set(CONVERTERS)))
             raise OnnxError(f"{describe(node)}: operator {op} is not supported; cnn_gpu imports "
-                            f"{', '.join(sorted(CONVERTERS))} (and folds {', '.join(sorted(set(FOLDERS) - set(CONVERTERS)))}"
-                            " of constants)")
+                            f"{', '.join(sorted(CONVERTERS))} (and folds {folded} of constants)")
         unasked = attrs.unasked()
         if unasked:
             raise OnnxError(f"{describe(node)}: attribute(s) {unasked} are not supported")
@@ -1062,7 +1065,7 @@ def read_model(source: str | os.PathLike | Any) -> Any:
             raise FileNotFoundError(f"no ONNX file at {path}")
         try:
             model = onnx.load(path)
-        except Exception as exc:  # DecodeError from protobuf, or onnx's own errors for external data
+        except Exception as exc:  # noqa: BLE001 - protobuf's DecodeError, onnx's own errors, ... named below
             raise OnnxError(f"{path} is not a readable ONNX model (truncated, corrupted, or another format): "
                             f"{type(exc).__name__}: {exc}") from None
     try:
