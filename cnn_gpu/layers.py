@@ -117,7 +117,8 @@ class Conv2D(Layer):
         self._check_channels(x, self.in_channels)
         bias = self.params.get("bias")
         y, self._cache = F.conv2d_forward(x, self.params["weight"].data, None if bias is None else bias.data,
-                                          self.stride, self.padding, out_size, inference)
+                                          stride=self.stride, padding=self.padding, out_size=out_size,
+                                          inference=inference)
         return y
 
     def infer(self, x: Any, **options: Any) -> Any:
@@ -134,7 +135,8 @@ class Conv2D(Layer):
         convolution and no pass of its own (an eval-mode batch norm after this layer)."""
         check_rank(x, 4, repr(self), "(N, H, W, C)")
         self._check_channels(x, self.in_channels)
-        y, _ = F.conv2d_forward(x, *self._folded(scale, shift), self.stride, self.padding, out_size, inference=True)
+        y, _ = F.conv2d_forward(x, *self._folded(scale, shift), stride=self.stride, padding=self.padding,
+                                out_size=out_size, inference=True)
         return y
 
     def output_shape(self, input_shape):
