@@ -8,7 +8,7 @@ import pytest
 from cnn_gpu import cpu
 from cnn_gpu.backend import module_for, to_numpy
 from cnn_gpu.functional import conv, conv2d_backward, conv2d_forward
-from cnn_gpu.geometry import Window
+from cnn_gpu.geometry import Window, pair
 
 from .conftest import requires_gpu, requires_jit
 from .helpers import assert_close
@@ -39,7 +39,8 @@ NUMPY = [pytest.param(conv.REFERENCE, id="reference"), pytest.param(conv.NUMPY_G
          pytest.param(conv.NUMPY_GEMM_COMPILED, id="numpy-gemm-compiled", marks=requires_jit),
          pytest.param(conv.DEPTHWISE, id="depthwise"),
          pytest.param(conv.DEPTHWISE_COMPILED, id="depthwise-compiled", marks=requires_jit)]
-CUPY = [pytest.param(s, id=s.name, marks=[pytest.mark.gpu, requires_gpu]) for s in (conv.CUPY_GEMM, conv.CUPY_DEPTHWISE)]
+CUPY = [pytest.param(s, id=s.name, marks=[pytest.mark.gpu, requires_gpu])
+        for s in (conv.CUPY_GEMM, conv.CUPY_DEPTHWISE)]
 STRATEGIES = NUMPY + CUPY
 
 
@@ -175,9 +176,8 @@ def test_reference_matches_the_loop_definition(rng, case):
     window = Window.of((kh, kw), stride, padding, dilation)
     y, kept = conv.reference_forward(x, wt, b, window, groups, window.output_hw(h, w, "test"))
     assert kept is None
-    pair = lambda v: v if isinstance(v, tuple) else (v, v)
-    np.testing.assert_allclose(y, conv2d_loops(x, wt, b, pair(stride), pair(padding), pair(dilation), groups),
-                               rtol=1e-12, atol=1e-12)
+    loops = conv2d_loops(x, wt, b, pair(stride, "stride"), pair(padding, "padding"), pair(dilation, "dilation"), groups)
+    np.testing.assert_allclose(y, loops, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("jit", [pytest.param(True, marks=requires_jit), False], ids=["jit", "numpy-code"])

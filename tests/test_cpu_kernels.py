@@ -79,7 +79,8 @@ def test_max_pool_kernels_take_non_contiguous_inputs(rng):
 
 # (N, H, W, C, KH, KW, stride, padding, dilation): the seed network's conv2, strides, padding, dilation.
 COL2IM_CASES = [(3, 13, 13, 32, 3, 3, 1, 0, 1), (2, 7, 6, 3, 3, 3, 2, 1, 1), (2, 9, 7, 2, 3, 5, (2, 1), (1, 2), 1),
-                (1, 5, 5, 2, 5, 3, 2, 1, 1), (2, 11, 10, 3, 3, 3, 1, 2, 2), (1, 12, 11, 2, 3, 2, (2, 1), (1, 2), (2, 3))]
+                (1, 5, 5, 2, 5, 3, 2, 1, 1), (2, 11, 10, 3, 3, 3, 1, 2, 2),
+                (1, 12, 11, 2, 3, 2, (2, 1), (1, 2), (2, 3))]
 
 
 @requires_jit

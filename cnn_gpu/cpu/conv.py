@@ -20,7 +20,7 @@ _jit = numba.njit(cache=True, nogil=True, boundscheck=False)
 
 
 @_jit
-def _col2im(dcols, kh, kw, sh, sw, ph, pw, dil_h, dil_w, oh, ow, dx):  # pragma: no cover - compiled; tested against NumPy
+def _col2im(dcols, kh, kw, sh, sw, ph, pw, dil_h, dil_w, oh, ow, dx):  # pragma: no cover - compiled, tested
     n, h, w, c = dx.shape
     for b in range(n):
         dx[b] = 0
