@@ -5,7 +5,8 @@ from typing import Any, Callable
 
 import numpy as np
 
-from ..backend import get_array_module, to_numpy
+from ..backend import get_array_module, module_for, to_device, to_numpy
+from ..data import is_on_disk
 from ..functional import softmax, softmax_cross_entropy
 from ..layers import Layer
 
@@ -26,7 +27,12 @@ def evaluate(model: Layer, images: Any, labels: Any, batch_size: int = 500,
     n = len(labels)
     if n == 0:
         raise ValueError("evaluate: the split is empty")
-    xp = get_array_module(images, labels)
+    backend = model.backend
+    xp = module_for(backend)
+    if is_on_disk(images):  # a memory-mapped split: read and moved a batch at a time
+        labels = to_device(np.asarray(labels), backend)
+    else:
+        xp = get_array_module(images, labels)
     was_training = model.training
     model.eval()
     try:
@@ -34,6 +40,8 @@ def evaluate(model: Layer, images: Any, labels: Any, batch_size: int = 500,
         predictions = []
         for start in range(0, n, batch_size):
             x, y = images[start:start + batch_size], labels[start:start + batch_size]
+            if xp is not get_array_module(x):
+                x = to_device(np.asarray(x), backend)
             x = transform(x) if transform is not None else x
             logits = model.forward(x)
             if hflip:  # log of the mean probability of the two views, as logits
