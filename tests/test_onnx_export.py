@@ -155,15 +155,18 @@ def test_the_dense_rows_after_a_flatten_are_permuted_to_nchw(tmp_path, rng):
     assert not np.allclose(run_ort(proto, x), ours(model, x), rtol=RTOL, atol=ATOL)
 
 
-@pytest.mark.parametrize("between", ["dropout-relu", "batchnorm", "none-but-output"])
+@pytest.mark.parametrize("between", ["dropout-relu", "batchnorm", "affine-softmax", "none-but-output"])
 def test_a_flatten_through_other_layers_keeps_our_order(between, tmp_path, rng):
     if between == "none-but-output":  # the flatten is the model's output: reordered to ours
         model = Sequential([L.Conv2D(2, 3, 1, rng=rng), L.Flatten()])
         expected_transposes = 2
     else:
-        layers = [L.Dropout(0.2), L.ReLU()] if between == "dropout-relu" else [L.BatchNorm1D(36), L.ReLU()]
+        layers = {"dropout-relu": [L.Dropout(0.2), L.ReLU()], "batchnorm": [L.BatchNorm1D(36), L.ReLU()],
+                  "affine-softmax": [ChannelAffine(36), L.Softmax()]}[between]
         model = flatten_dense(rng, layers)
         randomize_batch_norm(model, rng)
+        for p in layers[0].params.values():  # per-feature vectors that differ from feature to feature
+            p.data = rng.uniform(0.5, 1.5, p.shape).astype(np.float32)
         expected_transposes = 1  # they all take the (c, h, w) order: no reorder
     proto = export_checked(model, tmp_path, (4, 3, 2))
     assert [n.op_type for n in proto.graph.node].count("Transpose") == expected_transposes
@@ -299,3 +302,30 @@ def test_names_are_the_layers_paths(tmp_path, rng):
     assert {"stage2.block0.conv1", "stage2.block0.shortcut.conv", "stage3.block2.add", "fc"} <= names
     initializers = {t.name for t in proto.graph.initializer}
     assert {key for key, _ in model.named_parameters()} <= initializers
+
+
+def test_a_checkpoint_of_cnn_gpu_train_exports_with_what_it_needs(tmp_path):
+    """`cnn-gpu train` writes a checkpoint; its export says how to preprocess, and onnxruntime on raw
+    pixels preprocessed that way gives the checkpoint model's logits."""
+    import contextlib
+    import io
+
+    from cnn_gpu.checkpoint import load_checkpoint
+    from cnn_gpu.cli import main
+    from cnn_gpu.data.transforms import NormStats, normalize
+
+    from .train_fixtures import write_tiny_idx_dataset
+    data = write_tiny_idx_dataset(tmp_path / "data", n_train=60, n_test=20)
+    argv = ["train", "--data-dir", str(data), "--epochs", "1", "--limit-train", "40", "--val-size", "10",
+            "--batch-size", "20", "--out", str(tmp_path / "run"), "--no-progress"]
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert main(argv) == 0
+    path = cnn_onnx.export_checkpoint(tmp_path / "run" / "last.npz", tmp_path / "model.onnx")
+    props = cnn_onnx.read_metadata(path)
+    assert len(json.loads(props["class_names"])) == 10 and json.loads(props["input_shape"]) == [28, 28, 1]
+    pixels = np.random.default_rng(0).integers(0, 256, (4, 28, 28, 1)).astype(np.uint8)
+    mean, std = (np.array(json.loads(props[k])) for k in ("normalization_mean", "normalization_std"))
+    x = ((pixels / 255 - mean) / std).astype(np.float32)  # the file's preprocessing, as its metadata says
+    ckpt = load_checkpoint(tmp_path / "run" / "last.npz")
+    expected = ours(ckpt.build_model(), normalize(pixels, NormStats(ckpt.norm_mean, ckpt.norm_std)))
+    np.testing.assert_allclose(run_ort(onnx.load(path), x), expected, rtol=RTOL, atol=ATOL)

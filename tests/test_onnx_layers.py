@@ -107,3 +107,19 @@ def test_configs_rebuild_the_layers(layer, shape):
 def test_pad2d_rejects_negative_pads():
     with pytest.raises(ValueError, match="four integers"):
         Pad2D((1, -1, 0, 0))
+
+
+def test_configs_and_the_layers_need_no_onnx_package():
+    """Without onnx installed: cnn_gpu.config (which names these layers) imports, and export/load say
+    how to install what they need."""
+    import subprocess
+    import sys
+    code = ("import sys; sys.modules['onnx'] = None\n"  # `import onnx` now fails, as where it is missing
+            "import cnn_gpu.config, cnn_gpu.onnx\n"
+            "assert 'Pad2D' in cnn_gpu.config.LAYER_TYPES\n"
+            "try:\n    cnn_gpu.onnx.load('model.onnx')\nexcept ImportError as exc:\n    print(exc)\n")
+    from pathlib import Path
+    root = Path(__file__).resolve().parent.parent  # this checkout's cnn_gpu
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=root)
+    assert result.returncode == 0, result.stderr
+    assert "pip install 'cnn_gpu[onnx]'" in result.stdout
