@@ -3,6 +3,7 @@
     cnn-gpu train --dataset fashion-mnist --epochs 15            # writes runs/fashion-mnist-<time>/
     cnn-gpu evaluate runs/fashion-mnist-<time>/best.npz          # accuracy, per class, confusion matrix
     cnn-gpu predict runs/.../best.npz images.npy shoe.png        # class names and probabilities
+    cnn-gpu export runs/.../best.npz model.onnx                  # for onnxruntime, TensorRT
     cnn-gpu info                                                 # backend, device, versions, BLAS
     cnn-gpu models                                               # the model zoo with parameter counts
 
@@ -134,6 +135,10 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--top", type=_positive_int, default=3, help="how many classes to show per image")
     _add_backend(pr)
 
+    exp = sub.add_parser("export", help="write a checkpoint's model as an ONNX file (onnxruntime, TensorRT)")
+    exp.add_argument("checkpoint")
+    exp.add_argument("output", metavar="MODEL.onnx")
+
     sub.add_parser("info", help="backend, device, versions, BLAS, CPU count")
     sub.add_parser("models", help="the model zoo: each network with its parameter count")
     sub.add_parser("bench", help="speed benchmarks (cnn_gpu.bench); arguments are passed on", add_help=False)
@@ -200,8 +205,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # argparse has printed "cnn-gpu ...: error: ..." (2) or the help (0)
         return int(exc.code or 0)
-    commands = {"train": cmd_train, "evaluate": cmd_evaluate, "predict": cmd_predict, "info": cmd_info,
-                "models": cmd_models}
+    commands = {"train": cmd_train, "evaluate": cmd_evaluate, "predict": cmd_predict, "export": cmd_export,
+                "info": cmd_info, "models": cmd_models}
     return _run_guarded(lambda: commands[args.command](args))
 
 
@@ -552,6 +557,20 @@ def cmd_predict(args: argparse.Namespace) -> int:
         for name, p in zip(inputs.names, probs):
             order = np.argsort(-p)[:top]
             print(f"{name}: " + ", ".join(f"{class_names[k]} {p[k]:.3f}" for k in order))
+    return 0
+
+
+# ---- export ----------------------------------------------------------------------------------------
+
+def cmd_export(args: argparse.Namespace) -> int:
+    """The checkpoint's model as ONNX (cnn_gpu.onnx): (N, H, W, C) float32 input, class names and the
+    normalization in the file's metadata."""
+    from . import onnx as cnn_onnx  # noqa: PLC0415 - needs the onnx package only here
+    try:
+        path = cnn_onnx.export_checkpoint(args.checkpoint, args.output)
+    except ImportError as exc:
+        raise UsageError(str(exc)) from None
+    print(f"wrote {path}: input (N, H, W, C) float32, normalized as its metadata_props say")
     return 0
 
 

@@ -278,3 +278,15 @@ def test_dropout_on_a_model_without_dense_layers_is_a_usage_error(trained_run, c
     data, *_ = trained_run
     assert main(["train", "--model", "resnet20", "--dropout", "0.2", "--data-dir", str(data)]) == 2
     assert "--dropout applies to seed_cnn and vgg, not resnet20" in capsys.readouterr().err
+
+
+def test_export_writes_an_onnx_file_that_onnxruntime_runs(trained_run, tmp_path, capsys):
+    ort = pytest.importorskip("onnxruntime", reason="the [onnx] extra")
+    data, out, *_ = trained_run
+    assert main(["export", str(out / "best.npz"), str(tmp_path / "model.onnx")]) == 0
+    assert "wrote" in capsys.readouterr().out
+    session = ort.InferenceSession(str(tmp_path / "model.onnx"), providers=["CPUExecutionProvider"])
+    x = np.random.default_rng(0).standard_normal((3, 28, 28, 1)).astype(np.float32)
+    assert session.run(None, {"input": x})[0].shape == (3, 10)
+    assert main(["export", str(tmp_path / "missing.npz"), str(tmp_path / "m.onnx")]) == 1
+    assert "no checkpoint at" in capsys.readouterr().err
