@@ -3,6 +3,7 @@
     cnn-gpu train --dataset fashion-mnist --epochs 15            # writes runs/fashion-mnist-<time>/
     cnn-gpu evaluate runs/fashion-mnist-<time>/best.npz          # accuracy, per class, confusion matrix
     cnn-gpu predict runs/.../best.npz images.npy shoe.png        # class names and probabilities
+    cnn-gpu export runs/.../best.npz model.onnx                  # for onnxruntime, TensorRT
     cnn-gpu info                                                 # backend, device, versions, BLAS, MPI/NCCL
     cnn-gpu models                                               # the model zoo with parameter counts
     mpiexec -n 4 cnn-gpu train ...                               # data parallel on 4 ranks (see `train`)
@@ -29,9 +30,10 @@ from . import __version__, cpu, distributed
 from .backend import (BackendUnavailableError, cupy_unavailable_reason, require_cupy, resolve_backend, to_device,
                       to_numpy)
 from .checkpoint import Checkpoint, load_checkpoint
-from .data import (Augmentation, DatasetNotFoundError, DownloadError, NormStats, augmentation_for,
-                   load_dataset, normalize, train_val_split)
-from .data.datasets import DATASETS, get_spec
+from .data import (DATASET_NAMES, IMAGE_FOLDER, RESIZE_MODES, Augmentation, DatasetNotFoundError, DownloadError,
+                   NormStats, augmentation_defaults, augmentation_for, is_on_disk, load_dataset, load_image_folder,
+                   normalize, read_input, subset, train_val_split)
+from .data.datasets import canonical_name
 from .functional import softmax
 from .layers import Layer
 from .models import DEFAULT_BATCH_NORM, MODELS, build, describe
@@ -44,7 +46,7 @@ PROG = "cnn-gpu"
 DEFAULT_VAL_SIZE = 5000
 WAIT_POLL = 0.01  # seconds between looks while the other ranks wait for rank 0 (reading data, writing plots)
 # Settings a checkpoint records so that --resume continues the same run.
-RUN_SETTINGS = ("model", "dataset", "batch_size", "lr", "momentum", "optimizer", "schedule", "weight_decay",
+RUN_SETTINGS = ("model", "dataset", "channels", "image_size", "resize", "skip_bad_images", "label_mode", "batch_size", "lr", "momentum", "optimizer", "schedule", "weight_decay",
                 "bias_decay", "batch_norm", "dropout", "augment", "max_shift", "label_smoothing", "erase",
                 "val_size", "seed", "limit_train", "limit_test", "epochs")
 
@@ -70,8 +72,12 @@ def build_parser() -> argparse.ArgumentParser:
                                        "data parallel, one GPU per rank with --backend cupy.")
     train.add_argument("--model", choices=list(MODELS), default="seed_cnn",
                        help="the network (default seed_cnn; `cnn-gpu models` lists them)")
-    train.add_argument("--dataset", choices=sorted(DATASETS), default="fashion-mnist")
-    train.add_argument("--data-dir", help="where the dataset's IDX files are (default: searched, then downloaded)")
+    train.add_argument("--dataset", choices=DATASET_NAMES, default="fashion-mnist",
+                       help=f"a dataset, or {IMAGE_FOLDER!r}: a folder of your own images given as --data-dir, "
+                            "sorted into one sub-folder per class (or train/ and test/ holding those)")
+    train.add_argument("--data-dir", help="where the dataset's files are (default: searched, then downloaded); "
+                                          "for --dataset images, the image folder")
+    _add_image_options(train)
     train.add_argument("--epochs", type=_positive_int, default=None, help="default 15")
     train.add_argument("--batch-size", type=_positive_int, default=None,
                        help="images per step over all ranks (default: the model's recipe, 64 for seed_cnn, "
@@ -120,26 +126,30 @@ def build_parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser("evaluate", help="accuracy of a checkpoint on a dataset split, per class too")
     ev.add_argument("checkpoint")
-    ev.add_argument("--dataset", choices=sorted(DATASETS), help="default: the checkpoint's dataset")
+    ev.add_argument("--dataset", choices=DATASET_NAMES, help="default: the checkpoint's dataset")
     ev.add_argument("--split", choices=("train", "val", "test"), default="test",
                     help="val: the validation images the run held out of the training split")
     ev.add_argument("--tta", action="store_true",
                     help="test-time augmentation: average the predictions for each image and its mirror "
-                         "(fashion-mnist only)")
-    ev.add_argument("--data-dir")
+                         "(datasets whose classes survive a mirror: not digits)")
+    ev.add_argument("--data-dir", help="default: where the run read its data (an image folder) or the usual search")
     ev.add_argument("--batch-size", type=_positive_int, default=500)
     ev.add_argument("--limit", type=_positive_int, metavar="N", help="only the first N images of the split")
     ev.add_argument("--plot", metavar="PNG", help="also write the confusion matrix as a PNG")
     _add_backend(ev)
 
-    pr = sub.add_parser("predict", help="classify 28x28 grayscale images (.npy, .npz, or .png)")
+    pr = sub.add_parser("predict", help="classify image files (PNG, JPEG, ...) or .npy/.npz arrays")
     pr.add_argument("checkpoint")
     pr.add_argument("inputs", nargs="+", metavar="FILE",
-                    help=".npy/.npz arrays of shape (28, 28), (N, 28, 28) or (N, 28, 28, 1), uint8 0..255 or "
-                         "float 0..1; or PNG files (needs matplotlib or Pillow). Light objects on a dark "
-                         "background, as in the datasets.")
+                    help="images (PNG, JPEG, BMP, GIF, TIFF, WebP: needs Pillow), resized and converted to what "
+                         "the model was trained on; or .npy/.npz arrays of that shape ((H, W), (N, H, W) or "
+                         "(N, H, W, C)), uint8 0..255 or float 0..1")
     pr.add_argument("--top", type=_positive_int, default=3, help="how many classes to show per image")
     _add_backend(pr)
+
+    exp = sub.add_parser("export", help="write a checkpoint's model as an ONNX file (onnxruntime, TensorRT)")
+    exp.add_argument("checkpoint")
+    exp.add_argument("output", metavar="MODEL.onnx")
 
     sub.add_parser("info", help="backend, device, versions, BLAS, CPU count, MPI and NCCL")
     sub.add_parser("models", help="the model zoo: each network with its parameter count")
@@ -150,6 +160,21 @@ def build_parser() -> argparse.ArgumentParser:
 def _add_backend(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backend", choices=("auto", "numpy", "cupy"), default="auto",
                         help="numpy (CPU) or cupy (GPU); auto picks cupy when a GPU is usable")
+
+
+def _add_image_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--channels", type=int, choices=(1, 3), default=None,
+                        help="--dataset images: 1 (grey) or 3 (RGB) channels (default: what most images have)")
+    parser.add_argument("--image-size", metavar="HxW", default=None,
+                        help="--dataset images: the size every image is brought to (default: the size they share)")
+    parser.add_argument("--resize", choices=RESIZE_MODES, default=None,
+                        help="--dataset images: how --image-size is reached: stretch (resize, the default) or "
+                             "centre-crop to the aspect ratio, then scale (crop)")
+    parser.add_argument("--skip-bad-images", action="store_true", default=None,
+                        help="--dataset images: leave out files that cannot be decoded (and count them) "
+                             "instead of stopping at the first")
+    parser.add_argument("--label-mode", choices=("fine", "coarse"), default=None,
+                        help="--dataset cifar100: the 100 fine classes (default) or the 20 coarse ones")
 
 
 def _probability(text: str) -> float:
@@ -199,7 +224,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             _error(str(exc))  # no collective has run: each rank reports and stops on its own
             return 1
         return _run_guarded(lambda: cmd_train(args, comm), comm)
-    commands = {"evaluate": cmd_evaluate, "predict": cmd_predict, "info": cmd_info, "models": cmd_models}
+    commands = {"evaluate": cmd_evaluate, "predict": cmd_predict, "export": cmd_export, "info": cmd_info,
+                "models": cmd_models}
     return _run_guarded(lambda: commands[args.command](args))
 
 
@@ -262,6 +288,7 @@ def cmd_train(args: argparse.Namespace, comm: Communicator | None = None) -> int
         out = out or Path(args.resume).resolve().parent
         say(f"resuming {args.resume} at epoch {resume.epoch}; the run's settings come from the checkpoint")
     settings["epochs"] = settings["epochs"] or 15
+    shift_given = settings["max_shift"] is not None
     apply_recipe(settings)
     s = argparse.Namespace(**settings)
     backend = resolve_backend(args.backend)
@@ -271,6 +298,10 @@ def cmd_train(args: argparse.Namespace, comm: Communicator | None = None) -> int
     with _rank0_first(comm):  # rank 0 finds (or downloads) the dataset; then the others read what it found
         train_set, (images, labels), val_data, (test_x, test_y) = _training_splits(s, args)
     val_size = 0 if val_data is None else len(val_data[1])
+    if not shift_given and canonical_name(s.dataset) not in ("mnist", "fashion-mnist"):
+        # The recipes' shifts were chosen on Fashion-MNIST; other data takes its own default
+        # (CIFAR's 4-pixel crops, an eighth of the smaller side for an image folder).
+        s.max_shift = augmentation_for(s.dataset, None, image_size=tuple(images.shape[1:3])).max_shift
 
     input_shape = tuple(int(d) for d in images.shape[1:])
     model_spec = {"name": s.model, "kwargs": _model_kwargs(s, train_set.num_classes, input_shape)}
@@ -286,6 +317,7 @@ def cmd_train(args: argparse.Namespace, comm: Communicator | None = None) -> int
         f"{len(test_y)} test images | backend {backend} | out {out}{ranks}")
     say(_describe_settings(s))
     metadata = {"model": model_spec, "input_shape": list(input_shape), "dataset": s.dataset,
+                "data_options": dict(train_set.options), "data_dir": _recorded_dir(s.dataset, args.data_dir),
                 "class_names": list(train_set.class_names), "config": {k: getattr(s, k) for k in RUN_SETTINGS},
                 "batch_norm_sync": args.batch_norm_sync}
     started = time.perf_counter()
@@ -315,7 +347,7 @@ def _report_run(result: Any, out: Path, s: argparse.Namespace, wall: float, val_
         print("no validation split (--val-size 0): the best checkpoint is the last epoch")
     best_ckpt = load_checkpoint(out / "best.npz")
     best_model, stats = _model_from(best_ckpt, backend)
-    if val_data is not None and get_spec(s.dataset).name == "fashion-mnist":
+    if val_data is not None and _mirror_is_safe(s.dataset):
         _print_mirror_tta(best_model, stats, val_data, test_data, backend)
     _write_run_plots(out, result, best_model, stats, best_ckpt.epoch, test_x, test_y, class_names, backend)
 
@@ -358,14 +390,56 @@ def _quiet(*_args: Any, **_kwargs: Any) -> None:
 def _training_splits(s: argparse.Namespace, args: argparse.Namespace) -> tuple[Any, Split, Split | None, Split]:
     """The dataset, and its (images, labels) for training, validation (None with --val-size 0)
     and test, after --limit-train / --limit-test. The validation images come out of the
-    training split, the same ones for the same seed."""
-    train_set = load_dataset(s.dataset, "train", data_dir=args.data_dir, progress=not args.no_progress)
-    test_set = load_dataset(s.dataset, "test", data_dir=args.data_dir, progress=not args.no_progress)
+    training split, the same ones for the same seed. An image folder's splits stay memory-mapped."""
+    train_set, test_set = _load_splits(s.dataset, args.data_dir, _data_options(s), not args.no_progress)
     images, labels, val_data = _hold_out(train_set.images, train_set.labels, s.seed, s.limit_train, s.val_size)
     test_x, test_y = test_set.images, test_set.labels
     if s.limit_test is not None:
-        test_x, test_y = test_x[:s.limit_test], test_y[:s.limit_test]
+        test_x, test_y = subset(test_x, np.arange(min(s.limit_test, len(test_y)))), test_y[:s.limit_test]
     return train_set, (images, labels), val_data, (test_x, test_y)
+
+
+def _data_options(s: argparse.Namespace) -> dict[str, Any]:
+    """The data reader's options among the run's settings: an image folder's, CIFAR-100's label mode."""
+    if canonical_name(s.dataset) == IMAGE_FOLDER:
+        given = {"channels": s.channels, "image_size": s.image_size, "resize": s.resize, "skip_bad": s.skip_bad_images}
+        return {k: v for k, v in given.items() if v is not None}
+    for option in ("channels", "image_size", "resize", "skip_bad_images"):
+        if getattr(s, option, None) is not None:
+            raise UsageError(f"--{option.replace('_', '-')} is for --dataset images, not {s.dataset}")
+    if s.label_mode is not None:
+        if canonical_name(s.dataset) != "cifar100":
+            raise UsageError(f"--label-mode is for --dataset cifar100, not {s.dataset}")
+        return {"label_mode": s.label_mode}
+    return {}
+
+
+def _load_splits(dataset: str, data_dir: str | None, options: dict[str, Any], progress: bool) -> tuple[Any, Any]:
+    """(train, test) Datasets; an image folder is read (or its cache reused) once, and what reading
+    it did is printed."""
+    if canonical_name(dataset) == IMAGE_FOLDER:
+        if data_dir is None:
+            raise UsageError("--dataset images reads the folder given as --data-dir (one sub-folder per class)")
+        folder = load_image_folder(data_dir, progress=progress, **options)
+        print(folder.describe())
+        for note in folder.notes:
+            print(f"note: {note}")
+        return folder.train, folder.test
+    return (load_dataset(dataset, "train", data_dir=data_dir, progress=progress, **options),
+            load_dataset(dataset, "test", data_dir=data_dir, progress=progress, **options))
+
+
+def _mirror_is_safe(dataset: str) -> bool:
+    """Whether the dataset's classes survive a left-right mirror (its augmentation flips): then
+    test-time augmentation by mirroring is offered."""
+    return augmentation_defaults(canonical_name(dataset)).hflip
+
+
+def _recorded_dir(dataset: str, data_dir: str | None) -> str | None:
+    """An image folder's absolute path, recorded so that evaluate and --resume find it again."""
+    if canonical_name(dataset) != IMAGE_FOLDER or data_dir is None:
+        return None
+    return str(Path(data_dir).resolve())
 
 
 def _print_mirror_tta(model: Layer, stats: NormStats, val_data: Split, test_data: Split, backend: str) -> None:
@@ -384,7 +458,7 @@ def _hold_out(images: np.ndarray, labels: np.ndarray, seed: int, limit_train: in
     `evaluate --split val` finds the images a run chose its best epoch on."""
     if limit_train is not None and limit_train < len(labels):
         keep = np.sort(np.random.default_rng([seed, 7]).permutation(len(labels))[:limit_train])
-        images, labels = images[keep], labels[keep]
+        images, labels = subset(images, keep), labels[keep]  # an on-disk set stays on disk
     if val_size is None:
         val_size = DEFAULT_VAL_SIZE if len(labels) >= 10 * DEFAULT_VAL_SIZE else len(labels) // 10
     if val_size >= len(labels):
@@ -422,7 +496,8 @@ def _describe_settings(s: argparse.Namespace) -> str:
 
 
 def _augmentation(s: argparse.Namespace) -> Augmentation | None:
-    """--augment's shifts and flips, and --erase's random erasing (which works without --augment)."""
+    """--augment's shifts and flips (the dataset says whether mirroring suits it), and --erase's
+    random erasing (which works without --augment)."""
     if s.augment:
         return augmentation_for(s.dataset, s.max_shift, erase=s.erase)
     return Augmentation(erase=s.erase) if s.erase else None
@@ -474,7 +549,10 @@ def _model_from(ckpt: Checkpoint, backend: str) -> tuple[Layer, NormStats]:
 
 def _evaluate_arrays(model: Layer, stats: NormStats, images: Any, labels: Any, backend: str,
                      batch_size: int = 500, hflip: bool = False) -> tuple[float, float, np.ndarray]:
-    x, y = to_device(images, backend), to_device(np.asarray(labels, np.int64), backend)
+    if is_on_disk(images):  # evaluate reads and moves it a batch at a time
+        x, y = images, np.asarray(labels, np.int64)
+    else:
+        x, y = to_device(images, backend), to_device(np.asarray(labels, np.int64), backend)
     return evaluate(model, x, y, batch_size=batch_size,
                     transform=lambda b: normalize(b, stats, dtype=model.dtype), hflip=hflip)
 
@@ -495,9 +573,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     dataset = args.dataset or ckpt.metadata.get("dataset")
     if dataset is None:
         raise UsageError("the checkpoint does not name its dataset; give --dataset")
-    if args.tta and get_spec(dataset).name != "fashion-mnist":
-        raise UsageError(f"--tta mirrors the images, which suits fashion-mnist, not {dataset}")
-    data = load_dataset(dataset, "test" if args.split == "test" else "train", data_dir=args.data_dir)
+    if args.tta and not _mirror_is_safe(dataset):
+        raise UsageError(f"--tta mirrors the images, which does not suit {dataset} (a mirrored digit is no digit)")
+    options = ckpt.metadata.get("data_options") or {} if dataset == ckpt.metadata.get("dataset") else {}
+    data_dir = args.data_dir or ckpt.metadata.get("data_dir")
+    train_set, test_set = _load_splits(dataset, data_dir, dict(options), progress=False)
+    data = test_set if args.split == "test" else train_set
     images, labels = data.images, data.labels
     if args.split != "test":
         images, labels, val_data = _checkpoint_hold_out(ckpt, images, labels)
@@ -506,7 +587,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                 raise UsageError(f"{args.checkpoint} was trained without a validation split (--val-size 0)")
             images, labels = val_data
     if args.limit is not None:
-        images, labels = images[:args.limit], labels[:args.limit]
+        images, labels = subset(images, np.arange(min(args.limit, len(labels)))), labels[:args.limit]
     model, stats = _model_from(ckpt, backend)
     num_classes = len(data.class_names)
     loss, acc, predictions = _evaluate_arrays(model, stats, images, labels, backend, args.batch_size, args.tta)
@@ -544,107 +625,42 @@ def _matrix_text(matrix: np.ndarray, class_names: Sequence[str]) -> str:
 # ---- predict ---------------------------------------------------------------------------------------
 
 def cmd_predict(args: argparse.Namespace) -> int:
+    """Each file's top classes, after exactly the preprocessing the model was trained with: its
+    input size and channels (images are resized and converted, and a note says so), its
+    normalization statistics and class names, all read from the checkpoint."""
     ckpt = load_checkpoint(args.checkpoint)
     backend = resolve_backend(args.backend)
     class_names = ckpt.metadata.get("class_names") or [str(i) for i in range(10)]
+    input_shape = tuple(ckpt.metadata.get("input_shape") or (28, 28, 1))
+    resize = (ckpt.metadata.get("data_options") or {}).get("resize", "resize")
     model, stats = _model_from(ckpt, backend)
     model.eval()
     top = min(args.top, len(class_names))
     for path in args.inputs:
-        images, names = load_images(path)
-        x = to_device(images, backend)
+        inputs = read_input(path, input_shape, resize)
+        for note in inputs.notes:  # on stdout: stderr holds only errors
+            print(f"note: {note}")
+        x = to_device(inputs.images, backend)
         probs = np.concatenate([to_numpy(softmax(model.forward(normalize(x[i:i + 500], stats, dtype=model.dtype))))
                                 for i in range(0, len(x), 500)])
-        for name, p in zip(names, probs):
+        for name, p in zip(inputs.names, probs):
             order = np.argsort(-p)[:top]
             print(f"{name}: " + ", ".join(f"{class_names[k]} {p[k]:.3f}" for k in order))
     return 0
 
 
-def load_images(path: str | os.PathLike) -> tuple[np.ndarray, list[str]]:
-    """Images from a .npy/.npz/.png file -> ((N, 28, 28, 1) uint8 or float in [0, 1], names).
+# ---- export ----------------------------------------------------------------------------------------
 
-    Raises FileNotFoundError or ValueError (wrong size, colour, or file type) naming the file.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no such file: {path}")
-    suffix = path.suffix.lower()
-    if suffix not in (".npy", ".npz", ".png"):
-        raise ValueError(f"{path}: unsupported file type {suffix!r}; give .npy, .npz or .png")
+def cmd_export(args: argparse.Namespace) -> int:
+    """The checkpoint's model as ONNX (cnn_gpu.onnx): (N, H, W, C) float32 input, class names and the
+    normalization in the file's metadata."""
+    from . import onnx as cnn_onnx  # noqa: PLC0415 - needs the onnx package only here
     try:
-        if suffix == ".npy":
-            with open(path, "rb") as f:
-                if f.read(6) != b"\x93NUMPY":  # else np.load guesses it is a pickle
-                    raise ValueError(f"{path}: not a NumPy .npy file (it lacks the .npy header)")
-            arrays = {"": np.load(path, allow_pickle=False)}
-        elif suffix == ".npz":
-            with np.load(path, allow_pickle=False) as data:
-                arrays = {key: data[key] for key in data.files}
-        else:
-            arrays = {"": _read_png(path)}
-    except ValueError as exc:
-        if str(exc).startswith(str(path)):  # already names the file
-            raise
-        raise ValueError(f"{path}: not a readable {suffix[1:]} file ({exc})") from exc
-    except Exception as exc:  # the decoders' own errors: Pillow's SyntaxError, zipfile's BadZipFile, EOFError
-        raise ValueError(f"{path}: not a readable {suffix[1:]} file ({type(exc).__name__}: {exc})") from exc
-    images, names = [], []
-    for key, a in arrays.items():
-        label = f"{path}" + (f"[{key}]" if key else "")
-        a = _as_gray_28(np.asarray(a), label)
-        images.append(a)
-        names += [label] if len(arrays) == 1 and len(a) == 1 else [f"{label}[{i}]" for i in range(len(a))]
-    return np.concatenate(images), names
-
-
-def _as_gray_28(a: np.ndarray, label: str) -> np.ndarray:
-    """(28, 28) | (N, 28, 28) | (N, 28, 28, 1) -> (N, 28, 28, 1), checking size, colour and range."""
-    if a.ndim == 2:
-        a = a[None]
-    if a.ndim == 4 and a.shape[-1] == 1:
-        a = a[..., 0]
-    if a.ndim != 3 or a.shape[1:] != (28, 28):
-        raise ValueError(f"{label}: expected 28x28 grayscale images, shape (28, 28), (N, 28, 28) or "
-                         f"(N, 28, 28, 1); got shape {a.shape}")
-    if a.dtype == np.uint8:
-        return a[..., None]
-    if a.dtype.kind not in "fiu":
-        raise ValueError(f"{label}: expected numeric pixels, got dtype {a.dtype}")
-    if a.dtype.kind in "iu":
-        if a.min() < 0 or a.max() > 255:
-            raise ValueError(f"{label}: integer pixels must be in 0..255, got {a.min()}..{a.max()}")
-        return a.astype(np.uint8)[..., None]
-    finite = np.isfinite(a)
-    if not finite.all():
-        raise ValueError(f"{label}: float pixels must be in [0, 1]; {int((~finite).sum())} of {a.size} "
-                         "are NaN or infinite")
-    if a.min() < 0 or a.max() > 1:
-        raise ValueError(f"{label}: float pixels must be in [0, 1]; got {a.min()}..{a.max()}")
-    return a.astype(np.float32)[..., None]
-
-
-def _read_png(path: Path) -> np.ndarray:
-    """A PNG as a (28, 28) float array in [0, 1]; colour is accepted only when R = G = B."""
-    if importlib.util.find_spec("matplotlib") is not None:
-        import matplotlib.image
-
-        a = np.asarray(matplotlib.image.imread(path), dtype=np.float32)  # PNG: floats in [0, 1]
-    elif importlib.util.find_spec("PIL") is not None:
-        from PIL import Image
-
-        a = np.asarray(Image.open(path), dtype=np.float32) / 255.0
-    else:
-        raise ValueError(f"{path}: reading PNG needs matplotlib or Pillow (pip install cnn_gpu[plot]); "
-                         "or give a .npy array")
-    if a.ndim == 3:
-        rgb = a[..., :3]
-        if a.shape[-1] in (3, 4) and not (np.allclose(rgb, rgb[..., :1])):
-            raise ValueError(f"{path}: expected a grayscale image, got colour ({a.shape[-1]} channels)")
-        a = rgb[..., 0] if a.shape[-1] in (3, 4) else a[..., 0]
-    if a.shape != (28, 28):
-        raise ValueError(f"{path}: expected a 28x28 image, got {a.shape[1]}x{a.shape[0]}")
-    return a
+        path = cnn_onnx.export_checkpoint(args.checkpoint, args.output)
+    except ImportError as exc:
+        raise UsageError(str(exc)) from None
+    print(f"wrote {path}: input (N, H, W, C) float32, normalized as its metadata_props say")
+    return 0
 
 
 # ---- info and bench --------------------------------------------------------------------------------

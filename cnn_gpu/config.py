@@ -21,11 +21,13 @@ from typing import Any
 
 from . import layers as L
 from .model import Graph, Sequential
+from .onnx import layers as onnx_layers
 
 LAYER_TYPES: dict[str, type[L.Layer]] = {cls.__name__: cls for cls in (
     L.Conv2D, L.Dense, L.BatchNorm1D, L.BatchNorm2D, L.MaxPool2D, L.AvgPool2D, L.GlobalAvgPool2D,
     L.ReLU, L.LeakyReLU, L.ReLU6, L.Clip, L.Sigmoid, L.Tanh, L.SiLU, L.HardSigmoid, L.HardSwish, L.Softmax,
     L.Identity, L.Dropout, L.Flatten, L.Add, L.Concat, Graph, Sequential,
+    onnx_layers.Pad2D, onnx_layers.ChannelAffine, onnx_layers.Reshape,  # what an ONNX import may add
 )}
 
 

@@ -4,19 +4,22 @@ from __future__ import annotations
 import numpy as np
 
 
-def conv2d_loops(x, w, b, stride, padding):
-    """x (N, H, W, C), w (KH, KW, C, O) -> (N, OH, OW, O)."""
-    (sh, sw), (ph, pw) = stride, padding
+def conv2d_loops(x, w, b, stride, padding, dilation=(1, 1), groups=1):
+    """The definition, one output channel and position at a time: x (N, H, W, C), w (KH, KW, C/G, O)
+    -> (N, OH, OW, O); output channel o reads input channels g*C/G .. (g+1)*C/G - 1, g = o // (O/G)."""
+    (sh, sw), (ph, pw), (dh, dw) = stride, padding, dilation
     x = np.pad(x, ((0, 0), (ph, ph), (pw, pw), (0, 0)))
     n, h, wd, _ = x.shape
-    kh, kw, _, o = w.shape
-    oh, ow = (h - kh) // sh + 1, (wd - kw) // sw + 1
+    kh, kw, cg, o = w.shape
+    oh, ow = (h - dh * (kh - 1) - 1) // sh + 1, (wd - dw * (kw - 1) - 1) // sw + 1
     out = np.zeros((n, oh, ow, o))
     for i in range(oh):
         for j in range(ow):
-            region = x[:, i * sh:i * sh + kh, j * sw:j * sw + kw, :]  # (N, KH, KW, C)
+            # (N, KH, KW, C): the taps of window (i, j), dh rows and dw columns apart
+            region = x[:, i * sh:i * sh + dh * (kh - 1) + 1:dh, j * sw:j * sw + dw * (kw - 1) + 1:dw, :]
             for k in range(o):
-                out[:, i, j, k] = np.sum(region * w[:, :, :, k], axis=(1, 2, 3))
+                g = k // (o // groups)
+                out[:, i, j, k] = np.sum(region[..., g * cg:(g + 1) * cg] * w[:, :, :, k], axis=(1, 2, 3))
     if b is not None:
         out += b
     return out

@@ -74,7 +74,9 @@ def test_predict_on_npy_and_png(trained_run, tmp_path, capsys):
 
     matplotlib.image.imsave(tmp_path / "shirt.png", images[0], cmap="gray", vmin=0, vmax=255)
     assert main(["predict", str(out / "best.npz"), str(tmp_path / "shirt.png"), "--top", "1"]) == 0
-    assert capsys.readouterr().out.startswith(f"{tmp_path / 'shirt.png'}: ")
+    note, prediction = capsys.readouterr().out.strip().splitlines()
+    assert note == f"note: {tmp_path / 'shirt.png'}: converted RGBA -> L"  # imsave writes RGBA; the model takes grey
+    assert prediction.startswith(f"{tmp_path / 'shirt.png'}: ")
 
 
 def test_predict_refuses_a_wrong_image_size(trained_run, tmp_path, capsys):
@@ -237,7 +239,7 @@ def test_evaluate_with_mirror_test_time_augmentation(trained_run, capsys):
     assert main(["evaluate", str(out / "best.npz"), "--data-dir", str(data), "--tta"]) == 0
     assert "(60 images, mirror test-time augmentation): accuracy" in capsys.readouterr().out
     assert main(["evaluate", str(out / "best.npz"), "--data-dir", str(data), "--tta", "--dataset", "mnist"]) == 2
-    assert "--tta mirrors the images, which suits fashion-mnist, not mnist" in capsys.readouterr().err
+    assert "--tta mirrors the images, which does not suit mnist" in capsys.readouterr().err
 
 
 def test_models_lists_the_zoo_with_parameter_counts(capsys):
@@ -276,3 +278,15 @@ def test_dropout_on_a_model_without_dense_layers_is_a_usage_error(trained_run, c
     data, *_ = trained_run
     assert main(["train", "--model", "resnet20", "--dropout", "0.2", "--data-dir", str(data)]) == 2
     assert "--dropout applies to seed_cnn and vgg, not resnet20" in capsys.readouterr().err
+
+
+def test_export_writes_an_onnx_file_that_onnxruntime_runs(trained_run, tmp_path, capsys):
+    ort = pytest.importorskip("onnxruntime", reason="the [onnx] extra")
+    data, out, *_ = trained_run
+    assert main(["export", str(out / "best.npz"), str(tmp_path / "model.onnx")]) == 0
+    assert "wrote" in capsys.readouterr().out
+    session = ort.InferenceSession(str(tmp_path / "model.onnx"), providers=["CPUExecutionProvider"])
+    x = np.random.default_rng(0).standard_normal((3, 28, 28, 1)).astype(np.float32)
+    assert session.run(None, {"input": x})[0].shape == (3, 10)
+    assert main(["export", str(tmp_path / "missing.npz"), str(tmp_path / "m.onnx")]) == 1
+    assert "no checkpoint at" in capsys.readouterr().err

@@ -17,7 +17,7 @@ from cnn_gpu import SGD, Parameter, cpu
 from cnn_gpu.functional import (batch_norm_backward, col2im, conv2d_backward, conv2d_forward, batch_norm_forward, max_pool2d, max_pool2d_backward,
                                 im2col, max_pool2d_forward)
 
-from cnn_gpu.geometry import pair
+from cnn_gpu.geometry import Window
 
 from .conftest import requires_jit
 
@@ -89,9 +89,10 @@ def test_max_pool_kernels_take_non_contiguous_inputs(rng, args):
     np.testing.assert_array_equal(max_pool2d_backward(dy, cache), _numpy_code(max_pool2d_backward, dy, cache))
 
 
-# (N, H, W, C, KH, KW, stride, padding): the seed network's conv2, strides and padding.
-COL2IM_CASES = [(3, 13, 13, 32, 3, 3, 1, 0), (2, 7, 6, 3, 3, 3, 2, 1), (2, 9, 7, 2, 3, 5, (2, 1), (1, 2)),
-                (1, 5, 5, 2, 5, 3, 2, 1)]
+# (N, H, W, C, KH, KW, stride, padding, dilation): the seed network's conv2, strides, padding, dilation.
+COL2IM_CASES = [(3, 13, 13, 32, 3, 3, 1, 0, 1), (2, 7, 6, 3, 3, 3, 2, 1, 1), (2, 9, 7, 2, 3, 5, (2, 1), (1, 2), 1),
+                (1, 5, 5, 2, 5, 3, 2, 1, 1), (2, 11, 10, 3, 3, 3, 1, 2, 2),
+                (1, 12, 11, 2, 3, 2, (2, 1), (1, 2), (2, 3))]
 
 
 @requires_jit
@@ -99,13 +100,14 @@ COL2IM_CASES = [(3, 13, 13, 32, 3, 3, 1, 0), (2, 7, 6, 3, 3, 3, 2, 1), (2, 9, 7,
 def test_col2im_kernel_equals_the_numpy_code(rng, case):
     """The same terms added in the same (kh, kw) order: equal bit for bit."""
     from cnn_gpu.cpu import conv as cpu_conv
-    n, h, w, c, kh, kw, stride, padding = case
-    (sh, sw), (ph, pw) = pair(stride, "stride"), pair(padding, "padding")
-    cols, oh, ow = im2col(rng.standard_normal((n, h, w, c)).astype("float32"), kh, kw, sh, sw, ph, pw)
+    n, h, w, c, kh, kw, stride, padding, dilation = case
+    window = Window.of((kh, kw), stride, padding, dilation)
+    oh, ow = window.output_hw(h, w, "test")
+    cols = im2col(rng.standard_normal((n, h, w, c)).astype("float32"), window, oh, ow)[0]  # one group
     dcols = rng.standard_normal(cols.shape).astype("float32")
     out = np.full((n, h, w, c), np.nan, dtype="float32")  # every element must be written
-    cpu_conv.col2im(dcols, kh, kw, sh, sw, ph, pw, oh, ow, out=out)
-    np.testing.assert_array_equal(out, col2im(dcols, (n, h, w, c), kh, kw, sh, sw, ph, pw, oh, ow))
+    cpu_conv.col2im(dcols, window, oh, ow, out=out)
+    np.testing.assert_array_equal(out, col2im(dcols[None], (n, h, w, c), window, oh, ow))
 
 
 @requires_jit
@@ -118,6 +120,41 @@ def test_conv_input_gradient_through_col2im_matches_the_numpy_code(rng):
     dy = rng.standard_normal(y.shape).astype("float32")
     for got, ref in zip(conv2d_backward(dy, cache), _numpy_code(conv2d_backward, dy, cache)):
         np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
+
+
+# (N, H, W, C, multiplier, kernel, stride, padding, dilation): MobileNet's depthwise 3x3 at stride 1
+# and 2, a multiplier, a 5x5, dilation, and batch 1.
+DEPTHWISE_CASES = [(4, 28, 28, 32, 1, 3, 1, 1, 1), (4, 14, 14, 64, 1, 3, 2, 1, 1), (3, 9, 8, 5, 2, 3, 1, 1, 1),
+                   (2, 11, 10, 4, 1, 5, 2, 2, 1), (2, 12, 13, 3, 3, 3, (1, 2), (2, 1), (2, 1)),
+                   (1, 7, 7, 128, 1, 3, 1, 1, 1)]
+
+
+@requires_jit
+@pytest.mark.usefixtures("jit")
+@pytest.mark.parametrize("case", DEPTHWISE_CASES)
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("bias", [True, False])
+def test_depthwise_kernels_match_the_numpy_code(rng, case, dtype, bias):
+    """cnn_gpu/cpu/depthwise.py against the NumPy per-tap code it replaces. Another summation
+    order (padded taps skipped, not multiplied by zero; dw summed per image, then in float64), so
+    equal to the dtype's rounding."""
+    n, h, w, c, mult, k, stride, padding, dilation = case
+    x = rng.standard_normal((n, h, w, c)).astype(dtype)
+    wt, b = rng.standard_normal((k, k, 1, c * mult)).astype(dtype), rng.standard_normal(c * mult).astype(dtype)
+    geometry = dict(stride=stride, padding=padding, dilation=dilation, groups=c)
+    y, cache = conv2d_forward(x, wt, b if bias else None, **geometry)
+    ref_y, ref_cache = _numpy_code(conv2d_forward, x, wt, b if bias else None, **geometry)
+    tol = 1e-12 if dtype == "float64" else 1e-5
+    np.testing.assert_allclose(y, ref_y, rtol=tol, atol=tol * np.abs(ref_y).max())
+    dy = rng.standard_normal(y.shape).astype(dtype)
+    for need_dx in (True, False):
+        got, ref = conv2d_backward(dy, cache, need_dx), _numpy_code(conv2d_backward, dy, ref_cache, need_dx)
+        for g, r in zip(got, ref):
+            if r is None:
+                assert g is None
+            else:
+                assert g.dtype == dtype
+                np.testing.assert_allclose(g, r, rtol=tol, atol=tol * np.abs(r).max())
 
 
 # (shape, offset): the seed network's three batch norms, and inputs far from zero.

@@ -1,4 +1,4 @@
-"""Without a GPU: every fused ElementwiseKernel body in cnn_gpu/cuda/elementwise.py compiles.
+"""Without a GPU: every ElementwiseKernel body in cnn_gpu/cuda/elementwise.py and cnn_gpu/cuda/conv.py compiles.
 
 CuPy generates the kernel around the body at the first call, which needs a device. Here each
 body is wrapped the same way by hand -- a grid-stride loop over `i`, raw parameters as
@@ -13,7 +13,9 @@ import subprocess
 
 import pytest
 
-from cnn_gpu.cuda.elementwise import _KERNELS
+from cnn_gpu.cuda import conv, elementwise
+
+_KERNELS = {**elementwise._KERNELS, **conv._KERNELS}
 
 NVCC = shutil.which("nvcc")
 CTYPE = {"int32": "int", "bool": "bool"}

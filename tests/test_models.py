@@ -12,7 +12,7 @@ from cnn_gpu.config import from_config, from_json, layer_config, to_json
 from cnn_gpu.functional import softmax_cross_entropy
 from cnn_gpu.models import DEFAULT_BATCH_NORM, MODELS, build
 
-ZOO = sorted(m for m in MODELS if m != "mobilenet")  # mobilenet joins with the grouped convolution
+ZOO = sorted(MODELS)
 SHAPES = [(28, 28, 1), (32, 32, 3)]
 
 

@@ -55,6 +55,30 @@ def test_conv2d(dtype, seed):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("kind", ["grouped", "depthwise"])
+def test_conv2d_groups_and_dilation(dtype, seed, kind):
+    """Grouped (CUPY_GEMM's batched GEMM) and depthwise (CUPY_DEPTHWISE's kernels) convolutions,
+    dilated on odd seeds, with out_size on every third, against the CPU."""
+    rng = np.random.default_rng(100 + seed)
+    n, h, w, _, k, s, p = _random_geometry(rng)
+    groups = int(rng.integers(2, 5))
+    c = groups * (1 if kind == "depthwise" else int(rng.integers(1, 4)))
+    o = groups * int(rng.integers(1, 4))  # depthwise: a multiplier of 1 to 3
+    d = 1 + seed % 2
+    h, w = max(h, d * (k - 1) + 1), max(w, d * (k - 1) + 1)
+    (xc, xg), (wc, wg), (bc, bg) = (_both(rng, (n, h, w, c), dtype), _both(rng, (k, k, c // groups, o), dtype),
+                                    _both(rng, (o,), dtype))
+    out_size = (1, 2) if seed % 3 == 0 and (h + 2 * p - d * (k - 1) - 1) // s >= 1 else None
+    geometry = dict(stride=s, padding=p, dilation=d, groups=groups, out_size=out_size)
+    yc, cc = F.conv2d_forward(xc, wc, bc, **geometry)
+    yg, cg = F.conv2d_forward(xg, wg, bg, **geometry)
+    _check([yc], [yg], "other", dtype, f"{kind} conv2d forward")
+    dyc, dyg = _both(rng, yc.shape, dtype)
+    _check(F.conv2d_backward(dyc, cc), F.conv2d_backward(dyg, cg), "other", dtype, f"{kind} conv2d backward")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("seed", range(8))
 @pytest.mark.parametrize("kind", ["max", "avg"])
 def test_pooling(dtype, seed, kind):

@@ -10,7 +10,10 @@ every kernel with it, and it runs wherever Numba is missing or switched off.
   (every window geometry: stride, padding, dilation, ceil mode)
 - `cnn_gpu.cpu.batchnorm`: `channel_mean_var`, `channel_grad_sums`,
   `batch_norm_normalize`, `batch_norm_backward_dx` (the four calls of cnn_gpu.cuda.batchnorm)
-- `cnn_gpu.cpu.conv`: `col2im`, for the convolution's input gradient
+- `cnn_gpu.cpu.conv`: `col2im`, for the convolution's input gradient (groups == 1, any stride,
+  padding and dilation)
+- `cnn_gpu.cpu.depthwise`: `depthwise_forward`, `depthwise_backward` (groups == C, any channel
+  multiplier, stride, padding and dilation; the same calls as `cnn_gpu.cuda.conv`'s)
 - `cnn_gpu.cpu.elementwise`: `relu_backward`
 
 Numba is optional (`pip install cnn_gpu[fast]`). Set CNN_GPU_JIT=0 to run the NumPy code

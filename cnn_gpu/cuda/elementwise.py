@@ -1,4 +1,4 @@
-"""Fused elementwise kernels (CuPy ElementwiseKernel) for the small per-step passes and col2im.
+"""Fused elementwise kernels (CuPy ElementwiseKernel) for the small per-step passes.
 
 On the GPU a training step of the seed network is bound by kernel launches, not bytes: the
 NumPy-style `v *= m; v += g; p -= lr * v` is three or four launches per parameter. Each
@@ -80,29 +80,6 @@ _KERNELS = {
         for (int k = 0; k < K; ++k)
             dlogits[row + k] = (exp(logits[row + k] - top - lse) - (k == label ? on_label : T(0)) - spread) * inv_n;
     """),
-    # col2im as a gather: each dx (N, H, W, C) element sums the dcols (N, OH, OW, KH, KW, C)
-    # entries of the windows that cover it, in (kh, kw) order -- the order in which the
-    # array version adds them, so both give the same sums.
-    "col2im": (("raw T dcols, int32 H, int32 W, int32 C, int32 OH, int32 OW, int32 KH, int32 KW, "
-                "int32 SH, int32 SW, int32 PH, int32 PW", "T dx"), """
-        const long long nhw = i / C;
-        const int c = (int)(i - nhw * C);
-        const long long nh = nhw / W;
-        const int hp = (int)(nh % H) + PH;  // position in the padded input
-        const int wp = (int)(nhw - nh * W) + PW;
-        const long long n = nh / H;
-        T acc = T(0);
-        for (int kh = 0; kh < KH; ++kh) {
-            const int th = hp - kh;  // = oh * SH for a window that covers this row
-            if (th < 0 || th % SH != 0 || th / SH >= OH) continue;
-            for (int kw = 0; kw < KW; ++kw) {
-                const int tw = wp - kw;
-                if (tw < 0 || tw % SW != 0 || tw / SW >= OW) continue;
-                acc += dcols[(((n * OH + th / SH) * OW + tw / SW) * KH * KW + kh * KW + kw) * C + c];
-            }
-        }
-        dx = acc;
-    """),
 }
 
 
@@ -125,17 +102,6 @@ def adam_update(p: Any, g: Any, m: Any, v: Any, step: float, beta1: float, beta2
 def relu_backward(dy: Any, y: Any) -> Any:
     """dx (like dy): dy where y > 0, else 0."""
     return kernel("relu_backward")(dy, y)
-
-
-def col2im(dcols: Any, x_shape: tuple[int, ...], kh: int, kw: int, sh: int, sw: int,
-           ph: int, pw: int, oh: int, ow: int) -> Any:
-    """dcols (N*OH*OW, KH*KW*C) -> dx (N, H, W, C) in one launch (the array version takes KH*KW + 2)."""
-    cupy = require_cupy()
-    n, h, w, c = x_shape
-    dx = cupy.empty(x_shape, dtype=dcols.dtype)
-    ints = (h, w, c, oh, ow, kh, kw, sh, sw, ph, pw)
-    kernel("col2im")(cupy.ascontiguousarray(dcols), *(np.int32(v) for v in ints), dx)
-    return dx
 
 
 def softmax_cross_entropy(logits: Any, labels: Any, label_smoothing: float = 0.0) -> tuple[Any, Any]:

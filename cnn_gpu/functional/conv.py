@@ -1,287 +1,310 @@
-"""2-D convolution as im2col + one GEMM over the whole batch (channels-last).
+"""2-D convolution, channels-last, with stride, padding, dilation and groups.
 
-    x (N, H, W, C) * w (KH, KW, C, O) + b (O,) -> y (N, OH, OW, O)
+    x (N, H, W, C) * w (KH, KW, C/G, O) + b (O,) -> y (N, OH, OW, O)
 
-im2col lays every receptive field out as one row of `cols` (N*OH*OW, KH*KW*C), so the
-convolution is `cols @ w.reshape(KH*KW*C, O)`: one large GEMM that BLAS (or cuBLAS)
-runs at full speed. Channels-last keeps C innermost in both x and the rows of cols,
-so no transposes are needed anywhere.
+    y[n, oh, ow, o] = b[o] + sum over i, j, c of  xpad[n, oh*sh + i*dh, ow*sw + j*dw, g*C/G + c] * w[i, j, c, o]
 
-On NumPy the batch is cut into chunks whose cols fit in the CPU's L2 cache (CHUNK_BYTES):
-each chunk's im2col copy is written and read back by the GEMM from cache instead of
-memory, and the GEMM itself runs faster on the smaller operand. The forward then keeps x
-(not cols, ~KH*KW times larger) for the backward, which rebuilds each chunk's cols: the
-copy is cheap in cache, and a training step holds far less memory. Where cols is no larger
-than the output y (few input channels: the seed network's conv1 has K + 1 = 10 columns for
-32 outputs), or small in all (KEEP_COLS_BYTES), the forward keeps cols instead: rebuilding it
-costs more than keeping it there.
-On CuPy the whole batch is one chunk (one large GEMM suits the GPU).
+xpad is x with ph zero rows above and below and pw zero columns left and right (geometry.py), and
+g = o // (O/G) is the group of output channel o: the O/G outputs of group g read only its C/G input
+channels g*C/G .. (g+1)*C/G - 1. That is PyTorch's convention: its weight (O, C/G, KH, KW)
+transposed by (2, 3, 1, 0) is ours. Depthwise convolution is G = C, with O = multiplier * C.
+
+The file reads top to bottom:
+
+1. The reference: `im2col` lays each receptive field of a group out as one row of cols, so the
+   convolution is one GEMM per group (a batched matmul over G), and `col2im`, its adjoint, takes
+   the gradient back to x. `reference_forward` / `reference_backward` are the whole op in a dozen
+   lines each. Every fast path is tested against them, and they run wherever none applies
+   (1 < G < C on NumPy).
+2. The fast paths, each a `Strategy` (a forward, and the backward that reads its cache):
+   - NUMPY_GEMM (NumPy, G = 1): im2col + GEMM in cache-sized chunks of the batch, the bias as a
+     column of ones in the GEMM, cols kept for the backward when narrow or small, and an input
+     gradient per kernel offset (NUMPY_GEMM) or through the compiled col2im of cnn_gpu/cpu/conv.py
+     (NUMPY_GEMM_COMPILED).
+   - DEPTHWISE (NumPy, G = C): one multiply-add over all channels per kernel tap instead of C
+     tiny GEMMs; DEPTHWISE_COMPILED runs the loops of cnn_gpu/cpu/depthwise.py instead.
+   - CUPY_GEMM: the reference itself, one batched GEMM over the whole batch (what a GPU wants),
+     with the one-launch col2im of cnn_gpu/cuda/conv.py; CUPY_DEPTHWISE: that module's kernels.
+3. `select`, the one place that chooses a strategy.
+4. `conv2d_forward` / `conv2d_backward`: the arguments are checked once, then the strategy runs.
 """
 from __future__ import annotations
 
-from typing import Any
+import functools
+from typing import Any, Callable, NamedTuple
 
 import numpy as np
 
 from .. import cpu
 from ..backend import get_array_module, is_cupy_array
-from ..geometry import check_float, check_rank, output_size, pair
+from ..geometry import Window, check_float, check_rank, pad_hw, pair, unpad_hw, window_view
 from .reduce import column_sum
 
 
-def pad_hw(x: Any, ph: int, pw: int, value: float = 0.0) -> Any:
-    """Pad the two spatial axes of (N, H, W, C); returns x itself when there is nothing to pad."""
-    if ph == 0 and pw == 0:
-        return x
-    xp = get_array_module(x)
-    n, h, w, c = x.shape
-    out = xp.full((n, h + 2 * ph, w + 2 * pw, c), value, dtype=x.dtype)
-    out[:, ph:ph + h, pw:pw + w, :] = x
-    return out
+class ConvCache(NamedTuple):
+    """What conv2d_backward needs from the forward."""
+
+    x: Any                    # (N, H, W, C), the input as given
+    w: Any                    # (KH, KW, C/G, O)
+    has_bias: bool
+    window: Window            # kernel, stride, padding, dilation
+    groups: int
+    out_hw: tuple[int, int]   # (OH, OW) computed: the full output, or out_size
+    cols: Any = None          # NUMPY_GEMM's cols (N*OH*OW, K [+ 1]) when it keeps them (_keeps_cols)
 
 
-def window_view(xpad: Any, kh: int, kw: int, sh: int, sw: int, oh: int, ow: int) -> Any:
-    """A strided view (N, OH, OW, KH, KW, C) of every window of a padded (N, Hp, Wp, C). No copy."""
-    xp = get_array_module(xpad)
-    sn, shh, sww, sc = xpad.strides
-    n, c = xpad.shape[0], xpad.shape[3]
-    return xp.lib.stride_tricks.as_strided(
-        xpad, shape=(n, oh, ow, kh, kw, c), strides=(sn, shh * sh, sww * sw, shh, sww, sc))
+# ---- 1. the reference: im2col, one GEMM per group, col2im -----------------------------------------
+
+def im2col(x: Any, window: Window, oh: int, ow: int, groups: int = 1) -> Any:
+    """x (N, H, W, C) -> cols (G, N*OH*OW, KH*KW*C/G): row (n, oh, ow) of cols[g] holds what output
+    (n, oh, ow) of group g reads, in (kh, kw, c) order. The first OH x OW windows (all of them, or
+    the corner that out_size asks for)."""
+    n, c = x.shape[0], x.shape[3]
+    windows = window_view(pad_hw(x, window), window, oh, ow)  # (N, OH, OW, KH, KW, C), a view
+    windows = windows.reshape(n, oh, ow, window.kh, window.kw, groups, c // groups)
+    k = window.taps * (c // groups)
+    return windows.transpose(5, 0, 1, 2, 3, 4, 6).reshape(groups, n * oh * ow, k)  # the one copy
 
 
-def im2col(x: Any, kh: int, kw: int, sh: int, sw: int, ph: int, pw: int,
-           out: Any = None) -> tuple[Any, int, int]:
-    """x (N, H, W, C) -> cols (N*OH*OW, KH*KW*C), OH, OW. Row order (n, oh, ow); column order (kh, kw, c).
-
-    out: an (N*OH*OW, KH*KW*C) array (a view of a larger buffer is fine) to write cols into.
-    """
-    n, h, w, c = x.shape
-    oh = output_size(h, kh, sh, ph, op="conv2d", axis="height")
-    ow = output_size(w, kw, sw, pw, op="conv2d", axis="width")
-    if out is None and _is_pointwise(kh, kw, sh, sw, ph, pw):
-        return x.reshape(n * oh * ow, c), oh, ow  # a 1x1 convolution needs no copy
-    xp = get_array_module(x)
-    xpad = pad_hw(xp.ascontiguousarray(x), ph, pw)
-    if out is None:
-        windows = window_view(xpad, kh, kw, sh, sw, oh, ow)
-        return windows.reshape(n * oh * ow, kh * kw * c), oh, ow  # the one copy
-    if c == 1:
-        # One input channel: a copy per kernel offset (one column of cols) runs along image rows
-        # (OW elements per inner loop) instead of KW elements per window row: 1.6x faster on the
-        # seed's conv1, and 3.8x more when cols is stored column by column (cols_buffer).
-        for i in range(kh):
-            for j in range(kw):
-                column = out[:, i * kw + j].reshape(n, oh, ow)  # a view: one stride, any layout
-                xp.copyto(column, xpad[_offset_slice(i, j, sh, sw, oh, ow)][..., 0])
-    else:
-        xp.copyto(out.reshape(n, oh, ow, kh, kw, c), window_view(xpad, kh, kw, sh, sw, oh, ow))
-    return out, oh, ow
-
-
-def cols_buffer(xp: Any, rows: int, columns: int, channels: int, dtype: Any) -> Any:
-    """An empty (rows, columns) array for im2col's out. With one input channel it is stored
-    column by column (its transpose is C-contiguous): each of im2col's per-offset copies then
-    writes one contiguous run (the seed network's conv1 at batch 64: im2col 0.50 -> 0.13 ms),
-    and BLAS takes the transposed operand as it is (the GEMM's time does not change)."""
-    if channels == 1:
-        return xp.empty((columns, rows), dtype=dtype).T
-    return xp.empty((rows, columns), dtype=dtype)
-
-
-def col2im(dcols: Any, x_shape: tuple[int, ...], kh: int, kw: int, sh: int, sw: int,
-           ph: int, pw: int, oh: int, ow: int) -> Any:
-    """Adjoint of im2col: dcols (N*OH*OW, KH*KW*C) -> dx (N, H, W, C), overlapping windows summed.
-
-    One strided add per kernel offset (KH*KW vectorized passes), in a fixed order, so the
-    result is deterministic. On CuPy one gather kernel (cnn_gpu/cuda/elementwise.py) adds the
-    same terms in the same order.
-    """
-    if is_cupy_array(dcols):
-        from ..cuda import elementwise
-        return elementwise.col2im(dcols, x_shape, kh, kw, sh, sw, ph, pw, oh, ow)
+def col2im(dcols: Any, x_shape: tuple[int, ...], window: Window, oh: int, ow: int) -> Any:
+    """Adjoint of im2col: dcols (G, N*OH*OW, KH*KW*C/G) -> dx (N, H, W, C), each input position
+    summing the entries of the windows that read it, one kernel tap at a time in (kh, kw) order
+    (a fixed order: deterministic, and the order the kernels of cpu/conv.py and cuda/conv.py keep)."""
     xp = get_array_module(dcols)
     n, h, w, c = x_shape
-    dcols = dcols.reshape(n, oh, ow, kh, kw, c)
-    dxpad = xp.zeros((n, h + 2 * ph, w + 2 * pw, c), dtype=dcols.dtype)
-    for i in range(kh):
-        for j in range(kw):
-            dxpad[:, i:i + sh * (oh - 1) + 1:sh, j:j + sw * (ow - 1) + 1:sw, :] += dcols[:, :, :, i, j, :]
-    return dxpad[:, ph:ph + h, pw:pw + w, :] if (ph or pw) else dxpad
+    groups = dcols.shape[0]
+    # (G, N, OH, OW, KH, KW, C/G) -> (N, OH, OW, KH, KW, G, C/G): channel g*C/G + c, as in x
+    taps = dcols.reshape(groups, n, oh, ow, window.kh, window.kw, c // groups).transpose(1, 2, 3, 4, 5, 0, 6)
+    dxpad = xp.zeros((n, h + 2 * window.ph, w + 2 * window.pw, c), dtype=dcols.dtype)
+    for i in range(window.kh):
+        for j in range(window.kw):
+            dxpad[window.tap(i, j, oh, ow)] += taps[:, :, :, i, j].reshape(n, oh, ow, c)
+    return unpad_hw(dxpad, window, h, w)
 
 
-CHUNK_BYTES = 1 << 21  # cols per chunk on the CPU: 2 MiB measured best (1 to 16 MiB tried)
+def _grouped(w: Any, groups: int) -> Any:
+    """w (KH, KW, C/G, O) -> (G, KH*KW*C/G, O/G): group g's filters as the right operand of its GEMM."""
+    kh, kw, cg, o = w.shape
+    return w.reshape(kh * kw * cg, groups, o // groups).transpose(1, 0, 2)
 
 
-def _offset_slice(i: int, j: int, sh: int, sw: int, oh: int, ow: int) -> tuple:
-    """Index of window element (i, j) of every window in a padded (N, Hp, Wp, C) array."""
-    return (slice(None), slice(i, i + sh * (oh - 1) + 1, sh), slice(j, j + sw * (ow - 1) + 1, sw), slice(None))
-
-
-def _bias_in_gemm(x: Any, has_bias: bool, pointwise: bool) -> bool:
-    """Whether the bias rides in the GEMM: cols gets a column of ones and w2d the bias as one
-    more row, so y = [cols, 1] @ [w2d; b] needs no pass of its own over y (for the seed's conv1
-    that pass cost more than the GEMM), and the backward's cols.T @ dy gives db as its last row.
-    NumPy only (not yet tried on CuPy), and not for a 1x1 convolution, whose cols is x itself."""
-    return has_bias and not is_cupy_array(x) and not pointwise
-
-
-def _chunk_cols(x: Any, kh: int, kw: int, sh: int, sw: int, ph: int, pw: int, oh: int, ow: int,
-                ones_column: bool, into: Any = None):
-    """Yield (batch slice, cols) per chunk (see _chunks): cols (B*OH*OW, K), or (B*OH*OW, K + 1)
-    ending in a column of ones. On NumPy every chunk's cols is written into one buffer, so a
-    chunk's cols is only valid until the next one is yielded; unless `into`, the whole batch's
-    (N*OH*OW, K [+ 1]) array, is given: then each chunk's cols is its rows of `into`."""
+def reference_forward(x: Any, w: Any, b: Any, window: Window, groups: int, out_hw: tuple[int, int],
+                      inference: bool = False) -> tuple[Any, None]:
+    """x (N, H, W, C), w (KH, KW, C/G, O), b (O,) or None -> y (N, OH, OW, O), and no kept cols
+    (the backward rebuilds them from x). Runs on either backend."""
     xp = get_array_module(x)
-    k = kh * kw * x.shape[3]
-    chunks = _chunks(x, oh * ow * k * x.itemsize)
-    if is_cupy_array(x) or _is_pointwise(kh, kw, sh, sw, ph, pw) or not chunks:
-        for part in chunks:  # one fresh cols (CuPy), or x itself (1x1)
-            yield part, im2col(x[part], kh, kw, sh, sw, ph, pw)[0]
-        return
-    buf = into if into is not None else cols_buffer(xp, (chunks[0].stop - chunks[0].start) * oh * ow,
-                                                    k + ones_column, x.shape[3], x.dtype)
-    if ones_column:
-        buf[:, k] = 1
-    for part in chunks:
-        rows = slice(part.start * oh * ow, part.stop * oh * ow) if into is not None else \
-            slice(0, (part.stop - part.start) * oh * ow)
-        cols = buf[rows]
-        im2col(x[part], kh, kw, sh, sw, ph, pw, out=cols[:, :k])
-        yield part, cols
+    (oh, ow), n, o = out_hw, x.shape[0], w.shape[3]
+    cols = im2col(x, window, oh, ow, groups)                  # (G, M, K), M = N*OH*OW, K = KH*KW*C/G
+    y = xp.matmul(cols, _grouped(w, groups))                   # (G, M, O/G): one GEMM per group
+    y = y.transpose(1, 0, 2).reshape(n, oh, ow, o)             # output channel g*O/G + its index in g
+    if b is not None:
+        y += b
+    return y, None
 
 
+def reference_backward(dy: Any, cache: ConvCache, need_dx: bool = True,
+                       col2im: Callable[..., Any] = col2im) -> tuple[Any, Any, Any]:
+    """dy (N, OH, OW, O) -> dx (N, H, W, C) or None, dw (KH, KW, C/G, O), db (O,) or None.
+
+    col2im: the adjoint of im2col that takes dcols to dx (CUPY_GEMM passes its one-launch kernel)."""
+    xp = get_array_module(dy)
+    x, w, groups, (oh, ow) = cache.x, cache.w, cache.groups, cache.out_hw
+    o = w.shape[3]
+    m = dy.shape[0] * oh * ow
+    cols = im2col(x, cache.window, oh, ow, groups)                         # (G, M, K), as in the forward
+    dy_groups = dy.reshape(m, groups, o // groups).transpose(1, 0, 2)      # (G, M, O/G)
+    dw = xp.matmul(cols.transpose(0, 2, 1), dy_groups)                     # (G, K, O/G)
+    dw = dw.transpose(1, 0, 2).reshape(w.shape)
+    db = dy.reshape(m, o).sum(axis=0) if cache.has_bias else None
+    dx = None
+    if need_dx:
+        dcols = xp.matmul(dy_groups, _grouped(w, groups).transpose(0, 2, 1))  # (G, M, K)
+        dx = col2im(dcols, x.shape, cache.window, oh, ow)
+    return dx, dw, db
+
+
+class Strategy(NamedTuple):
+    """One way to run the convolution: a forward, and the backward that reads its ConvCache."""
+
+    name: str
+    # (x, w, b, window, groups, out_hw, inference) -> (y, cols to keep in the cache or None)
+    forward: Callable[..., tuple[Any, Any]]
+    # (dy, cache, need_dx) -> (dx or None, dw, db or None)
+    backward: Callable[..., tuple[Any, Any, Any]]
+
+
+REFERENCE = Strategy("reference", reference_forward, reference_backward)
+
+
+# ---- 2a. NumPy, groups == 1: chunked im2col + GEMM ------------------------------------------------
+#
+# The batch is cut into chunks whose cols fit in the CPU's L2 cache (CHUNK_BYTES): each chunk's
+# im2col copy is written and read back by the GEMM from cache instead of memory, and the GEMM
+# itself runs faster on the smaller operand. The forward then keeps x (not cols, ~KH*KW times
+# larger) for the backward, which rebuilds each chunk's cols: the copy is cheap in cache, and a
+# training step holds far less memory. Where cols is no larger than the output y (few input
+# channels: the seed network's conv1 has K + 1 = 10 columns for 32 outputs), or small in all
+# (KEEP_COLS_BYTES), the forward keeps cols instead: rebuilding it costs more than keeping it.
+
+CHUNK_BYTES = 1 << 21      # cols per chunk: 2 MiB measured best (1 to 16 MiB tried; BENCHMARKS.md)
 KEEP_COLS_BYTES = 1 << 24  # a batch's cols up to 16 MiB is kept for the backward (see _keeps_cols)
 
 
-def _keeps_cols(x: Any, columns: int, outputs: int, pointwise: bool, cols_bytes: int) -> bool:
-    """Whether the forward keeps cols for the backward (NumPy), instead of the backward rebuilding
-    it from x: when cols, `columns` wide, is no wider than the output (`outputs` wide), so keeping
-    it at most doubles what the layer holds; or when the whole batch's cols is at most
-    KEEP_COLS_BYTES. Measured on the seed network's conv2: forward + backward 9.2 -> 8.65 ms at
-    batch 64 (cols 8.9 MB), 44.2 -> 43.7 ms at 256 (36 MB: not worth the memory)."""
-    return not is_cupy_array(x) and not pointwise and (columns <= outputs or cols_bytes <= KEEP_COLS_BYTES)
+def _is_pointwise(x: Any, window: Window, out_hw: tuple[int, int]) -> bool:
+    """A 1x1 convolution, stride 1, no padding, every output: cols is x itself, reshaped."""
+    return (window.kh, window.kw, window.sh, window.sw, window.ph, window.pw) == (1, 1, 1, 1, 0, 0) \
+        and tuple(out_hw) == tuple(x.shape[1:3])
 
 
-def _chunks(x: Any, row_bytes: int) -> list[slice]:
-    """Slices of the batch axis, each holding about CHUNK_BYTES of cols (at least one image)."""
-    n = x.shape[0]
-    per = n if is_cupy_array(x) else max(1, CHUNK_BYTES // max(row_bytes, 1))
+def _bias_in_gemm(has_bias: bool, pointwise: bool) -> bool:
+    """Whether the bias rides in the GEMM: cols gets a column of ones and w2d the bias as one more
+    row, so y = [cols, 1] @ [w2d; b] needs no pass of its own over y (for the seed's conv1 that
+    pass cost more than the GEMM), and the backward's cols.T @ dy gives db as its last row. Not
+    for a 1x1 convolution, whose cols is x itself."""
+    return has_bias and not pointwise
+
+
+def _keeps_cols(columns: int, outputs: int, cols_bytes: int) -> bool:
+    """Whether the forward keeps cols, `columns` wide, for the backward instead of the backward
+    rebuilding it from x: when it is no wider than the output (`outputs` wide), so keeping it at
+    most doubles what the layer holds, or when the whole batch's cols is at most KEEP_COLS_BYTES."""
+    return columns <= outputs or cols_bytes <= KEEP_COLS_BYTES
+
+
+def _chunks(n: int, row_bytes: int) -> list[slice]:
+    """Slices of a batch of n, each holding about CHUNK_BYTES of cols (row_bytes per image; at
+    least one image per chunk)."""
+    per = max(1, CHUNK_BYTES // max(row_bytes, 1))
     return [slice(i, min(i + per, n)) for i in range(0, n, per)]
 
 
-def _is_pointwise(kh: int, kw: int, sh: int, sw: int, ph: int, pw: int) -> bool:
-    """A 1x1 convolution, stride 1, no padding: cols is x itself reshaped, nothing to copy."""
-    return kh == 1 and kw == 1 and sh == 1 and sw == 1 and ph == 0 and pw == 0
+def cols_buffer(rows: int, columns: int, channels: int, dtype: Any) -> np.ndarray:
+    """An empty (rows, columns) array for _im2col_into. With one input channel it is stored
+    column by column (its transpose is C-contiguous): each of _im2col_into's per-tap copies then
+    writes one contiguous run, and BLAS takes the transposed operand as it is."""
+    if channels == 1:
+        return np.empty((columns, rows), dtype=dtype).T
+    return np.empty((rows, columns), dtype=dtype)
 
 
-def conv2d_forward(x: Any, w: Any, b: Any = None, stride: int | tuple[int, int] = 1,
-                   padding: int | tuple[int, int] = 0, dilation: int | tuple[int, int] = 1, groups: int = 1,
-                   out_size: tuple[int, int] | None = None, inference: bool = False) -> tuple[Any, tuple]:
-    """x (N, H, W, C), w (KH, KW, C, O), b (O,) or None -> y (N, OH, OW, O), cache.
+def _im2col_into(x: np.ndarray, window: Window, oh: int, ow: int, out: np.ndarray) -> np.ndarray:
+    """im2col of one group: x (B, H, W, C) -> out (B*OH*OW, KH*KW*C), an array of either layout
+    (a view of a larger buffer is fine). Returns out."""
+    n, c = x.shape[0], x.shape[3]
+    xpad = pad_hw(x, window)
+    if c == 1:
+        # One input channel: a copy per kernel tap (one column of cols) runs along image rows (OW
+        # elements per inner loop) instead of KW elements per window row, and one contiguous run
+        # per tap when cols is stored column by column (cols_buffer).
+        for i in range(window.kh):
+            for j in range(window.kw):
+                column = out[:, i * window.kw + j].reshape(n, oh, ow)  # a view: one stride, any layout
+                np.copyto(column, xpad[window.tap(i, j, oh, ow)][..., 0])
+    else:
+        np.copyto(out.reshape(n, oh, ow, window.kh, window.kw, c), window_view(xpad, window, oh, ow))
+    return out
 
-    inference=True: no backward will follow, so cols is never kept (see _keeps_cols), and the
-    im2col of each chunk reuses one cache-sized buffer.
 
-    out_size (rows, cols), padding 0 only: compute just the first rows x cols output positions,
-    y (N, rows, cols, O), from the input rows and columns they read. A 2x2 pool after the seed
-    network's conv2 reads 10 x 10 of its 11 x 11 outputs: 17% of its FLOPs are never used. The
-    backward's dx still has x's shape, zero where x was not read.
-    """
-    if pair(dilation, "dilation") != (1, 1) or groups != 1:
-        raise NotImplementedError("conv2d: dilation and groups are not implemented yet")
-    check_float(x, "conv2d")
-    check_rank(x, 4, "conv2d", "(N, H, W, C)")
-    check_rank(w, 4, "conv2d", "(KH, KW, C_in, C_out)", name="w")
-    xp = get_array_module(x, w, b)
-    sh, sw = pair(stride, "stride")
-    ph, pw = pair(padding, "padding")
-    kh, kw, c, o = w.shape
-    if x.shape[3] != c:
-        raise ValueError(f"conv2d: x has {x.shape[3]} channels but w expects {c} "
-                         f"(x shape {tuple(x.shape)}, w shape {tuple(w.shape)})")
-    if x.dtype != w.dtype:
-        raise TypeError(f"conv2d: x is {x.dtype} but w is {w.dtype}; use one dtype")
-    n, x_shape = x.shape[0], tuple(x.shape)
-    oh = output_size(x.shape[1], kh, sh, ph, op="conv2d", axis="height")
-    ow = output_size(x.shape[2], kw, sw, pw, op="conv2d", axis="width")
-    if out_size is not None and tuple(out_size) != (oh, ow):
-        rows, cols = out_size
-        if not (0 < rows <= oh and 0 < cols <= ow) or ph or pw:
-            raise ValueError(f"conv2d: out_size must be within the full output ({oh}, {ow}) and needs "
-                             f"padding 0, got out_size {tuple(out_size)} with padding ({ph}, {pw})")
-        x = x[:, :(rows - 1) * sh + kh, :(cols - 1) * sw + kw]  # the rows and columns they read
-        oh, ow = rows, cols
-    k = kh * kw * c
+def _chunk_cols(x: np.ndarray, window: Window, out_hw: tuple[int, int], ones_column: bool, into: Any = None):
+    """Yield (batch slice, cols) per chunk (see _chunks): cols (B*OH*OW, K), or (B*OH*OW, K + 1)
+    ending in a column of ones. Every chunk's cols is written into one buffer, so a chunk's cols
+    is only valid until the next one is yielded; unless `into`, the whole batch's
+    (N*OH*OW, K [+ 1]) array, is given: then each chunk's cols is its rows of `into`."""
+    (oh, ow), n, c = out_hw, x.shape[0], x.shape[3]
+    k = window.taps * c
+    chunks = _chunks(n, oh * ow * k * x.itemsize)
+    if _is_pointwise(x, window, out_hw):
+        for part in chunks:
+            yield part, x[part].reshape(-1, c)  # a 1x1 convolution needs no copy
+        return
+    if not chunks:  # an empty batch
+        return
+    rows_per_chunk = (chunks[0].stop - chunks[0].start) * oh * ow
+    buf = into if into is not None else cols_buffer(rows_per_chunk, k + ones_column, c, x.dtype)
+    if ones_column:
+        buf[:, k] = 1
+    for part in chunks:
+        first = part.start * oh * ow if into is not None else 0
+        cols = buf[first:first + (part.stop - part.start) * oh * ow]
+        _im2col_into(x[part], window, oh, ow, cols[:, :k])
+        yield part, cols
+
+
+def _gemm_forward(x: Any, w: Any, b: Any, window: Window, groups: int, out_hw: tuple[int, int],
+                  inference: bool) -> tuple[Any, Any]:
+    """groups == 1 on NumPy: y (N, OH, OW, O) chunk by chunk, y[chunk] = [cols, 1] @ [w2d; b].
+    Returns y and the batch's cols when _keeps_cols (never with inference=True), else None."""
+    x = np.ascontiguousarray(x)
+    (oh, ow), n, o = out_hw, x.shape[0], w.shape[3]
+    pointwise = _is_pointwise(x, window, out_hw)
+    fold = _bias_in_gemm(b is not None, pointwise)
+    k = w.shape[0] * w.shape[1] * w.shape[2]
     w2d = w.reshape(k, o)
-    fold = _bias_in_gemm(x, b is not None, _is_pointwise(kh, kw, sh, sw, ph, pw))
     if fold:
-        w2d = xp.concatenate([w2d, b.reshape(1, o)])  # (K + 1, O)
-    y = xp.empty((n, oh, ow, o), dtype=x.dtype)
+        w2d = np.concatenate([w2d, b.reshape(1, o)])  # (K + 1, O)
     kept = None
-    if not inference and _keeps_cols(x, k + fold, o, _is_pointwise(kh, kw, sh, sw, ph, pw),
-                                     n * oh * ow * (k + fold) * x.itemsize):
-        kept = cols_buffer(xp, n * oh * ow, k + fold, c, x.dtype)
-    for part, cols in _chunk_cols(x, kh, kw, sh, sw, ph, pw, oh, ow, fold, into=kept):
+    if not inference and not pointwise and _keeps_cols(k + fold, o, n * oh * ow * (k + fold) * x.itemsize):
+        kept = cols_buffer(n * oh * ow, k + fold, x.shape[3], x.dtype)
+    y = np.empty((n, oh, ow, o), dtype=x.dtype)
+    for part, cols in _chunk_cols(x, window, out_hw, fold, into=kept):
         y_part = y[part].reshape(-1, o)  # a view: the GEMM writes into y
-        xp.matmul(cols, w2d, out=y_part)  # the GEMM: (B*OH*OW, K [+ 1]) @ (K [+ 1], O)
+        np.matmul(cols, w2d, out=y_part)  # (B*OH*OW, K [+ 1]) @ (K [+ 1], O)
         if b is not None and not fold:
             y_part += b
-    cache = (x, x_shape, w, b is not None, (kh, kw, sh, sw, ph, pw, oh, ow), kept)
-    return y, cache
+    return y, kept
 
 
-def _input_grad_by_offset(dy2d: Any, w: Any, x_shape: tuple[int, ...], sh: int, sw: int,
-                          ph: int, pw: int, oh: int, ow: int) -> Any:
-    """dy2d (B*OH*OW, O), w (KH, KW, C, O) -> dx (B, H, W, C) on NumPy, without dcols.
-
-    Per kernel offset (i, j): one GEMM dy2d @ w[i, j].T -> (B*OH*OW, C), added into the window
-    positions of dx, in the same (i, j) order as col2im. col2im adds dcols (B*OH*OW, KH*KW*C)
-    in loops of C elements; at stride 1 these adds run over whole rows of OW*C elements
-    (conv2 of the seed network: 1.57 -> 1.24 ms per chunk).
-    """
-    kh, kw, c, _ = w.shape
-    n, h, wd, _ = x_shape
-    dxpad = np.zeros((n, h + 2 * ph, wd + 2 * pw, c), dtype=dy2d.dtype)
-    term = np.empty((dy2d.shape[0], c), dtype=dy2d.dtype)
-    for i in range(kh):
-        for j in range(kw):
+def _input_grad_by_offset(dy2d: np.ndarray, w: np.ndarray, window: Window, out_hw: tuple[int, int],
+                          out: np.ndarray, scratch: np.ndarray) -> None:
+    """dy2d (B*OH*OW, O) -> out (B, H, W, C), without dcols: per kernel tap (i, j), one GEMM
+    dy2d @ w[i, j].T -> (B*OH*OW, C), added into the positions that tap read, in col2im's (i, j)
+    order. col2im adds dcols (B*OH*OW, KH*KW*C) in loops of C elements; at stride 1 these adds
+    run over whole rows of OW*C elements. scratch: at least B*OH*OW*C elements."""
+    (oh, ow), c = out_hw, w.shape[2]
+    b, h, wd, _ = out.shape
+    padded = window.ph or window.pw
+    dxpad = np.zeros((b, h + 2 * window.ph, wd + 2 * window.pw, c), dtype=out.dtype) if padded else out
+    if not padded:
+        dxpad[...] = 0
+    term = scratch[:dy2d.shape[0] * c].reshape(dy2d.shape[0], c)
+    for i in range(window.kh):
+        for j in range(window.kw):
             np.matmul(dy2d, w[i, j].T, out=term)
-            dxpad[_offset_slice(i, j, sh, sw, oh, ow)] += term.reshape(n, oh, ow, c)
-    return dxpad[:, ph:ph + h, pw:pw + wd, :] if (ph or pw) else dxpad
+            dxpad[window.tap(i, j, oh, ow)] += term.reshape(b, oh, ow, c)
+    if padded:
+        out[...] = unpad_hw(dxpad, window, h, wd)
 
 
-def conv2d_backward(dy: Any, cache: tuple, need_dx: bool = True) -> tuple[Any, Any, Any]:
-    """dy (N, OH, OW, O) -> dx (N, H, W, C) or None, dw (KH, KW, C, O), db (O,) or None.
+def _input_grad_compiled(dy2d: np.ndarray, w: np.ndarray, window: Window, out_hw: tuple[int, int],
+                         out: np.ndarray, scratch: np.ndarray) -> None:
+    """dy2d (B*OH*OW, O) -> out (B, H, W, C): dcols = dy2d @ w2d.T into scratch (in cache), then the
+    compiled col2im (cnn_gpu/cpu/conv.py) adds it into out in one pass. scratch: B*OH*OW*K elements."""
+    from ..cpu import conv as cpu_conv
+    k = w.shape[0] * w.shape[1] * w.shape[2]
+    dcols = np.matmul(dy2d, w.reshape(k, -1).T, out=scratch[:dy2d.shape[0] * k].reshape(-1, k))
+    cpu_conv.col2im(dcols, window, *out_hw, out=out)
 
-    need_dx=False skips the input gradient (the first layer of a network has no use for it).
-    """
-    x, x_shape, w, has_bias, (kh, kw, sh, sw, ph, pw, oh, ow), kept = cache
-    xp = get_array_module(dy, x)
-    o = w.shape[3]
-    w2d = w.reshape(-1, o)  # (KH*KW*C, O)
-    k = w2d.shape[0]
-    pointwise = _is_pointwise(kh, kw, sh, sw, ph, pw)
-    fold = _bias_in_gemm(x, has_bias, pointwise)
-    dw = None  # (K, O), or (K + 1, O) with db as its last row when the bias rode in the GEMM
-    # On NumPy with the compiled col2im (cnn_gpu.cpu.conv): each chunk's dcols = dy @ w2d.T goes
-    # into one buffer, in cache, and col2im adds it into the chunk's slice of dx in one pass.
-    compiled = need_dx and not pointwise and cpu.runs_on(dy, w)
-    dcols_buffer = None
-    if compiled:
-        from ..cpu import conv as cpu_conv
-        dx = np.empty(x.shape, dtype=x.dtype)  # C-contiguous, so each batch slice is too
-    elif need_dx and len(_chunks(x, oh * ow * k * x.itemsize)) > 1:
-        dx = xp.empty_like(x)
-    else:  # one chunk (always on the GPU): dx is col2im's result itself, no copy into a buffer
-        dx = None
-    # Each chunk's cols: the forward's, or rebuilt from x (see the module docstring).
-    if kept is not None:  # the same chunks, as row slices of the whole batch's cols
-        chunks = ((part, kept[part.start * oh * ow:part.stop * oh * ow])
-                  for part in _chunks(x, oh * ow * k * x.itemsize))
+
+def _gemm_backward(dy: Any, cache: ConvCache, need_dx: bool,
+                   input_grad: Callable[..., None]) -> tuple[Any, Any, Any]:
+    """The backward of _gemm_forward, chunk by chunk over the forward's cols or cols rebuilt from x.
+    input_grad: _input_grad_by_offset or _input_grad_compiled, writing each chunk's dx."""
+    x, w, window, out_hw = np.ascontiguousarray(cache.x), cache.w, cache.window, cache.out_hw
+    (oh, ow), n, c, o = out_hw, x.shape[0], x.shape[3], w.shape[3]
+    k = window.taps * c
+    pointwise = _is_pointwise(x, window, out_hw)
+    fold = _bias_in_gemm(cache.has_bias, pointwise)
+    chunks = _chunks(n, oh * ow * k * x.itemsize)
+    if cache.cols is not None:  # the forward's chunks, as row slices of the whole batch's cols
+        pairs = ((part, cache.cols[part.start * oh * ow:part.stop * oh * ow]) for part in chunks)
     else:
-        chunks = _chunk_cols(x, kh, kw, sh, sw, ph, pw, oh, ow, fold)
-    for part, cols in chunks:
-        dy2d = xp.ascontiguousarray(dy[part]).reshape(-1, o)  # (B*OH*OW, O)
+        pairs = _chunk_cols(x, window, out_hw, fold)
+    dx = np.empty(x.shape, dtype=x.dtype) if need_dx else None  # C-contiguous, so each batch slice is too
+    scratch = np.empty((chunks[0].stop - chunks[0].start) * oh * ow * k, dtype=x.dtype) if need_dx and chunks \
+        else None
+    dw = None  # (K, O), or (K + 1, O) with db as its last row when the bias rode in the GEMM
+    for part, cols in pairs:
+        dy2d = np.ascontiguousarray(dy[part]).reshape(-1, o)  # (B*OH*OW, O)
         part_dw = cols.T @ dy2d
         if dw is None:
             dw = part_dw
@@ -289,32 +312,220 @@ def conv2d_backward(dy: Any, cache: tuple, need_dx: bool = True) -> tuple[Any, A
             dw += part_dw
         if not need_dx:
             continue
-        if compiled:
-            if dcols_buffer is None:
-                dcols_buffer = np.empty((dy2d.shape[0], k), dtype=dy2d.dtype)
-            dcols = np.matmul(dy2d, w2d.T, out=dcols_buffer[:dy2d.shape[0]])  # (B*OH*OW, KH*KW*C)
-            cpu_conv.col2im(dcols, kh, kw, sh, sw, ph, pw, oh, ow, out=dx[part])
-            continue
-        part_shape = (cols.shape[0] // (oh * ow),) + tuple(x.shape[1:])
         if pointwise:
-            part_dx = (dy2d @ w2d.T).reshape(part_shape)
-        elif is_cupy_array(dy2d):
-            dcols = dy2d @ w2d.T  # (B*OH*OW, KH*KW*C)
-            part_dx = col2im(dcols, part_shape, kh, kw, sh, sw, ph, pw, oh, ow)
+            np.matmul(dy2d, w.reshape(c, o).T, out=dx[part].reshape(-1, c))
         else:
-            part_dx = _input_grad_by_offset(dy2d, w, part_shape, sh, sw, ph, pw, oh, ow)
-        if dx is None:
-            dx = part_dx
-        else:
-            dx[part] = part_dx
+            input_grad(dy2d, w, window, out_hw, dx[part], scratch)
     if dw is None:  # an empty batch
-        dw, dx = xp.zeros((k + fold, o), dtype=w.dtype), xp.empty_like(x) if need_dx else None
+        dw = np.zeros((k + fold, o), dtype=w.dtype)
     if fold:
         dw, db = dw[:k], dw[k].copy()  # db's own array, not a view of dw's
     else:
-        db = column_sum(dy.reshape(-1, o)) if has_bias else None
-    if dx is not None and tuple(dx.shape) != x_shape:  # out_size: x was read in part
-        full = xp.zeros(x_shape, dtype=dx.dtype)
-        full[:, :dx.shape[1], :dx.shape[2]] = dx
-        dx = full
+        db = column_sum(dy.reshape(-1, o)) if cache.has_bias else None
     return dx, dw.reshape(w.shape), db
+
+
+NUMPY_GEMM = Strategy("numpy-gemm", _gemm_forward,
+                      functools.partial(_gemm_backward, input_grad=_input_grad_by_offset))
+NUMPY_GEMM_COMPILED = Strategy("numpy-gemm, compiled col2im", _gemm_forward,
+                               functools.partial(_gemm_backward, input_grad=_input_grad_compiled))
+
+
+# ---- 2b. NumPy, depthwise (groups == C): a multiply-add per kernel tap ----------------------------
+#
+# A depthwise convolution's GEMMs are C products of (M, KH*KW) by (KH*KW, multiplier): far too
+# small for BLAS. Instead each of the KH*KW taps is one pass over all channels at once,
+# (N, OH, OW, C, 1) * w[i, j] (C, multiplier), in chunks of the batch that stay in cache.
+
+DEPTHWISE_CHUNK_BYTES = 1 << 18  # of output per chunk, so a chunk and its term stay in L2
+
+
+def _depthwise_chunks(n: int, image_bytes: int) -> list[slice]:
+    per = max(1, DEPTHWISE_CHUNK_BYTES // max(image_bytes, 1))
+    return [slice(i, min(i + per, n)) for i in range(0, n, per)]
+
+
+def _depthwise_forward(x: Any, w: Any, b: Any, window: Window, groups: int, out_hw: tuple[int, int],
+                       inference: bool) -> tuple[Any, None]:
+    """x (N, H, W, C), w (KH, KW, 1, C*M) -> y (N, OH, OW, C*M): y[..., c*M + m] reads channel c."""
+    (oh, ow), (n, _, _, c), o = out_hw, x.shape, w.shape[3]
+    mult = o // c
+    xpad = pad_hw(x, window)
+    y = np.empty((n, oh, ow, c, mult), dtype=x.dtype)
+    chunks = _depthwise_chunks(n, y[:1].nbytes)
+    term = np.empty_like(y[:chunks[0].stop]) if chunks else None
+    for part in chunks:
+        y_part, term_part, x_part = y[part], term[:part.stop - part.start], xpad[part]
+        for i in range(window.kh):
+            for j in range(window.kw):
+                tap = x_part[window.tap(i, j, oh, ow)][..., None]  # (B, OH, OW, C, 1)
+                first = i == 0 and j == 0
+                np.multiply(tap, w[i, j, 0].reshape(c, mult), out=y_part if first else term_part)
+                if not first:
+                    y_part += term_part
+        if b is not None:
+            y_part += b.reshape(c, mult)
+    return y.reshape(n, oh, ow, o), None
+
+
+def _depthwise_backward(dy: Any, cache: ConvCache, need_dx: bool) -> tuple[Any, Any, Any]:
+    """dy (N, OH, OW, C*M) -> dx (N, H, W, C) or None, dw (KH, KW, 1, C*M), db or None."""
+    x, w, window, (oh, ow) = cache.x, cache.w, cache.window, cache.out_hw
+    (n, h, wd, c), o = x.shape, w.shape[3]
+    mult = o // c
+    xpad = pad_hw(x, window)
+    dy5 = np.ascontiguousarray(dy).reshape(n, oh, ow, c, mult)
+    dw = np.zeros((window.kh, window.kw, c, mult), dtype=x.dtype)
+    dxpad = np.zeros(xpad.shape, dtype=x.dtype) if need_dx else None
+    chunks = _depthwise_chunks(n, dy5[:1].nbytes)
+    term = np.empty_like(dy5[:chunks[0].stop]) if chunks else None
+    for part in chunks:
+        dy_part, term_part, x_part = dy5[part], term[:part.stop - part.start], xpad[part]
+        for i in range(window.kh):
+            for j in range(window.kw):
+                index = window.tap(i, j, oh, ow)
+                np.multiply(x_part[index][..., None], dy_part, out=term_part)  # (B, OH, OW, C, M)
+                dw[i, j] += column_sum(term_part.reshape(-1, o)).reshape(c, mult)
+                if need_dx:
+                    np.multiply(dy_part, w[i, j, 0].reshape(c, mult), out=term_part)
+                    dxpad[part][index] += term_part.sum(axis=-1) if mult > 1 else term_part[..., 0]
+    db = column_sum(dy.reshape(-1, o)) if cache.has_bias else None
+    dx = unpad_hw(dxpad, window, h, wd) if need_dx else None
+    return dx, dw.reshape(w.shape), db
+
+
+DEPTHWISE = Strategy("depthwise", _depthwise_forward, _depthwise_backward)
+
+
+# ---- 2c. Compiled depthwise kernels: cnn_gpu/cpu/depthwise.py (Numba), cnn_gpu/cuda/conv.py (CuPy) ---
+
+def _cpu_depthwise() -> Any:
+    from ..cpu import depthwise
+    return depthwise
+
+
+def _cuda_conv() -> Any:
+    from ..cuda import conv
+    return conv
+
+
+def _depthwise_kernels_forward(x: Any, w: Any, b: Any, window: Window, groups: int, out_hw: tuple[int, int],
+                               inference: bool, kernels: Callable[[], Any]) -> tuple[Any, None]:
+    return kernels().depthwise_forward(x, w, b, window, out_hw), None
+
+
+def _depthwise_kernels_backward(dy: Any, cache: ConvCache, need_dx: bool,
+                                kernels: Callable[[], Any]) -> tuple[Any, Any, Any]:
+    dx, dw = kernels().depthwise_backward(dy, cache.x, cache.w, cache.window, need_dx)
+    db = column_sum(dy.reshape(-1, cache.w.shape[3])) if cache.has_bias else None
+    return dx, dw, db
+
+
+DEPTHWISE_COMPILED = Strategy("depthwise, compiled",
+                              functools.partial(_depthwise_kernels_forward, kernels=_cpu_depthwise),
+                              functools.partial(_depthwise_kernels_backward, kernels=_cpu_depthwise))
+CUPY_DEPTHWISE = Strategy("cupy-depthwise",
+                          functools.partial(_depthwise_kernels_forward, kernels=_cuda_conv),
+                          functools.partial(_depthwise_kernels_backward, kernels=_cuda_conv))
+
+
+# ---- 2d. CuPy, any groups: the reference's whole-batch batched GEMM, with a one-launch col2im -------
+
+def _cupy_col2im(dcols: Any, x_shape: tuple[int, ...], window: Window, oh: int, ow: int) -> Any:
+    return _cuda_conv().col2im(dcols, x_shape, window, oh, ow)
+
+
+CUPY_GEMM = Strategy("cupy-gemm", reference_forward, functools.partial(reference_backward, col2im=_cupy_col2im))
+
+
+# ---- 3. the choice ---------------------------------------------------------------------------------
+
+def select(x: Any, w: Any, groups: int) -> Strategy:
+    """The strategy that runs a convolution of these arrays (the backward asks again, with the
+    cache's x and w, so switching the compiled CPU kernels off in between is fine: the strategies
+    of one backend and one groups share their cache)."""
+    depthwise = groups == x.shape[3] and groups > 1
+    if is_cupy_array(x):
+        return CUPY_DEPTHWISE if depthwise else CUPY_GEMM
+    compiled = cpu.runs_on(x, w)
+    if groups == 1:
+        return NUMPY_GEMM_COMPILED if compiled else NUMPY_GEMM
+    if depthwise:
+        return DEPTHWISE_COMPILED if compiled else DEPTHWISE
+    return REFERENCE  # 1 < groups < C: one GEMM per group over the whole batch
+
+
+# ---- 4. the op -------------------------------------------------------------------------------------
+
+def _check_arguments(x: Any, w: Any, b: Any, stride: Any, padding: Any, dilation: Any, groups: Any,
+                     out_size: Any) -> tuple[Window, tuple[int, int]]:
+    """Every check a user's arguments need, with the shapes in the message; returns the window
+    and the (OH, OW) to compute."""
+    check_float(x, "conv2d")
+    check_float(w, "conv2d", name="w")
+    check_rank(x, 4, "conv2d", "(N, H, W, C)")
+    check_rank(w, 4, "conv2d", "(KH, KW, C_in / groups, C_out)", name="w")
+    get_array_module(x, w, b)  # a TypeError for arrays of both backends
+    shapes = f"(x shape {tuple(x.shape)}, w shape {tuple(w.shape)})"
+    if isinstance(groups, bool) or not isinstance(groups, (int, np.integer)) or groups < 1:
+        raise ValueError(f"conv2d: groups must be an int >= 1, got {groups!r}")
+    kh, kw, cg, o = w.shape
+    c = x.shape[3]
+    if c % groups or o % groups:
+        raise ValueError(f"conv2d: groups {groups} must divide the input channels {c} and the output "
+                         f"channels {o} {shapes}")
+    if cg * groups != c:
+        per_group = f" ({groups} groups of {cg})" if groups > 1 else ""
+        raise ValueError(f"conv2d: x has {c} channels but w expects {cg * groups}{per_group} {shapes}")
+    if x.dtype != w.dtype:
+        raise TypeError(f"conv2d: x is {x.dtype} but w is {w.dtype}; use one dtype")
+    if b is not None:
+        if tuple(b.shape) != (o,):
+            raise ValueError(f"conv2d: b must have shape ({o},) for w of shape {tuple(w.shape)}, "
+                             f"got {tuple(b.shape)}")
+        if b.dtype != x.dtype:
+            raise TypeError(f"conv2d: x is {x.dtype} but b is {b.dtype}; use one dtype")
+    window = Window.of((kh, kw), stride, padding, dilation)
+    oh, ow = window.output_hw(x.shape[1], x.shape[2], "conv2d")
+    if out_size is None:
+        return window, (oh, ow)
+    rows, cols = pair(out_size, "out_size")
+    if not (0 < rows <= oh and 0 < cols <= ow):
+        raise ValueError(f"conv2d: out_size must be within the full output ({oh}, {ow}), got {(rows, cols)}")
+    return window, (rows, cols)
+
+
+def conv2d_forward(x: Any, w: Any, b: Any = None, stride: int | tuple[int, int] = 1,
+                   padding: int | tuple[int, int] = 0, dilation: int | tuple[int, int] = 1, groups: int = 1,
+                   out_size: tuple[int, int] | None = None, inference: bool = False) -> tuple[Any, ConvCache]:
+    """x (N, H, W, C), w (KH, KW, C/groups, O), b (O,) or None -> y (N, OH, OW, O), cache.
+
+    stride, padding (zeros, on each side), dilation: an int or an (h, w) pair. groups divides C
+    and O; output channel o reads the C/groups input channels of its group o // (O/groups) (see
+    the module docstring); groups == C is a depthwise convolution.
+
+    out_size (rows, cols): compute only the first rows x cols outputs, y (N, rows, cols, O), from
+    the input they read: a 2x2 pool after the seed network's conv2 reads 10 x 10 of its 11 x 11
+    outputs. The backward's dx still has x's shape, zero where no computed output read x.
+
+    inference=True: no backward will follow, so no cols are kept for it.
+    """
+    window, out_hw = _check_arguments(x, w, b, stride, padding, dilation, groups, out_size)
+    y, cols = select(x, w, groups).forward(x, w, b, window, groups, out_hw, inference)
+    return y, ConvCache(x, w, b is not None, window, groups, out_hw, cols)
+
+
+def conv2d_backward(dy: Any, cache: ConvCache, need_dx: bool = True) -> tuple[Any, Any, Any]:
+    """dy (N, OH, OW, O) -> dx (N, H, W, C) or None, dw (KH, KW, C/groups, O), db (O,) or None.
+
+    need_dx=False skips the input gradient (the first layer of a network has no use for it).
+    """
+    x, w = cache.x, cache.w
+    get_array_module(dy, x)  # a TypeError for arrays of both backends
+    expected = (x.shape[0], *cache.out_hw, w.shape[3])
+    if tuple(dy.shape) != expected:
+        raise ValueError(f"conv2d backward: dy has shape {tuple(dy.shape)} but the forward's output "
+                         f"was {expected}")
+    if dy.dtype != x.dtype:
+        raise TypeError(f"conv2d backward: dy is {dy.dtype} but x is {x.dtype}; use one dtype")
+    return select(x, w, cache.groups).backward(dy, cache, need_dx)

@@ -5,7 +5,8 @@ from typing import Any, Callable
 
 import numpy as np
 
-from ..backend import get_array_module, to_numpy
+from ..backend import get_array_module, module_for, to_device, to_numpy
+from ..data import is_on_disk, subset
 from ..distributed import Communicator, shard_slice
 from ..functional import softmax, softmax_cross_entropy
 from ..layers import Layer
@@ -36,7 +37,12 @@ def evaluate_sums(model: Layer, images: Any, labels: Any, batch_size: int = 500,
                   hflip: bool = False) -> tuple[float, int, np.ndarray]:
     """evaluate()'s sums: the loss summed over the images (float), the count of right answers
     (int) and the predictions (N,) int64 on the host. An empty split gives (0.0, 0, empty)."""
-    xp = get_array_module(images, labels)
+    backend = model.backend
+    xp = module_for(backend)
+    if is_on_disk(images):  # a memory-mapped split: read and moved a batch at a time
+        labels = to_device(np.asarray(labels), backend)
+    else:
+        xp = get_array_module(images, labels)
     was_training = model.training
     model.eval()
     try:
@@ -44,6 +50,8 @@ def evaluate_sums(model: Layer, images: Any, labels: Any, batch_size: int = 500,
         predictions = [xp.zeros(0, dtype=np.int64)]
         for start in range(0, len(labels), batch_size):
             x, y = images[start:start + batch_size], labels[start:start + batch_size]
+            if xp is not get_array_module(x):
+                x = to_device(np.asarray(x), backend)
             x = transform(x) if transform is not None else x
             logits = model.forward(x)
             if hflip:  # log of the mean probability of the two views, as logits
@@ -69,7 +77,8 @@ def evaluate_on_ranks(model: Layer, images: Any, labels: Any, comm: Communicator
     if n == 0:
         raise ValueError("evaluate: the split is empty")
     part = shard_slice(n, comm.rank, comm.size)
-    loss_sum, correct, _ = evaluate_sums(model, images[part], labels[part], batch_size, transform)
+    rows = subset(images, np.arange(part.start, part.stop)) if is_on_disk(images) else images[part]
+    loss_sum, correct, _ = evaluate_sums(model, rows, labels[part], batch_size, transform)
     loss_sum, correct = comm.sum_scalars([loss_sum, correct])
     return loss_sum / n, correct / n
 

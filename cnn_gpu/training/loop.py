@@ -34,9 +34,9 @@ from typing import Any, Callable, Iterator
 import numpy as np
 
 from .. import __version__
-from ..backend import get_array_module, to_device, to_numpy
+from ..backend import module_for, to_device, to_numpy
 from ..checkpoint import Checkpoint, load_checkpoint, restore, save_checkpoint, write_json_atomic
-from ..data import BatchIterator, NormStats, compute_norm_stats, normalize
+from ..data import BatchIterator, NormStats, compute_norm_stats, is_on_disk, normalize
 from ..distributed import Communicator, Replicas, SingleProcess
 from ..functional import softmax_cross_entropy
 from ..config import layer_config
@@ -81,7 +81,8 @@ def fit(model: Layer, optimizer: Optimizer, train_data: Split, *, epochs: int,
     """Train `model` for `epochs` epochs (in total, counting those of a resumed checkpoint).
 
     train_data, val_data, test_data: (images uint8 (N, H, W, C), labels int (N,)) on the host;
-        they are copied to the model's device once.
+        they are copied to the model's device once, except images on disk (a memory-mapped image
+        folder, cnn_gpu.data.is_on_disk), which are read a batch at a time.
     batch_size: images per step over all ranks (the global batch).
     norm_stats: per-channel mean/std; default: computed from train_data's images.
     augment(x, rng): applied to each uint8 training batch before normalization.
@@ -136,7 +137,8 @@ def fit(model: Layer, optimizer: Optimizer, train_data: Split, *, epochs: int,
     def transform(x: Any) -> Any:
         return normalize(x, stats, dtype=dtype)
 
-    loader = BatchIterator(train_x, train_y, batch_size, shuffle=True, seed=run.seed, augment=augment)
+    loader = BatchIterator(train_x, train_y, batch_size, shuffle=True, seed=run.seed, augment=augment,
+                           device=backend if is_on_disk(train_x) else None)
     out = Path(out_dir) if out_dir is not None else None
     result = FitResult(history=run.history, best_epoch=run.best_epoch, out_dir=out)
     if run.start_epoch >= epochs:
@@ -270,7 +272,7 @@ def _train_steps(model: Layer, optimizer: Optimizer, loader: BatchIterator, tran
                  num_classes: int) -> tuple[float, float, float]:
     model.train()
     limit = divergence_threshold(num_classes)
-    xp = get_array_module(loader.images)
+    xp = module_for(model.backend)  # the loader's images may be a memory map on the host
     on_gpu = xp is not np
     sync_every = 50 if on_gpu else 1
     steps = len(loader)
@@ -330,9 +332,14 @@ def _epoch_line(record: dict[str, Any], epochs: int, best: bool) -> str:
 
 
 def _to(split: Split | None, backend: str) -> Split | None:
+    """A split on the model's device; images on disk (a memory-mapped image folder) stay there,
+    with their labels on the host, and are read and moved a batch at a time."""
     if split is None:
         return None
-    return to_device(split[0], backend), to_device(np.asarray(split[1], np.int64), backend)
+    images, labels = split
+    if is_on_disk(images):
+        return images, np.asarray(labels, np.int64)
+    return to_device(images, backend), to_device(np.asarray(labels, np.int64), backend)
 
 
 def _num_classes(model: Layer, sample_shape: tuple[int, ...]) -> int:

@@ -1,0 +1,126 @@
+"""Depthwise convolution on the CPU, compiled by Numba: the forward, and both gradients in one pass.
+
+    x (N, H, W, C), w (KH, KW, 1, C*M), b (C*M,) -> y (N, OH, OW, C*M)
+    y[n, oh, ow, c*M + m] = b[c*M + m] + sum over i, j of
+                            x[n, oh*sh - ph + i*dh, ow*sw - pw + j*dw, c] * w[i, j, 0, c*M + m]
+
+(groups == C, channel multiplier M.) NumPy's version (cnn_gpu.functional.conv, DEPTHWISE, the
+reference for these loops) makes one pass over the whole output per kernel tap; here each output
+row takes all its taps while it is in L1, and the loops innermost run over the contiguous channels
+(SIMD over C). Taps that fall in the padding are skipped, not multiplied by zero. The backward
+visits each output once and adds into both dx and dw; dw sums one image at a time in the input's
+dtype and the images' sums in float64.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import numba
+import numpy as np
+
+from ..geometry import Window
+
+_jit = numba.njit(cache=True, nogil=True, boundscheck=False)
+
+
+@_jit
+def _forward(x, w, b, sh, sw, ph, pw, dil_h, dil_w, y):  # pragma: no cover - compiled; tested against NumPy
+    # x (N, H, W, C), w (KH, KW, O), b (O,) -> y (N, OH, OW, O), O = C * mult
+    n, h, wd, c = x.shape
+    _, oh, ow, o = y.shape
+    kh, kw = w.shape[0], w.shape[1]
+    mult = o // c
+    for bi in range(n):
+        for i in range(oh):
+            for j in range(ow):
+                for k in range(o):
+                    y[bi, i, j, k] = b[k]
+            for p in range(kh):
+                r = i * sh - ph + p * dil_h
+                if r < 0 or r >= h:
+                    continue  # the tap falls in the padding
+                for q in range(kw):
+                    for j in range(ow):
+                        s = j * sw - pw + q * dil_w
+                        if s < 0 or s >= wd:
+                            continue
+                        if mult == 1:
+                            for k in range(o):
+                                y[bi, i, j, k] += x[bi, r, s, k] * w[p, q, k]
+                        else:
+                            for ch in range(c):
+                                v = x[bi, r, s, ch]
+                                for m in range(mult):
+                                    y[bi, i, j, ch * mult + m] += v * w[p, q, ch * mult + m]
+
+
+@_jit
+def _backward(dy, x, w, sh, sw, ph, pw, dil_h, dil_w, need_dx, dx, dw):  # pragma: no cover - compiled
+    # dy (N, OH, OW, O), x (N, H, W, C), w (KH, KW, O) -> dx (N, H, W, C) when need_dx, dw (KH, KW, O) float64
+    n, h, wd, c = x.shape
+    _, oh, ow, o = dy.shape
+    kh, kw = w.shape[0], w.shape[1]
+    mult = o // c
+    image_dw = np.empty((kh, kw, o), dtype=dy.dtype)
+    dw[:] = 0.0
+    for bi in range(n):
+        image_dw[:] = 0
+        if need_dx:
+            dx[bi] = 0
+        for i in range(oh):
+            for p in range(kh):
+                r = i * sh - ph + p * dil_h
+                if r < 0 or r >= h:
+                    continue
+                for q in range(kw):
+                    for j in range(ow):
+                        s = j * sw - pw + q * dil_w
+                        if s < 0 or s >= wd:
+                            continue
+                        if mult == 1 and need_dx:  # one loop for both: dy and the loop's overhead once
+                            for k in range(o):
+                                g = dy[bi, i, j, k]
+                                image_dw[p, q, k] += x[bi, r, s, k] * g
+                                dx[bi, r, s, k] += g * w[p, q, k]
+                        elif mult == 1:
+                            for k in range(o):
+                                image_dw[p, q, k] += x[bi, r, s, k] * dy[bi, i, j, k]
+                        else:
+                            for ch in range(c):
+                                v = x[bi, r, s, ch]
+                                acc = 0.0  # the M products into one input channel, summed in float64
+                                for m in range(mult):
+                                    g = dy[bi, i, j, ch * mult + m]
+                                    image_dw[p, q, ch * mult + m] += v * g
+                                    acc += g * w[p, q, ch * mult + m]
+                                if need_dx:
+                                    dx[bi, r, s, ch] += acc
+        for p in range(kh):
+            for q in range(kw):
+                for k in range(o):
+                    dw[p, q, k] += image_dw[p, q, k]
+
+
+def _taps(w: Any) -> Any:
+    """w (KH, KW, 1, O) -> (KH, KW, O), C-contiguous."""
+    return np.ascontiguousarray(w.reshape(w.shape[0], w.shape[1], w.shape[3]))
+
+
+def depthwise_forward(x: Any, w: Any, b: Any, window: Window, out_hw: tuple[int, int]) -> Any:
+    """x (N, H, W, C), w (KH, KW, 1, C*M), b (C*M,) or None -> y (N, OH, OW, C*M): the first
+    OH x OW outputs."""
+    n, o = x.shape[0], w.shape[3]
+    y = np.empty((n, *out_hw, o), dtype=x.dtype)
+    bias = np.zeros(o, dtype=x.dtype) if b is None else np.ascontiguousarray(b)
+    _forward(np.ascontiguousarray(x), _taps(w), bias, window.sh, window.sw, window.ph, window.pw,
+             window.dh, window.dw, y)
+    return y
+
+
+def depthwise_backward(dy: Any, x: Any, w: Any, window: Window, need_dx: bool) -> tuple[Any, Any]:
+    """dy (N, OH, OW, C*M) -> dx (N, H, W, C) or None, dw (KH, KW, 1, C*M)."""
+    dx = np.empty(x.shape, dtype=x.dtype) if need_dx else np.empty((0, 0, 0, 0), dtype=x.dtype)
+    dw = np.empty((w.shape[0], w.shape[1], w.shape[3]), dtype=np.float64)
+    _backward(np.ascontiguousarray(dy), np.ascontiguousarray(x), _taps(w), window.sh, window.sw, window.ph,
+              window.pw, window.dh, window.dw, need_dx, dx, dw)
+    return (dx if need_dx else None), dw.astype(x.dtype).reshape(w.shape)
