@@ -150,6 +150,13 @@ def fit_scenario(comm: Any, out: Path) -> None:
             found[f"{name}/{key}"] = value
         found[f"{name}_history"] = np.array([numbers(rec) for rec in result.history])
 
+    # evaluation split over the ranks, also of fewer images than ranks (some slices empty)
+    from cnn_gpu.training.evaluate import evaluate_on_ranks
+    model, _ = case_model(CASES["seed_bn_sync"], seed=100)
+    x, y = case_data(CASES["seed_bn_sync"])["val"]
+    found["eval_all"] = np.array(evaluate_on_ranks(model, x.astype(np.float64), y, comm, batch_size=4))
+    found["eval_two"] = np.array(evaluate_on_ranks(model, x[:2].astype(np.float64), y[:2], comm))
+
     # resume on N ranks from the checkpoint one process wrote (the test wrote it before launching)
     case = CASES[RESUMED]
     model, result = fit_case(case, comm, epochs=2, resume=out / "one-rank" / "last.npz",

@@ -96,6 +96,19 @@ def test_local_batch_norm_statistics_differ_from_one_process_and_stay_equal_on_e
     np.testing.assert_allclose(found[0]["seed_bn_sync/1.gamma"], sync_model.state_dict()["1.gamma"], rtol=1e-10)
 
 
+def test_evaluation_split_over_the_ranks_is_the_whole_split(ranks):
+    """13 images in slices of 5/4/4 over 3 ranks (evaluated in batches of 4), and 2 images, which
+    leave a rank nothing: the sums over the ranks give one process's loss and accuracy."""
+    from cnn_gpu.training import evaluate
+    _, found, _ = ranks
+    model, _ = problems.case_model(problems.CASES["seed_bn_sync"], seed=100)
+    x, y = problems.case_data(problems.CASES["seed_bn_sync"])["val"]
+    for key, (images, labels) in (("eval_all", (x, y)), ("eval_two", (x[:2], y[:2]))):
+        loss, accuracy, _ = evaluate(model, images.astype(np.float64), labels)
+        for f in found:
+            np.testing.assert_allclose(f[key], [loss, accuracy], rtol=1e-12)  # per-slice sums: another order
+
+
 def test_only_rank0_writes_and_records_the_ranks(ranks):
     n, _, out = ranks
     for name in problems.CASES:
