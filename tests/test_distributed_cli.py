@@ -122,6 +122,7 @@ def test_the_scaling_benchmark_times_one_rank_against_n(tmp_path):
     assert [r["net"] for r in rows] == ["seed", "seed_bn"] and rows[0]["global_batch"] == 8
     for row in rows:
         assert row["ranks"] == 2 and row["buckets"] == 1 and 0 <= row["averaging_share"] <= 1
+        assert row["one_rank_cpu_s"] > 0 and row["n_rank_cpu_s"] > 0 and row["cpu_speedup"] > 0
         assert row["speedup"] == pytest.approx(row["n_rank_images_per_s"] / row["one_rank_images_per_s"])
     assert done.stdout.count("seed_bn ") == 1  # the table, from rank 0 only
 

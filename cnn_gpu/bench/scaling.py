@@ -15,6 +15,10 @@ What a row measures (one network of workloads.NETS, `--batch` images per rank):
     averaging the time inside the gradient averaging per N-rank step (its share of the step):
               the allreduce, the packing, and any wait for a slower rank; "alone" times it on
               its own after a barrier, the communication without the wait
+    cpu speedup  the speedup the CPU seconds of the computation predict (time.process_time, which
+              does not count waiting for a core: what an otherwise idle machine would give, with the
+              averaging "alone" added): on a shared machine the wall-clock speedup mostly measures
+              the other load, this one the code
 The two are timed in alternation, round after round after a warm-up, and each reports the median
 over the rounds (a step's time is the slowest rank's): load from other processes on a shared
 machine then hits both alike. Inputs are random (workloads.random_batch, another seed per rank).
@@ -45,22 +49,29 @@ WAIT_POLL = 0.002  # seconds between looks of the ranks that wait while rank 0 r
 
 
 def training_step(model: Any, x: Any, labels: Any, replicas: Replicas | None,
-                  averaging: list[float]) -> Callable[[], None]:
+                  averaging: list[float], computing: list[float]) -> Callable[[], None]:
     """One training step of model on (x, labels); with replicas, the gradients are averaged over
-    the ranks and the seconds spent in it appended to `averaging`."""
+    the ranks and the seconds spent in it appended to `averaging`. The CPU seconds of the rest
+    (forward, backward, update: time.process_time, which does not count time the process waits
+    for a core) go to `computing`."""
     optimizer = SGD(model.parameters(), lr=workloads.LR, momentum=workloads.MOMENTUM)
 
     def step() -> None:
+        cpu = time.process_time()
         _, dlogits = softmax_cross_entropy(model.forward(x), labels)
         model.backward(dlogits)
+        synchronize()
+        cpu = time.process_time() - cpu
         if replicas is not None:
-            synchronize()
             started = time.perf_counter()
             replicas.average_gradients()
             synchronize()
             averaging.append(time.perf_counter() - started)
+        resumed = time.process_time()
         optimizer.step()
         optimizer.zero_grad()
+        synchronize()
+        computing.append(cpu + time.process_time() - resumed)
     return step
 
 
@@ -78,8 +89,10 @@ def measure(comm: Communicator, net: str, batch: int, backend: str, batch_norm_s
     model = workloads.network(net).to("gpu" if backend == "cupy" else "cpu")
     replicas = Replicas(comm, model, batch_norm_sync)
     averaging: list[float] = []
-    step_n = training_step(model, x, labels, replicas, averaging)
-    step_1 = training_step(alone, x, labels, None, []) if alone is not None else None
+    computing_n: list[float] = []
+    computing_1: list[float] = []
+    step_n = training_step(model, x, labels, replicas, averaging, computing_n)
+    step_1 = training_step(alone, x, labels, None, [], computing_1) if alone is not None else None
 
     def run_alone() -> float:
         """Seconds per step of rank 0 alone; the others wait, sleeping."""
@@ -108,6 +121,7 @@ def measure(comm: Communicator, net: str, batch: int, backend: str, batch_norm_s
     for _ in range(warmup):
         run_alone()
         run_together()
+    del computing_1[:], computing_n[:]
     one, together, averaged = [], [], []
     for _ in range(repeats):
         one.append(run_alone())
@@ -125,11 +139,18 @@ def measure(comm: Communicator, net: str, batch: int, backend: str, batch_norm_s
     t1 = float(comm.allgather(np.array([statistics.median(one)]))[0, 0])  # rank 0's
     tn, avg = statistics.median(together), statistics.median(averaged)
     ips1, ipsn = batch / t1, comm.size * batch / tn
+    # What the two would run at with a core each and no other load: the CPU seconds of the
+    # computation (rank 0's alone; the slowest rank's together) plus the averaging on its own.
+    cpu1 = float(comm.allgather(np.array([statistics.median(computing_1) if computing_1 else 0.0]))[0, 0])
+    cpun = _slowest(comm, statistics.median(computing_n))
+    alone_avg = statistics.median(comm_alone)
     grad_bytes = sum(int(np.prod(p.shape)) * p.data.dtype.itemsize for p in model.parameters())
     return {"net": net, "batch_per_rank": batch, "global_batch": comm.size * batch, "ranks": comm.size,
             "one_rank_step_s": t1, "n_rank_step_s": tn, "one_rank_images_per_s": ips1,
             "n_rank_images_per_s": ipsn, "speedup": ipsn / ips1, "efficiency": ipsn / ips1 / comm.size,
-            "averaging_s": avg, "averaging_share": avg / tn, "averaging_alone_s": statistics.median(comm_alone),
+            "averaging_s": avg, "averaging_share": avg / tn, "averaging_alone_s": alone_avg,
+            "one_rank_cpu_s": cpu1, "n_rank_cpu_s": cpun,
+            "cpu_speedup": comm.size * cpu1 / (cpun + alone_avg),
             "gradient_bytes": grad_bytes, "buckets": len(replicas.averager.buckets),
             "spread_n_rank_step_s": [min(together), max(together)], "spread_one_rank_step_s": [min(one), max(one)]}
 
@@ -161,7 +182,8 @@ def main(argv: list[str] | None = None) -> int:
     say(f"# {openblas_env_line()}")
     say(f"# medians of {args.repeats} rounds of {args.steps} steps per phase, after {args.warmup} warm-up rounds")
     say(f"{'net':9} {'batch':>5} {'global':>6} | {'1 rank img/s':>12} {f'{comm.size} ranks img/s':>13} "
-        f"{'speedup':>7} {'effic.':>6} | {'averaging ms':>12} {'share':>6} {'alone ms':>8} | {'grad MB':>7}")
+        f"{'speedup':>7} {'effic.':>6} | {'averaging ms':>12} {'share':>6} {'alone ms':>8} | {'cpu speedup':>11} | "
+        f"{'grad MB':>7}")
     rows = []
     for net in args.nets:
         try:
@@ -176,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
         say(f"{net:9} {row['batch_per_rank']:5d} {row['global_batch']:6d} | {row['one_rank_images_per_s']:12.0f} "
             f"{row['n_rank_images_per_s']:13.0f} {row['speedup']:7.2f} {row['efficiency']:6.2f} | "
             f"{row['averaging_s'] * 1e3:12.2f} {row['averaging_share']:6.1%} {row['averaging_alone_s'] * 1e3:8.2f} | "
-            f"{row['gradient_bytes'] / 2**20:7.2f}", flush=True)
+            f"{row['cpu_speedup']:11.2f} | {row['gradient_bytes'] / 2**20:7.2f}", flush=True)
     if args.json and comm.rank == 0:
         with open(args.json, "w") as f:
             json.dump({"ranks": comm.size, "backend": comm.name, "threads": threads, "rows": rows,
