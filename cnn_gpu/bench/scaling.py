@@ -22,6 +22,10 @@ What a row measures (one network of workloads.NETS, `--batch` images per rank):
 The two are timed in alternation, round after round after a warm-up, and each reports the median
 over the rounds (a step's time is the slowest rank's): load from other processes on a shared
 machine then hits both alike. Inputs are random (workloads.random_batch, another seed per rank).
+
+On a machine shared with other work the N ranks advance in lockstep at the pace of whichever is
+descheduled, and Open MPI's waits spin on their core meanwhile; `--mpiexec "mpiexec --mca
+mpi_yield_when_idle 1"` makes them yield it. Neither changes the cpu speedup column.
 """
 from __future__ import annotations
 
