@@ -329,7 +329,7 @@ def cmd_train(args: argparse.Namespace, comm: Communicator | None = None) -> int
     wall = time.perf_counter() - started
     if result.history and comm.rank == 0:  # the files are rank 0's; the others wait for it
         _report_run(result, out, s, wall, val_data, (test_x, test_y), train_set.class_names, backend)
-    comm.barrier(poll=WAIT_POLL)
+    comm.barrier(poll=WAIT_POLL, bounded=False)
     return 0
 
 
@@ -354,13 +354,14 @@ def _report_run(result: Any, out: Path, s: argparse.Namespace, wall: float, val_
 
 @contextlib.contextmanager
 def _rank0_first(comm: Communicator) -> Iterator[None]:
-    """Run the block on rank 0 first, then on the other ranks (which wait at a barrier meanwhile).
+    """Run the block on rank 0 first, then on the other ranks (which wait at a barrier meanwhile,
+    with no deadline: caching a large image folder may take longer than the collective timeout).
     An error on rank 0 stops every rank (_run_guarded), the waiting ones too."""
     if comm.rank != 0:
-        comm.barrier(poll=WAIT_POLL)
+        comm.barrier(poll=WAIT_POLL, bounded=False)
     yield
     if comm.rank == 0:
-        comm.barrier(poll=WAIT_POLL)
+        comm.barrier(poll=WAIT_POLL, bounded=False)
 
 
 THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")

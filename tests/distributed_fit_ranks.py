@@ -3,6 +3,7 @@
     mpiexec -n 3 python -m tests.distributed_fit_ranks fit OUT        # fit() on N ranks: OUT/rank<r>.npz
     mpiexec -n 2 python -m tests.distributed_fit_ranks cli OUT train --data-dir ...   # cnn_gpu.cli.main
     mpiexec -n 2 python -m tests.distributed_fit_ranks gpu OUT        # fit() on CuPy (NCCL or MPI host copies)
+    mpiexec -n 2 python -m tests.distributed_fit_ranks wait OUT       # rank 0 works alone past the timeout
 
 The problems (CASES, the data) are defined here without MPI, so the test computes the same in one
 process and compares. For `cli`, CNN_GPU_TEST_FAULT="what:rank:step" makes one rank fail at its
@@ -199,6 +200,16 @@ def gpu_scenario(comm: Any, out: Path) -> None:
     np.savez(out / f"rank{comm.rank}.npz", **found)
 
 
+def wait_scenario(comm: Any, out: Path) -> None:
+    """Rank 0 works alone for 3 s (as when it caches a dataset) while the others wait in an
+    unbounded barrier; run with a collective timeout of 1 s, which must not end the job."""
+    import time
+    if comm.rank == 0:
+        time.sleep(3)
+    comm.barrier(poll=0.01, bounded=False)
+    (out / f"rank{comm.rank}.done").write_text("ok")
+
+
 def _inject_fault(spec: str, rank: int) -> None:
     """Make this rank fail as CNN_GPU_TEST_FAULT says (see the module docstring)."""
     what, fault_rank, at_step = spec.split(":")
@@ -237,7 +248,7 @@ def main(argv: list[str]) -> int:
         return cli_scenario(argv[2:])
     import cnn_gpu.distributed as dist
     comm = dist.init(array_backend="cupy" if argv[0] == "gpu" else "numpy")
-    (gpu_scenario if argv[0] == "gpu" else fit_scenario)(comm, Path(argv[1]))
+    {"gpu": gpu_scenario, "wait": wait_scenario, "fit": fit_scenario}[argv[0]](comm, Path(argv[1]))
     return comm.finish(0)
 
 

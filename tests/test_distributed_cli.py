@@ -139,3 +139,12 @@ def test_bench_ranks_launches_the_scaling_benchmark_under_mpiexec(monkeypatch):
     assert launched == [["mpirun", "--oversubscribe", "-n", "3", sys.executable, "-m", "cnn_gpu.bench.scaling",
                          "--nets", "seed"]]
     assert bench_main(["--ranks", "1"]) == 2
+
+
+def test_ranks_waiting_for_rank0_without_a_deadline_outlast_the_collective_timeout(tmp_path):
+    """The waits of `train` for rank 0's own work (finding or caching the dataset, the plots) have
+    no deadline; the 1-second timeout still bounds every other collective (test_distributed_failures)."""
+    done = run_ranks(2, "wait", tmp_path, timeout=LIMIT, env={"CNN_GPU_DIST_TIMEOUT": "1"},
+                     command_line=["-m", "tests.distributed_fit_ranks", "wait", str(tmp_path)])
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "rank0.done").is_file() and (tmp_path / "rank1.done").is_file()

@@ -177,7 +177,7 @@ class Ranks(SingleProcess):
         self.ended.append(("abort", message, exit_code))
         raise SystemExit(exit_code)
 
-    def barrier(self, poll=None):
+    def barrier(self, poll=None, bounded=True):
         self.ended.append(("barrier",))
 
 
