@@ -123,3 +123,91 @@ def host_loader(directory: Path) -> Any:
     def load_module(filename: str, expressions: tuple[str, ...]) -> HostModule:
         return HostModule(filename, tuple(expressions), directory)
     return load_module
+
+
+# ---- ElementwiseKernel bodies ------------------------------------------------------------------------
+
+_ELEMENT_CTYPES = {"T": None, "int32": "int", "bool": "bool", "int64": "long long", "uint8": "unsigned char"}
+_ELEMENT_DTYPES = {"int32": np.dtype(np.int32), "bool": np.dtype(np.bool_), "int64": np.dtype(np.int64),
+                   "uint8": np.dtype(np.uint8)}
+
+
+class HostElementwise:
+    """cupy.ElementwiseKernel(in_params, out_params, body, name) on NumPy arrays: the body compiled
+    for the host inside a loop over the output's elements i, bound as CuPy binds it -- a raw
+    parameter as a pointer, any other as an array broadcast to the output's shape (a scalar too)
+    read at i, outputs as references. Types: T (the output's float type), int32, int64, uint8, bool.
+    Called as the kernel is: f(*inputs, *outputs); the last argument is the output that sets the size."""
+
+    _built: dict = {}
+
+    def __init__(self, in_params: str, out_params: str, body: str, name: str, directory: Path) -> None:
+        self.params = []  # (raw, type, name, is_output)
+        for is_output, params in ((False, in_params), (True, out_params)):
+            for param in params.split(","):
+                words = param.split()
+                raw = words[0] == "raw"
+                kind, var = words[1:] if raw else words
+                assert kind in _ELEMENT_CTYPES, f"{name}: type {kind} is not handled here"
+                self.params.append((raw, kind, var, is_output))
+        self.body, self.name, self.directory = body, name, directory
+
+    def _function(self, ctype: str) -> Any:
+        key = (self.name, ctype, self.body)
+        if key not in self._built:
+            args, binds = [], []
+            for raw, kind, var, is_output in self.params:
+                c = ctype if kind == "T" else _ELEMENT_CTYPES[kind]
+                const = "" if is_output else "const "
+                if raw:
+                    args.append(f"{const}{c}* {var}")
+                else:
+                    args.append(f"{const}{c}* {var}_p")
+                    binds.append(f"{const}{c}& {var} = {var}_p[i];")
+            source = (f"{SHIM}\ntypedef {ctype} T;\nextern \"C\" void run({', '.join(args)}, long long n) {{\n"
+                      f"  for (long long i = 0; i < n; ++i) {{\n    {' '.join(binds)}\n{self.body}\n  }}\n}}\n")
+            stem = f"{self.name}_{ctype}_{hashlib.sha1(source.encode()).hexdigest()[:12]}"
+            path, library = self.directory / f"{stem}.cpp", self.directory / f"{stem}.so"
+            path.write_text(source)
+            result = subprocess.run([CXX, "-std=c++17", "-O1", "-ffp-contract=off", "-Wall", "-Werror", "-shared",
+                                     "-fPIC", str(path), "-o", str(library)], capture_output=True, text=True)
+            assert result.returncode == 0, source + result.stderr
+            self._built[key] = ctypes.CDLL(str(library)).run
+        return self._built[key]
+
+    def __call__(self, *args: Any) -> Any:
+        assert len(args) == len(self.params), f"{self.name}: {len(args)} arguments for {len(self.params)}"
+        out = args[-1]
+        float_type = {np.dtype(np.float32): "float", np.dtype(np.float64): "double"}[out.dtype]
+        pointers, keep = [], []
+        for (raw, kind, var, is_output), value in zip(self.params, args):
+            dtype = out.dtype if kind == "T" else _ELEMENT_DTYPES[kind]
+            where = f"{self.name}: {var}"
+            if raw:
+                assert isinstance(value, np.ndarray) and value.flags.c_contiguous, f"{where}: a C-contiguous array"
+                assert value.dtype == dtype, f"{where} is {value.dtype}, the kernel takes {dtype}"
+                array = value
+            elif is_output:
+                assert value.shape == out.shape and value.dtype == dtype and value.flags.c_contiguous, where
+                array = value
+            else:
+                if not isinstance(value, np.ndarray):  # a scalar: CuPy takes its NumPy type as it is
+                    assert np.dtype(type(value)) == dtype, f"{where}: {type(value).__name__}, want {dtype}"
+                else:
+                    assert value.dtype == dtype, f"{where} is {value.dtype}, the kernel takes {dtype}"
+                array = np.ascontiguousarray(np.broadcast_to(np.asarray(value, dtype=dtype), out.shape))
+            keep.append(array)
+            pointers.append(ctypes.c_void_p(array.ctypes.data))
+        self._function(float_type)(*pointers, ctypes.c_longlong(out.size))
+        return out
+
+
+class HostArray(np.ndarray):
+    """A NumPy array with cupy.ndarray's set() (a host-to-device copy, here a copy)."""
+
+    def set(self, values: Any) -> None:
+        self[...] = values
+
+
+def host_array(a: Any) -> HostArray:
+    return np.asarray(a).view(HostArray)

@@ -34,6 +34,7 @@ import contextlib
 import contextvars
 import ctypes
 import functools
+from types import SimpleNamespace
 from typing import Any, Iterator, NamedTuple
 
 import numpy as np
@@ -182,29 +183,38 @@ def result_shape(a_ndim: int, b_ndim: int, plan_shape: tuple[int, ...]) -> tuple
 # ---- the handle ----------------------------------------------------------------------------------
 
 @functools.lru_cache(maxsize=None)
-def _library() -> Any:
-    """libcublas, the copy CuPy uses (cuda.pathfinder returns the one already loaded), with the
-    prototypes of the five functions called here."""
+def _library() -> SimpleNamespace:
+    """The four functions called here, from libcublas: the copy CuPy uses (importing CuPy's cublas
+    module loads it through cuda.pathfinder, which then returns the library already loaded)."""
+    import cupy_backends.cuda.libs.cublas  # noqa: F401, PLC0415 - loads CuPy's libcublas first
     from cuda.pathfinder import load_nvidia_dynamic_lib  # noqa: PLC0415 - CuPy's own dependency
     lib = ctypes.CDLL(load_nvidia_dynamic_lib("cublas").abs_path)
     handle, vp, i32, i64, size = ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_longlong, ctypes.c_size_t
-    prototypes = {
-        "cublasCreate_v2": (ctypes.POINTER(handle),),
-        "cublasSetStream_v2": (handle, vp),
-        "cublasSetWorkspace_v2": (handle, vp, size),
-        "cublasGemmStridedBatchedEx": (handle, i32, i32, i32, i32, i32, vp, vp, i32, i32, i64, vp, i32, i32,
-                                       i64, vp, vp, i32, i32, i64, i32, i32, i32),
+    prototypes = {  # name -> (the exported symbols to try, in order; the argument types)
+        "create": (("cublasCreate_v2", "cublasCreate"), (ctypes.POINTER(handle),)),
+        "set_stream": (("cublasSetStream_v2", "cublasSetStream"), (handle, vp)),
+        "set_workspace": (("cublasSetWorkspace_v2", "cublasSetWorkspace"), (handle, vp, size)),
+        "gemm": (("cublasGemmStridedBatchedEx",), (handle, i32, i32, i32, i32, i32, vp, vp, i32, i32, i64, vp, i32,
+                                                    i32, i64, vp, vp, i32, i32, i64, i32, i32, i32)),
     }
-    for name, argtypes in prototypes.items():
-        function = getattr(lib, name)
-        function.argtypes, function.restype = list(argtypes), ctypes.c_int
-    return lib
+    functions = {}
+    for name, (symbols, argtypes) in prototypes.items():
+        found = next((getattr(lib, s) for s in symbols if hasattr(lib, s)), None)
+        if found is None:
+            raise RuntimeError(f"libcublas ({lib._name}) exports none of {symbols}")
+        found.argtypes, found.restype = list(argtypes), ctypes.c_int
+        functions[name] = found
+    return SimpleNamespace(**functions)
+
+
+# cublasStatus_t values (cublas_api.h), for error messages.
+STATUS = {1: "NOT_INITIALIZED", 3: "ALLOC_FAILED", 7: "INVALID_VALUE", 8: "ARCH_MISMATCH", 11: "MAPPING_ERROR",
+          13: "EXECUTION_FAILED", 14: "INTERNAL_ERROR", 15: "NOT_SUPPORTED", 16: "LICENSE_ERROR"}
 
 
 def _check(status: int, call: str) -> None:
     if status != 0:
-        raise RuntimeError(f"cuBLAS {call} failed with status {status} (cublasStatus_t; 7 = not supported, "
-                           "13 = execution failed, 14 = internal error)")
+        raise RuntimeError(f"cuBLAS {call} failed: CUBLAS_STATUS_{STATUS.get(status, status)}")
 
 
 class Gemm:
@@ -216,7 +226,7 @@ class Gemm:
         self._lib = _library()
         with cupy.cuda.Device(device_id):
             handle = ctypes.c_void_p()
-            _check(self._lib.cublasCreate_v2(ctypes.byref(handle)), "cublasCreate")
+            _check(self._lib.create(ctypes.byref(handle)), "cublasCreate")
             self.handle = handle
             self.workspace = cupy.empty(WORKSPACE_BYTES, dtype=np.uint8)  # lives as long as the handle
         self._stream: int | None = None
@@ -228,8 +238,8 @@ class Gemm:
         any GEMM on that stream, so also before a capture on it begins."""
         if stream_ptr == self._stream:
             return
-        _check(self._lib.cublasSetStream_v2(self.handle, ctypes.c_void_p(stream_ptr)), "cublasSetStream")
-        _check(self._lib.cublasSetWorkspace_v2(self.handle, ctypes.c_void_p(self.workspace.data.ptr),
+        _check(self._lib.set_stream(self.handle, ctypes.c_void_p(stream_ptr)), "cublasSetStream")
+        _check(self._lib.set_workspace(self.handle, ctypes.c_void_p(self.workspace.data.ptr),
                                                ctypes.c_size_t(WORKSPACE_BYTES)), "cublasSetWorkspace")
         self._stream = stream_ptr
 
@@ -258,7 +268,7 @@ class Gemm:
         self.bind(cupy.cuda.get_current_stream().ptr)
         dtype = _DATA_TYPES[a.dtype]
         compute = COMPUTE_64F if dtype == CUDA_R_64F else (COMPUTE_32F_FAST_TF32 if tf32_enabled() else COMPUTE_32F)
-        status = self._lib.cublasGemmStridedBatchedEx(
+        status = self._lib.gemm(
             self.handle, call.transa, call.transb, call.m, call.n, call.k, ctypes.byref(self._one[dtype]),
             ctypes.c_void_p(b.data.ptr), dtype, call.lda, call.stride_a,
             ctypes.c_void_p(a.data.ptr), dtype, call.ldb, call.stride_b,

@@ -53,26 +53,32 @@ from ..optim import Optimizer
 CAPTURABLE_LAYERS = (L.Conv2D, L.Dense, L.BatchNorm1D, L.BatchNorm2D, L.MaxPool2D, L.GlobalAvgPool2D, L.ReLU,
                      L.LeakyReLU, L.Clip, L.Sigmoid, L.Tanh, L.SiLU, L.HardSigmoid, L.HardSwish, L.Softmax,
                      L.Identity, L.Flatten, L.Add, L.Concat, Graph)
-_WHY_NOT = {
-    L.Dropout: "draws its masks from a generator seeded on the host",
-    L.AvgPool2D: "copies its divisor from the host at every call",
-}
+
+
+def _why_not(layer: L.Layer, training: bool) -> str | None:
+    """Why one layer cannot be captured (in training or in evaluation), or None."""
+    if isinstance(layer, L.Dropout):
+        # In eval mode, or with p = 0, dropout is the identity and draws nothing.
+        return "draws its masks from a generator seeded on the host" if training and layer.p > 0 else None
+    if isinstance(layer, L.AvgPool2D):
+        return "copies its divisor from the host at every call"
+    if not isinstance(layer, CAPTURABLE_LAYERS):
+        return "has not been checked under capture"
+    return None
 
 
 def capture_blockers(model: L.Layer, optimizer: Optimizer | None = None, images: Any = None,
-                     augment: Any = None) -> list[str]:
-    """Why a training step of this model, optimizer, training images and augmentation cannot be
-    replayed from a CUDA graph: one reason per obstacle, [] when nothing stands in the way."""
+                     augment: Any = None, training: bool = True) -> list[str]:
+    """Why a training step (training=True: with this optimizer, training images and augmentation)
+    or an evaluation (training=False) of this model cannot be replayed from a CUDA graph: one
+    reason per obstacle, [] when nothing stands in the way."""
     reasons = []
     if model.backend != "cupy":
         reasons.append("the model is on the CPU (CUDA graphs need the cupy backend)")
     for path, layer in model.named_layers():
-        name = f"layer {path or 'model'} ({type(layer).__name__})"
-        why = next((text for kind, text in _WHY_NOT.items() if isinstance(layer, kind)), None)
+        why = _why_not(layer, training)
         if why is not None:
-            reasons.append(f"{name} {why}")
-        elif not isinstance(layer, CAPTURABLE_LAYERS):
-            reasons.append(f"{name} has not been checked under capture")
+            reasons.append(f"layer {path or 'model'} ({type(layer).__name__}) {why}")
     if optimizer is not None:
         reason = unsupported_reason(optimizer)
         if reason is not None:
@@ -230,7 +236,7 @@ class CapturedEvaluation:
 
     def __init__(self, model: L.Layer, images: Any, labels: Any, *, batch_size: int, norm_stats: NormStats,
                  graph: bool = True, log: Callable[[str], None] | None = print) -> None:
-        reasons = capture_blockers(model, None, images)
+        reasons = capture_blockers(model, None, images, training=False)
         if reasons:
             raise ValueError("a captured evaluation cannot run: " + "; ".join(reasons))
         self.model = model
@@ -292,7 +298,8 @@ class CapturedForward:
 class CapturedStep:
     """One SGD training step on fixed device buffers x, y, replayed from a CUDA graph: forward,
     loss, backward and update, as the benchmark's eager step does (cnn_gpu.bench). The learning
-    rate is the optimizer's at construction; the first step runs eagerly, at construction."""
+    rate is the optimizer's at construction. The first step runs eagerly, at construction
+    (first_loss is its loss); each call then replays one."""
 
     def __init__(self, model: L.Layer, optimizer: Optimizer, x: Any, y: Any, label_smoothing: float = 0.0) -> None:
         from ..optim import SGD  # noqa: PLC0415
@@ -302,17 +309,21 @@ class CapturedStep:
         self.model, self.optimizer, self.x, self.y = model, optimizer, x, y
         self.updates = DeviceOptimizer(optimizer, cupy.zeros(1, dtype=np.int32), capacity=1)
         self.updates.begin(1)
-        self.loss: Any = None
 
-        def body() -> None:
+        def step() -> Any:
             logits = model.forward(x)
-            self.loss, dlogits = softmax_cross_entropy(logits, y, label_smoothing)
+            loss, dlogits = softmax_cross_entropy(logits, y, label_smoothing)
             model.backward(dlogits)
             self.updates.update()
             optimizer.zero_grad()
+            return loss
         with gemm.capturable():
-            body()
+            self.first_loss = step()
         self.updates.stepped()
+        self.loss: Any = None
+
+        def body() -> None:
+            self.loss = step()  # the graph's loss buffer: written by each replay
         self.graph = capture(body, cupy.cuda.MemoryPool())
 
     def __call__(self) -> Any:
