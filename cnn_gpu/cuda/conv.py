@@ -225,6 +225,15 @@ def _grouped(w: Any, groups: int) -> Any:
     return w.reshape(kh * kw * cg, groups, o // groups).transpose(1, 0, 2)
 
 
+def _per_group(a: Any, b: Any) -> Any:
+    """a (G, M, K) @ b (G, K, N) -> (G, M, N): one GEMM per group, a single 2-D GEMM for G = 1 (CuPy
+    runs 2-D GEMMs on transposed views without copying them, and in TF32 when asked, which its
+    batched GEMM does not)."""
+    if a.shape[0] == 1:
+        return gemm.matmul(a[0], b[0])[None]
+    return gemm.matmul(a, b)
+
+
 def gemm_forward(x: Any, w: Any, b: Any, window: Window, groups: int, out_hw: tuple[int, int],
                  inference: bool) -> tuple[Any, Any]:
     """The CUPY_IM2COL strategy's forward: x (N, H, W, C), w (KH, KW, C/G, O), b (O,) or None ->
@@ -241,7 +250,7 @@ def gemm_forward(x: Any, w: Any, b: Any, window: Window, groups: int, out_hw: tu
     weights = _grouped(w, groups)                                      # (G, K, O/G)
     if fold:
         weights = cupy.concatenate([weights[0], b.reshape(1, o)])[None]  # (1, K + 1, O)
-    y = gemm.matmul(cols, weights)                                     # (G, M, O/G)
+    y = _per_group(cols, weights)                                      # (G, M, O/G)
     y = y.reshape(n, oh, ow, o) if groups == 1 else y.transpose(1, 0, 2).reshape(n, oh, ow, o)
     if b is not None and not fold:
         y += b
@@ -264,7 +273,7 @@ def gemm_backward(dy: Any, cache: Any, need_dx: bool) -> tuple[Any, Any, Any]:
         cols = cupy.ascontiguousarray(x).reshape(1, m, c) if pointwise else im2col(x, window, oh, ow, groups, fold)
     dy2d = cupy.ascontiguousarray(dy).reshape(m, o)
     dy_groups = dy2d.reshape(m, groups, o // groups).transpose(1, 0, 2)  # (G, M, O/G), a view
-    dw = gemm.matmul(cols.transpose(0, 2, 1), dy_groups)                 # (G, K [+ 1], O/G)
+    dw = _per_group(cols.transpose(0, 2, 1), dy_groups)                  # (G, K [+ 1], O/G)
     db = None
     if fold:
         dw, db = dw[:, :k], dw[0, k]
@@ -273,7 +282,7 @@ def gemm_backward(dy: Any, cache: Any, need_dx: bool) -> tuple[Any, Any, Any]:
     dw = dw.transpose(1, 0, 2).reshape(w.shape)
     dx = None
     if need_dx:
-        dcols = gemm.matmul(dy_groups, _grouped(w, groups).transpose(0, 2, 1))  # (G, M, K)
+        dcols = _per_group(dy_groups, _grouped(w, groups).transpose(0, 2, 1))  # (G, M, K)
         dx = dcols.reshape(x.shape) if pointwise else col2im(dcols, x.shape, window, oh, ow)
     return dx, dw, db
 
