@@ -22,7 +22,10 @@
 // Layout
 //   images (N, H, W, C) uint8, C-contiguous; order (N,) and labels (N,) long long; step a single
 //   int on the device (the step of the epoch, advanced by the caller between steps, inside the
-//   graph); x (rows, H, W, C) of T = float | double, rows <= batch; mean, inv_std (C,) of T.
+//   graph) and epoch a single unsigned int on the device (set before each epoch): a graph replays
+//   its launches with the arguments they were captured with, so what changes between steps and
+//   epochs is read from memory; x (rows, H, W, C) of T = float | double, rows <= batch; mean,
+//   inv_std (C,) of T.
 //
 // How the work is divided
 //   Every kernel is a grid-stride loop over its output's flat index (one thread per element,
@@ -119,10 +122,11 @@ __global__ void gather_augment_normalize(const unsigned char* __restrict__ image
                                          const long long* __restrict__ order, const int* __restrict__ step,
                                          T* __restrict__ x, long long total, int batch, int H, int W, int C,
                                          int max_shift, int hflip, unsigned int k0, unsigned int k1,
-                                         unsigned int epoch, T scale, const T* __restrict__ mean,
-                                         const T* __restrict__ inv_std)
+                                         const unsigned int* __restrict__ epoch, T scale,
+                                         const T* __restrict__ mean, const T* __restrict__ inv_std)
 {
     const long long first = (long long)step[0] * batch;  // the step's first position in the epoch
+    const unsigned int e = epoch[0];
     const long long stride = (long long)gridDim.x * blockDim.x;
     for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < total; i += stride) {
         const int c = (int)(i % C);
@@ -134,7 +138,7 @@ __global__ void gather_augment_normalize(const unsigned char* __restrict__ image
         const long long p = first + b;
         int r = h, s = w;
         if (max_shift > 0 || hflip) {
-            const PhiloxWords draws = philox4x32_10((unsigned int)p, epoch, 1u, 0u, k0, k1);
+            const PhiloxWords draws = philox4x32_10((unsigned int)p, e, 1u, 0u, k0, k1);
             r = h - (max_shift > 0 ? uniform_shift(draws.w[1], max_shift) : 0);  // out[h, w] = in[h - dy, w - dx]
             s = w - (max_shift > 0 ? uniform_shift(draws.w[2], max_shift) : 0);
             if (hflip && draws.w[0] < 0x80000000u) s = W - 1 - s;              // the mirror came first

@@ -29,7 +29,8 @@ def test_tables_put_the_fp32_headline_first_with_both_executions():
                  loss_rel_diff=2e-6, graph_loss_rel_diff=1e-7),
             _row(mode="infer", batch=64, ours_eager_s=0.0001, torch_eager_error="RuntimeError: x", ours_graph_s=0.00005,
                  torch_graph_s=0.0001)]
-    settings = {"fp32": {"ours": "FP32", "torch": "cudnn.conv.fp32_precision=ieee"}, "tf32": {"ours": "TF32", "torch": "t"}}
+    settings = {"fp32": {"ours": "FP32", "torch": "cudnn.conv.fp32_precision=ieee"},
+                "tf32": {"ours": "TF32", "torch": "t"}}
     text = fair.format_tables(rows, settings)
     fp32, tf32 = text.index("FP32 against FP32"), text.index("TF32 against TF32")
     assert fp32 < tf32

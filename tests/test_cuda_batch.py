@@ -242,8 +242,9 @@ def test_pipeline_on_the_gpu_is_the_reference_bit_for_bit(augment, dtype):
 @pytest.mark.gpu
 @requires_gpu
 def test_a_captured_graph_makes_the_batch_of_each_step():
-    """The graph reads the step from the device and advances it: replayed three times it writes the
-    batches of steps 0, 1, 2 (what makes a captured epoch see a new batch every step)."""
+    """The graph reads the step and the epoch from the device and advances the step: replayed three
+    times per epoch it writes the batches of steps 0, 1, 2 of each epoch (what makes a captured
+    epoch see a new batch every step, and every epoch new draws)."""
     from cnn_gpu.backend import require_cupy
     cupy = require_cupy()
     images, labels, stats = _dataset(n=48, h=8, w=8, c=3)
@@ -257,11 +258,13 @@ def test_a_captured_graph_makes_the_batch_of_each_step():
         data.fill(16)
         data.advance()
         graph = stream.end_capture()
-    order = batches.epoch_order(48, 2, 0)
-    for step in range(3):
-        graph.launch(stream)
-        stream.synchronize()
-        expected = batches.reference_batch(images, order, step, 16, 16, 2, 0, 1, True, to_numpy(data.mean),
-                                           to_numpy(data.inv_std), np.float32)
-        np.testing.assert_array_equal(to_numpy(data.x), expected)
-    assert int(data.step[0]) == 3
+    for epoch in (0, 1):  # the epoch too is read from the device: its order and its draws change
+        data.begin_epoch(epoch)
+        order = batches.epoch_order(48, 2, epoch)
+        for step in range(3):
+            graph.launch()  # on the current stream, after begin_epoch's copies on it
+            cupy.cuda.get_current_stream().synchronize()
+            expected = batches.reference_batch(images, order, step, 16, 16, 2, epoch, 1, True, to_numpy(data.mean),
+                                               to_numpy(data.inv_std), np.float32)
+            np.testing.assert_array_equal(to_numpy(data.x), expected)
+        assert int(data.step[0]) == 3

@@ -177,8 +177,8 @@ def test_own_gemm_runs_inside_a_captured_graph(cp):
             stream.begin_capture()
             out = gemm.matmul(a, b)
             graph = stream.end_capture()
-        graph.launch(stream)
-        stream.synchronize()
+        graph.launch()  # on the current stream, where a and b were written
+        cp.cuda.get_current_stream().synchronize()
     np.testing.assert_array_equal(to_numpy(out), to_numpy(eager))  # the same call: the same bits
     with pytest.raises(NotImplementedError):  # what the route exists for: CuPy's own matmul refuses
         with stream:

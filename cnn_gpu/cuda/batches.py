@@ -77,8 +77,10 @@ class DeviceBatches:
             raise ValueError(f"norm_stats have {self.mean.shape[0]} channels, the images {sample[2]}")
         self.scale = self.dtype.type(1.0 / 255.0)
         self.order = cupy.arange(self.n, dtype=np.int64)
-        self.step = cupy.zeros(1, dtype=np.int32)   # the step of the epoch, read by every launch
-        self.epoch = 0
+        # The step of the epoch and the epoch, on the device: a graph replays its launches with the
+        # arguments they were captured with, so what changes between steps is read from memory.
+        self.step = cupy.zeros(1, dtype=np.int32)
+        self.epoch = cupy.zeros(1, dtype=np.uint32)
         self.x = cupy.empty((self.batch_size, *sample), dtype=self.dtype)  # fixed buffers: the graph's input
         self.y = cupy.empty(self.batch_size, dtype=np.int64)
 
@@ -93,9 +95,11 @@ class DeviceBatches:
 
     def begin_epoch(self, epoch: int) -> None:
         """Copy the epoch's order to the device and set the step to 0 (outside any graph)."""
-        self.epoch = int(epoch)
+        if not 0 <= epoch < 2**32:
+            raise ValueError(f"epoch must be in [0, 2**32), got {epoch}")
         if self.shuffle:
-            self.order.set(epoch_order(self.n, self.seed, self.epoch))
+            self.order.set(epoch_order(self.n, self.seed, epoch))
+        self.epoch.fill(epoch)
         self.step.fill(0)
 
     def fill(self, rows: int) -> tuple[Any, Any]:
@@ -108,7 +112,7 @@ class DeviceBatches:
             rng.grid(total), (rng.THREADS,),
             (self.images, self.order, self.step, x, np.int64(total), np.int32(self.batch_size), np.int32(h),
              np.int32(w), np.int32(c), np.int32(self.max_shift), np.int32(self.hflip), np.uint32(self.key[0]),
-             np.uint32(self.key[1]), np.uint32(self.epoch), self.scale, self.mean, self.inv_std))
+             np.uint32(self.key[1]), self.epoch, self.scale, self.mean, self.inv_std))
         rng.function("gather_labels<long long>", self.dtype)(
             rng.grid(rows), (rng.THREADS,),
             (self.labels, self.order, self.step, y, np.int32(rows), np.int32(self.batch_size)))

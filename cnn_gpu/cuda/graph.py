@@ -60,9 +60,9 @@ def capture(body: Callable[[], Any], pool: Any) -> CapturedGraph:
             _abandon(stream)
             raise CaptureError(f"{type(exc).__name__}: {exc}") from exc
         try:
-            graph = stream.end_capture()
-        except Exception as exc:  # an operation invalidated the capture (e.g. a legacy-stream sync)
-            raise CaptureError(f"the capture was invalidated: {type(exc).__name__}: {exc}") from exc
+            graph = stream.end_capture()  # also instantiates the graph
+        except Exception as exc:  # an operation invalidated the capture (a legacy-stream sync), or instantiation failed
+            raise CaptureError(f"the capture could not be ended: {type(exc).__name__}: {exc}") from exc
     return CapturedGraph(graph, pool, stream)
 
 

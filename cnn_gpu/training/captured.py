@@ -125,7 +125,6 @@ class _Steps:
     def __init__(self, graph: bool, say: Callable[[str], None], what: str) -> None:
         self.use_graph, self.say, self.what = graph, say, what
         self.graphs: dict[int, CapturedGraph] = {}
-        self.seen: set[int] = set()
         self.pool = require_cupy().cuda.MemoryPool() if graph else None  # the graphs' memory
         self.fallback: str | None = None if graph else "graph=False"
 
@@ -136,9 +135,8 @@ class _Steps:
             return
         with gemm.capturable():
             body(rows)  # eagerly: the first step of this size compiles what the capture will replay
-        if rows in self.seen or self.fallback is not None:
+        if self.fallback is not None:
             return
-        self.seen.add(rows)
         try:
             self.graphs[rows] = capture(lambda: body(rows), self.pool)
         except CaptureError as exc:
@@ -148,7 +146,6 @@ class _Steps:
     def reset(self) -> None:
         """Forget every graph (the arrays they were captured with were replaced)."""
         self.graphs.clear()
-        self.seen.clear()
         if self.use_graph and self.fallback is None:
             self.pool = require_cupy().cuda.MemoryPool()
 
