@@ -268,3 +268,16 @@ def test_a_captured_graph_makes_the_batch_of_each_step():
                                                to_numpy(data.inv_std), np.float32)
             np.testing.assert_array_equal(to_numpy(data.x), expected)
         assert int(data.step[0]) == 3
+
+
+@needs_cxx
+def test_the_host_stand_in_refuses_arguments_the_kernel_does_not_declare(host_cuda):
+    """The launch check can fail: a scalar of the wrong type, or an array of the wrong dtype."""
+    f = rng.function("gather_labels<long long>", np.float32)
+    labels, order, y = np.zeros(4, np.int64), np.arange(4, dtype=np.int64), np.zeros(4, np.int64)
+    step = np.zeros(1, np.int32)
+    f((1,), (32,), (labels, order, step, y, np.int32(4), np.int32(4)))
+    with pytest.raises(AssertionError, match="want int32"):
+        f((1,), (32,), (labels, order, step, y, np.int64(4), np.int32(4)))
+    with pytest.raises(AssertionError, match="want int32"):
+        f((1,), (32,), (labels, order, step.astype(np.int64), y, np.int32(4), np.int32(4)))

@@ -1,5 +1,6 @@
 """The benchmark driver: time every configuration, ours and PyTorch's side by side, print a
-table, write JSON.
+table, write JSON. With --backend cupy the run is fair.py's (FP32 against FP32 and TF32 against
+TF32, eager and captured, CUDA-event timing); what follows describes the CPU run.
 
 What a row measures (one network of workloads.NETS: the seed CNN with or without batch norm, the
 zoo's resnet20 and depthwise mobilenet; one batch size):
