@@ -188,7 +188,9 @@ def _library() -> SimpleNamespace:
     module loads it through cuda.pathfinder, which then returns the library already loaded)."""
     import cupy_backends.cuda.libs.cublas  # noqa: F401, PLC0415 - loads CuPy's libcublas first
     from cuda.pathfinder import load_nvidia_dynamic_lib  # noqa: PLC0415 - CuPy's own dependency
-    lib = ctypes.CDLL(load_nvidia_dynamic_lib("cublas").abs_path)
+    loaded = load_nvidia_dynamic_lib("cublas")
+    # The handle pathfinder already holds (its path may be unknown when another component loaded it).
+    lib = ctypes.CDLL(loaded.abs_path or "libcublas", handle=loaded._handle_uint)
     handle, vp, i32, i64, size = ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_longlong, ctypes.c_size_t
     prototypes = {  # name -> (the exported symbols to try, in order; the argument types)
         "create": (("cublasCreate_v2", "cublasCreate"), (ctypes.POINTER(handle),)),
