@@ -40,7 +40,7 @@ NUMPY = [pytest.param(conv.REFERENCE, id="reference"), pytest.param(conv.NUMPY_G
          pytest.param(conv.DEPTHWISE, id="depthwise"),
          pytest.param(conv.DEPTHWISE_COMPILED, id="depthwise-compiled", marks=requires_jit)]
 CUPY = [pytest.param(s, id=s.name, marks=[pytest.mark.gpu, requires_gpu])
-        for s in (conv.CUPY_GEMM, conv.CUPY_DEPTHWISE)]
+        for s in (conv.CUPY_GEMM, conv.CUPY_DEPTHWISE, conv.CUPY_IM2COL)]
 STRATEGIES = NUMPY + CUPY
 
 
@@ -49,7 +49,7 @@ def _applies(strategy: conv.Strategy, c: int, groups: int) -> bool:
         return groups == 1
     if strategy in (conv.DEPTHWISE, conv.DEPTHWISE_COMPILED, conv.CUPY_DEPTHWISE):
         return groups == c
-    return True  # the reference and CUPY_GEMM take any groups
+    return True  # the reference, CUPY_GEMM and CUPY_IM2COL take any groups
 
 
 def _applicable(cases, channels, groups) -> list:
@@ -60,7 +60,7 @@ def _applicable(cases, channels, groups) -> list:
 
 
 def _xp(strategy: conv.Strategy):
-    return module_for("cupy" if strategy in (conv.CUPY_GEMM, conv.CUPY_DEPTHWISE) else "numpy")
+    return module_for("cupy" if strategy in (conv.CUPY_GEMM, conv.CUPY_DEPTHWISE, conv.CUPY_IM2COL) else "numpy")
 
 
 def _run(strategy, monkeypatch, x, w, b, dy_of, need_dx=True, **geometry):
@@ -202,14 +202,14 @@ def test_select_picks_one_strategy_per_case(jit):
 def test_select_picks_the_cupy_strategies():
     cupy = module_for("cupy")
     x = cupy.zeros((1, 5, 5, 4))
-    assert conv.select(x, cupy.zeros((3, 3, 4, 4)), 1) is conv.CUPY_GEMM
-    assert conv.select(x, cupy.zeros((3, 3, 2, 4)), 2) is conv.CUPY_GEMM
+    assert conv.select(x, cupy.zeros((3, 3, 4, 4)), 1) is conv.CUPY_IM2COL
+    assert conv.select(x, cupy.zeros((3, 3, 2, 4)), 2) is conv.CUPY_IM2COL
     assert conv.select(x, cupy.zeros((3, 3, 1, 8)), 4) is conv.CUPY_DEPTHWISE
 
 
 @pytest.mark.gpu
 @requires_gpu
-@pytest.mark.parametrize("strategy", [conv.CUPY_GEMM, conv.CUPY_DEPTHWISE], ids=lambda s: s.name)
+@pytest.mark.parametrize("strategy", [conv.CUPY_GEMM, conv.CUPY_DEPTHWISE, conv.CUPY_IM2COL], ids=lambda s: s.name)
 def test_cupy_strategies_are_deterministic(monkeypatch, rng, strategy):
     """No atomics: the same call twice gives the same bits."""
     cupy = module_for("cupy")

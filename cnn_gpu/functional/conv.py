@@ -24,7 +24,9 @@ The file reads top to bottom:
    - DEPTHWISE (NumPy, G = C): one multiply-add over all channels per kernel tap instead of C
      tiny GEMMs; DEPTHWISE_COMPILED runs the loops of cnn_gpu/cpu/depthwise.py instead.
    - CUPY_GEMM: the reference itself, one batched GEMM over the whole batch (what a GPU wants),
-     with the one-launch col2im of cnn_gpu/cuda/conv.py; CUPY_DEPTHWISE: that module's kernels.
+     with the one-launch col2im of cnn_gpu/cuda/conv.py; CUPY_DEPTHWISE: that module's kernels;
+     CUPY_IM2COL (what runs on CuPy): that module's im2col and col2im kernels around GEMMs that
+     a CUDA graph can capture, the bias in the GEMM.
 3. `select`, the one place that chooses a strategy.
 4. `conv2d_forward` / `conv2d_backward`: the arguments are checked once, then the strategy runs.
 """
@@ -438,6 +440,20 @@ def _cupy_col2im(dcols: Any, x_shape: tuple[int, ...], window: Window, oh: int, 
 CUPY_GEMM = Strategy("cupy-gemm", reference_forward, functools.partial(reference_backward, col2im=_cupy_col2im))
 
 
+# ---- 2e. CuPy, groups < C: im2col and col2im kernels, the bias in the GEMM, GEMMs that can be captured --
+
+def _im2col_forward(x: Any, w: Any, b: Any, window: Window, groups: int, out_hw: tuple[int, int],
+                    inference: bool) -> tuple[Any, Any]:
+    return _cuda_conv().gemm_forward(x, w, b, window, groups, out_hw, inference)
+
+
+def _im2col_backward(dy: Any, cache: ConvCache, need_dx: bool) -> tuple[Any, Any, Any]:
+    return _cuda_conv().gemm_backward(dy, cache, need_dx)
+
+
+CUPY_IM2COL = Strategy("cupy-im2col", _im2col_forward, _im2col_backward)
+
+
 # ---- 3. the choice ---------------------------------------------------------------------------------
 
 def select(x: Any, w: Any, groups: int) -> Strategy:
@@ -446,7 +462,7 @@ def select(x: Any, w: Any, groups: int) -> Strategy:
     of one backend and one groups share their cache)."""
     depthwise = groups == x.shape[3] and groups > 1
     if is_cupy_array(x):
-        return CUPY_DEPTHWISE if depthwise else CUPY_GEMM
+        return CUPY_DEPTHWISE if depthwise else CUPY_IM2COL
     compiled = cpu.runs_on(x, w)
     if groups == 1:
         return NUMPY_GEMM_COMPILED if compiled else NUMPY_GEMM
