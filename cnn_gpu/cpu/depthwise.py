@@ -24,8 +24,8 @@ _jit = numba.njit(cache=True, nogil=True, boundscheck=False)
 
 
 @_jit
-def _forward(x, w, b, sh, sw, ph, pw, dil_h, dil_w, y):  # pragma: no cover - compiled; tested against NumPy
-    # x (N, H, W, C), w (KH, KW, O), b (O,) -> y (N, OH, OW, O), O = C * mult
+def _forward(x, w, b, sh, sw, ph, pw, dil_h, dil_w, relu, y):  # pragma: no cover - compiled; tested against NumPy
+    # x (N, H, W, C), w (KH, KW, O), b (O,) -> y (N, OH, OW, O), O = C * mult; relu: max(y, 0) per row
     n, h, wd, c = x.shape
     _, oh, ow, o = y.shape
     kh, kw = w.shape[0], w.shape[1]
@@ -52,6 +52,12 @@ def _forward(x, w, b, sh, sw, ph, pw, dil_h, dil_w, y):  # pragma: no cover - co
                                 v = x[bi, r, s, ch]
                                 for m in range(mult):
                                     y[bi, i, j, ch * mult + m] += v * w[p, q, ch * mult + m]
+            if relu:  # NumPy's maximum(v, 0): NaN passes, -0.0 gives 0
+                zero = y.dtype.type(0)
+                for j in range(ow):
+                    for k in range(o):
+                        v = y[bi, i, j, k]
+                        y[bi, i, j, k] = v if (v > zero) | (v != v) else zero
 
 
 @_jit
@@ -106,14 +112,14 @@ def _taps(w: Any) -> Any:
     return np.ascontiguousarray(w.reshape(w.shape[0], w.shape[1], w.shape[3]))
 
 
-def depthwise_forward(x: Any, w: Any, b: Any, window: Window, out_hw: tuple[int, int]) -> Any:
+def depthwise_forward(x: Any, w: Any, b: Any, window: Window, out_hw: tuple[int, int], relu: bool = False) -> Any:
     """x (N, H, W, C), w (KH, KW, 1, C*M), b (C*M,) or None -> y (N, OH, OW, C*M): the first
-    OH x OW outputs."""
+    OH x OW outputs; relu: max(y, 0), each output row while it is in L1."""
     n, o = x.shape[0], w.shape[3]
     y = np.empty((n, *out_hw, o), dtype=x.dtype)
     bias = np.zeros(o, dtype=x.dtype) if b is None else np.ascontiguousarray(b)
     _forward(np.ascontiguousarray(x), _taps(w), bias, window.sh, window.sw, window.ph, window.pw,
-             window.dh, window.dw, y)
+             window.dh, window.dw, bool(relu), y)
     return y
 
 
