@@ -339,3 +339,22 @@ def test_add_relu_kernel_equals_the_numpy_code(rng, dtype):
     assert got.dtype == np.dtype(dtype)
     np.testing.assert_array_equal(got.view(f"u{got.itemsize}"), expected.view(f"u{got.itemsize}"))  # the bits
     assert np.isnan(got[0, 0, 0, 0])
+
+
+@requires_jit
+@pytest.mark.parametrize("stride, padding, dilation, out_size", [(1, 1, 1, None), (2, 1, 1, None), (1, 0, 2, None),
+                                                                 ((2, 1), (0, 2), (1, 2), None), (1, 1, 1, (4, 3))])
+@pytest.mark.parametrize("relu", [False, True])
+def test_depthwise_3x3_forward_equals_the_general_loop(rng, monkeypatch, stride, padding, dilation, out_size, relu):
+    """_forward_3x3 (taps written out, padded taps adding zeros) against _forward (padded taps
+    skipped): the same products summed in the same tap order, so equal (adding a padded tap's 0.0
+    can only turn a sum of -0.0 into 0.0)."""
+    from cnn_gpu.cpu import depthwise
+    x = rng.standard_normal((3, 9, 8, 16)).astype("float32")
+    wt, b = rng.standard_normal((3, 3, 1, 16)).astype("float32"), rng.standard_normal(16).astype("float32")
+    window = Window.of((3, 3), stride, padding, dilation)
+    out_hw = out_size or window.output_hw(9, 8, "test")
+    y = depthwise.depthwise_forward(x, wt, b, window, out_hw, relu=relu)
+    monkeypatch.setattr(depthwise, "_three_by_three", lambda x, w: False)
+    np.testing.assert_array_equal(y, depthwise.depthwise_forward(x, wt, b, window, out_hw, relu=relu))
+    assert (y == 0).any() == relu
