@@ -220,3 +220,23 @@ def test_cupy_strategies_are_deterministic(monkeypatch, rng, strategy):
     for a, b in zip(*runs):
         if a is not None:
             np.testing.assert_array_equal(to_numpy(a), to_numpy(b))
+
+
+@pytest.mark.parametrize("strategy, case", _applicable(SWEEP, channels=lambda case: case[3],
+                                                       groups=lambda case: case[10]))
+def test_strategy_relu_is_the_maximum_of_its_output(monkeypatch, rng, strategy, case):
+    """relu=True (a ReLU the plan hands to the convolution): max(y, 0) of the same strategy's y,
+    bit for bit (the same GEMMs and sums, then one maximum), and the same cache for the backward."""
+    n, h, w, c, o, kh, kw, stride, padding, dilation, groups = case
+    xp = _xp(strategy)
+    x, wt, b = (xp.asarray(rng.standard_normal(s).astype("float32")) for s in ((n, h, w, c), (kh, kw, c // groups, o),
+                                                                               (o,)))
+    monkeypatch.setattr(conv, "select", lambda *args: strategy)
+    geometry = dict(stride=stride, padding=padding, dilation=dilation, groups=groups)
+    y, cache = conv2d_forward(x, wt, b, **geometry)
+    y_relu, cache_relu = conv2d_forward(x, wt, b, relu=True, **geometry)
+    np.testing.assert_array_equal(to_numpy(y_relu), np.maximum(to_numpy(y), 0))
+    assert (to_numpy(y) < 0).any()  # the maximum changed something
+    dy = xp.asarray(rng.standard_normal(y.shape).astype("float32"))
+    for g, r in zip(conv2d_backward(dy, cache_relu), conv2d_backward(dy, cache)):
+        np.testing.assert_array_equal(to_numpy(g), to_numpy(r))
