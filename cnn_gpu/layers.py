@@ -140,6 +140,22 @@ class Layer:
         less than all of it; else None."""
         return None
 
+    def activation(self) -> str | None:
+        """The name of the elementwise activation this layer is ('relu'), when the layer before it
+        may compute it in its own pass (absorbs_activation) and hand this layer the result
+        (keep_output); else None."""
+        return None
+
+    def keep_output(self, y: Any) -> None:
+        """Training: y is this activation's output, computed by the layer before it; keep what
+        backward needs, as forward would have."""
+        raise NotImplementedError
+
+    def absorbs_activation(self, name: str, training: bool) -> bool:
+        """Whether forward/infer (and infer_folded) take activation=name and apply that activation
+        to their output in the same pass, giving the numbers of the activation layer after them."""
+        return False
+
     # ---- building graphs ---------------------------------------------------------------------
 
     def __call__(self, *args: Any, name: str | None = None, **options: Any) -> Any:
@@ -346,18 +362,23 @@ class Conv2D(Layer):
         if bias:
             self.params["bias"] = Parameter(np.zeros(out_channels, dtype=dtype))
 
-    def _conv(self, x: Any, weight: Any, bias: Any, out_size: tuple[int, int] | None, inference: bool) -> tuple:
+    def _conv(self, x: Any, weight: Any, bias: Any, out_size: tuple[int, int] | None, inference: bool,
+              activation: str | None) -> tuple:
         check_rank(x, 4, repr(self), "(N, H, W, C)")
         self._check_channels(x, self.in_channels)
         return F.conv2d_forward(x, weight, bias, stride=self.stride, padding=self.padding, dilation=self.dilation,
-                                groups=self.groups, out_size=out_size, inference=inference)
+                                groups=self.groups, out_size=out_size, inference=inference,
+                                relu=_relu_option(self, activation))
 
-    def forward(self, x: Any, out_size: tuple[int, int] | None = None, inference: bool = False) -> Any:
+    def forward(self, x: Any, out_size: tuple[int, int] | None = None, inference: bool = False,
+                activation: str | None = None) -> Any:
         """out_size (rows, cols): only that corner of the output, the part a following pool reads
-        (the plan passes it; see F.conv2d_forward). inference: no backward follows."""
+        (the plan passes it; see F.conv2d_forward). inference: no backward follows. activation
+        'relu': max(y, 0), applied as the output is made (the plan passes it for a ReLU after this
+        layer; see absorbs_activation)."""
         bias = self.params.get("bias")
         y, self._cache = self._conv(x, self.params["weight"].data, None if bias is None else bias.data,
-                                    out_size, inference)
+                                    out_size, inference, activation)
         return y
 
     def infer(self, x: Any, **options: Any) -> Any:
@@ -371,12 +392,17 @@ class Conv2D(Layer):
     def absorbs_affine(self, channels: int) -> bool:
         return channels == self.out_channels
 
-    def infer_folded(self, x: Any, scale: Any, shift: Any, out_size: tuple[int, int] | None = None) -> Any:
+    def infer_folded(self, x: Any, scale: Any, shift: Any, out_size: tuple[int, int] | None = None,
+                     activation: str | None = None) -> Any:
         """forward(x) * scale + shift per output channel (scale, shift: (C_out,)), for evaluation:
         the scale is folded into the filters and the shift into the bias, so it costs one
-        convolution and no pass of its own (an eval-mode batch norm after this layer)."""
-        y, _ = self._conv(x, *_folded(self, scale, shift), out_size, inference=True)
+        convolution and no pass of its own (an eval-mode batch norm after this layer); then the
+        activation, if one is given."""
+        y, _ = self._conv(x, *_folded(self, scale, shift), out_size, True, activation)
         return y
+
+    def absorbs_activation(self, name: str, training: bool) -> bool:
+        return name == "relu"
 
     def computes_part(self) -> bool:
         return True
@@ -457,6 +483,13 @@ class Dense(Layer):
 
     def __repr__(self) -> str:
         return f"Dense({self.in_features}, {self.out_features})"
+
+
+def _relu_option(layer: Layer, activation: str | None) -> bool:
+    """activation=None or 'relu' (what absorbs_activation offers) as the functional ops' relu flag."""
+    if activation not in (None, "relu"):
+        raise ValueError(f"{layer!r}: activation must be None or 'relu', got {activation!r}")
+    return activation == "relu"
 
 
 def _folded(layer: Layer, scale: Any, shift: Any) -> tuple[Any, Any]:
@@ -713,6 +746,12 @@ class ReLU(_Activation):
     """max(x, 0)."""
     _forward, _backward = staticmethod(F.relu_forward), staticmethod(F.relu_backward)
 
+    def activation(self) -> str:
+        return "relu"
+
+    def keep_output(self, y: Any) -> None:
+        self._cache = y  # relu_forward's cache: its output
+
 
 class LeakyReLU(_Activation):
     """x where x > 0, else negative_slope * x."""
@@ -860,9 +899,13 @@ class Add(Layer):
 
     num_inputs = None
 
-    def forward(self, *xs: Any) -> Any:
-        y, self._cache = F.add_forward(*xs)
+    def forward(self, *xs: Any, activation: str | None = None) -> Any:
+        """The sum; with activation 'relu', max(sum, 0) in the same pass (see absorbs_activation)."""
+        y, self._cache = F.add_forward(*xs, relu=_relu_option(self, activation))
         return y
+
+    def absorbs_activation(self, name: str, training: bool) -> bool:
+        return name == "relu"
 
     def backward(self, dy: Any, need_dx: bool = True) -> Any:
         grads = F.add_backward(dy, self._cache) if need_dx else None

@@ -8,6 +8,12 @@ a layer overrides), so every model gets it wherever its structure allows, Sequen
   affine_channels) whose only input is the output of a layer that can absorb one (a convolution
   or a dense layer with as many outputs: absorbs_affine) and that nothing else reads, runs as
   that layer with scaled weights and a shifted bias (infer_folded), costing no pass of its own;
+- activation (training and evaluation): an elementwise activation layer (activation(): 'relu')
+  whose only input is the output of a layer that can apply it in its own pass (absorbs_activation:
+  a convolution, in its GEMM's chunks while they are in cache; a residual Add, in the same loop as
+  the sum) and that nothing else reads, runs as that layer with activation=... . The activation
+  layer is handed the output (keep_output), so its backward runs as it would after its own
+  forward: the training step's numbers are the same, bit for bit;
 - crop (training and evaluation): a layer that can compute the top-left part of its output
   (computes_part: an unpadded convolution) whose output only one layer reads, and that layer
   only in part (input_extent: a pool whose windows stop short of the edge, as a 2x2 pool of an
@@ -17,7 +23,9 @@ a layer overrides), so every model gets it wherever its structure allows, Sequen
   sample's output depends on that sample alone in eval mode, so the slices give the batch's.
 
 Training keeps every layer's own forward (batch norm needs its batch statistics); evaluation runs
-each layer's infer(), which keeps no cache, and drops each tensor once its last reader has run.
+each layer's infer(), which keeps no cache. Both drop each tensor once its last reader has run
+(in training the layers' caches keep what their backward needs; the plan's table of tensors need
+not keep the rest, such as a batch norm's output that only its ReLU read).
 """
 from __future__ import annotations
 
@@ -42,8 +50,9 @@ class Step(NamedTuple):
     inputs: tuple[str, ...]
     layer: Layer
     folded: Layer | None = None  # evaluation: the batch norm whose node this step also computes
+    activation: Layer | None = None  # the activation layer whose node this step also computes
     options: dict[str, Any] = {}  # {"out_size": (rows, cols)} for a layer that computes part
-    frees: tuple[str, ...] = ()  # evaluation: tensors no later step reads, dropped after this one
+    frees: tuple[str, ...] = ()  # tensors no later step reads, dropped after this one
 
 
 class Plan(NamedTuple):
@@ -54,11 +63,17 @@ class Plan(NamedTuple):
 
 def run_step(step: Step, training: bool, xs: Sequence[Any]) -> Any:
     """One step on its input arrays: the layer's forward in training, else its inference form."""
+    options = step.options
+    if step.activation is not None:
+        options = {**options, "activation": step.activation.activation()}
     if training:
-        return step.layer.forward(*xs, **step.options)
+        y = step.layer.forward(*xs, **options)
+        if step.activation is not None:
+            step.activation.keep_output(y)  # what its backward reads, as after its own forward
+        return y
     if step.folded is not None:
-        return step.layer.infer_folded(xs[0], *step.folded.eval_affine(), **step.options)
-    return step.layer.infer(*xs, **step.options)
+        return step.layer.infer_folded(xs[0], *step.folded.eval_affine(), **options)
+    return step.layer.infer(*xs, **options)
 
 
 def build_plan(graph: "Graph", training: bool, input_shapes: Sequence[Shape], on_cpu: bool, itemsize: int,
@@ -90,14 +105,20 @@ def build_plan(graph: "Graph", training: bool, input_shapes: Sequence[Shape], on
                 step = step._replace(output=nodes[reader].name, folded=after)
                 skip.add(reader)
         reader = only_reader(step.output)
+        if reader is not None:
+            after = nodes[reader].layer
+            kind = after.activation()
+            if kind is not None and step.layer.absorbs_activation(kind, training):
+                step = step._replace(output=nodes[reader].name, activation=after)
+                skip.add(reader)
+        reader = only_reader(step.output)
         if reader is not None and step.layer.computes_part():
             extent = nodes[reader].layer.input_extent(shapes[step.output])
             if extent is not None:
                 step = step._replace(options={"out_size": extent})
         steps.append(step)
 
-    if not training:
-        steps = _with_frees(steps, graph.output_name)
+    steps = _with_frees(steps, graph.output_name)
     slice_size = None
     if not training and on_cpu:
         largest = max(int(np.prod(s)) for s in shapes.values()) * itemsize

@@ -2,10 +2,13 @@
 # gpu_check.sh -- the one device check for a GPU machine, in a single call of < 8 minutes.
 #
 # Prints the device and library versions, runs the GPU tests (pytest -m gpu), the kernel
-# bandwidth benchmark, and the lead's training benchmark if cnn_gpu.cli exists yet. Needs
-# only what the machine has: python3 with numpy, cupy, pytest (torch optional); installs
-# nothing. Logs go to $OUT when set (else a temporary folder); a summary table ends it.
-# One failing stage does not stop the others; the exit status is 0 only if none failed.
+# bandwidth benchmark (float32), the fair benchmark against PyTorch (`cnn-gpu bench --backend
+# cupy`: FP32 and TF32 tables, eager and CUDA-graph captured steps on both sides, the loss check;
+# bench.json) and the epoch-time check of the seed network (cnn_gpu.bench.epoch: captured epochs
+# with validation against the 0.5 s target; epoch.json). Needs only what the machine has: python3
+# with numpy, cupy, pytest (torch optional); installs nothing. Logs go to $OUT when set (else a
+# temporary folder); a summary table ends it. One failing stage does not stop the others; the
+# exit status is 0 only if none failed.
 #
 #   bash scripts/gpu_check.sh            # from anywhere; it works in the repository root
 set -uo pipefail
@@ -17,12 +20,12 @@ LOGS="${OUT:-$(mktemp -d -t gpu_check.XXXXXX)}"
 mkdir -p "$LOGS"
 echo "gpu_check: logs in $LOGS"
 
-# Per-stage limits (seconds), 470 s in all, inside the call's 8 minutes.
-T_INFO=40 T_TESTS=240 T_BENCH=100 T_CLI=200
+# Per-stage limits (seconds), 455 s in all, inside the call's 8 minutes.
+T_INFO=20 T_TESTS=220 T_CLI=140 T_EPOCH=35 T_BENCH=40
 
 # With ACCURACY_DATA=<dir holding fashion-mnist/>, the accuracy runs (scripts/gpu_accuracy.sh,
 # with the settings file ACCURACY_SETTINGS if given) train on the GPU while the tests run, and
-# finish before the timing stages start. SKIP_TIMING=1 leaves out the two timing stages.
+# finish before the timing stages start. SKIP_TIMING=1 leaves out the three timing stages.
 ACC_PID=""
 if [ -n "${ACCURACY_DATA:-}" ]; then
     echo "gpu_check: accuracy runs started in the background (data in $ACCURACY_DATA)"
@@ -83,15 +86,14 @@ fi
 if [ -n "${SKIP_TIMING:-}" ]; then
     echo; echo "=== timing stages skipped (SKIP_TIMING)"
 else
+# The fair benchmark prints a line per row as it goes and rewrites bench.json after each, so a
+# stage cut short by its limit still leaves the rows it measured (FP32 first, then TF32).
+run_stage "fair bench" "$T_CLI" cli.log \
+    python3 -m cnn_gpu.cli bench --backend cupy --repeats 3 --inner 10 --warmup 2 --json "$LOGS/bench.json"
+run_stage "epoch time" "$T_EPOCH" epoch.log \
+    python3 -m cnn_gpu.bench.epoch --epochs 3 --json "$LOGS/epoch.json" ${ACCURACY_DATA:+--data-dir "$ACCURACY_DATA"}
 run_stage "kernel bandwidth" "$T_BENCH" bench.log \
-    python3 -m cnn_gpu.bench.kernel_bandwidth
-if python3 -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('cnn_gpu.cli') is None)"; then
-    run_stage "cli bench" "$T_CLI" cli.log \
-        python3 -m cnn_gpu.cli bench --backend cupy --json "$LOGS/bench.json"
-else
-    echo; echo "=== cli bench: skipped (cnn_gpu.cli does not exist yet)"
-    STAGES+=("cli bench") CODES+=("skipped") SECONDS_TAKEN+=(0)
-fi
+    python3 -m cnn_gpu.bench.kernel_bandwidth --dtype float32
 fi
 
 failed=0

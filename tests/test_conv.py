@@ -226,6 +226,17 @@ def test_kept_cols_give_the_gradients_of_rebuilt_cols(rng, monkeypatch, bias, x_
             np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5 * float(np.abs(ref).max()))
 
 
+def test_cols_many_times_wider_than_the_output_are_rebuilt(rng):
+    """A ResNet's 3x3 convolution with as many outputs as inputs: cols (K = 9*C) are 9 times as
+    wide as y, so even under KEEP_COLS_BYTES the backward rebuilds them (a deep network of such
+    layers would hold far more in cols than in activations); a 1->16 stem keeps its narrow cols."""
+    x = rng.standard_normal((4, 7, 7, 16)).astype("float32")
+    _, cache = conv2d_forward(x, rng.standard_normal((3, 3, 16, 16)).astype("float32"), None, padding=1)
+    assert cache.cols is None and x.nbytes * 9 <= conv.KEEP_COLS_BYTES
+    _, cache = conv2d_forward(x[..., :1], rng.standard_normal((3, 3, 1, 16)).astype("float32"), None, padding=1)
+    assert cache.cols is not None
+
+
 def test_inference_keeps_no_cols(rng):
     """inference=True: the same y, and no cols held in the cache (nothing will backpropagate)."""
     x = rng.standard_normal((8, 13, 13, 32)).astype("float32")

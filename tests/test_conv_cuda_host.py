@@ -6,7 +6,8 @@ array parameters broadcast to the output's shape and read at `i`, and scalars by
 stand-in for cupy (NumPy arrays, and an ElementwiseKernel that compiles the body into a C++ loop
 over i with exactly that binding) lets the module's own launchers run: their argument order,
 the index arithmetic of every body, the filter gradient's blocks and the CuPy strategies
-(CUPY_GEMM, CUPY_DEPTHWISE) are all checked here, where no GPU is. What this cannot see: CUDA
+(CUPY_GEMM, CUPY_DEPTHWISE, CUPY_IM2COL: its GEMMs are NumPy's here, cnn_gpu.cuda.gemm.matmul outside
+a capture being a @ b) are all checked here, where no GPU is. What this cannot see: CUDA
 itself (launch configuration, the device's float rounding), which the GPU tests check.
 """
 from __future__ import annotations
@@ -106,7 +107,8 @@ def host_cupy(monkeypatch, tmp_path_factory):
     """cnn_gpu.cuda.conv with a NumPy stand-in for cupy, its kernels compiled for the host."""
     directory = tmp_path_factory.getbasetemp() / "conv_host_kernels"
     directory.mkdir(exist_ok=True)
-    fake = SimpleNamespace(empty=np.empty, zeros=np.zeros, ascontiguousarray=np.ascontiguousarray,
+    fake = SimpleNamespace(empty=np.empty, zeros=np.zeros, ones=np.ones, ascontiguousarray=np.ascontiguousarray,
+                           concatenate=np.concatenate,
                            ElementwiseKernel=lambda i, o, body, name: _HostKernel(i, o, body, name, directory))
     monkeypatch.setattr(cuda_conv, "require_cupy", lambda: fake)
     cuda_conv.kernel.cache_clear()
@@ -122,8 +124,8 @@ def _run(monkeypatch, strategy, x, w, b, dy, **geometry):
 
 @pytest.mark.parametrize("strategy, case", [
     pytest.param(strategy, case, id=f"{strategy.name}-case{i}")
-    for strategy in (conv.CUPY_GEMM, conv.CUPY_DEPTHWISE) for i, case in enumerate(SWEEP)
-    if strategy is conv.CUPY_GEMM or case[3] == case[10]])  # CUPY_DEPTHWISE: groups == C only
+    for strategy in (conv.CUPY_GEMM, conv.CUPY_DEPTHWISE, conv.CUPY_IM2COL) for i, case in enumerate(SWEEP)
+    if strategy is not conv.CUPY_DEPTHWISE or case[3] == case[10]])  # CUPY_DEPTHWISE: groups == C only
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 def test_cupy_strategy_on_the_host_matches_the_reference(host_cupy, monkeypatch, rng, strategy, case, dtype):
     n, h, w, c, o, kh, kw, stride, padding, dilation, groups = case
@@ -146,6 +148,20 @@ def test_col2im_kernel_on_the_host_equals_the_numpy_col2im(host_cupy, rng):
     dcols = rng.standard_normal((3, 2 * oh * ow, window.taps * 2))  # three groups of two channels
     np.testing.assert_array_equal(host_cupy.col2im(dcols, (2, 11, 10, 6), window, oh, ow),
                                   conv.col2im(dcols, (2, 11, 10, 6), window, oh, ow))
+
+
+@pytest.mark.parametrize("ones", [False, True])
+def test_im2col_kernel_on_the_host_equals_the_numpy_im2col(host_cupy, rng, ones):
+    """A copy: equal bit for bit, the ones column (the bias's) included; padding, stride, dilation,
+    groups, and only the first OH x OW windows (out_size)."""
+    window = Window.of((3, 2), (2, 1), (1, 2), (2, 3))
+    oh, ow = window.output_hw(11, 10, "test")
+    x = rng.standard_normal((2, 11, 10, 6))
+    for groups, (rows, cols) in ((1, (oh, ow)), (3, (oh, ow)), (2, (oh - 1, ow - 2))):
+        expected = conv.im2col(x, window, rows, cols, groups)
+        if ones:
+            expected = np.concatenate([expected, np.ones(expected.shape[:2] + (1,))], axis=2)
+        np.testing.assert_array_equal(host_cupy.im2col(x, window, rows, cols, groups, ones), expected)
 
 
 def test_filter_gradient_blocks_cover_every_position(host_cupy, monkeypatch, rng):

@@ -40,7 +40,7 @@ NUMPY = [pytest.param(conv.REFERENCE, id="reference"), pytest.param(conv.NUMPY_G
          pytest.param(conv.DEPTHWISE, id="depthwise"),
          pytest.param(conv.DEPTHWISE_COMPILED, id="depthwise-compiled", marks=requires_jit)]
 CUPY = [pytest.param(s, id=s.name, marks=[pytest.mark.gpu, requires_gpu])
-        for s in (conv.CUPY_GEMM, conv.CUPY_DEPTHWISE)]
+        for s in (conv.CUPY_GEMM, conv.CUPY_DEPTHWISE, conv.CUPY_IM2COL)]
 STRATEGIES = NUMPY + CUPY
 
 
@@ -49,7 +49,7 @@ def _applies(strategy: conv.Strategy, c: int, groups: int) -> bool:
         return groups == 1
     if strategy in (conv.DEPTHWISE, conv.DEPTHWISE_COMPILED, conv.CUPY_DEPTHWISE):
         return groups == c
-    return True  # the reference and CUPY_GEMM take any groups
+    return True  # the reference, CUPY_GEMM and CUPY_IM2COL take any groups
 
 
 def _applicable(cases, channels, groups) -> list:
@@ -60,7 +60,7 @@ def _applicable(cases, channels, groups) -> list:
 
 
 def _xp(strategy: conv.Strategy):
-    return module_for("cupy" if strategy in (conv.CUPY_GEMM, conv.CUPY_DEPTHWISE) else "numpy")
+    return module_for("cupy" if strategy in (conv.CUPY_GEMM, conv.CUPY_DEPTHWISE, conv.CUPY_IM2COL) else "numpy")
 
 
 def _run(strategy, monkeypatch, x, w, b, dy_of, need_dx=True, **geometry):
@@ -202,14 +202,14 @@ def test_select_picks_one_strategy_per_case(jit):
 def test_select_picks_the_cupy_strategies():
     cupy = module_for("cupy")
     x = cupy.zeros((1, 5, 5, 4))
-    assert conv.select(x, cupy.zeros((3, 3, 4, 4)), 1) is conv.CUPY_GEMM
-    assert conv.select(x, cupy.zeros((3, 3, 2, 4)), 2) is conv.CUPY_GEMM
+    assert conv.select(x, cupy.zeros((3, 3, 4, 4)), 1) is conv.CUPY_IM2COL
+    assert conv.select(x, cupy.zeros((3, 3, 2, 4)), 2) is conv.CUPY_IM2COL
     assert conv.select(x, cupy.zeros((3, 3, 1, 8)), 4) is conv.CUPY_DEPTHWISE
 
 
 @pytest.mark.gpu
 @requires_gpu
-@pytest.mark.parametrize("strategy", [conv.CUPY_GEMM, conv.CUPY_DEPTHWISE], ids=lambda s: s.name)
+@pytest.mark.parametrize("strategy", [conv.CUPY_GEMM, conv.CUPY_DEPTHWISE, conv.CUPY_IM2COL], ids=lambda s: s.name)
 def test_cupy_strategies_are_deterministic(monkeypatch, rng, strategy):
     """No atomics: the same call twice gives the same bits."""
     cupy = module_for("cupy")
@@ -220,3 +220,23 @@ def test_cupy_strategies_are_deterministic(monkeypatch, rng, strategy):
     for a, b in zip(*runs):
         if a is not None:
             np.testing.assert_array_equal(to_numpy(a), to_numpy(b))
+
+
+@pytest.mark.parametrize("strategy, case", _applicable(SWEEP, channels=lambda case: case[3],
+                                                       groups=lambda case: case[10]))
+def test_strategy_relu_is_the_maximum_of_its_output(monkeypatch, rng, strategy, case):
+    """relu=True (a ReLU the plan hands to the convolution): max(y, 0) of the same strategy's y,
+    bit for bit (the same GEMMs and sums, then one maximum), and the same cache for the backward."""
+    n, h, w, c, o, kh, kw, stride, padding, dilation, groups = case
+    xp = _xp(strategy)
+    x, wt, b = (xp.asarray(rng.standard_normal(s).astype("float32")) for s in ((n, h, w, c), (kh, kw, c // groups, o),
+                                                                               (o,)))
+    monkeypatch.setattr(conv, "select", lambda *args: strategy)
+    geometry = dict(stride=stride, padding=padding, dilation=dilation, groups=groups)
+    y, cache = conv2d_forward(x, wt, b, **geometry)
+    y_relu, cache_relu = conv2d_forward(x, wt, b, relu=True, **geometry)
+    np.testing.assert_array_equal(to_numpy(y_relu), np.maximum(to_numpy(y), 0))
+    assert (to_numpy(y) < 0).any()  # the maximum changed something
+    dy = xp.asarray(rng.standard_normal(y.shape).astype("float32"))
+    for g, r in zip(conv2d_backward(dy, cache_relu), conv2d_backward(dy, cache)):
+        np.testing.assert_array_equal(to_numpy(g), to_numpy(r))

@@ -301,3 +301,60 @@ def test_sgd_kernel_equals_the_numpy_code(rng, make, dtype):
         results.append([p.data] + [opt.state[0][k] for k in sorted(opt.state[0])])
     for got, ref in zip(*results):
         np.testing.assert_array_equal(got, ref)
+
+
+@requires_jit
+@pytest.mark.parametrize("case", COL2IM_CASES)
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("ones_column", [False, True], ids=["cols", "cols-and-ones"])
+def test_im2col_kernel_equals_the_numpy_code(rng, case, dtype, ones_column):
+    """A copy (zeros in the padding): equal bit for bit, also into the first K columns of a
+    buffer one column wider (the bias's column of ones, which it leaves alone)."""
+    from cnn_gpu.cpu import conv as cpu_conv
+    n, h, w, c, kh, kw, stride, padding, dilation = case
+    window = Window.of((kh, kw), stride, padding, dilation)
+    oh, ow = window.output_hw(h, w, "test")
+    x = rng.standard_normal((n, h, w, c)).astype(dtype)
+    expected = im2col(x, window, oh, ow)[0]  # the reference, one group
+    k = expected.shape[1]
+    out = np.full((n * oh * ow, k + ones_column), np.nan, dtype=dtype)  # every element must be written
+    if ones_column:
+        out[:, k] = 1
+    cpu_conv.im2col(x, window, oh, ow, out)
+    np.testing.assert_array_equal(out[:, :k], expected)
+    if ones_column:
+        assert (out[:, k] == 1).all()
+
+
+@requires_jit
+@pytest.mark.usefixtures("jit")
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_add_relu_kernel_equals_the_numpy_code(rng, dtype):
+    """max(a + b, 0) in one pass: np.maximum's result bit for bit, NaN and -0.0 included."""
+    from cnn_gpu.cpu import elementwise
+    a, b = (rng.standard_normal((3, 7, 7, 16)).astype(dtype) for _ in range(2))
+    a[0, 0, 0, :3], b[0, 0, 0, :3] = [np.nan, -0.0, 1.0], [1.0, -0.0, -1.0]  # NaN, -0.0 + -0.0, exactly 0
+    got = elementwise.add_relu(a, b)
+    expected = np.maximum(a + b, 0)
+    assert got.dtype == np.dtype(dtype)
+    np.testing.assert_array_equal(got.view(f"u{got.itemsize}"), expected.view(f"u{got.itemsize}"))  # the bits
+    assert np.isnan(got[0, 0, 0, 0])
+
+
+@requires_jit
+@pytest.mark.parametrize("stride, padding, dilation, out_size", [(1, 1, 1, None), (2, 1, 1, None), (1, 0, 2, None),
+                                                                 ((2, 1), (0, 2), (1, 2), None), (1, 1, 1, (4, 3))])
+@pytest.mark.parametrize("relu", [False, True])
+def test_depthwise_3x3_forward_equals_the_general_loop(rng, monkeypatch, stride, padding, dilation, out_size, relu):
+    """_forward_3x3 (taps written out, padded taps adding zeros) against _forward (padded taps
+    skipped): the same products summed in the same tap order, so equal (adding a padded tap's 0.0
+    can only turn a sum of -0.0 into 0.0)."""
+    from cnn_gpu.cpu import depthwise
+    x = rng.standard_normal((3, 9, 8, 16)).astype("float32")
+    wt, b = rng.standard_normal((3, 3, 1, 16)).astype("float32"), rng.standard_normal(16).astype("float32")
+    window = Window.of((3, 3), stride, padding, dilation)
+    out_hw = out_size or window.output_hw(9, 8, "test")
+    y = depthwise.depthwise_forward(x, wt, b, window, out_hw, relu=relu)
+    monkeypatch.setattr(depthwise, "_three_by_three", lambda x, w: False)
+    np.testing.assert_array_equal(y, depthwise.depthwise_forward(x, wt, b, window, out_hw, relu=relu))
+    assert (y == 0).any() == relu

@@ -2,7 +2,9 @@
 
     python -m cnn_gpu.bench                      # CPU, batch 64 and 256, table + bench.json
     python -m cnn_gpu.bench --breakdown          # also time each layer's forward and backward
-    python -m cnn_gpu.bench --backend cupy       # the GPU, batch 64, 256 and 1024
+    python -m cnn_gpu.bench --backend cupy       # the GPU (fair.py): FP32 and TF32 tables, eager and
+                                                 #   CUDA-graph captured steps on both sides, batch 64, 256, 1024
+    python -m cnn_gpu.bench.epoch                # a captured epoch of the seed network, validation included
     python -m cnn_gpu.bench.kernel_bandwidth     # the CUDA kernels against copy bandwidth
     cnn-gpu bench --ranks 2                      # 1 rank against 2 ranks: images/s, gradient averaging
 

@@ -1,5 +1,6 @@
 """The benchmark driver: time every configuration, ours and PyTorch's side by side, print a
-table, write JSON.
+table, write JSON. With --backend cupy the run is fair.py's (FP32 against FP32 and TF32 against
+TF32, eager and captured, CUDA-event timing); what follows describes the CPU run.
 
 What a row measures (one network of workloads.NETS: the seed CNN with or without batch norm, the
 zoo's resnet20 and depthwise mobilenet; one batch size):
@@ -38,7 +39,7 @@ import numpy as np
 
 from .. import cpu
 from ..backend import module_for, synchronize
-from . import workloads
+from . import fair, workloads
 from .flops import layer_flops, model_flops
 from .reference import torch_or_reason
 
@@ -209,7 +210,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=3, help="untimed steps before timing (default 3)")
     p.add_argument("--repeats", type=int, default=15, help="timed rounds; medians are reported (default 15)")
     p.add_argument("--inner", type=int, default=None,
-                   help="steps per timed round (default 1 on the CPU, 10 on the GPU)")
+                   help="steps per timed round (default 1 on the CPU, 20 on the GPU)")
     p.add_argument("--threads", type=int, default=None,
                    help="limit NumPy's BLAS (through threadpoolctl) and PyTorch to N threads; "
                         "default: the BLAS's own count")
@@ -220,6 +221,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--breakdown", action="store_true", help="per-layer forward/backward times (training)")
     p.add_argument("--gemm-size", type=int, default=None, help="n of the n x n GEMM ceiling (default 2048 / 8192 GPU)")
     p.add_argument("--json", default="bench.json", help="where to write the results (default ./bench.json)")
+    fair.add_arguments(p)
     return p.parse_args(argv)
 
 
@@ -229,6 +231,9 @@ def main(argv: list[str] | None = None) -> int:
         from .scaling import launch  # noqa: PLC0415
         return launch(argv)
     args = parse_args(argv)
+    if args.backend == "cupy":  # the GPU benchmark: FP32 and TF32 tables, eager and captured (fair.py)
+        module_for("cupy")  # raises with the reason when CuPy cannot run
+        return fair.main(args)
     gpu = args.backend == "cupy"
     xp = module_for(args.backend)  # raises with the reason when CuPy cannot run
     batches = args.batch_sizes or (GPU_BATCHES if gpu else CPU_BATCHES)

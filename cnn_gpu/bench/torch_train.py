@@ -38,6 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--max-shift", type=int, default=None)
     p.add_argument("--label-smoothing", type=float, default=None)
+    p.add_argument("--erase", type=float, default=None, help="random erasing probability (default: the recipe's)")
     p.add_argument("--weight-decay", type=float, default=5e-4)
     p.add_argument("--momentum", type=float, default=0.9)
     p.add_argument("--seed", type=int, default=0)
@@ -52,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     settings: dict[str, Any] = {"model": args.model, "batch_norm": args.batch_norm, "optimizer": None, "lr": args.lr,
                                 "batch_size": args.batch_size, "max_shift": args.max_shift,
-                                "label_smoothing": args.label_smoothing}
+                                "label_smoothing": args.label_smoothing, "erase": args.erase}
     apply_recipe(settings)
     train = load_dataset(args.dataset, "train")
     test = load_dataset(args.dataset, "test")
@@ -74,7 +75,8 @@ def main(argv: list[str] | None = None) -> int:
     # The learning rate of each epoch, from our own schedule (on a stand-in optimizer).
     schedule = CosineLR(SGD(ours.parameters(), lr=settings["lr"]), args.epochs)
     lrs = [settings["lr"]] + [schedule.step() for _ in range(args.epochs)]
-    augment = augmentation_for(args.dataset, settings["max_shift"]) if settings["augment"] else None
+    augment = augmentation_for(args.dataset, settings["max_shift"], erase=settings["erase"]) \
+        if settings["augment"] else None
     loader = BatchIterator(images, labels, settings["batch_size"], shuffle=True, seed=args.seed, augment=augment,
                            transform=lambda x: normalize(x, stats))
     loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=settings["label_smoothing"])
@@ -96,7 +98,8 @@ def main(argv: list[str] | None = None) -> int:
     history, best = [], None
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads | {args.model} batch norm "
           f"{settings['batch_norm']} | {settings['optimizer']} lr {settings['lr']} batch {settings['batch_size']} "
-          f"shift {settings['max_shift']} smoothing {settings['label_smoothing']} | {len(labels)} train, "
+          f"shift {settings['max_shift']} smoothing {settings['label_smoothing']} erase {settings['erase']} | "
+          f"{len(labels)} train, "
           f"{len(val_y)} val (DEFAULT_VAL_SIZE {DEFAULT_VAL_SIZE}), {len(test.labels)} test", flush=True)
     for epoch in range(args.epochs):
         for group in opt.param_groups:

@@ -10,11 +10,11 @@ every kernel with it, and it runs wherever Numba is missing or switched off.
   (every window geometry: stride, padding, dilation, ceil mode)
 - `cnn_gpu.cpu.batchnorm`: `channel_mean_var`, `channel_grad_sums`,
   `batch_norm_normalize`, `batch_norm_backward_dx` (the four calls of cnn_gpu.cuda.batchnorm)
-- `cnn_gpu.cpu.conv`: `col2im`, for the convolution's input gradient (groups == 1, any stride,
-  padding and dilation)
+- `cnn_gpu.cpu.conv`: `im2col` and `col2im`, for the convolution's GEMMs and its input gradient
+  (groups == 1, any stride, padding and dilation)
 - `cnn_gpu.cpu.depthwise`: `depthwise_forward`, `depthwise_backward` (groups == C, any channel
   multiplier, stride, padding and dilation; the same calls as `cnn_gpu.cuda.conv`'s)
-- `cnn_gpu.cpu.elementwise`: `relu_backward`
+- `cnn_gpu.cpu.elementwise`: `relu_backward`, `add_relu` (a residual sum and the ReLU after it)
 
 Numba is optional (`pip install cnn_gpu[fast]`). Set CNN_GPU_JIT=0 to run the NumPy code
 instead, or call `set_enabled(False)`. The kernels are serial, like NumPy's elementwise loops,

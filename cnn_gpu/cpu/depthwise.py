@@ -9,7 +9,8 @@ reference for these loops) makes one pass over the whole output per kernel tap; 
 row takes all its taps while it is in L1, and the loops innermost run over the contiguous channels
 (SIMD over C). Taps that fall in the padding are skipped, not multiplied by zero. The backward
 visits each output once and adds into both dx and dw; dw sums one image at a time in the input's
-dtype and the images' sums in float64.
+dtype and the images' sums in float64. A 3x3 kernel with multiplier 1 (MobileNet's) runs
+_forward_3x3, whose nine taps are one expression per channel, summed in a register.
 """
 from __future__ import annotations
 
@@ -24,8 +25,8 @@ _jit = numba.njit(cache=True, nogil=True, boundscheck=False)
 
 
 @_jit
-def _forward(x, w, b, sh, sw, ph, pw, dil_h, dil_w, y):  # pragma: no cover - compiled; tested against NumPy
-    # x (N, H, W, C), w (KH, KW, O), b (O,) -> y (N, OH, OW, O), O = C * mult
+def _forward(x, w, b, sh, sw, ph, pw, dil_h, dil_w, relu, y):  # pragma: no cover - compiled; tested against NumPy
+    # x (N, H, W, C), w (KH, KW, O), b (O,) -> y (N, OH, OW, O), O = C * mult; relu: max(y, 0) per row
     n, h, wd, c = x.shape
     _, oh, ow, o = y.shape
     kh, kw = w.shape[0], w.shape[1]
@@ -52,6 +53,12 @@ def _forward(x, w, b, sh, sw, ph, pw, dil_h, dil_w, y):  # pragma: no cover - co
                                 v = x[bi, r, s, ch]
                                 for m in range(mult):
                                     y[bi, i, j, ch * mult + m] += v * w[p, q, ch * mult + m]
+            if relu:  # NumPy's maximum(v, 0): NaN passes, -0.0 gives 0
+                zero = y.dtype.type(0)
+                for j in range(ow):
+                    for k in range(o):
+                        v = y[bi, i, j, k]
+                        y[bi, i, j, k] = v if (v > zero) | (v != v) else zero
 
 
 @_jit
@@ -101,19 +108,76 @@ def _backward(dy, x, w, sh, sw, ph, pw, dil_h, dil_w, need_dx, dx, dw):  # pragm
                     dw[p, q, k] += image_dw[p, q, k]
 
 
+# ---- 3x3, multiplier 1 (MobileNet's depthwise layers): the forward with every tap written out ----
+#
+# Each image is first copied into a zero-padded scratch image (it stays in L2), so that every
+# output reads all nine taps and the loop over channels, innermost, is one expression of nine
+# products whose running sum the compiler keeps in a vector register: no accumulator goes through
+# memory between taps, as it does in _forward. The padded taps add zeros, which changes no sum.
+
+@_jit
+def _padded_image(x, bi, ph, pw, xpad):  # pragma: no cover - compiled
+    # x[bi] (H, W, C) -> the interior of xpad (Hp, Wp, C), whose border stays zero
+    _, h, wd, c = x.shape
+    for r in range(h):
+        for s in range(wd):
+            for k in range(c):
+                xpad[r + ph, s + pw, k] = x[bi, r, s, k]
+
+
+@_jit
+def _forward_3x3(x, w, b, sh, sw, ph, pw, dil_h, dil_w, relu, y):  # pragma: no cover - compiled; tested
+    # x (N, H, W, C), w (3, 3, C), b (C,) -> y (N, OH, OW, C); relu: max(y, 0)
+    n, h, wd, c = x.shape
+    _, oh, ow, _ = y.shape
+    hp = max(h + 2 * ph, (oh - 1) * sh + 2 * dil_h + 1)
+    wp = max(wd + 2 * pw, (ow - 1) * sw + 2 * dil_w + 1)
+    xpad = np.zeros((hp, wp, c), dtype=x.dtype)
+    zero = y.dtype.type(0)
+    for bi in range(n):
+        _padded_image(x, bi, ph, pw, xpad)
+        for i in range(oh):
+            r0 = i * sh
+            r1 = r0 + dil_h
+            r2 = r1 + dil_h
+            for j in range(ow):
+                s0 = j * sw
+                s1 = s0 + dil_w
+                s2 = s1 + dil_w
+                for k in range(c):
+                    acc = b[k] + xpad[r0, s0, k] * w[0, 0, k]
+                    acc += xpad[r0, s1, k] * w[0, 1, k]
+                    acc += xpad[r0, s2, k] * w[0, 2, k]
+                    acc += xpad[r1, s0, k] * w[1, 0, k]
+                    acc += xpad[r1, s1, k] * w[1, 1, k]
+                    acc += xpad[r1, s2, k] * w[1, 2, k]
+                    acc += xpad[r2, s0, k] * w[2, 0, k]
+                    acc += xpad[r2, s1, k] * w[2, 1, k]
+                    acc += xpad[r2, s2, k] * w[2, 2, k]
+                    if relu and not ((acc > zero) | (acc != acc)):  # NumPy's maximum(acc, 0)
+                        acc = zero
+                    y[bi, i, j, k] = acc
+
+
+def _three_by_three(x: Any, w: Any) -> bool:
+    """Whether the written-out 3x3 forward applies: a 3x3 kernel, channel multiplier 1."""
+    return w.shape[:2] == (3, 3) and w.shape[3] == x.shape[3]
+
+
 def _taps(w: Any) -> Any:
     """w (KH, KW, 1, O) -> (KH, KW, O), C-contiguous."""
     return np.ascontiguousarray(w.reshape(w.shape[0], w.shape[1], w.shape[3]))
 
 
-def depthwise_forward(x: Any, w: Any, b: Any, window: Window, out_hw: tuple[int, int]) -> Any:
+def depthwise_forward(x: Any, w: Any, b: Any, window: Window, out_hw: tuple[int, int], relu: bool = False) -> Any:
     """x (N, H, W, C), w (KH, KW, 1, C*M), b (C*M,) or None -> y (N, OH, OW, C*M): the first
-    OH x OW outputs."""
+    OH x OW outputs; relu: max(y, 0), each output row while it is in L1."""
     n, o = x.shape[0], w.shape[3]
     y = np.empty((n, *out_hw, o), dtype=x.dtype)
     bias = np.zeros(o, dtype=x.dtype) if b is None else np.ascontiguousarray(b)
-    _forward(np.ascontiguousarray(x), _taps(w), bias, window.sh, window.sw, window.ph, window.pw,
-             window.dh, window.dw, y)
+    forward = _forward_3x3 if _three_by_three(x, w) else _forward
+    forward(np.ascontiguousarray(x), _taps(w), bias, window.sh, window.sw, window.ph, window.pw,
+            window.dh, window.dw, bool(relu), y)
     return y
 
 

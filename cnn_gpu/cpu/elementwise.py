@@ -1,6 +1,7 @@
 """Elementwise kernels on the CPU, compiled by Numba, where NumPy needs several passes.
 
     dx = relu_backward(dy, y)    # dy where y > 0, else 0: one pass (NumPy: a mask, then a multiply)
+    y = add_relu(a, b)           # max(a + b, 0): one pass (NumPy: a sum, then a maximum)
     sgd_update(p, g, v, lr, momentum, wd, nesterov)    # in place, one pass (NumPy: five or six)
 
 The SGD update is cnn_gpu.optim's NumPy code (its reference) in one loop, with each scalar
@@ -31,6 +32,22 @@ def relu_backward(dy: Any, y: Any) -> Any:
     dx = np.empty(dy.shape, dtype=dy.dtype)
     _relu_backward(np.ascontiguousarray(dy).reshape(-1), np.ascontiguousarray(y).reshape(-1), dx.reshape(-1))
     return dx
+
+
+@_jit
+def _add_relu(a, b, y):  # pragma: no cover - compiled; tested against NumPy
+    zero = y.dtype.type(0)
+    for i in range(y.size):
+        v = a[i] + b[i]
+        y[i] = v if (v > zero) | (v != v) else zero  # NumPy's maximum(v, 0): NaN passes, -0.0 gives 0
+
+
+def add_relu(a: Any, b: Any) -> Any:
+    """a, b (any shape, the same, one dtype) -> max(a + b, 0), with np.maximum's rule (NaN stays
+    NaN, -0.0 becomes 0), so the result equals np.maximum(a + b, 0) bit for bit."""
+    y = np.empty(a.shape, dtype=a.dtype)
+    _add_relu(np.ascontiguousarray(a).reshape(-1), np.ascontiguousarray(b).reshape(-1), y.reshape(-1))
+    return y
 
 
 @_jit

@@ -46,6 +46,29 @@ _KERNELS = {
         v = beta2 * v + (T(1) - beta2) * d * d;
         p = p - step * m / (sqrt(v / bc2) + eps);
     """),
+    # The same three updates for a captured step (cnn_gpu/cuda/device_optim.py): the per-step
+    # scalars come from a table on the device, row step[0], so that a CUDA graph replayed step
+    # after step reads each step's own learning rate (and Adam's bias corrections). The arithmetic
+    # is the kernels' above, term for term.
+    "sgd_at": (("T g, raw T rates, raw int32 step, T wd", "T p"), """
+        const T lr = rates[step[0]];
+        p = p - lr * (g + wd * p);
+    """),
+    "sgd_momentum_at": (("T g, raw T rates, raw int32 step, T momentum, T wd, bool nesterov", "T p, T v"), """
+        const T lr = rates[step[0]];
+        T d = g + wd * p;
+        v = momentum * v + d;
+        p = p - lr * (nesterov ? d + momentum * v : v);
+    """),
+    # rates (steps, 2): row s is (lr / (1 - beta1^t), 1 - beta2^t) for the step's t.
+    "adam_at": (("T g, raw T rates, raw int32 step, T beta1, T beta2, T eps, T wd", "T p, T m, T v"), """
+        const T step_size = rates[2 * step[0]];
+        const T bc2 = rates[2 * step[0] + 1];
+        T d = g + wd * p;
+        m = beta1 * m + (T(1) - beta1) * d;
+        v = beta2 * v + (T(1) - beta2) * d * d;
+        p = p - step_size * m / (sqrt(v / bc2) + eps);
+    """),
     # dx = dy where y > 0, else 0 (y is the ReLU's output).
     "relu_backward": (("T dy, T y", "T dx"), "dx = y > T(0) ? dy : T(0);"),
     # Batch norm's running statistics (in place) and 1 / sqrt(var + eps), per channel:

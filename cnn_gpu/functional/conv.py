@@ -19,12 +19,16 @@ The file reads top to bottom:
 2. The fast paths, each a `Strategy` (a forward, and the backward that reads its cache):
    - NUMPY_GEMM (NumPy, G = 1): im2col + GEMM in cache-sized chunks of the batch, the bias as a
      column of ones in the GEMM, cols kept for the backward when narrow or small, and an input
-     gradient per kernel offset (NUMPY_GEMM) or through the compiled col2im of cnn_gpu/cpu/conv.py
-     (NUMPY_GEMM_COMPILED).
+     gradient per kernel offset (NUMPY_GEMM), or with the compiled im2col and col2im of
+     cnn_gpu/cpu/conv.py (NUMPY_GEMM_COMPILED).
    - DEPTHWISE (NumPy, G = C): one multiply-add over all channels per kernel tap instead of C
      tiny GEMMs; DEPTHWISE_COMPILED runs the loops of cnn_gpu/cpu/depthwise.py instead.
    - CUPY_GEMM: the reference itself, one batched GEMM over the whole batch (what a GPU wants),
-     with the one-launch col2im of cnn_gpu/cuda/conv.py; CUPY_DEPTHWISE: that module's kernels.
+     with the one-launch col2im of cnn_gpu/cuda/conv.py; CUPY_DEPTHWISE: that module's kernels;
+     CUPY_IM2COL (what runs on CuPy): that module's im2col and col2im kernels around GEMMs that
+     a CUDA graph can capture, the bias in the GEMM.
+   Every forward takes relu=True for a ReLU after the convolution (the graph plan's activation
+   rule), applied as y is made.
 3. `select`, the one place that chooses a strategy.
 4. `conv2d_forward` / `conv2d_backward`: the arguments are checked once, then the strategy runs.
 """
@@ -89,9 +93,9 @@ def _grouped(w: Any, groups: int) -> Any:
 
 
 def reference_forward(x: Any, w: Any, b: Any, window: Window, groups: int, out_hw: tuple[int, int],
-                      inference: bool = False) -> tuple[Any, None]:
+                      inference: bool = False, relu: bool = False) -> tuple[Any, None]:
     """x (N, H, W, C), w (KH, KW, C/G, O), b (O,) or None -> y (N, OH, OW, O), and no kept cols
-    (the backward rebuilds them from x). Runs on either backend."""
+    (the backward rebuilds them from x); relu: max(y, 0) instead. Runs on either backend."""
     xp = get_array_module(x)
     (oh, ow), n, o = out_hw, x.shape[0], w.shape[3]
     cols = im2col(x, window, oh, ow, groups)                  # (G, M, K), M = N*OH*OW, K = KH*KW*C/G
@@ -99,6 +103,8 @@ def reference_forward(x: Any, w: Any, b: Any, window: Window, groups: int, out_h
     y = y.transpose(1, 0, 2).reshape(n, oh, ow, o)             # output channel g*O/G + its index in g
     if b is not None:
         y += b
+    if relu:
+        xp.maximum(y, 0, out=y)
     return y, None
 
 
@@ -127,7 +133,8 @@ class Strategy(NamedTuple):
     """One way to run the convolution: a forward, and the backward that reads its ConvCache."""
 
     name: str
-    # (x, w, b, window, groups, out_hw, inference) -> (y, cols to keep in the cache or None)
+    # (x, w, b, window, groups, out_hw, inference, relu) -> (y, cols to keep in the cache or None);
+    # relu: y is max(conv, 0), the ReLU after the convolution applied as y is made (an epilogue)
     forward: Callable[..., tuple[Any, Any]]
     # (dy, cache, need_dx) -> (dx or None, dw, db or None)
     backward: Callable[..., tuple[Any, Any, Any]]
@@ -144,10 +151,14 @@ REFERENCE = Strategy("reference", reference_forward, reference_backward)
 # larger) for the backward, which rebuilds each chunk's cols: the copy is cheap in cache, and a
 # training step holds far less memory. Where cols is no larger than the output y (few input
 # channels: the seed network's conv1 has K + 1 = 10 columns for 32 outputs), or small in all
-# (KEEP_COLS_BYTES), the forward keeps cols instead: rebuilding it costs more than keeping it.
+# (KEEP_COLS_BYTES) and at most KEEP_COLS_WIDTH times as wide as y, the forward keeps cols
+# instead: rebuilding it costs more than keeping it. The width bound is for deep networks: a
+# 3x3 convolution with as many outputs as inputs (a ResNet's) has cols 9 times as wide as y, and
+# twenty such layers keeping theirs would hold far more than all the activations together.
 
 CHUNK_BYTES = 1 << 21      # cols per chunk: 2 MiB measured best (1 to 16 MiB tried; BENCHMARKS.md)
 KEEP_COLS_BYTES = 1 << 24  # a batch's cols up to 16 MiB is kept for the backward (see _keeps_cols)
+KEEP_COLS_WIDTH = 5        # ... when it is at most 5 times as wide as the output
 
 
 def _is_pointwise(x: Any, window: Window, out_hw: tuple[int, int]) -> bool:
@@ -167,8 +178,9 @@ def _bias_in_gemm(has_bias: bool, pointwise: bool) -> bool:
 def _keeps_cols(columns: int, outputs: int, cols_bytes: int) -> bool:
     """Whether the forward keeps cols, `columns` wide, for the backward instead of the backward
     rebuilding it from x: when it is no wider than the output (`outputs` wide), so keeping it at
-    most doubles what the layer holds, or when the whole batch's cols is at most KEEP_COLS_BYTES."""
-    return columns <= outputs or cols_bytes <= KEEP_COLS_BYTES
+    most doubles what the layer holds, or when the whole batch's cols is at most KEEP_COLS_BYTES
+    and at most KEEP_COLS_WIDTH times as wide as the output."""
+    return columns <= outputs or (cols_bytes <= KEEP_COLS_BYTES and columns <= KEEP_COLS_WIDTH * outputs)
 
 
 def _chunks(n: int, row_bytes: int) -> list[slice]:
@@ -188,9 +200,11 @@ def cols_buffer(rows: int, columns: int, channels: int, dtype: Any) -> np.ndarra
 
 
 def _im2col_into(x: np.ndarray, window: Window, oh: int, ow: int, out: np.ndarray) -> np.ndarray:
-    """im2col of one group: x (B, H, W, C) -> out (B*OH*OW, KH*KW*C), an array of either layout
-    (a view of a larger buffer is fine). Returns out."""
+    """im2col of one group: x (B, H, W, C) -> out[:, :KH*KW*C] of out (B*OH*OW, >= KH*KW*C), an
+    array of either layout (a view of a larger buffer is fine; a column of ones after the K
+    columns is left alone). Returns out."""
     n, c = x.shape[0], x.shape[3]
+    out = out[:, :window.taps * c]
     xpad = pad_hw(x, window)
     if c == 1:
         # One input channel: a copy per kernel tap (one column of cols) runs along image rows (OW
@@ -205,11 +219,25 @@ def _im2col_into(x: np.ndarray, window: Window, oh: int, ow: int, out: np.ndarra
     return out
 
 
-def _chunk_cols(x: np.ndarray, window: Window, out_hw: tuple[int, int], ones_column: bool, into: Any = None):
+def _im2col_compiled(x: np.ndarray, window: Window, oh: int, ow: int, out: np.ndarray) -> np.ndarray:
+    """_im2col_into's result through the compiled loop of cnn_gpu/cpu/conv.py, which reads x in
+    place (no padded copy) and writes each row's runs of C channels in turn; one input channel
+    keeps _im2col_into's copy per tap into column-major cols (cols_buffer), which runs along
+    whole image rows. out: C-contiguous rows when C > 1 (what cols_buffer gives)."""
+    if x.shape[3] == 1:
+        return _im2col_into(x, window, oh, ow, out)
+    from ..cpu import conv as cpu_conv
+    cpu_conv.im2col(x, window, oh, ow, out)
+    return out
+
+
+def _chunk_cols(x: np.ndarray, window: Window, out_hw: tuple[int, int], ones_column: bool, into: Any = None,
+                im2col: Callable[..., Any] = _im2col_into):
     """Yield (batch slice, cols) per chunk (see _chunks): cols (B*OH*OW, K), or (B*OH*OW, K + 1)
     ending in a column of ones. Every chunk's cols is written into one buffer, so a chunk's cols
     is only valid until the next one is yielded; unless `into`, the whole batch's
-    (N*OH*OW, K [+ 1]) array, is given: then each chunk's cols is its rows of `into`."""
+    (N*OH*OW, K [+ 1]) array, is given: then each chunk's cols is its rows of `into`.
+    im2col: _im2col_into or _im2col_compiled, which write the same values."""
     (oh, ow), n, c = out_hw, x.shape[0], x.shape[3]
     k = window.taps * c
     chunks = _chunks(n, oh * ow * k * x.itemsize)
@@ -226,14 +254,15 @@ def _chunk_cols(x: np.ndarray, window: Window, out_hw: tuple[int, int], ones_col
     for part in chunks:
         first = part.start * oh * ow if into is not None else 0
         cols = buf[first:first + (part.stop - part.start) * oh * ow]
-        _im2col_into(x[part], window, oh, ow, cols[:, :k])
+        im2col(x[part], window, oh, ow, cols)
         yield part, cols
 
 
 def _gemm_forward(x: Any, w: Any, b: Any, window: Window, groups: int, out_hw: tuple[int, int],
-                  inference: bool) -> tuple[Any, Any]:
-    """groups == 1 on NumPy: y (N, OH, OW, O) chunk by chunk, y[chunk] = [cols, 1] @ [w2d; b].
-    Returns y and the batch's cols when _keeps_cols (never with inference=True), else None."""
+                  inference: bool, relu: bool = False, *, im2col: Callable[..., Any]) -> tuple[Any, Any]:
+    """groups == 1 on NumPy: y (N, OH, OW, O) chunk by chunk, y[chunk] = [cols, 1] @ [w2d; b]
+    (relu: its maximum with 0, while the chunk is in cache). Returns y and the batch's cols when
+    _keeps_cols (never with inference=True), else None."""
     x = np.ascontiguousarray(x)
     (oh, ow), n, o = out_hw, x.shape[0], w.shape[3]
     pointwise = _is_pointwise(x, window, out_hw)
@@ -246,11 +275,13 @@ def _gemm_forward(x: Any, w: Any, b: Any, window: Window, groups: int, out_hw: t
     if not inference and not pointwise and _keeps_cols(k + fold, o, n * oh * ow * (k + fold) * x.itemsize):
         kept = cols_buffer(n * oh * ow, k + fold, x.shape[3], x.dtype)
     y = np.empty((n, oh, ow, o), dtype=x.dtype)
-    for part, cols in _chunk_cols(x, window, out_hw, fold, into=kept):
+    for part, cols in _chunk_cols(x, window, out_hw, fold, into=kept, im2col=im2col):
         y_part = y[part].reshape(-1, o)  # a view: the GEMM writes into y
         np.matmul(cols, w2d, out=y_part)  # (B*OH*OW, K [+ 1]) @ (K [+ 1], O)
         if b is not None and not fold:
             y_part += b
+        if relu:
+            np.maximum(y_part, 0, out=y_part)
     return y, kept
 
 
@@ -285,10 +316,10 @@ def _input_grad_compiled(dy2d: np.ndarray, w: np.ndarray, window: Window, out_hw
     cpu_conv.col2im(dcols, window, *out_hw, out=out)
 
 
-def _gemm_backward(dy: Any, cache: ConvCache, need_dx: bool,
-                   input_grad: Callable[..., None]) -> tuple[Any, Any, Any]:
-    """The backward of _gemm_forward, chunk by chunk over the forward's cols or cols rebuilt from x.
-    input_grad: _input_grad_by_offset or _input_grad_compiled, writing each chunk's dx."""
+def _gemm_backward(dy: Any, cache: ConvCache, need_dx: bool, *, input_grad: Callable[..., None],
+                   im2col: Callable[..., Any]) -> tuple[Any, Any, Any]:
+    """The backward of _gemm_forward, chunk by chunk over the forward's cols or cols rebuilt from x
+    (by im2col). input_grad: _input_grad_by_offset or _input_grad_compiled, writing each chunk's dx."""
     x, w, window, out_hw = np.ascontiguousarray(cache.x), cache.w, cache.window, cache.out_hw
     (oh, ow), n, c, o = out_hw, x.shape[0], x.shape[3], w.shape[3]
     k = window.taps * c
@@ -298,7 +329,7 @@ def _gemm_backward(dy: Any, cache: ConvCache, need_dx: bool,
     if cache.cols is not None:  # the forward's chunks, as row slices of the whole batch's cols
         pairs = ((part, cache.cols[part.start * oh * ow:part.stop * oh * ow]) for part in chunks)
     else:
-        pairs = _chunk_cols(x, window, out_hw, fold)
+        pairs = _chunk_cols(x, window, out_hw, fold, im2col=im2col)
     dx = np.empty(x.shape, dtype=x.dtype) if need_dx else None  # C-contiguous, so each batch slice is too
     scratch = np.empty((chunks[0].stop - chunks[0].start) * oh * ow * k, dtype=x.dtype) if need_dx and chunks \
         else None
@@ -325,10 +356,12 @@ def _gemm_backward(dy: Any, cache: ConvCache, need_dx: bool,
     return dx, dw.reshape(w.shape), db
 
 
-NUMPY_GEMM = Strategy("numpy-gemm", _gemm_forward,
-                      functools.partial(_gemm_backward, input_grad=_input_grad_by_offset))
-NUMPY_GEMM_COMPILED = Strategy("numpy-gemm, compiled col2im", _gemm_forward,
-                               functools.partial(_gemm_backward, input_grad=_input_grad_compiled))
+NUMPY_GEMM = Strategy("numpy-gemm", functools.partial(_gemm_forward, im2col=_im2col_into),
+                      functools.partial(_gemm_backward, input_grad=_input_grad_by_offset, im2col=_im2col_into))
+NUMPY_GEMM_COMPILED = Strategy("numpy-gemm, compiled im2col and col2im",
+                               functools.partial(_gemm_forward, im2col=_im2col_compiled),
+                               functools.partial(_gemm_backward, input_grad=_input_grad_compiled,
+                                                 im2col=_im2col_compiled))
 
 
 # ---- 2b. NumPy, depthwise (groups == C): a multiply-add per kernel tap ----------------------------
@@ -346,8 +379,9 @@ def _depthwise_chunks(n: int, image_bytes: int) -> list[slice]:
 
 
 def _depthwise_forward(x: Any, w: Any, b: Any, window: Window, groups: int, out_hw: tuple[int, int],
-                       inference: bool) -> tuple[Any, None]:
-    """x (N, H, W, C), w (KH, KW, 1, C*M) -> y (N, OH, OW, C*M): y[..., c*M + m] reads channel c."""
+                       inference: bool, relu: bool = False) -> tuple[Any, None]:
+    """x (N, H, W, C), w (KH, KW, 1, C*M) -> y (N, OH, OW, C*M): y[..., c*M + m] reads channel c
+    (relu: its maximum with 0, chunk by chunk)."""
     (oh, ow), (n, _, _, c), o = out_hw, x.shape, w.shape[3]
     mult = o // c
     xpad = pad_hw(x, window)
@@ -365,6 +399,8 @@ def _depthwise_forward(x: Any, w: Any, b: Any, window: Window, groups: int, out_
                     y_part += term_part
         if b is not None:
             y_part += b.reshape(c, mult)
+        if relu:
+            np.maximum(y_part, 0, out=y_part)
     return y.reshape(n, oh, ow, o), None
 
 
@@ -409,9 +445,17 @@ def _cuda_conv() -> Any:
     return conv
 
 
-def _depthwise_kernels_forward(x: Any, w: Any, b: Any, window: Window, groups: int, out_hw: tuple[int, int],
-                               inference: bool, kernels: Callable[[], Any]) -> tuple[Any, None]:
-    return kernels().depthwise_forward(x, w, b, window, out_hw), None
+def _depthwise_compiled_forward(x: Any, w: Any, b: Any, window: Window, groups: int, out_hw: tuple[int, int],
+                                inference: bool, relu: bool = False) -> tuple[Any, None]:
+    return _cpu_depthwise().depthwise_forward(x, w, b, window, out_hw, relu=relu), None  # relu in its loop
+
+
+def _cupy_depthwise_forward(x: Any, w: Any, b: Any, window: Window, groups: int, out_hw: tuple[int, int],
+                            inference: bool, relu: bool = False) -> tuple[Any, None]:
+    y = _cuda_conv().depthwise_forward(x, w, b, window, out_hw)
+    if relu:
+        get_array_module(y).maximum(y, 0, out=y)
+    return y, None
 
 
 def _depthwise_kernels_backward(dy: Any, cache: ConvCache, need_dx: bool,
@@ -421,11 +465,9 @@ def _depthwise_kernels_backward(dy: Any, cache: ConvCache, need_dx: bool,
     return dx, dw, db
 
 
-DEPTHWISE_COMPILED = Strategy("depthwise, compiled",
-                              functools.partial(_depthwise_kernels_forward, kernels=_cpu_depthwise),
+DEPTHWISE_COMPILED = Strategy("depthwise, compiled", _depthwise_compiled_forward,
                               functools.partial(_depthwise_kernels_backward, kernels=_cpu_depthwise))
-CUPY_DEPTHWISE = Strategy("cupy-depthwise",
-                          functools.partial(_depthwise_kernels_forward, kernels=_cuda_conv),
+CUPY_DEPTHWISE = Strategy("cupy-depthwise", _cupy_depthwise_forward,
                           functools.partial(_depthwise_kernels_backward, kernels=_cuda_conv))
 
 
@@ -438,6 +480,23 @@ def _cupy_col2im(dcols: Any, x_shape: tuple[int, ...], window: Window, oh: int, 
 CUPY_GEMM = Strategy("cupy-gemm", reference_forward, functools.partial(reference_backward, col2im=_cupy_col2im))
 
 
+# ---- 2e. CuPy, groups < C: im2col and col2im kernels, the bias in the GEMM, GEMMs that can be captured --
+
+def _im2col_forward(x: Any, w: Any, b: Any, window: Window, groups: int, out_hw: tuple[int, int],
+                    inference: bool, relu: bool = False) -> tuple[Any, Any]:
+    y, cols = _cuda_conv().gemm_forward(x, w, b, window, groups, out_hw, inference)
+    if relu:
+        get_array_module(y).maximum(y, 0, out=y)
+    return y, cols
+
+
+def _im2col_backward(dy: Any, cache: ConvCache, need_dx: bool) -> tuple[Any, Any, Any]:
+    return _cuda_conv().gemm_backward(dy, cache, need_dx)
+
+
+CUPY_IM2COL = Strategy("cupy-im2col", _im2col_forward, _im2col_backward)
+
+
 # ---- 3. the choice ---------------------------------------------------------------------------------
 
 def select(x: Any, w: Any, groups: int) -> Strategy:
@@ -446,7 +505,7 @@ def select(x: Any, w: Any, groups: int) -> Strategy:
     of one backend and one groups share their cache)."""
     depthwise = groups == x.shape[3] and groups > 1
     if is_cupy_array(x):
-        return CUPY_DEPTHWISE if depthwise else CUPY_GEMM
+        return CUPY_DEPTHWISE if depthwise else CUPY_IM2COL
     compiled = cpu.runs_on(x, w)
     if groups == 1:
         return NUMPY_GEMM_COMPILED if compiled else NUMPY_GEMM
@@ -497,7 +556,8 @@ def _check_arguments(x: Any, w: Any, b: Any, stride: Any, padding: Any, dilation
 
 def conv2d_forward(x: Any, w: Any, b: Any = None, stride: int | tuple[int, int] = 1,
                    padding: int | tuple[int, int] = 0, dilation: int | tuple[int, int] = 1, groups: int = 1,
-                   out_size: tuple[int, int] | None = None, inference: bool = False) -> tuple[Any, ConvCache]:
+                   out_size: tuple[int, int] | None = None, inference: bool = False,
+                   relu: bool = False) -> tuple[Any, ConvCache]:
     """x (N, H, W, C), w (KH, KW, C/groups, O), b (O,) or None -> y (N, OH, OW, O), cache.
 
     stride, padding (zeros, on each side), dilation: an int or an (h, w) pair. groups divides C
@@ -509,9 +569,12 @@ def conv2d_forward(x: Any, w: Any, b: Any = None, stride: int | tuple[int, int] 
     outputs. The backward's dx still has x's shape, zero where no computed output read x.
 
     inference=True: no backward will follow, so no cols are kept for it.
+
+    relu=True: y = max(conv, 0), the output of a ReLU after the convolution, applied as y is made
+    (the backward is unchanged: the ReLU's own backward runs before it, on this y).
     """
     window, out_hw = _check_arguments(x, w, b, stride, padding, dilation, groups, out_size)
-    y, cols = select(x, w, groups).forward(x, w, b, window, groups, out_hw, inference)
+    y, cols = select(x, w, groups).forward(x, w, b, window, groups, out_hw, inference, bool(relu))
     return y, ConvCache(x, w, b is not None, window, groups, out_hw, cols)
 
 

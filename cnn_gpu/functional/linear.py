@@ -4,6 +4,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..backend import get_array_module
+from ..cuda.gemm import matmul  # a @ b; inside a CUDA graph capture, GEMMs that can be captured
 from ..geometry import check_float, check_rank
 from .reduce import column_sum
 
@@ -16,7 +17,7 @@ def linear_forward(x: Any, w: Any, b: Any = None) -> tuple[Any, tuple]:
     if x.shape[1] != w.shape[0]:
         raise ValueError(f"linear: x has {x.shape[1]} features but w expects {w.shape[0]} "
                          f"(x shape {tuple(x.shape)}, w shape {tuple(w.shape)})")
-    y = x @ w
+    y = matmul(x, w)
     if b is not None:
         y += b
     return y, (x, w, b is not None)
@@ -25,7 +26,7 @@ def linear_forward(x: Any, w: Any, b: Any = None) -> tuple[Any, tuple]:
 def linear_backward(dy: Any, cache: tuple, need_dx: bool = True) -> tuple[Any, Any, Any]:
     """dy (N, D_out) -> dx (N, D_in) or None, dw (D_in, D_out), db (D_out,) or None."""
     x, w, has_bias = cache
-    dw = x.T @ dy
+    dw = matmul(x.T, dy)
     db = column_sum(dy) if has_bias else None
-    dx = dy @ w.T if need_dx else None
+    dx = matmul(dy, w.T) if need_dx else None
     return dx, dw, db

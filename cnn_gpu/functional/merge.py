@@ -7,12 +7,18 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple, Sequence
 
+from .. import cpu
 from ..backend import get_array_module
 from ..geometry import check_float
 
 
-def add_forward(*xs: Any) -> tuple[Any, int]:
-    """x_1 .. x_k of one shape -> their sum (a new array), cache = k. Summed left to right."""
+def add_forward(*xs: Any, relu: bool = False) -> tuple[Any, int]:
+    """x_1 .. x_k of one shape -> their sum (a new array), cache = k. Summed left to right.
+
+    relu=True: max(sum, 0), the output of a ReLU after the sum (what the plan asks for in a
+    residual block), with NumPy's maximum's rule (NaN stays NaN); on NumPy with the compiled
+    kernels, two inputs take one pass (cnn_gpu.cpu.elementwise.add_relu) instead of two. The
+    backward is the same either way: the ReLU's own backward runs before it."""
     if len(xs) < 2:
         raise ValueError(f"add: needs at least two inputs, got {len(xs)}")
     for i, x in enumerate(xs):
@@ -20,10 +26,15 @@ def add_forward(*xs: Any) -> tuple[Any, int]:
         if x.shape != xs[0].shape:
             raise ValueError(f"add: input {i} has shape {tuple(x.shape)} but input 0 has {tuple(xs[0].shape)}; "
                              "the inputs of a sum must have one shape")
-    get_array_module(*xs)  # rejects mixed backends
+    xp = get_array_module(*xs)  # rejects mixed backends
+    if relu and len(xs) == 2 and cpu.runs_on(*xs):
+        from ..cpu import elementwise
+        return elementwise.add_relu(xs[0], xs[1]), 2
     y = xs[0] + xs[1]
     for x in xs[2:]:
         y += x
+    if relu:
+        xp.maximum(y, 0, out=y)
     return y, len(xs)
 
 
