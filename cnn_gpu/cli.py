@@ -4,14 +4,17 @@
     cnn-gpu evaluate runs/fashion-mnist-<time>/best.npz          # accuracy, per class, confusion matrix
     cnn-gpu predict runs/.../best.npz images.npy shoe.png        # class names and probabilities
     cnn-gpu export runs/.../best.npz model.onnx                  # for onnxruntime, TensorRT
-    cnn-gpu info                                                 # backend, device, versions, BLAS
+    cnn-gpu info                                                 # backend, device, versions, BLAS, MPI/NCCL
     cnn-gpu models                                               # the model zoo with parameter counts
+    mpiexec -n 4 cnn-gpu train ...                               # data parallel on 4 ranks (see `train`)
 
-Every error a user can cause ends in one `cnn-gpu: error: ...` line and a non-zero exit code.
+Every error a user can cause ends in one `cnn-gpu: error: ...` line and a non-zero exit code; on
+several ranks the line names the rank (`cnn-gpu: error: rank 1 of 4: ...`) and every rank stops.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import importlib.util
 import os
@@ -19,11 +22,11 @@ import platform
 import sys
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-from . import __version__, cpu
+from . import __version__, cpu, distributed
 from .backend import (BackendUnavailableError, cupy_unavailable_reason, require_cupy, resolve_backend, to_device,
                       to_numpy)
 from .checkpoint import Checkpoint, load_checkpoint
@@ -36,10 +39,12 @@ from .layers import Layer
 from .models import DEFAULT_BATCH_NORM, MODELS, build, describe
 from .optim import SGD, Adam, CosineLR, Optimizer, Schedule, StepLR, no_decay_parameters
 from .recipes import DEFAULT_LR, LEGACY_SETTINGS, apply_recipe
-from .training import DeviceOutOfMemory, confusion_matrix, evaluate, fit, per_class_accuracy
+from .distributed import Communicator, DistributedError, SingleProcess
+from .training import DeviceOutOfMemory, TrainingDiverged, confusion_matrix, evaluate, fit, per_class_accuracy
 
 PROG = "cnn-gpu"
 DEFAULT_VAL_SIZE = 5000
+WAIT_POLL = 0.01  # seconds between looks while the other ranks wait for rank 0 (reading data, writing plots)
 # Settings a checkpoint records so that --resume continues the same run.
 RUN_SETTINGS = ("model", "dataset", "channels", "image_size", "resize", "skip_bad_images", "label_mode", "batch_size", "lr", "momentum", "optimizer", "schedule", "weight_decay",
                 "bias_decay", "batch_norm", "dropout", "augment", "max_shift", "label_smoothing", "erase",
@@ -61,7 +66,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    train = sub.add_parser("train", help="train a model of the zoo; writes history, checkpoints and plots")
+    train = sub.add_parser("train", help="train a model of the zoo; writes history, checkpoints and plots",
+                           description="Train a model of the zoo. Under a launcher (mpiexec -n 4 cnn-gpu train "
+                                       "..., srun, mpirun -H a,b) every rank trains its part of each batch: "
+                                       "data parallel, one GPU per rank with --backend cupy.")
     train.add_argument("--model", choices=list(MODELS), default="seed_cnn",
                        help="the network (default seed_cnn; `cnn-gpu models` lists them)")
     train.add_argument("--dataset", choices=DATASET_NAMES, default="fashion-mnist",
@@ -72,7 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_image_options(train)
     train.add_argument("--epochs", type=_positive_int, default=None, help="default 15")
     train.add_argument("--batch-size", type=_positive_int, default=None,
-                       help="default: the model's recipe (64 for seed_cnn, 128 for the deeper networks)")
+                       help="images per step over all ranks (default: the model's recipe, 64 for seed_cnn, "
+                            "128 for the deeper networks)")
     train.add_argument("--optimizer", choices=("sgd", "adam"), default=None,
                        help="default: the model's recipe (adam for the plain seed_cnn, sgd for the rest)")
     train.add_argument("--lr", type=_positive_float,
@@ -83,6 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="learning-rate schedule per epoch (default cosine; step: x0.1 every third of the run)")
     train.add_argument("--batch-norm", action=argparse.BooleanOptionalAction, default=None,
                        help="batch norm after each conv (default: off for seed_cnn, on for the others)")
+    train.add_argument("--batch-norm-sync", choices=distributed.BATCH_NORM_SYNC, default="local",
+                       help="on several ranks, batch norm's statistics: local, each rank's own images (default, "
+                            "as PyTorch's DDP); sync, the whole batch's over all ranks (what one process computes)")
     train.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None,
                        help="random shifts (up to --max-shift pixels) and, for fashion-mnist, left-right "
                             "flips (default on)")
@@ -139,7 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("checkpoint")
     exp.add_argument("output", metavar="MODEL.onnx")
 
-    sub.add_parser("info", help="backend, device, versions, BLAS, CPU count")
+    sub.add_parser("info", help="backend, device, versions, BLAS, CPU count, MPI and NCCL")
     sub.add_parser("models", help="the model zoo: each network with its parameter count")
     sub.add_parser("bench", help="speed benchmarks (cnn_gpu.bench); arguments are passed on", add_help=False)
     return parser
@@ -205,25 +217,51 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # argparse has printed "cnn-gpu ...: error: ..." (2) or the help (0)
         return int(exc.code or 0)
-    commands = {"train": cmd_train, "evaluate": cmd_evaluate, "predict": cmd_predict, "export": cmd_export,
-                "info": cmd_info, "models": cmd_models}
+    if args.command == "train":  # the one command that runs on several ranks
+        try:
+            comm = distributed.init(array_backend=resolve_backend(args.backend))  # before anything is on a GPU
+        except (DistributedError, BackendUnavailableError, ValueError) as exc:
+            _error(str(exc))  # no collective has run: each rank reports and stops on its own
+            return 1
+        return _run_guarded(lambda: cmd_train(args, comm), comm)
+    commands = {"evaluate": cmd_evaluate, "predict": cmd_predict, "export": cmd_export, "info": cmd_info,
+                "models": cmd_models}
     return _run_guarded(lambda: commands[args.command](args))
 
 
-def _run_guarded(command: Any) -> int:
-    """Turn the errors a user can cause into one line on stderr and an exit code."""
+def _run_guarded(command: Any, comm: Communicator | None = None) -> int:
+    """Run command() and return its exit code, turning the errors a user can cause into one line
+    on stderr and an exit code.
+
+    On several ranks (comm): an error on one rank prints the line naming that rank and stops every
+    rank (comm.abort); a diverged loss, which every rank sees at the same step (its sums are
+    reduced over ranks), is printed by rank 0 and ends every rank with its code (comm.finish with
+    collective=True); a non-zero code returned by one rank stops the others (comm.finish).
+    """
+    comm = comm if comm is not None else SingleProcess()
     try:
-        return command()
+        return comm.finish(command())
     except UsageError as exc:
-        _error(str(exc))
-        return 2
+        return _fail(comm, str(exc), 2)
+    except TrainingDiverged as exc:
+        if comm.rank == 0:
+            _error(str(exc))
+        return comm.finish(1, collective=True)
     except (ValueError, TypeError, FileNotFoundError, DatasetNotFoundError, DownloadError,
-            BackendUnavailableError, DeviceOutOfMemory, PermissionError, IsADirectoryError) as exc:
-        _error(str(exc))
-        return 1
+            BackendUnavailableError, DeviceOutOfMemory, PermissionError, IsADirectoryError,
+            DistributedError) as exc:
+        return _fail(comm, str(exc), 1)
     except KeyboardInterrupt:
-        _error("interrupted")
-        return 130
+        return _fail(comm, "interrupted", 130)
+
+
+def _fail(comm: Communicator, message: str, code: int) -> int:
+    """One process: print the error line and return the code. Several ranks: comm.abort prints it
+    naming this rank and stops every rank (returning would leave the others waiting for ever)."""
+    if comm.size > 1:
+        comm.abort(message, code)
+    _error(message)
+    return code
 
 
 def _error(message: str) -> None:
@@ -232,18 +270,23 @@ def _error(message: str) -> None:
 
 # ---- train -----------------------------------------------------------------------------------------
 
-def cmd_train(args: argparse.Namespace) -> int:
+def cmd_train(args: argparse.Namespace, comm: Communicator | None = None) -> int:
+    """Train one model; on several ranks (comm) every rank runs this, and rank 0 alone prints and
+    writes (fit() does the same for its part)."""
+    comm = comm if comm is not None else SingleProcess()
+    say = print if comm.rank == 0 else _quiet
+    _share_cores(comm, say)
     settings = {key: getattr(args, key) for key in RUN_SETTINGS}
     resume: Checkpoint | None = None
     out = Path(args.out) if args.out else None
     if args.resume:
-        resume = load_checkpoint(args.resume)
+        resume = load_checkpoint(args.resume)  # on every rank
         recorded = resume.metadata.get("config")
         if not isinstance(recorded, dict):
             raise UsageError(f"{args.resume} records no run settings; it was not written by `{PROG} train`")
         settings = {**settings, **LEGACY_SETTINGS, **recorded, "epochs": args.epochs or recorded.get("epochs")}
         out = out or Path(args.resume).resolve().parent
-        print(f"resuming {args.resume} at epoch {resume.epoch}; the run's settings come from the checkpoint")
+        say(f"resuming {args.resume} at epoch {resume.epoch}; the run's settings come from the checkpoint")
     settings["epochs"] = settings["epochs"] or 15
     shift_given = settings["max_shift"] is not None
     apply_recipe(settings)
@@ -252,7 +295,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     if out is None:
         out = Path("runs") / f"{s.dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
 
-    train_set, (images, labels), val_data, (test_x, test_y) = _training_splits(s, args)
+    with _rank0_first(comm):  # rank 0 finds (or downloads) the dataset; then the others read what it found
+        train_set, (images, labels), val_data, (test_x, test_y) = _training_splits(s, args)
     val_size = 0 if val_data is None else len(val_data[1])
     if not shift_given and canonical_name(s.dataset) not in ("mnist", "fashion-mnist"):
         # The recipes' shifts were chosen on Fashion-MNIST; other data takes its own default
@@ -266,22 +310,34 @@ def cmd_train(args: argparse.Namespace) -> int:
         model.to("gpu")
     optimizer = _optimizer(model, s)
     schedule = _schedule(optimizer, s)
-    print(model.summary(tuple(images.shape[1:])))
-    print(f"data: {s.dataset} from {train_set.source}: {len(labels)} training, {val_size} validation, "
-          f"{len(test_y)} test images | backend {backend} | out {out}")
-    print(_describe_settings(s))
+    say(model.summary(tuple(images.shape[1:])))
+    ranks = (f" | {comm.size} ranks ({comm.name}), {s.batch_size / comm.size:g} images each per step, "
+             f"batch norm statistics {args.batch_norm_sync}") if comm.size > 1 else ""
+    say(f"data: {s.dataset} from {train_set.source}: {len(labels)} training, {val_size} validation, "
+        f"{len(test_y)} test images | backend {backend} | out {out}{ranks}")
+    say(_describe_settings(s))
     metadata = {"model": model_spec, "input_shape": list(input_shape), "dataset": s.dataset,
                 "data_options": dict(train_set.options), "data_dir": _recorded_dir(s.dataset, args.data_dir),
-                "class_names": list(train_set.class_names), "config": {k: getattr(s, k) for k in RUN_SETTINGS}}
+                "class_names": list(train_set.class_names), "config": {k: getattr(s, k) for k in RUN_SETTINGS},
+                "batch_norm_sync": args.batch_norm_sync}
     started = time.perf_counter()
     result = fit(model, optimizer, (images, labels), epochs=s.epochs, batch_size=s.batch_size,
                  schedule=schedule, val_data=val_data, test_data=(test_x, test_y),
                  augment=_augmentation(s), label_smoothing=s.label_smoothing, seed=s.seed, out_dir=out,
-                 resume=resume, metadata=metadata, progress=not args.no_progress)
+                 resume=resume, metadata=metadata, progress=not args.no_progress, comm=comm,
+                 batch_norm_sync=args.batch_norm_sync)
     wall = time.perf_counter() - started
-    if not result.history:
-        return 0
+    if result.history and comm.rank == 0:  # the files are rank 0's; the others wait for it
+        _report_run(result, out, s, wall, val_data, (test_x, test_y), train_set.class_names, backend)
+    comm.barrier(poll=WAIT_POLL, bounded=False)
+    return 0
+
+
+def _report_run(result: Any, out: Path, s: argparse.Namespace, wall: float, val_data: Split | None,
+                test_data: Split, class_names: Sequence[str], backend: str) -> None:
+    """After training: the final and best accuracies, mirror test-time augmentation, and the plots."""
     last, best = result.last, result.best
+    test_x, test_y = test_data
     print(f"done in {wall / 60:.1f} min; history, last.npz and best.npz in {out}")
     print(f"final test accuracy (epoch {last['epoch']}): {last['test_accuracy']:.4f}")
     if val_data is not None:
@@ -292,10 +348,44 @@ def cmd_train(args: argparse.Namespace) -> int:
     best_ckpt = load_checkpoint(out / "best.npz")
     best_model, stats = _model_from(best_ckpt, backend)
     if val_data is not None and _mirror_is_safe(s.dataset):
-        _print_mirror_tta(best_model, stats, val_data, (test_x, test_y), backend)
-    _write_run_plots(out, result, best_model, stats, best_ckpt.epoch, test_x, test_y, train_set.class_names,
-                     backend)
-    return 0
+        _print_mirror_tta(best_model, stats, val_data, test_data, backend)
+    _write_run_plots(out, result, best_model, stats, best_ckpt.epoch, test_x, test_y, class_names, backend)
+
+
+@contextlib.contextmanager
+def _rank0_first(comm: Communicator) -> Iterator[None]:
+    """Run the block on rank 0 first, then on the other ranks (which wait at a barrier meanwhile,
+    with no deadline: caching a large image folder may take longer than the collective timeout).
+    An error on rank 0 stops every rank (_run_guarded), the waiting ones too."""
+    if comm.rank != 0:
+        comm.barrier(poll=WAIT_POLL, bounded=False)
+    yield
+    if comm.rank == 0:
+        comm.barrier(poll=WAIT_POLL, bounded=False)
+
+
+THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+
+
+def _share_cores(comm: Communicator, say: Any = print) -> Any:
+    """Several ranks on this machine: each rank's BLAS gets its share of the cores (those this
+    process may run on, at most cores / ranks here), unless the environment chose a thread count
+    (THREAD_VARS) or threadpoolctl is missing. N ranks each running a BLAS thread per core would
+    fight over the cores. Returns threadpoolctl's limiter, or None where nothing changed."""
+    if comm.local_size < 2 or any(v in os.environ for v in THREAD_VARS) or \
+            importlib.util.find_spec("threadpoolctl") is None:
+        return None
+    from threadpoolctl import threadpool_limits
+
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    threads = max(1, min(usable, (os.cpu_count() or 1) // comm.local_size))
+    say(f"{comm.local_size} ranks on this machine: {threads} BLAS thread{'s' if threads > 1 else ''} each "
+        f"(set OPENBLAS_NUM_THREADS to choose)")
+    return threadpool_limits(limits=threads, user_api="blas")
+
+
+def _quiet(*_args: Any, **_kwargs: Any) -> None:
+    """print() on the ranks other than 0."""
 
 
 def _training_splits(s: argparse.Namespace, args: argparse.Namespace) -> tuple[Any, Split, Split | None, Split]:
@@ -593,6 +683,8 @@ def cmd_info(args: argparse.Namespace | None = None) -> int:
     print(f"cpu jit   {cpu.describe()}")
     affinity = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
     print(f"cpus      {os.cpu_count()}" + (f" ({affinity} usable by this process)" if affinity else ""))
+    for status in distributed.backend_report():  # the communication backends of `mpiexec -n N cnn-gpu train`
+        print(f"{status.name:<9} {'usable' if status.usable else 'not usable'}: {status.detail}")
     return 0
 
 

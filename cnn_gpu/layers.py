@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import itertools
 import os
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, NamedTuple, Sequence
 
 import numpy as np
 
@@ -499,7 +499,37 @@ def _folded(layer: Layer, scale: Any, shift: Any) -> tuple[Any, Any]:
     return layer.params["weight"].data * scale, shift if bias is None else bias.data * scale + shift
 
 
+class LocalStatistics:
+    """Batch norm with the statistics of this process's batch: the functional pair. The default
+    of every batch-norm layer; cnn_gpu.distributed.SyncBatchNorm has the same two calls with the
+    statistics of every rank's shard (see _BatchNorm.statistics)."""
+
+    forward = staticmethod(F.batch_norm_forward)
+    backward = staticmethod(F.batch_norm_backward)
+
+    def __repr__(self) -> str:
+        return "LocalStatistics()"
+
+
+LOCAL_STATISTICS = LocalStatistics()
+
+
+class BatchNormCache(NamedTuple):
+    """What a batch-norm layer's backward needs: which statistics ran the forward, and their cache."""
+
+    statistics: Any  # LOCAL_STATISTICS or a SyncBatchNorm: its backward runs
+    cache: Any
+
+
 class _BatchNorm(Layer):
+    """Batch norm of the layout's every axis but the last, per channel.
+
+    statistics: where training takes the batch statistics from: LOCAL_STATISTICS (this process's
+    batch, the default) or a cnn_gpu.distributed.SyncBatchNorm (the global batch over every
+    rank's shard; cnn_gpu.distributed.set_batch_norm_sync sets it on a whole model). Evaluation
+    always normalizes with the running statistics, with no communication.
+    """
+
     _layout = ""
 
     def __init__(self, num_features: int, momentum: float = 0.1, eps: float = 1e-5,
@@ -511,17 +541,20 @@ class _BatchNorm(Layer):
                        "beta": Parameter(np.zeros(num_features, dtype=dtype))}
         self.buffers = {"running_mean": np.zeros(num_features, dtype=dtype),
                         "running_var": np.ones(num_features, dtype=dtype)}
+        self.statistics: Any = LOCAL_STATISTICS
 
     def forward(self, x: Any) -> Any:
         check_rank(x, len(self._layout.split(",")), repr(self), self._layout)
         self._check_channels(x, self.num_features)
-        y, self._cache = F.batch_norm_forward(
+        statistics = self.statistics if self.training else LOCAL_STATISTICS
+        y, cache = statistics.forward(
             x, self.params["gamma"].data, self.params["beta"].data, self.buffers["running_mean"],
             self.buffers["running_var"], training=self.training, momentum=self.momentum, eps=self.eps)
+        self._cache = BatchNormCache(statistics, cache)
         return y
 
     def backward(self, dy: Any, need_dx: bool = True) -> Any:
-        dx, dgamma, dbeta = F.batch_norm_backward(dy, self._cache)
+        dx, dgamma, dbeta = self._cache.statistics.backward(dy, self._cache.cache)
         self._set_grads(gamma=dgamma, beta=dbeta)
         return dx
 

@@ -53,12 +53,7 @@ def run_ranks(n: int, scenario: str, out: Path, timeout: float, env: dict[str, s
     (more ranks than cores) and, as root, the two variables that allow it.
     """
     command = [MPIEXEC, "-n", str(n)]
-    # One thread per rank (more ranks than cores here), and the NumPy code: the ranks need no
-    # compiled kernels, and importing Numba would cost each rank a second.
-    environ = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "NUMBA_NUM_THREADS": "1",
-               "CNN_GPU_JIT": "0", **(env or {})}
-    for var in [v for v in environ if v.startswith(("OMPI_COMM_WORLD", "PMI_", "SLURM_"))]:
-        del environ[var]  # a test run under a launcher must not pass its own rank on
+    environ = rank_environment(env)
     if _is_open_mpi():
         command.append("--oversubscribe")
         # Containers often forbid the cross-process memory reads (CMA) that shared memory uses
@@ -67,6 +62,26 @@ def run_ranks(n: int, scenario: str, out: Path, timeout: float, env: dict[str, s
         if hasattr(os, "geteuid") and os.geteuid() == 0:
             environ.update(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
     command += [sys.executable, *(command_line or ["-m", "tests.distributed_ranks", scenario, str(out)])]
+    return _run(command, environ, timeout, f"mpiexec -n {n} ({scenario})")
+
+
+def run_alone(command_line: list[str], timeout: float, env: dict[str, str] | None = None) -> Launch:
+    """python COMMAND_LINE from the repository root in the environment of a rank, without mpiexec
+    (a plain process, which runs without MPI)."""
+    return _run([sys.executable, *command_line], rank_environment(env), timeout, "python " + " ".join(command_line))
+
+
+def rank_environment(env: dict[str, str] | None = None) -> dict[str, str]:
+    """os.environ for a rank: one thread (more ranks than cores here), and the NumPy code (the
+    ranks need no compiled kernels, and importing Numba would cost each rank a second)."""
+    environ = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "NUMBA_NUM_THREADS": "1",
+               "CNN_GPU_JIT": "0", **(env or {})}
+    for var in [v for v in environ if v.startswith(("OMPI_COMM_WORLD", "PMI_", "SLURM_"))]:
+        del environ[var]  # a test run under a launcher must not pass its own rank on
+    return environ
+
+
+def _run(command: list[str], environ: dict[str, str], timeout: float, what: str) -> Launch:
     process = subprocess.Popen(command, cwd=ROOT, env=environ, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                text=True, start_new_session=True)
     try:
@@ -74,6 +89,6 @@ def run_ranks(n: int, scenario: str, out: Path, timeout: float, env: dict[str, s
     except subprocess.TimeoutExpired:
         os.killpg(process.pid, signal.SIGKILL)  # mpiexec and every rank it started
         stdout, stderr = process.communicate()
-        pytest.fail(f"mpiexec -n {n} ({scenario}) still ran after {timeout:g} s: the ranks hung\n"
+        pytest.fail(f"{what} still ran after {timeout:g} s: the ranks hung\n"
                     f"stdout:\n{stdout}\nstderr:\n{stderr}")
     return Launch(process.returncode, stdout, stderr)

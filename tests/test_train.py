@@ -19,7 +19,7 @@ from .helpers import assert_same_predictions
 from .train_fixtures import bars, small_cnn
 
 HISTORY_KEYS = {"epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "test_loss",
-                "test_accuracy", "lr", "seconds", "images_per_second"}
+                "test_accuracy", "lr", "seconds", "images_per_second", "ranks"}
 
 
 def _run(out_dir, epochs=3, resume=None, lr=0.05, model=None, augment=None, **kwargs):

@@ -6,6 +6,7 @@
                                                  #   CUDA-graph captured steps on both sides, batch 64, 256, 1024
     python -m cnn_gpu.bench.epoch                # a captured epoch of the seed network, validation included
     python -m cnn_gpu.bench.kernel_bandwidth     # the CUDA kernels against copy bandwidth
+    cnn-gpu bench --ranks 2                      # 1 rank against 2 ranks: images/s, gradient averaging
 
 See run.py for what each column means and how it is measured; BENCHMARKS.md keeps results.
 """

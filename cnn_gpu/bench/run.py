@@ -226,6 +226,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if any(a == "--ranks" or a.startswith("--ranks=") for a in argv):  # the scaling benchmark, under mpiexec
+        from .scaling import launch  # noqa: PLC0415
+        return launch(argv)
     args = parse_args(argv)
     if args.backend == "cupy":  # the GPU benchmark: FP32 and TF32 tables, eager and captured (fair.py)
         module_for("cupy")  # raises with the reason when CuPy cannot run

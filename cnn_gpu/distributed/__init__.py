@@ -17,12 +17,17 @@ The pieces, each usable on its own (see each module):
                   GradientAverager (gradients averaged in few flat buffers)
     sharding.py   each rank's shard of every global batch, and the loss-gradient scale that
                   keeps N ranks equal to one process when N does not divide the batch
-    batchnorm.py  batch-norm statistics over the global batch (sync batch norm)
+    batchnorm.py  batch-norm statistics over the global batch (sync batch norm), and
+                  set_batch_norm_sync() to choose them for a model's layers
+    replicas.py   Replicas: a model's identical copies on the ranks, the calls fit() makes
     watchdog.py   a bounded wait for every collective; one rank's exception stops all ranks
     bench.py      the time of an allreduce by size: latency and bandwidth for the cost model
 
-Exact data parallelism in a training loop: N ranks give one process's weights up to the order
-of float sums (tests/test_distributed_mpi.py trains the seed network both ways):
+In cnn_gpu itself, `cnn-gpu train` and cnn_gpu.training.fit(..., comm=comm, batch_norm_sync=...)
+do all of the following (through Replicas; tests/test_distributed_fit.py compares N ranks with one
+process). What happens, written out for a loop of one's own -- N ranks give one process's
+weights up to the order of float sums (tests/test_distributed_mpi.py trains the seed network
+both ways):
 
     comm = init(array_backend=resolve_backend(name))  # before the model or data go to a GPU
     broadcast_arrays(comm, [p.data for p in model.parameters()] + batch_norm_buffers)
@@ -45,19 +50,22 @@ of float sums (tests/test_distributed_mpi.py trains the seed network both ways):
 """
 from __future__ import annotations
 
-from .batchnorm import (Moments, SyncBatchNorm, SyncBatchNormCache, allgather_moments, channel_moments,
-                        combine_moments, merge_moments, sync_batch_norm_backward, sync_batch_norm_forward)
-from .buckets import (DEFAULT_BUCKET_BYTES, Bucket, GradientAverager, Segment, broadcast_arrays,
+from .batchnorm import (BATCH_NORM_SYNC, Moments, SyncBatchNorm, SyncBatchNormCache, allgather_moments,
+                        channel_moments, combine_moments, merge_moments, set_batch_norm_sync,
+                        sync_batch_norm_backward, sync_batch_norm_forward)
+from .buckets import (DEFAULT_BUCKET_BYTES, Bucket, GradientAverager, Segment, average_arrays, broadcast_arrays,
                       check_same_layout, plan_buckets, ranks_agree)
 from .comm import (BACKENDS, BackendChoice, Communicator, DistributedError, MPICommunicator, NCCLCommunicator,
                    SingleProcess, choose_backend, init, shared_devices)
 from .launch import (SINGLE, BackendStatus, LaunchInfo, backend_report, detect_launch, gpu_for_rank,
                      mpi_unavailable_reason, nccl_unavailable_reason, use_gpu_for_rank)
+from .replicas import Replicas
 from .sharding import Shard, grad_scale, shard_batches, shard_sizes, shard_slice
 from .watchdog import DEFAULT_TIMEOUT, TIMEOUT_VAR, Watchdog, install_excepthook, timeout_from_env
 
 __all__ = [
-    "allgather_moments", "backend_report", "BackendChoice", "BACKENDS", "BackendStatus", "broadcast_arrays",
+    "allgather_moments", "average_arrays", "backend_report", "BackendChoice", "BACKENDS", "BackendStatus",
+    "BATCH_NORM_SYNC", "broadcast_arrays", "Replicas", "set_batch_norm_sync",
     "Bucket", "channel_moments", "check_same_layout", "choose_backend", "combine_moments", "Communicator",
     "DEFAULT_BUCKET_BYTES", "DEFAULT_TIMEOUT", "detect_launch", "DistributedError", "gpu_for_rank",
     "grad_scale", "GradientAverager", "init", "install_excepthook", "LaunchInfo", "merge_moments", "Moments",

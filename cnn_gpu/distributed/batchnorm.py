@@ -22,6 +22,9 @@ so one allreduce of a (2, C) array per layer. dgamma and dbeta are returned as t
 sums: the gradient averaging that follows the backward (GradientAverager) sums them over ranks
 like every other gradient. The loss-gradient scale of sharding.py makes that sum the single
 process's gradient; see there.
+
+In a model: set_batch_norm_sync(model, comm, "sync") gives every batch-norm layer a
+SyncBatchNorm as its `statistics`; "local" gives them back their own batch's (cnn_gpu.layers).
 """
 from __future__ import annotations
 
@@ -31,6 +34,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from ..backend import get_array_module
+from ..layers import LOCAL_STATISTICS, Layer
 from .comm import Communicator
 
 
@@ -192,3 +196,22 @@ class SyncBatchNorm:
 
     def backward(self, dy: Any, cache: SyncBatchNormCache) -> tuple[Any, Any, Any]:
         return sync_batch_norm_backward(self.comm, dy, cache)
+
+
+BATCH_NORM_SYNC = ("local", "sync")
+
+
+def set_batch_norm_sync(model: Layer, comm: Communicator, mode: str) -> list[str]:
+    """Where every batch-norm layer of `model` takes its training statistics from: "local", each
+    rank's own shard (the layers' default, and DDP's); "sync", the global batch over comm's
+    ranks (one SyncBatchNorm shared by the layers). With one rank both are the local statistics,
+    the plain functional path. Returns the paths of the layers set (those with `statistics`)."""
+    if mode not in BATCH_NORM_SYNC:
+        raise ValueError(f"batch norm sync must be one of {BATCH_NORM_SYNC}, got {mode!r}")
+    statistics = SyncBatchNorm(comm) if mode == "sync" and comm.size > 1 else LOCAL_STATISTICS
+    paths = []
+    for path, layer in model.named_layers():
+        if hasattr(layer, "statistics"):
+            layer.statistics = statistics
+            paths.append(path)
+    return paths

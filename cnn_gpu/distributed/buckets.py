@@ -17,6 +17,7 @@ more copy of the gradients) from growing with the model into one huge message.
     ...backward...
     averager.average()                                       # every .grad = mean over ranks
     broadcast_arrays(comm, [p.data for p in params] + buffers)  # rank 0's values everywhere
+    average_arrays(comm, buffers)                            # every buffer = mean over ranks
 """
 from __future__ import annotations
 
@@ -160,6 +161,23 @@ def broadcast_arrays(comm: Communicator, arrays: Sequence[Any], root: int = 0,
         comm.broadcast(buffer, root=root)
         if comm.rank != root:
             unpack(bucket, buffer, flats)
+
+
+def average_arrays(comm: Communicator, arrays: Sequence[Any], bucket_bytes: int = DEFAULT_BUCKET_BYTES) -> None:
+    """Every rank's arrays become their mean over ranks, in place, one allreduce per bucket
+    (e.g. batch norm's running statistics where each rank normalized its own shard). Floating-
+    point, C-contiguous arrays of the same shapes and dtypes on every rank (checked first); with
+    one rank nothing happens."""
+    if comm.size == 1 or not arrays:
+        return
+    layout = layout_of(arrays)
+    check_same_layout(comm, layout, "average_arrays")
+    xp = get_array_module(*arrays)
+    flats = [_flat_view(a, f"average_arrays: array {i}") for i, a in enumerate(arrays)]
+    for bucket in plan_buckets(layout, bucket_bytes):
+        buffer = pack(bucket, flats, xp.empty(bucket.size, dtype=bucket.dtype))
+        comm.allreduce_sum(buffer)
+        unpack(bucket, buffer, flats, 1.0 / comm.size)
 
 
 class GradientAverager:

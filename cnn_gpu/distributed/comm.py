@@ -6,7 +6,7 @@ Every communicator has the same members:
     broadcast(a, root=0)        # in place: every rank's a becomes root's
     allreduce_sum(a)            # in place: every rank's a becomes the sum over ranks
     allgather(a) -> (size, *a.shape), row r from rank r
-    barrier()
+    barrier(poll=None, bounded=True)   # poll: sleep between looks; bounded=False: no deadline (MPICommunicator)
     sum_scalars([x, y, ...]) -> (sum x, sum y, ...) as floats (metrics: loss sums and counts)
     abort(message, exit_code)   # prints 'cnn-gpu: error: rank r of n: message', stops every rank
     finish(exit_code) -> exit_code   # the end of main(): a non-zero code on one rank stops all
@@ -27,11 +27,13 @@ dtypes; a collective that waits longer than the timeout (watchdog.py) aborts the
 from __future__ import annotations
 
 import atexit
+import contextlib
 import hashlib
 import os
 import socket
 import sys
 import threading
+import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple, NoReturn
 
@@ -111,7 +113,7 @@ class Communicator:
     def allgather(self, a: Any) -> Any:
         raise NotImplementedError
 
-    def barrier(self) -> None:
+    def barrier(self, poll: float | None = None, bounded: bool = True) -> None:
         raise NotImplementedError
 
 
@@ -134,7 +136,7 @@ class SingleProcess(Communicator):
         """a (...) -> (1, ...), a copy."""
         return a[None].copy()
 
-    def barrier(self) -> None:
+    def barrier(self, poll: float | None = None, bounded: bool = True) -> None:
         pass
 
 
@@ -199,9 +201,19 @@ class MPICommunicator(Communicator):
             self._comm.Allgather(send, out)
         return xp.asarray(out)
 
-    def barrier(self) -> None:
-        with self.watchdog.guard("barrier"):
-            self._comm.Barrier()
+    def barrier(self, poll: float | None = None, bounded: bool = True) -> None:
+        """Every rank reaches this point. poll: seconds to sleep between looks at a non-blocking
+        barrier, for a wait of seconds (the other ranks while rank 0 writes files or evaluates
+        alone): MPI's own wait spins on a core, which a shared machine wants back. None: MPI's wait.
+        bounded=False: no watchdog deadline, for a wait on rank 0's own work of unknown length
+        (reading or caching a dataset, plotting), where rank 0's failure stops every rank anyway."""
+        with self.watchdog.guard("barrier") if bounded else contextlib.nullcontext():
+            if poll is None:
+                self._comm.Barrier()
+                return
+            request = self._comm.Ibarrier()
+            while not request.Test():
+                time.sleep(poll)
 
     def _check_root(self, root: int, what: str) -> None:
         if not 0 <= root < self.size:
@@ -288,9 +300,9 @@ class NCCLCommunicator(Communicator):
         self._watch(stream, "allgather")
         return out
 
-    def barrier(self) -> None:
+    def barrier(self, poll: float | None = None, bounded: bool = True) -> None:
         """Every rank's host reaches this point (queued GPU work may still be running)."""
-        self.mpi.barrier()
+        self.mpi.barrier(poll, bounded)
 
     def sum_scalars(self, values: Sequence[float]) -> tuple[float, ...]:
         return self.mpi.sum_scalars(values)  # a few host numbers: MPI, without a device round trip

@@ -6,7 +6,8 @@ from typing import Any, Callable
 import numpy as np
 
 from ..backend import get_array_module, module_for, to_device, to_numpy
-from ..data import is_on_disk
+from ..data import is_on_disk, subset
+from ..distributed import Communicator, shard_slice
 from ..functional import softmax, softmax_cross_entropy
 from ..layers import Layer
 
@@ -27,6 +28,15 @@ def evaluate(model: Layer, images: Any, labels: Any, batch_size: int = 500,
     n = len(labels)
     if n == 0:
         raise ValueError("evaluate: the split is empty")
+    loss_sum, correct, predictions = evaluate_sums(model, images, labels, batch_size, transform, hflip)
+    return loss_sum / n, correct / n, predictions
+
+
+def evaluate_sums(model: Layer, images: Any, labels: Any, batch_size: int = 500,
+                  transform: Callable[[Any], Any] | None = None,
+                  hflip: bool = False) -> tuple[float, int, np.ndarray]:
+    """evaluate()'s sums: the loss summed over the images (float), the count of right answers
+    (int) and the predictions (N,) int64 on the host. An empty split gives (0.0, 0, empty)."""
     backend = model.backend
     xp = module_for(backend)
     if is_on_disk(images):  # a memory-mapped split: read and moved a batch at a time
@@ -37,8 +47,8 @@ def evaluate(model: Layer, images: Any, labels: Any, batch_size: int = 500,
     model.eval()
     try:
         loss_sum = xp.zeros((), dtype=np.float64)
-        predictions = []
-        for start in range(0, n, batch_size):
+        predictions = [xp.zeros(0, dtype=np.int64)]
+        for start in range(0, len(labels), batch_size):
             x, y = images[start:start + batch_size], labels[start:start + batch_size]
             if xp is not get_array_module(x):
                 x = to_device(np.asarray(x), backend)
@@ -53,9 +63,24 @@ def evaluate(model: Layer, images: Any, labels: Any, batch_size: int = 500,
             predictions.append(logits.argmax(axis=1))
         predicted = xp.concatenate(predictions).astype(np.int64)
         correct = (predicted == labels).sum()
-        return float(loss_sum) / n, float(correct) / n, to_numpy(predicted)
+        return float(loss_sum), int(correct), to_numpy(predicted)
     finally:
         model.train(was_training)
+
+
+def evaluate_on_ranks(model: Layer, images: Any, labels: Any, comm: Communicator, batch_size: int = 500,
+                      transform: Callable[[Any], Any] | None = None) -> tuple[float, float]:
+    """Mean loss and accuracy on a split evaluated by comm's ranks together: each evaluates its
+    contiguous slice (shard_slice) and the sums and counts are totalled over ranks, so every rank
+    returns the whole split's numbers (one process: evaluate()'s, exactly). Every rank calls it."""
+    n = len(labels)
+    if n == 0:
+        raise ValueError("evaluate: the split is empty")
+    part = shard_slice(n, comm.rank, comm.size)
+    rows = subset(images, np.arange(part.start, part.stop)) if is_on_disk(images) else images[part]
+    loss_sum, correct, _ = evaluate_sums(model, rows, labels[part], batch_size, transform)
+    loss_sum, correct = comm.sum_scalars([loss_sum, correct])
+    return loss_sum / n, correct / n
 
 
 def confusion_matrix(labels: Any, predictions: Any, num_classes: int) -> np.ndarray:

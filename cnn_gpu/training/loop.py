@@ -11,6 +11,15 @@ on the CPU, as a run that never stopped.
 Honest accuracy: the best epoch is the one with the highest *validation* accuracy (a split held
 out of the training data); the test split is only reported, never used to choose. Without a
 validation split the best epoch is the last.
+
+Several ranks (comm, from cnn_gpu.distributed.init under mpiexec or srun): every rank calls fit()
+with the same arguments and trains its shard of each global batch of batch_size images
+(cnn_gpu.distributed.Replicas keeps the replicas identical); losses, accuracies and the
+divergence check are sums over ranks; validation and test are split over the ranks; only rank 0
+logs, shows progress and writes files. N ranks match one process on the same global batches up
+to the order of float sums, with batch_norm_sync="sync" for models with batch norm, and except
+for dropout, whose masks each rank draws for itself (see _seed_dropout). One process runs
+exactly the single-process loop.
 """
 from __future__ import annotations
 
@@ -25,15 +34,16 @@ from typing import Any, Callable, Iterator
 import numpy as np
 
 from .. import __version__
-from ..backend import get_array_module, to_device, to_numpy
+from ..backend import module_for, to_device, to_numpy
 from ..checkpoint import Checkpoint, load_checkpoint, restore, save_checkpoint, write_json_atomic
 from ..data import BatchIterator, NormStats, compute_norm_stats, is_on_disk, normalize
+from ..distributed import Communicator, Replicas, SingleProcess
 from ..functional import softmax_cross_entropy
 from ..config import layer_config
 from ..layers import Layer
 from ..optim import Optimizer, Schedule
 from .errors import DeviceOutOfMemory, TrainingDiverged, is_out_of_memory
-from .evaluate import evaluate
+from .evaluate import evaluate_on_ranks
 from .progress import ProgressBar
 
 Split = tuple[Any, Any]  # (images (N, H, W, C), labels (N,))
@@ -66,45 +76,60 @@ def fit(model: Layer, optimizer: Optimizer, train_data: Split, *, epochs: int,
         augment: AugmentFn | None = None, seed: int = 0, out_dir: str | os.PathLike | None = None,
         resume: str | os.PathLike | Checkpoint | None = None, metadata: dict[str, Any] | None = None,
         progress: bool = True, eval_batch_size: int = 500, label_smoothing: float = 0.0,
-        log: Callable[[str], None] | None = print) -> FitResult:
+        log: Callable[[str], None] | None = print, comm: Communicator | None = None,
+        batch_norm_sync: str = "local") -> FitResult:
     """Train `model` for `epochs` epochs (in total, counting those of a resumed checkpoint).
 
     train_data, val_data, test_data: (images uint8 (N, H, W, C), labels int (N,)) on the host;
         they are copied to the model's device once, except images on disk (a memory-mapped image
         folder, cnn_gpu.data.is_on_disk), which are read a batch at a time.
+    batch_size: images per step over all ranks (the global batch).
     norm_stats: per-channel mean/std; default: computed from train_data's images.
     augment(x, rng): applied to each uint8 training batch before normalization.
     out_dir: where history.json, last.npz and best.npz go (None: nothing is written).
     resume: a checkpoint (path or loaded) whose model, optimizer, schedule, epoch, seed, history
         and normalization statistics replace the ones given; training continues after its epoch.
+        A checkpoint written by any number of ranks resumes on any other.
     metadata: stored in checkpoints as JSON (e.g. {"model": {"name": "seed_cnn", "kwargs": {...}},
-        "dataset": ..., "class_names": [...]}); the architecture and library version are added.
+        "dataset": ..., "class_names": [...]}); the architecture, library version and number of
+        ranks are added.
     progress: a tqdm bar per epoch when tqdm is installed. log: where the one-line-per-epoch
         summaries go (None: silent).
     label_smoothing: the training loss's target is (1 - s) * one_hot + s / num_classes
         (a regularizer); train_loss is that smoothed loss, val_loss and test_loss the plain one.
+    comm: the communicator of a run on several ranks (cnn_gpu.distributed.init); None: one process.
+    batch_norm_sync: "local" (each rank's own shard's batch statistics, the default) or "sync"
+        (the global batch's); see cnn_gpu.distributed.replicas for how the running statistics
+        stay equal on every rank in both.
 
-    Raises TrainingDiverged on a NaN, infinite or exploding loss, DeviceOutOfMemory when a batch
-    does not fit, ValueError for labels outside [0, num_classes).
+    Raises TrainingDiverged on a NaN, infinite or exploding loss (on every rank at the same step),
+    DeviceOutOfMemory when a batch does not fit, ValueError for labels outside [0, num_classes).
     """
     if epochs < 1:
         raise ValueError(f"epochs must be >= 1, got {epochs}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    say = log or (lambda _msg: None)
-    # 1. Where the run starts: fresh, or from a checkpoint's states, history and statistics.
+    comm = comm if comm is not None else SingleProcess()
+    if batch_size < comm.size or len(train_data[1]) < comm.size:
+        raise ValueError(f"every rank needs images of each batch: batch_size {batch_size} and the "
+                         f"{len(train_data[1])} training images must be at least the {comm.size} ranks")
+    say = log if log is not None and comm.rank == 0 else (lambda _msg: None)
+    # 1. Where the run starts: fresh, or from a checkpoint's states, history and statistics (every
+    #    rank reads it); then rank 0's weights and buffers on every rank.
     run = _RunState(seed=seed, norm_stats=norm_stats, metadata=dict(metadata or {}))
     if resume is not None:
         run.resume_from(resume if isinstance(resume, Checkpoint) else load_checkpoint(resume),
                         model, optimizer, schedule, say)
-    # 2. The data: checked once on the host, then on the model's device, normalized per batch there.
+    replicas = Replicas(comm, model, batch_norm_sync)
+    # 2. The data: checked once on the host, then on the model's device, normalized per batch there
+    #    (per shard: each rank normalizes only the images it trains on).
     num_classes = _num_classes(model, tuple(train_data[0].shape[1:]))
     for name, split in (("training", train_data), ("validation", val_data), ("test", test_data)):
         if split is not None:
             _check_labels(split, num_classes, name)
     if run.norm_stats is None:
         run.norm_stats = compute_norm_stats(train_data[0])
-    run.metadata.update(architecture=layer_config(model), cnn_gpu_version=__version__)
+    run.metadata.update(architecture=layer_config(model), cnn_gpu_version=__version__, ranks=comm.size)
     backend, dtype, stats = model.backend, model.dtype, run.norm_stats
     train_x, train_y = _to(train_data, backend)
     val, test = _to(val_data, backend), _to(test_data, backend)
@@ -113,7 +138,7 @@ def fit(model: Layer, optimizer: Optimizer, train_data: Split, *, epochs: int,
         return normalize(x, stats, dtype=dtype)
 
     loader = BatchIterator(train_x, train_y, batch_size, shuffle=True, seed=run.seed, augment=augment,
-                           transform=transform, device=backend if is_on_disk(train_x) else None)
+                           device=backend if is_on_disk(train_x) else None)
     out = Path(out_dir) if out_dir is not None else None
     result = FitResult(history=run.history, best_epoch=run.best_epoch, out_dir=out)
     if run.start_epoch >= epochs:
@@ -123,25 +148,26 @@ def fit(model: Layer, optimizer: Optimizer, train_data: Split, *, epochs: int,
     for epoch in range(run.start_epoch, epochs):  # 0-based here, 1-based in records and messages
         started, lr = time.perf_counter(), optimizer.lr
         with _out_of_memory_as_error(backend, batch_size, epoch):
-            _seed_dropout(model, run.seed, epoch)
-            loss, acc, seconds = _train_epoch(model, optimizer, loader, epoch, epochs, progress,
-                                              label_smoothing, num_classes)
+            _seed_dropout(model, run.seed, epoch, comm)
+            loss, acc, seconds = _train_epoch(model, optimizer, loader, transform, replicas, epoch, epochs,
+                                              progress, label_smoothing, num_classes)
+            replicas.share_running_statistics()
             record: dict[str, Any] = {"epoch": epoch + 1, "train_loss": loss, "train_accuracy": acc}
             if label_smoothing:
                 record["label_smoothing"] = label_smoothing  # train_loss is against smoothed targets
             for name, split in (("val", val), ("test", test)):
                 if split is not None:
-                    record[f"{name}_loss"], record[f"{name}_accuracy"], _ = evaluate(
-                        model, *split, batch_size=eval_batch_size, transform=transform)
+                    record[f"{name}_loss"], record[f"{name}_accuracy"] = evaluate_on_ranks(
+                        model, *split, comm, batch_size=eval_batch_size, transform=transform)
         if schedule is not None:
             schedule.step()
         record.update(lr=lr, seconds=time.perf_counter() - started,
-                      images_per_second=len(train_y) / seconds if seconds > 0 else float("nan"))
+                      images_per_second=len(train_y) / seconds if seconds > 0 else float("nan"), ranks=comm.size)
         improved = run.add(record, has_validation=val is not None)
         result.best_epoch = run.best_epoch
         say(_epoch_line(record, epochs, improved and val is not None))
         if out is not None:
-            _save_epoch(out, run, model, optimizer, schedule, epoch + 1, improved)
+            replicas.on_rank0(lambda: _save_epoch(out, run, model, optimizer, schedule, epoch + 1, improved))
     return result
 
 
@@ -223,59 +249,74 @@ def divergence_threshold(num_classes: int) -> float:
     return DIVERGED_LOSS_FACTOR * math.log(max(num_classes, 2))
 
 
-def _train_epoch(model: Layer, optimizer: Optimizer, loader: BatchIterator, epoch: int, epochs: int,
-                 progress: bool, label_smoothing: float, num_classes: int) -> tuple[float, float, float]:
-    """One pass over the training data. Returns (mean loss, accuracy, seconds).
+def _train_epoch(model: Layer, optimizer: Optimizer, loader: BatchIterator, transform: Callable[[Any], Any],
+                 replicas: Replicas, epoch: int, epochs: int, progress: bool, label_smoothing: float,
+                 num_classes: int) -> tuple[float, float, float]:
+    """One pass over the training data. Returns (mean loss, accuracy, seconds), over all ranks.
 
     The loss and the count of right answers are summed on the device and read only when the
     progress bar is refreshed (every step on the CPU, where reading costs nothing; every
-    `sync_every` steps on the GPU, where each read waits for the queued work). The mean loss of
-    the steps since the last read is checked then: NaN, infinite, or above
-    divergence_threshold() raises TrainingDiverged. NumPy's overflow and invalid-value warnings
-    are silenced meanwhile: an exploding step trips them before its loss is read, and this check
-    is what reports it.
+    `sync_every` steps on the GPU, where each read waits for the queued work), then totalled over
+    ranks. The mean loss of the steps since the last read is checked then: NaN, infinite, or above
+    divergence_threshold() raises TrainingDiverged, on every rank at the same step. NumPy's
+    overflow and invalid-value warnings are silenced meanwhile: an exploding step trips them
+    before its loss is read, and this check is what reports it.
     """
     with np.errstate(over="ignore", invalid="ignore"):
-        return _train_steps(model, optimizer, loader, epoch, epochs, progress, label_smoothing, num_classes)
+        return _train_steps(model, optimizer, loader, transform, replicas, epoch, epochs, progress,
+                            label_smoothing, num_classes)
 
 
-def _train_steps(model: Layer, optimizer: Optimizer, loader: BatchIterator, epoch: int, epochs: int,
-                 progress: bool, label_smoothing: float, num_classes: int) -> tuple[float, float, float]:
+def _train_steps(model: Layer, optimizer: Optimizer, loader: BatchIterator, transform: Callable[[Any], Any],
+                 replicas: Replicas, epoch: int, epochs: int, progress: bool, label_smoothing: float,
+                 num_classes: int) -> tuple[float, float, float]:
     model.train()
     limit = divergence_threshold(num_classes)
-    xp = get_array_module(loader.images)
+    xp = module_for(model.backend)  # the loader's images may be a memory map on the host
     on_gpu = xp is not np
     sync_every = 50 if on_gpu else 1
     steps = len(loader)
     loss_sum, correct = xp.zeros((), dtype=np.float64), xp.zeros((), dtype=np.int64)
-    seen, synced_step, synced_seen, synced_loss = 0, 0, 0, 0.0
+    seen, synced_step, synced_seen, synced_loss = 0, 0, 0.0, 0.0
     started = time.perf_counter()
-    with ProgressBar(steps, f"epoch {epoch + 1}/{epochs}", enabled=progress) as bar:
-        for step, (x, y) in enumerate(loader.batches(epoch), start=1):
-            logits = model.forward(x)
-            loss, dlogits = softmax_cross_entropy(logits, y, label_smoothing)
-            model.backward(dlogits)
-            optimizer.step()
-            optimizer.zero_grad()
-            loss_sum += loss.astype(np.float64) * len(y)
-            correct += (logits.argmax(axis=1) == y).sum()
-            seen += len(y)
+    with ProgressBar(steps, f"epoch {epoch + 1}/{epochs}", enabled=progress and replicas.is_rank0) as bar:
+        for step, shard in enumerate(replicas.shards(loader.batches(epoch), transform), start=1):
+            if replicas.trains_on(shard):
+                logits = model.forward(shard.x)
+                loss, dlogits = softmax_cross_entropy(logits, shard.y, label_smoothing)
+                model.backward(replicas.scaled(dlogits, shard))
+                replicas.average_gradients()
+                optimizer.step()
+                optimizer.zero_grad()
+                loss_sum += loss.astype(np.float64) * len(shard.y)
+                correct += (logits.argmax(axis=1) == shard.y).sum()
+                seen += len(shard.y)
             if step % sync_every == 0 or step == steps:
-                total = float(loss_sum)  # the one device->host read per refresh
-                recent = (total - synced_loss) / (seen - synced_seen)  # mean loss since the last read
-                if not recent <= limit:  # NaN compares False
-                    where = f"step {step}" if synced_step + 1 == step else f"a step in {synced_step + 1}..{step}"
-                    what = f"became {recent:g}" if not math.isfinite(recent) else \
-                        f"exploded to {recent:.3g} (above {limit:.0f}, {DIVERGED_LOSS_FACTOR:.0f}x a uniform guess's)"
-                    raise TrainingDiverged(
-                        f"training diverged: the loss {what} at epoch {epoch + 1}, {where} "
-                        f"of {steps}; try a lower learning rate (it was {optimizer.lr:g})", epoch + 1, step)
-                synced_loss, synced_seen = total, seen
+                # the one device->host read per refresh, and the totals over ranks
+                total, right, count = replicas.comm.sum_scalars([float(loss_sum), int(correct), seen])
+                if count > synced_seen:  # else every step since the last read was skipped
+                    recent = (total - synced_loss) / (count - synced_seen)  # mean loss since the last read
+                    _check_divergence(recent, limit, epoch, step, synced_step, steps, optimizer.lr)
+                synced_loss, synced_seen = total, count
                 elapsed = time.perf_counter() - started
-                bar.update(step - synced_step, loss=total / seen, acc=float(correct) / seen,
-                           img_s=seen / elapsed if elapsed > 0 else 0.0)
+                bar.update(step - synced_step, loss=total / count, acc=right / count,
+                           img_s=count / elapsed if elapsed > 0 else 0.0)
                 synced_step = step
-    return float(loss_sum) / seen, float(correct) / seen, time.perf_counter() - started
+    return total / count, right / count, time.perf_counter() - started
+
+
+def _check_divergence(recent: float, limit: float, epoch: int, step: int, synced_step: int, steps: int,
+                      lr: float) -> None:
+    """Raise TrainingDiverged when the mean loss of steps synced_step + 1 .. step is NaN,
+    infinite or above limit."""
+    if recent <= limit:  # NaN compares False
+        return
+    where = f"step {step}" if synced_step + 1 == step else f"a step in {synced_step + 1}..{step}"
+    what = f"became {recent:g}" if not math.isfinite(recent) else \
+        f"exploded to {recent:.3g} (above {limit:.0f}, {DIVERGED_LOSS_FACTOR:.0f}x a uniform guess's)"
+    raise TrainingDiverged(
+        f"training diverged: the loss {what} at epoch {epoch + 1}, {where} "
+        f"of {steps}; try a lower learning rate (it was {lr:g})", epoch + 1, step)
 
 
 def _epoch_line(record: dict[str, Any], epochs: int, best: bool) -> str:
@@ -325,10 +366,12 @@ def _check_labels(split: Split, num_classes: int, name: str) -> None:
                          f"got values from {low} to {high}")
 
 
-def _seed_dropout(model: Layer, seed: int, epoch: int) -> None:
+def _seed_dropout(model: Layer, seed: int, epoch: int, comm: Communicator) -> None:
     """Give each layer that draws random numbers (Dropout: reseed) a generator derived from
     (seed, epoch, its place in the model), so a resumed run draws the same masks as one that never
-    stopped."""
+    stopped. With several ranks the rank joins the seed: each rank draws masks for its own
+    images (the same seed everywhere would give the i-th image of every shard the same mask)."""
+    rank = [comm.rank] if comm.size > 1 else []
     for i, (_, layer) in enumerate(model.named_layers()):
         if hasattr(layer, "reseed"):
-            layer.reseed(int(np.random.SeedSequence([seed, epoch, _DROPOUT_STREAM, i]).generate_state(1)[0]))
+            layer.reseed(int(np.random.SeedSequence([seed, epoch, _DROPOUT_STREAM, i, *rank]).generate_state(1)[0]))
