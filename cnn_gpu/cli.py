@@ -46,9 +46,10 @@ PROG = "cnn-gpu"
 DEFAULT_VAL_SIZE = 5000
 WAIT_POLL = 0.01  # seconds between looks while the other ranks wait for rank 0 (reading data, writing plots)
 # Settings a checkpoint records so that --resume continues the same run.
-RUN_SETTINGS = ("model", "dataset", "channels", "image_size", "resize", "skip_bad_images", "label_mode", "batch_size", "lr", "momentum", "optimizer", "schedule", "weight_decay",
-                "bias_decay", "batch_norm", "dropout", "augment", "max_shift", "label_smoothing", "erase",
-                "val_size", "seed", "limit_train", "limit_test", "epochs")
+RUN_SETTINGS = ("model", "dataset", "channels", "image_size", "resize", "skip_bad_images", "label_mode",
+                "batch_size", "lr", "momentum", "optimizer", "schedule", "weight_decay", "bias_decay", "batch_norm",
+                "dropout", "augment", "max_shift", "label_smoothing", "erase", "val_size", "seed", "limit_train",
+                "limit_test", "epochs")
 
 
 Split = tuple[np.ndarray, np.ndarray]  # (images (N, H, W, C) uint8, labels (N,) int64)
@@ -123,6 +124,11 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", metavar="CHECKPOINT",
                        help="continue a run from its last.npz; its settings come from the checkpoint")
     train.add_argument("--no-progress", action="store_true", help="no progress bars; one line per epoch")
+    train.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=False,
+                       help="on the GPU: replay each training step and evaluation batch from a CUDA graph "
+                            "(eager, with the reason logged, where it cannot be captured; not yet run on a GPU)")
+    train.add_argument("--tf32", action="store_true",
+                       help="on the GPU: float32 GEMMs on TF32 tensor cores (PyTorch's default for convolutions)")
 
     ev = sub.add_parser("evaluate", help="accuracy of a checkpoint on a dataset split, per class too")
     ev.add_argument("checkpoint")
@@ -321,11 +327,16 @@ def cmd_train(args: argparse.Namespace, comm: Communicator | None = None) -> int
                 "class_names": list(train_set.class_names), "config": {k: getattr(s, k) for k in RUN_SETTINGS},
                 "batch_norm_sync": args.batch_norm_sync}
     started = time.perf_counter()
+    if args.tf32:
+        if backend != "cupy":
+            raise UsageError("--tf32 is for the GPU (--backend cupy): the CPU has no TF32")
+        from .cuda import gemm  # noqa: PLC0415 - the GPU's GEMM settings
+        gemm.set_tf32(True)
     result = fit(model, optimizer, (images, labels), epochs=s.epochs, batch_size=s.batch_size,
                  schedule=schedule, val_data=val_data, test_data=(test_x, test_y),
                  augment=_augmentation(s), label_smoothing=s.label_smoothing, seed=s.seed, out_dir=out,
                  resume=resume, metadata=metadata, progress=not args.no_progress, comm=comm,
-                 batch_norm_sync=args.batch_norm_sync)
+                 batch_norm_sync=args.batch_norm_sync, graph=args.cuda_graph)
     wall = time.perf_counter() - started
     if result.history and comm.rank == 0:  # the files are rank 0's; the others wait for it
         _report_run(result, out, s, wall, val_data, (test_x, test_y), train_set.class_names, backend)

@@ -290,3 +290,13 @@ def test_export_writes_an_onnx_file_that_onnxruntime_runs(trained_run, tmp_path,
     assert session.run(None, {"input": x})[0].shape == (3, 10)
     assert main(["export", str(tmp_path / "missing.npz"), str(tmp_path / "m.onnx")]) == 1
     assert "no checkpoint at" in capsys.readouterr().err
+
+
+def test_cuda_graph_on_the_cpu_says_why_it_runs_eagerly_and_tf32_is_refused(trained_run, tmp_path, capsys):
+    data, *_ = trained_run
+    argv = ["train", "--data-dir", str(data), "--epochs", "1", "--limit-train", "60", "--val-size", "20",
+            "--batch-size", "20", "--out", str(tmp_path / "g"), "--no-progress", "--backend", "numpy"]
+    assert main(argv + ["--cuda-graph"]) == 0
+    assert "cuda graph: training runs eagerly: the model is on the CPU" in capsys.readouterr().out
+    assert main(argv + ["--tf32"]) == 2
+    assert "--tf32 is for the GPU" in capsys.readouterr().err

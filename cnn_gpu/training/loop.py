@@ -77,7 +77,7 @@ def fit(model: Layer, optimizer: Optimizer, train_data: Split, *, epochs: int,
         resume: str | os.PathLike | Checkpoint | None = None, metadata: dict[str, Any] | None = None,
         progress: bool = True, eval_batch_size: int = 500, label_smoothing: float = 0.0,
         log: Callable[[str], None] | None = print, comm: Communicator | None = None,
-        batch_norm_sync: str = "local") -> FitResult:
+        batch_norm_sync: str = "local", graph: bool = False) -> FitResult:
     """Train `model` for `epochs` epochs (in total, counting those of a resumed checkpoint).
 
     train_data, val_data, test_data: (images uint8 (N, H, W, C), labels int (N,)) on the host;
@@ -95,6 +95,9 @@ def fit(model: Layer, optimizer: Optimizer, train_data: Split, *, epochs: int,
         ranks are added.
     progress: a tqdm bar per epoch when tqdm is installed. log: where the one-line-per-epoch
         summaries go (None: silent).
+    graph: on CuPy, replay each training step and evaluation batch from a CUDA graph
+        (cnn_gpu.training.captured: the dataset resident on the GPU, each batch gathered and
+        augmented there); where that cannot be done the eager loop runs and the log says why.
     label_smoothing: the training loss's target is (1 - s) * one_hot + s / num_classes
         (a regularizer); train_loss is that smoothed loss, val_loss and test_loss the plain one.
     comm: the communicator of a run on several ranks (cnn_gpu.distributed.init); None: one process.
@@ -144,19 +147,26 @@ def fit(model: Layer, optimizer: Optimizer, train_data: Split, *, epochs: int,
     if run.start_epoch >= epochs:
         say(f"the checkpoint has already trained {run.start_epoch} epochs (>= {epochs}); nothing to do")
         return result
+    captured = _captured_steps(graph, model, optimizer, train_x, train_y, val, test, batch_size, eval_batch_size,
+                               run, augment, label_smoothing, comm, say)
     # 3. The epochs: train, evaluate, step the schedule, keep the best by validation, save.
     for epoch in range(run.start_epoch, epochs):  # 0-based here, 1-based in records and messages
         started, lr = time.perf_counter(), optimizer.lr
         with _out_of_memory_as_error(backend, batch_size, epoch):
             _seed_dropout(model, run.seed, epoch, comm)
-            loss, acc, seconds = _train_epoch(model, optimizer, loader, transform, replicas, epoch, epochs,
-                                              progress, label_smoothing, num_classes)
+            if captured is not None:  # the same steps replayed from CUDA graphs
+                loss, acc, seconds = captured.train_epoch(epoch, num_classes, optimizer.lr)
+            else:
+                loss, acc, seconds = _train_epoch(model, optimizer, loader, transform, replicas, epoch, epochs,
+                                                  progress, label_smoothing, num_classes)
             replicas.share_running_statistics()
             record: dict[str, Any] = {"epoch": epoch + 1, "train_loss": loss, "train_accuracy": acc}
             if label_smoothing:
                 record["label_smoothing"] = label_smoothing  # train_loss is against smoothed targets
             for name, split in (("val", val), ("test", test)):
-                if split is not None:
+                if split is not None and captured is not None and name in captured.evaluations:
+                    record[f"{name}_loss"], record[f"{name}_accuracy"] = captured.evaluations[name].run()
+                elif split is not None:
                     record[f"{name}_loss"], record[f"{name}_accuracy"] = evaluate_on_ranks(
                         model, *split, comm, batch_size=eval_batch_size, transform=transform)
         if schedule is not None:
@@ -169,6 +179,46 @@ def fit(model: Layer, optimizer: Optimizer, train_data: Split, *, epochs: int,
         if out is not None:
             replicas.on_rank0(lambda: _save_epoch(out, run, model, optimizer, schedule, epoch + 1, improved))
     return result
+
+
+class _Captured:
+    """fit(graph=True) on CuPy: training epochs and evaluations replayed from CUDA graphs
+    (cnn_gpu.training.captured), with divergence checked on the epoch's mean loss."""
+
+    def __init__(self, training: Any, evaluations: dict[str, Any]) -> None:
+        self.training, self.evaluations = training, evaluations
+
+    def train_epoch(self, epoch: int, num_classes: int, lr: float) -> tuple[float, float, float]:
+        r = self.training.train_epoch(epoch)
+        if not r.loss <= divergence_threshold(num_classes):  # NaN compares False
+            raise TrainingDiverged(f"training diverged: the loss became {r.loss:g} over epoch {epoch + 1}; "
+                                   f"try a lower learning rate (it was {lr:g})", epoch + 1, r.steps)
+        return r.loss, r.accuracy, r.seconds
+
+
+def _captured_steps(graph: bool, model: Layer, optimizer: Optimizer, train_x: Any, train_y: Any,
+                    val: Split | None, test: Split | None, batch_size: int, eval_batch_size: int,
+                    run: "_RunState", augment: AugmentFn | None, label_smoothing: float, comm: Communicator,
+                    say: Callable[[str], None]) -> _Captured | None:
+    """The captured steps when graph=True and nothing stands in the way; else None (the eager loop
+    runs), with the reason said once."""
+    if not graph:
+        return None
+    from .captured import CapturedEvaluation, CapturedTraining, capture_blockers  # noqa: PLC0415 - CuPy only
+    reasons = capture_blockers(model, optimizer, train_x, augment)
+    reasons += ["several ranks train it (data parallel steps are not captured)"] if comm.size > 1 else []
+    if reasons:
+        say("cuda graph: training runs eagerly: " + "; ".join(reasons))
+        return None
+    training = CapturedTraining(model, optimizer, train_x, train_y, batch_size=batch_size, seed=run.seed,
+                                norm_stats=run.norm_stats, augment=augment, label_smoothing=label_smoothing, log=say)
+    evaluations = {}
+    if not capture_blockers(model, training=False):
+        for name, split in (("val", val), ("test", test)):
+            if split is not None and not is_on_disk(split[0]):
+                evaluations[name] = CapturedEvaluation(model, *split, batch_size=eval_batch_size,
+                                                       norm_stats=run.norm_stats, log=say)
+    return _Captured(training, evaluations)
 
 
 @dataclass
