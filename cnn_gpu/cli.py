@@ -86,7 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--optimizer", choices=("sgd", "adam"), default=None,
                        help="default: the model's recipe (adam for the plain seed_cnn, sgd for the rest)")
     train.add_argument("--lr", type=_positive_float,
-                       help="learning rate (default: adam 0.001; sgd 0.1 with --batch-norm, else 0.02)")
+                       help="learning rate (default: the model's recipe: 0.001 with adam, 0.1 with sgd and batch "
+                            "norm, 0.02 with sgd and without; `cnn_gpu/recipes.py`)")
     train.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default 0.9)")
     train.add_argument("--weight-decay", type=float, default=5e-4, help="L2 weight decay (default 5e-4)")
     train.add_argument("--schedule", choices=("none", "step", "cosine"), default="cosine",
@@ -97,18 +98,20 @@ def build_parser() -> argparse.ArgumentParser:
                        help="on several ranks, batch norm's statistics: local, each rank's own images (default, "
                             "as PyTorch's DDP); sync, the whole batch's over all ranks (what one process computes)")
     train.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None,
-                       help="random shifts (up to --max-shift pixels) and, for fashion-mnist, left-right "
-                            "flips (default on)")
+                       help="random shifts (up to --max-shift pixels) and left-right flips where the dataset's "
+                            "classes survive a mirror (not digits) (default on)")
     train.add_argument("--max-shift", type=_nonnegative_int, default=None,
-                       help="with --augment: shift by up to this many pixels (default 0, flips only, for the "
-                            "plain network; 1 with --batch-norm)")
+                       help="with --augment: shift by up to this many pixels (default: the recipe's on the MNISTs, "
+                            "0 for the plain seed_cnn, 1 with batch norm, 2 for the deeper networks; the dataset's "
+                            "own elsewhere, 4 for CIFAR, an eighth of the side for an image folder)")
     train.add_argument("--dropout", type=_probability, default=0.0,
                        help="dropout probability before each dense layer of seed_cnn and vgg (default 0)")
     train.add_argument("--bias-decay", action=argparse.BooleanOptionalAction, default=None,
                        help="weight decay on biases and batch-norm scales and shifts too, not only on "
                             "weights (default off)")
     train.add_argument("--label-smoothing", type=_probability, default=None, metavar="S",
-                       help="train towards (1 - S) * one-hot + S / classes (default 0.1; 0 with --batch-norm)")
+                       help="train towards (1 - S) * one-hot + S / classes (default: the recipe's, 0.1 for the "
+                            "plain seed_cnn, else 0)")
     train.add_argument("--erase", type=_probability, default=None, metavar="P",
                        help="random erasing: noise over a random rectangle of each training image with "
                             "probability P (default 0)")
