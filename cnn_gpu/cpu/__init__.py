@@ -2,7 +2,7 @@
 
 NumPy runs one operation per pass over memory: a 2x2 max pool with its argmax takes over a
 dozen passes, a batch norm four forward and nine backward. A loop compiled by Numba does the same work
-in one pass per result, which on the seed network's first pool and batch norm is 2-5x faster
+in one pass per result, several times faster on the seed network's first pool and batch norm
 (BENCHMARKS.md, "Session 3: compiled CPU kernels"). The NumPy code stays the reference: tests compare
 every kernel with it, and it runs wherever Numba is missing or switched off.
 
@@ -83,10 +83,11 @@ def flush_subnormals(*arrays: Any) -> None:
     NumPy code, needing no Numba: the optimizers' NumPy path and checkpoint loading call it.
 
     Why: with weight decay, a weight whose input is always zero (a dead ReLU feature) decays towards
-    zero through the subnormal range, and an x86 CPU computes with subnormals up to ~100x slower. In
-    the seed network trained with Adam, a fifth of the dense layer's weights were subnormal by epoch
-    15, and a training step took 29 ms instead of 13. Flushing moves a value by under 1.2e-38. The GPU
-    computes with subnormals at full speed, and its updates keep them.
+    zero through the subnormal range, and an x86 CPU computes with subnormals many times slower: in
+    the seed network trained with Adam, a fifth of the dense layer's weights went subnormal and a
+    training step took twice as long (BENCHMARKS.md, "Subnormal weights in real training").
+    Flushing moves a value by under 1.2e-38. The GPU computes with subnormals at full speed, and its
+    updates keep them.
     """
     for a in arrays:
         a[np.abs(a) < np.finfo(a.dtype).tiny] = 0

@@ -7,8 +7,8 @@
 The SGD update is cnn_gpu.optim's NumPy code (its reference) in one loop, with each scalar
 rounded to the array's dtype first and the operations in the same order, so they agree bit for
 bit; like that code it flushes subnormal results to zero (see cnn_gpu.cpu.flush_subnormals). Adam's
-update has no kernel here: its memory traffic, not its passes, sets its time (1.1 ms for the
-seed network either way).
+update has no kernel here: its memory traffic, not its passes, sets its time (a compiled one tied:
+BENCHMARKS.md, speed notes).
 """
 from __future__ import annotations
 

@@ -62,7 +62,7 @@ def compute_norm_stats(train_images: Any) -> NormStats:
     chunks = [(i, min(i + step, shape[0])) for i in range(0, shape[0], step)]
     if train_images.dtype == np.uint8:
         # Exact integer sums (x**2 <= 255**2 fits uint16) instead of a float64 copy of the whole
-        # set (60000x28x28 pixels would be 376 MB) or np.var, which is ~30x slower here.
+        # set (60000x28x28 pixels would be 376 MB) or np.var, which is far slower.
         total = np.zeros(shape[-1], dtype=object)
         squares = np.zeros(shape[-1], dtype=object)
         for i, j in chunks:

@@ -174,7 +174,7 @@ def _blocks_forward(x: Any, window: Window, out_hw: tuple[int, int]) -> tuple[An
     Per tap: one compare, one np.maximum, and a branch-free argmax update: the argmax is the
     LAST tap k that beat the running maximum (strictly: ties keep the first maximum), so
     argmax = max over k of k * better_k, two byte-wide passes. np.copyto(where=) / np.where
-    on a random mask cost ~4x more (branch mispredictions). The batch goes in chunks of about
+    on a random mask cost several times more (branch mispredictions). The batch goes in chunks of about
     POOL_CHUNK_BYTES of input, so that the running maximum and the masks stay in cache across
     the taps. A NaN in the output hands over to the plain forward (its first-NaN rule).
     """
