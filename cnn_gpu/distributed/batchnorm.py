@@ -34,6 +34,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from ..backend import get_array_module
+from ..functional.batchnorm import check_batch_norm_inputs
 from ..layers import LOCAL_STATISTICS, Layer
 from .comm import Communicator
 
@@ -128,12 +129,7 @@ def sync_batch_norm_forward(comm: Communicator, x: Any, gamma: Any, beta: Any, r
     communication). moments: how the local rows are reduced (a faster implementation of
     channel_moments can be given). Every rank must call it, also one with an empty shard.
     """
-    if x.ndim < 2:
-        raise ValueError(f"sync_batch_norm: x must be (N, C) or (N, H, W, C), got shape {tuple(x.shape)}")
-    c = x.shape[-1]
-    if gamma.shape != (c,) or beta.shape != (c,):
-        raise ValueError(f"sync_batch_norm: gamma and beta must have shape ({c},) for x of shape "
-                         f"{tuple(x.shape)}, got {tuple(gamma.shape)} and {tuple(beta.shape)}")
+    c = check_batch_norm_inputs(x, gamma, beta, "sync_batch_norm")
     xp = get_array_module(x, gamma, beta, running_mean, running_var)
     x2d = x.reshape(-1, c)  # (M_r, C)
     if training:

@@ -103,17 +103,24 @@ def _channel_grad_sums(dy2d: Any, xs: Any, ref: Any, inv_std: Any) -> tuple[Any,
     return sum_dy, sum_dy_xc * inv_std
 
 
+def check_batch_norm_inputs(x: Any, gamma: Any, beta: Any, op: str) -> int:
+    """The channel count C of x (..., C), after checking x's dtype and rank and that gamma and beta
+    are (C,); the errors name `op` and both shapes."""
+    check_float(x, op)
+    if x.ndim < 2:
+        raise ValueError(f"{op}: x must be (N, C) or (N, H, W, C), got shape {tuple(x.shape)}")
+    c = x.shape[-1]
+    if gamma.shape != (c,) or beta.shape != (c,):
+        raise ValueError(f"{op}: gamma and beta must have shape ({c},) for x of shape "
+                         f"{tuple(x.shape)}, got {tuple(gamma.shape)} and {tuple(beta.shape)}")
+    return c
+
+
 def batch_norm_forward(x: Any, gamma: Any, beta: Any, running_mean: Any = None,
                        running_var: Any = None, training: bool = True,
                        momentum: float = 0.1, eps: float = 1e-5) -> tuple[Any, tuple]:
     """x (..., C) -> y (..., C), cache. Updates running_mean / running_var in place when training."""
-    check_float(x, "batch_norm")
-    if x.ndim < 2:
-        raise ValueError(f"batch_norm: x must be (N, C) or (N, H, W, C), got shape {tuple(x.shape)}")
-    c = x.shape[-1]
-    if gamma.shape != (c,) or beta.shape != (c,):
-        raise ValueError(f"batch_norm: gamma and beta must have shape ({c},) for x of shape "
-                         f"{tuple(x.shape)}, got {tuple(gamma.shape)} and {tuple(beta.shape)}")
+    c = check_batch_norm_inputs(x, gamma, beta, "batch_norm")
     xp = get_array_module(x, gamma, beta, running_mean, running_var)
     x2d = x.reshape(-1, c)  # (M, C)
     m = x2d.shape[0]

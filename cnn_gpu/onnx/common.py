@@ -30,3 +30,13 @@ def require_onnx() -> ModuleType:
         raise ImportError("cnn_gpu.onnx needs the onnx package: pip install 'cnn_gpu[onnx]' "
                           f"(onnx and onnxruntime) ({exc})") from exc
     return onnx
+
+
+def unique_name(name: str, taken: set[str]) -> str:
+    """`name`, or `name_2`, `name_3`, ... whichever is not in `taken`; it is added to `taken`."""
+    base, k = name, 1
+    while name in taken:
+        k += 1
+        name = f"{base}_{k}"
+    taken.add(name)
+    return name

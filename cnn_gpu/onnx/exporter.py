@@ -32,7 +32,7 @@ from ..backend import to_numpy
 from ..model import Graph
 from . import common
 from . import layers as OL
-from .common import OnnxError, require_onnx
+from .common import OnnxError, require_onnx, unique_name
 from .layout import conv_weight_to_onnx, hwc_rows_to_chw
 
 onnx = require_onnx()
@@ -72,12 +72,7 @@ class _Builder:
         self._plain: dict[str, Value] = {}
 
     def unique(self, name: str) -> str:
-        base, k = name, 1
-        while name in self.taken:
-            k += 1
-            name = f"{base}_{k}"
-        self.taken.add(name)
-        return name
+        return unique_name(name, self.taken)
 
     def const(self, name: str, array: Any, dtype: Any = None) -> str:
         """An initializer of `array` (float32 unless told) named after `name`."""

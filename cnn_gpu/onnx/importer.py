@@ -44,7 +44,7 @@ from ..layers import Parameter
 from ..model import Graph, Node
 from . import common
 from . import layers as OL
-from .common import OnnxError, require_onnx
+from .common import OnnxError, require_onnx, unique_name
 from .layout import chw_rows_to_hwc, conv_weight_from_onnx
 
 onnx = require_onnx()
@@ -178,12 +178,7 @@ class _Importer:
     # ---- looking up and adding tensors ---------------------------------------------------------------
 
     def _unique(self, name: str) -> str:
-        base, k = name, 1
-        while name in self.taken:
-            k += 1
-            name = f"{base}_{k}"
-        self.taken.add(name)
-        return name
+        return unique_name(name, self.taken)
 
     @staticmethod
     def _stored(v: Value) -> tuple[int, ...]:
