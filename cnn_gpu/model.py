@@ -30,6 +30,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from .backend import backend_of
+from .cpu import threads
 from .layers import Layer, Shape, Tensor
 from .plan import EVAL_SLICE_BYTES, Plan, build_plan, run_step
 
@@ -91,9 +92,10 @@ class Graph(Layer):
             raise ValueError(f"{self!r} takes {len(self.input_names)} input(s) {list(self.input_names)}, "
                              f"got {len(xs)}")
         plan = self.plan_for(xs)
-        if plan.slice_size is not None and len(xs[0]) > plan.slice_size:
-            return self._forward_in_slices(plan, xs)
-        return self._run(plan, xs)
+        with threads.blas_held():  # the BLAS on one thread while the layers thread over parts
+            if plan.slice_size is not None and len(xs[0]) > plan.slice_size:
+                return self._forward_in_slices(plan, xs)
+            return self._run(plan, xs)
 
     def _run(self, plan: Plan, xs: Sequence[Any]) -> Any:
         values = dict(zip(self.input_names, xs))
@@ -119,6 +121,10 @@ class Graph(Layer):
         """Backpropagate dL/d(output): fills every parameter's .grad, and returns dL/d(input) (a
         tuple for several inputs) when need_dx; a model's own input needs none, so False is the
         default (a graph inside another graph is called with need_dx as its parent needs)."""
+        with threads.blas_held():  # as in forward
+            return self._backward(dy, need_dx)
+
+    def _backward(self, dy: Any, need_dx: bool) -> Any:
         # A tensor needs its gradient when a parameter lies upstream of it, or the input does and
         # need_dx asks for the input's (every node descends from an input).
         needs = {name: need_dx for name in self.input_names}

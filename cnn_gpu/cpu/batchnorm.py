@@ -7,9 +7,10 @@ x and dy are viewed as (M, C): M = N*H*W rows of C contiguous channels.
     sum_dy, sum_dy_xhat = channel_grad_sums(dy2d, x2d, mean, inv_std)
     dx = batch_norm_backward_dx(dy2d, x2d, mean, inv_std, gamma, sum_dy, sum_dy_xhat)
 
-Each is one pass over its (M, C) operands with the channels innermost (SIMD over C). The sums
-are float64 whatever the input's dtype, and the variance's are shifted by one row of x (see
-_mean_var), so it keeps its digits when |mean| is far larger than the std.
+Each is one pass over its (M, C) operands with the channels innermost (SIMD over C), in parts of
+the rows on cnn_gpu.cpu.threads. The sums are float64 whatever the input's dtype, added part by
+part in order, and the variance's are shifted by one row of x (see _mean_var), so it keeps its
+digits when |mean| is far larger than the std.
 """
 from __future__ import annotations
 
@@ -18,39 +19,66 @@ from typing import Any
 import numba
 import numpy as np
 
+from . import threads
+
 _jit = numba.njit(cache=True, nogil=True, boundscheck=False)
 
 
 @_jit
-def _mean_var(x2d):  # pragma: no cover - compiled; tested against NumPy
-    # One pass: float64 sums of d = x - shift and d^2, with the first row as the shift, so the
-    # sums carry the spread, not the offset. var = E[d^2] - E[d]^2 then loses digits only as
-    # (mean - shift)^2 / var grows: float64 keeps float32's 7 digits up to a shift 10^4 standard
-    # deviations from the mean, and one row of the batch is seldom more than a few away.
+def _shifted_sums(x2d, shift, total, squares):  # pragma: no cover - compiled; tested against NumPy
+    # float64 sums over the rows of d = x - shift and d^2, into total and squares (C,)
     m, c = x2d.shape
-    shift = x2d[0].astype(np.float64)
-    total = np.zeros(c, np.float64)
-    squares = np.zeros(c, np.float64)
     for r in range(m):
         for ch in range(c):
             d = x2d[r, ch] - shift[ch]
             total[ch] += d
             squares[ch] += d * d
-    rest = total / m
-    return shift + rest, np.maximum(squares / m - rest * rest, 0.0)
 
 
 @_jit
-def _grad_sums(dy2d, x2d, mean):  # pragma: no cover - compiled; tested against NumPy
+def _grad_sums(dy2d, x2d, mean, sum_dy, sum_dy_xc):  # pragma: no cover - compiled; tested against NumPy
+    # float64 sums over the rows of dy and dy * (x - mean), into sum_dy and sum_dy_xc (C,)
     m, c = x2d.shape
-    sum_dy = np.zeros(c, np.float64)
-    sum_dy_xc = np.zeros(c, np.float64)
     for r in range(m):
         for ch in range(c):
             g = dy2d[r, ch]
             sum_dy[ch] += g
             sum_dy_xc[ch] += g * (x2d[r, ch] - mean[ch])
-    return sum_dy, sum_dy_xc
+
+
+def _summed(kernel: Any, arrays: tuple[Any, ...], per_channel: tuple[Any, ...], c: int) -> tuple[Any, Any]:
+    """Two float64 (C,) sums over the rows of the (M, C) arrays, by kernel(*row slices,
+    *per_channel, sum1, sum2): one pair of partial sums per part of the rows (cnn_gpu.cpu.threads),
+    added in part order, so the result is the same on any number of threads."""
+    m = arrays[0].shape[0]
+
+    def part_sums(rows: slice, _: Any) -> tuple[Any, Any]:
+        first, second = np.zeros(c, np.float64), np.zeros(c, np.float64)
+        kernel(*(a[rows] for a in arrays), *per_channel, first, second)
+        return first, second
+
+    parts = threads.for_each(threads.row_parts(m, c * arrays[0].itemsize), part_sums)
+    if not parts:
+        return np.zeros(c, np.float64), np.zeros(c, np.float64)
+    first, second = parts[0]
+    for a, b in parts[1:]:
+        first += a
+        second += b
+    return first, second
+
+
+def _mean_var(x2d: Any) -> tuple[Any, Any]:
+    """float64 mean and biased variance (C,) of x2d (M, C).
+
+    One pass: float64 sums of d = x - shift and d^2, with the first row as the shift, so the
+    sums carry the spread, not the offset. var = E[d^2] - E[d]^2 then loses digits only as
+    (mean - shift)^2 / var grows: float64 keeps float32's 7 digits up to a shift 10^4 standard
+    deviations from the mean, and one row of the batch is seldom more than a few away."""
+    m, c = x2d.shape
+    shift = x2d[0].astype(np.float64)
+    total, squares = _summed(_shifted_sums, (x2d,), (shift,), c)
+    rest = total / m
+    return shift + rest, np.maximum(squares / m - rest * rest, 0.0)
 
 
 @_jit
@@ -77,7 +105,8 @@ def channel_mean_var(x2d: Any) -> tuple[Any, Any]:
 
 def channel_grad_sums(dy2d: Any, x2d: Any, mean: Any, inv_std: Any) -> tuple[Any, Any]:
     """sum(dy) (C,) and sum(dy * x_hat) (C,) over the M rows, x_hat = (x - mean) * inv_std."""
-    sum_dy, sum_dy_xc = _grad_sums(np.ascontiguousarray(dy2d), np.ascontiguousarray(x2d), mean)
+    sum_dy, sum_dy_xc = _summed(_grad_sums, (np.ascontiguousarray(dy2d), np.ascontiguousarray(x2d)), (mean,),
+                                x2d.shape[1])
     return sum_dy.astype(x2d.dtype), (sum_dy_xc * inv_std).astype(x2d.dtype)
 
 
@@ -85,7 +114,8 @@ def batch_norm_normalize(x2d: Any, mean: Any, inv_std: Any, gamma: Any, beta: An
     """y = (x - mean) * inv_std * gamma + beta: (M, C) -> (M, C). Centring first: x * scale -
     mean * scale would cancel away the digits of a large mean."""
     y = np.empty(x2d.shape, dtype=x2d.dtype)
-    _affine(np.ascontiguousarray(x2d), mean, gamma * inv_std, beta, y)
+    x2d, scale = np.ascontiguousarray(x2d), gamma * inv_std
+    threads.for_each(_rows(y), lambda r, _: _affine(x2d[r], mean, scale, beta, y[r]))
     return y
 
 
@@ -98,5 +128,10 @@ def batch_norm_backward_dx(dy2d: Any, x2d: Any, mean: Any, inv_std: Any, gamma: 
     a = -k * inv_std * sum_dy_xhat / m
     b = -k * sum_dy / m
     dx = np.empty(x2d.shape, dtype=x2d.dtype)
-    _train_dx(np.ascontiguousarray(dy2d), np.ascontiguousarray(x2d), mean, k, a, b, dx)
+    dy2d, x2d = np.ascontiguousarray(dy2d), np.ascontiguousarray(x2d)
+    threads.for_each(_rows(dx), lambda r, _: _train_dx(dy2d[r], x2d[r], mean, k, a, b, dx[r]))
     return dx
+
+
+def _rows(y2d: Any) -> list[slice]:
+    return threads.row_parts(y2d.shape[0], y2d.shape[1] * y2d.itemsize)

@@ -9,7 +9,8 @@ reference for these loops) makes one pass over the whole output per kernel tap; 
 row takes all its taps while it is in L1, and the loops innermost run over the contiguous channels
 (SIMD over C). Taps that fall in the padding are skipped, not multiplied by zero. The backward
 visits each output once and adds into both dx and dw; dw sums one image at a time in the input's
-dtype and the images' sums in float64. A 3x3 kernel with multiplier 1 (MobileNet's) runs
+dtype and the images' sums in float64. Both run in parts of the batch on cnn_gpu.cpu.threads (dw:
+one float64 sum per part, added in part order). A 3x3 kernel with multiplier 1 (MobileNet's) runs
 _forward_3x3, whose nine taps are one expression per channel, summed in a register.
 """
 from __future__ import annotations
@@ -20,6 +21,7 @@ import numba
 import numpy as np
 
 from ..geometry import Window
+from . import threads
 
 _jit = numba.njit(cache=True, nogil=True, boundscheck=False)
 
@@ -176,15 +178,28 @@ def depthwise_forward(x: Any, w: Any, b: Any, window: Window, out_hw: tuple[int,
     y = np.empty((n, *out_hw, o), dtype=x.dtype)
     bias = np.zeros(o, dtype=x.dtype) if b is None else np.ascontiguousarray(b)
     forward = _forward_3x3 if _three_by_three(x, w) else _forward
-    forward(np.ascontiguousarray(x), _taps(w), bias, window.sh, window.sw, window.ph, window.pw,
-            window.dh, window.dw, bool(relu), y)
+    x, taps = np.ascontiguousarray(x), _taps(w)
+
+    def run(images: slice, _: Any) -> None:
+        forward(x[images], taps, bias, window.sh, window.sw, window.ph, window.pw, window.dh, window.dw,
+                bool(relu), y[images])
+    threads.for_each(threads.row_parts(n, y[:1].nbytes), run)  # parts of the batch, side by side
     return y
 
 
 def depthwise_backward(dy: Any, x: Any, w: Any, window: Window, need_dx: bool) -> tuple[Any, Any]:
     """dy (N, OH, OW, C*M) -> dx (N, H, W, C) or None, dw (KH, KW, 1, C*M)."""
     dx = np.empty(x.shape, dtype=x.dtype) if need_dx else np.empty((0, 0, 0, 0), dtype=x.dtype)
-    dw = np.empty((w.shape[0], w.shape[1], w.shape[3]), dtype=np.float64)
-    _backward(np.ascontiguousarray(dy), np.ascontiguousarray(x), _taps(w), window.sh, window.sw, window.ph,
-              window.pw, window.dh, window.dw, need_dx, dx, dw)
+    dy, x, taps = np.ascontiguousarray(dy), np.ascontiguousarray(x), _taps(w)
+
+    def run(images: slice, _: Any) -> Any:  # this part's dx, and its float64 dw (KH, KW, O)
+        dw = np.empty(taps.shape, dtype=np.float64)
+        _backward(dy[images], x[images], taps, window.sh, window.sw, window.ph, window.pw, window.dh,
+                  window.dw, need_dx, dx[images] if need_dx else dx, dw)
+        return dw
+
+    parts = threads.for_each(threads.row_parts(x.shape[0], dy[:1].nbytes), run)
+    dw = np.zeros(taps.shape, dtype=np.float64)
+    for part_dw in parts:  # in part order: the same sum on any number of threads
+        dw += part_dw
     return (dx if need_dx else None), dw.astype(x.dtype).reshape(w.shape)

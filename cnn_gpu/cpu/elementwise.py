@@ -2,6 +2,7 @@
 
     dx = relu_backward(dy, y)    # dy where y > 0, else 0: one pass (NumPy: a mask, then a multiply)
     y = add_relu(a, b)           # max(a + b, 0): one pass (NumPy: a sum, then a maximum)
+    (both in parts on cnn_gpu.cpu.threads)
     sgd_update(p, g, v, lr, momentum, wd, nesterov)    # in place, one pass (NumPy: five or six)
 
 The SGD update is cnn_gpu.optim's NumPy code (its reference) in one loop, with each scalar
@@ -17,6 +18,8 @@ from typing import Any
 import numba
 import numpy as np
 
+from . import threads
+
 _jit = numba.njit(cache=True, nogil=True, boundscheck=False)
 
 
@@ -30,7 +33,8 @@ def _relu_backward(dy, y, dx):  # pragma: no cover - compiled; tested against Nu
 def relu_backward(dy: Any, y: Any) -> Any:
     """dy, y (any shape, the same) -> dx: dy where the ReLU's output y > 0, else 0."""
     dx = np.empty(dy.shape, dtype=dy.dtype)
-    _relu_backward(np.ascontiguousarray(dy).reshape(-1), np.ascontiguousarray(y).reshape(-1), dx.reshape(-1))
+    d, v, out = np.ascontiguousarray(dy).reshape(-1), np.ascontiguousarray(y).reshape(-1), dx.reshape(-1)
+    threads.for_each(threads.row_parts(out.size, out.itemsize), lambda s, _: _relu_backward(d[s], v[s], out[s]))
     return dx
 
 
@@ -46,7 +50,8 @@ def add_relu(a: Any, b: Any) -> Any:
     """a, b (any shape, the same, one dtype) -> max(a + b, 0), with np.maximum's rule (NaN stays
     NaN, -0.0 becomes 0), so the result equals np.maximum(a + b, 0) bit for bit."""
     y = np.empty(a.shape, dtype=a.dtype)
-    _add_relu(np.ascontiguousarray(a).reshape(-1), np.ascontiguousarray(b).reshape(-1), y.reshape(-1))
+    u, v, out = np.ascontiguousarray(a).reshape(-1), np.ascontiguousarray(b).reshape(-1), y.reshape(-1)
+    threads.for_each(threads.row_parts(out.size, out.itemsize), lambda s, _: _add_relu(u[s], v[s], out[s]))
     return y
 
 

@@ -23,6 +23,7 @@ import numba
 import numpy as np
 
 from ..geometry import Window, window_index_dtype
+from . import threads
 
 _jit = numba.njit(cache=True, nogil=True, boundscheck=False)
 _NO_ARGMAX = np.zeros((1, 1, 1, 1), np.uint8)  # what evaluation passes for the argmax: never read or written
@@ -141,10 +142,16 @@ def _windows_tile(window: Window, h: int, w: int, oh: int, ow: int) -> bool:
 
 
 def _run_forward(x: Any, window: Window, y: Any, argmax: Any, record: bool) -> None:
-    if (window.kh, window.kw) == (2, 2) and _windows_tile(window, x.shape[1], x.shape[2], y.shape[1], y.shape[2]):
-        _forward_2x2(x, y, argmax, record)
-    else:
-        _forward(x, *window, y, argmax, record)
+    """The forward in parts of the batch on cnn_gpu.cpu.threads."""
+    tiles = (window.kh, window.kw) == (2, 2) and _windows_tile(window, x.shape[1], x.shape[2], y.shape[1], y.shape[2])
+
+    def run(images: slice, _: Any) -> None:
+        at = argmax[images] if record else argmax
+        if tiles:
+            _forward_2x2(x[images], y[images], at, record)
+        else:
+            _forward(x[images], *window, y[images], at, record)
+    threads.for_each(threads.row_parts(x.shape[0], x[:1].nbytes), run)
 
 
 def max_pool2d_forward(x: Any, window: Window, out_hw: tuple[int, int]) -> tuple[Any, Any]:
@@ -171,12 +178,18 @@ def max_pool2d_backward(dy: Any, argmax: Any, x_shape: tuple[int, ...], window: 
     outside the input drops out); where windows overlap, an input adds what it receives."""
     dy, argmax = np.ascontiguousarray(dy), np.ascontiguousarray(argmax)
     oh, ow = dy.shape[1], dy.shape[2]
-    if _windows_tile(window, x_shape[1], x_shape[2], oh, ow):
+    tiles = _windows_tile(window, x_shape[1], x_shape[2], oh, ow)
+    if tiles:
         dx = np.empty(x_shape, dtype=dy.dtype)
         dx[:, oh * window.kh:] = 0  # rows and columns no window covers
         dx[:, :, ow * window.kw:] = 0
-        _backward_tiles(dy, argmax, window.kh, window.kw, dx)
     else:
         dx = np.zeros(x_shape, dtype=dy.dtype)
-        _backward(dy, argmax, *window, dx)
+
+    def run(images: slice, _: Any) -> None:  # each image's dx reads only that image's dy
+        if tiles:
+            _backward_tiles(dy[images], argmax[images], window.kh, window.kw, dx[images])
+        else:
+            _backward(dy[images], argmax[images], *window, dx[images])
+    threads.for_each(threads.row_parts(dx.shape[0], dx[:1].nbytes), run)
     return dx

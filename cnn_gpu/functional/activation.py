@@ -3,8 +3,11 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
+
 from .. import cpu
 from ..backend import get_array_module, is_cupy_array
+from ..cpu import threads
 from ..geometry import check_float
 
 
@@ -12,7 +15,14 @@ def relu_forward(x: Any) -> tuple[Any, Any]:
     """y = max(x, 0). The cache is y itself: y > 0 exactly where the gradient passes."""
     check_float(x, "relu")
     xp = get_array_module(x)
-    y = xp.maximum(x, 0)
+    if xp is not np or x.ndim == 0:
+        y = xp.maximum(x, 0)
+        return y, y
+    x = np.ascontiguousarray(x)
+    y = np.empty_like(x)
+    flat_x, flat_y = x.reshape(-1), y.reshape(-1)  # NumPy's loop in parts on cnn_gpu.cpu.threads
+    threads.for_each(threads.row_parts(flat_y.size, flat_y.itemsize),
+                     lambda s, _: np.maximum(flat_x[s], 0, out=flat_y[s]))
     return y, y
 
 

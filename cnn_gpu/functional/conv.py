@@ -41,6 +41,7 @@ import numpy as np
 
 from .. import cpu
 from ..backend import get_array_module, is_cupy_array
+from ..cpu import threads
 from ..geometry import Window, check_float, check_rank, pad_hw, pair, unpad_hw, window_view
 from .reduce import column_sum
 
@@ -231,38 +232,45 @@ def _im2col_compiled(x: np.ndarray, window: Window, oh: int, ow: int, out: np.nd
     return out
 
 
-def _chunk_cols(x: np.ndarray, window: Window, out_hw: tuple[int, int], ones_column: bool, into: Any = None,
-                im2col: Callable[..., Any] = _im2col_into):
-    """Yield (batch slice, cols) per chunk (see _chunks): cols (B*OH*OW, K), or (B*OH*OW, K + 1)
-    ending in a column of ones. Every chunk's cols is written into one buffer, so a chunk's cols
-    is only valid until the next one is yielded; unless `into`, the whole batch's
-    (N*OH*OW, K [+ 1]) array, is given: then each chunk's cols is its rows of `into`.
-    im2col: _im2col_into or _im2col_compiled, which write the same values."""
-    (oh, ow), n, c = out_hw, x.shape[0], x.shape[3]
-    k = window.taps * c
-    chunks = _chunks(n, oh * ow * k * x.itemsize)
+def _part_cols(x: np.ndarray, part: slice, window: Window, out_hw: tuple[int, int], ones_column: bool,
+               buf: Any, into: Any = None, im2col: Callable[..., Any] = _im2col_into) -> Any:
+    """The cols of one chunk of the batch (see _chunks): (B*OH*OW, K), or (B*OH*OW, K + 1) ending in
+    a column of ones, written into buf (a chunk's cols_buffer, with the ones column already set),
+    or into its rows of `into`, the whole batch's (N*OH*OW, K [+ 1]) array, when given. A 1x1
+    convolution's cols is x itself, reshaped. im2col: _im2col_into or _im2col_compiled, which
+    write the same values."""
+    (oh, ow), c = out_hw, x.shape[3]
     if _is_pointwise(x, window, out_hw):
-        for part in chunks:
-            yield part, x[part].reshape(-1, c)  # a 1x1 convolution needs no copy
-        return
-    if not chunks:  # an empty batch
-        return
-    rows_per_chunk = (chunks[0].stop - chunks[0].start) * oh * ow
-    buf = into if into is not None else cols_buffer(rows_per_chunk, k + ones_column, c, x.dtype)
-    if ones_column:
-        buf[:, k] = 1
-    for part in chunks:
-        first = part.start * oh * ow if into is not None else 0
-        cols = buf[first:first + (part.stop - part.start) * oh * ow]
-        im2col(x[part], window, oh, ow, cols)
-        yield part, cols
+        return x[part].reshape(-1, c)  # a 1x1 convolution needs no copy
+    rows = (part.stop - part.start) * oh * ow
+    first = part.start * oh * ow if into is not None else 0
+    cols = (into if into is not None else buf)[first:first + rows]
+    im2col(x[part], window, oh, ow, cols)
+    return cols
+
+
+def _cols_scratch(x: np.ndarray, window: Window, out_hw: tuple[int, int], chunks: list[slice],
+                  ones_column: bool) -> Callable[[], Any]:
+    """A maker of one thread's chunk buffer for _part_cols (None for a 1x1 convolution or an
+    empty batch): cols_buffer of the largest chunk, its column of ones set."""
+    (oh, ow), c = out_hw, x.shape[3]
+    k = window.taps * c
+    if not chunks or _is_pointwise(x, window, out_hw):
+        return lambda: None
+
+    def make() -> np.ndarray:
+        buf = cols_buffer((chunks[0].stop - chunks[0].start) * oh * ow, k + ones_column, c, x.dtype)
+        if ones_column:
+            buf[:, k] = 1
+        return buf
+    return make
 
 
 def _gemm_forward(x: Any, w: Any, b: Any, window: Window, groups: int, out_hw: tuple[int, int],
                   inference: bool, relu: bool = False, *, im2col: Callable[..., Any]) -> tuple[Any, Any]:
     """groups == 1 on NumPy: y (N, OH, OW, O) chunk by chunk, y[chunk] = [cols, 1] @ [w2d; b]
-    (relu: its maximum with 0, while the chunk is in cache). Returns y and the batch's cols when
-    _keeps_cols (never with inference=True), else None."""
+    (relu: its maximum with 0, while the chunk is in cache), the chunks on cnn_gpu.cpu.threads.
+    Returns y and the batch's cols when _keeps_cols (never with inference=True), else None."""
     x = np.ascontiguousarray(x)
     (oh, ow), n, o = out_hw, x.shape[0], w.shape[3]
     pointwise = _is_pointwise(x, window, out_hw)
@@ -274,14 +282,22 @@ def _gemm_forward(x: Any, w: Any, b: Any, window: Window, groups: int, out_hw: t
     kept = None
     if not inference and not pointwise and _keeps_cols(k + fold, o, n * oh * ow * (k + fold) * x.itemsize):
         kept = cols_buffer(n * oh * ow, k + fold, x.shape[3], x.dtype)
+        if fold:
+            kept[:, k] = 1
     y = np.empty((n, oh, ow, o), dtype=x.dtype)
-    for part, cols in _chunk_cols(x, window, out_hw, fold, into=kept, im2col=im2col):
+    chunks = _chunks(n, oh * ow * k * x.itemsize)
+
+    def run(part: slice, buf: Any) -> None:
+        cols = _part_cols(x, part, window, out_hw, fold, buf, into=kept, im2col=im2col)
         y_part = y[part].reshape(-1, o)  # a view: the GEMM writes into y
         np.matmul(cols, w2d, out=y_part)  # (B*OH*OW, K [+ 1]) @ (K [+ 1], O)
         if b is not None and not fold:
             y_part += b
         if relu:
             np.maximum(y_part, 0, out=y_part)
+
+    scratch = (lambda: None) if kept is not None else _cols_scratch(x, window, out_hw, chunks, fold)
+    threads.for_each(chunks, run, scratch)
     return y, kept
 
 
@@ -318,35 +334,40 @@ def _input_grad_compiled(dy2d: np.ndarray, w: np.ndarray, window: Window, out_hw
 
 def _gemm_backward(dy: Any, cache: ConvCache, need_dx: bool, *, input_grad: Callable[..., None],
                    im2col: Callable[..., Any]) -> tuple[Any, Any, Any]:
-    """The backward of _gemm_forward, chunk by chunk over the forward's cols or cols rebuilt from x
-    (by im2col). input_grad: _input_grad_by_offset or _input_grad_compiled, writing each chunk's dx."""
+    """The backward of _gemm_forward, chunk by chunk (on cnn_gpu.cpu.threads) over the forward's
+    cols or cols rebuilt from x (by im2col). input_grad: _input_grad_by_offset or
+    _input_grad_compiled, writing each chunk's dx. The chunks' weight gradients are summed in
+    chunk order, whichever thread made them."""
     x, w, window, out_hw = np.ascontiguousarray(cache.x), cache.w, cache.window, cache.out_hw
     (oh, ow), n, c, o = out_hw, x.shape[0], x.shape[3], w.shape[3]
     k = window.taps * c
     pointwise = _is_pointwise(x, window, out_hw)
     fold = _bias_in_gemm(cache.has_bias, pointwise)
     chunks = _chunks(n, oh * ow * k * x.itemsize)
-    if cache.cols is not None:  # the forward's chunks, as row slices of the whole batch's cols
-        pairs = ((part, cache.cols[part.start * oh * ow:part.stop * oh * ow]) for part in chunks)
-    else:
-        pairs = _chunk_cols(x, window, out_hw, fold, im2col=im2col)
     dx = np.empty(x.shape, dtype=x.dtype) if need_dx else None  # C-contiguous, so each batch slice is too
-    scratch = np.empty((chunks[0].stop - chunks[0].start) * oh * ow * k, dtype=x.dtype) if need_dx and chunks \
-        else None
-    dw = None  # (K, O), or (K + 1, O) with db as its last row when the bias rode in the GEMM
-    for part, cols in pairs:
+    make_cols = (lambda: None) if cache.cols is not None else _cols_scratch(x, window, out_hw, chunks, fold)
+    dcols_elements = (chunks[0].stop - chunks[0].start) * oh * ow * k if need_dx and chunks else 0
+
+    def scratch() -> tuple[Any, Any]:  # (cols buffer, dcols or per-tap term buffer)
+        return make_cols(), np.empty(dcols_elements, dtype=x.dtype)
+
+    def run(part: slice, bufs: tuple[Any, Any]) -> Any:
+        cols = _part_cols(x, part, window, out_hw, fold, bufs[0], into=cache.cols, im2col=im2col)
         dy2d = np.ascontiguousarray(dy[part]).reshape(-1, o)  # (B*OH*OW, O)
-        part_dw = cols.T @ dy2d
+        if need_dx:
+            if pointwise:
+                np.matmul(dy2d, w.reshape(c, o).T, out=dx[part].reshape(-1, c))
+            else:
+                input_grad(dy2d, w, window, out_hw, dx[part], bufs[1])
+        return cols.T @ dy2d  # this chunk's (K [+ 1], O)
+
+    parts_dw = threads.for_each(chunks, run, scratch)
+    dw = None  # (K, O), or (K + 1, O) with db as its last row when the bias rode in the GEMM
+    for part_dw in parts_dw:  # in chunk order: the same sum on any number of threads
         if dw is None:
             dw = part_dw
         else:
             dw += part_dw
-        if not need_dx:
-            continue
-        if pointwise:
-            np.matmul(dy2d, w.reshape(c, o).T, out=dx[part].reshape(-1, c))
-        else:
-            input_grad(dy2d, w, window, out_hw, dx[part], scratch)
     if dw is None:  # an empty batch
         dw = np.zeros((k + fold, o), dtype=w.dtype)
     if fold:

@@ -1,0 +1,171 @@
+"""Threads over the parts of a batch, for the CPU ops that already work part by part.
+
+    results = for_each(parts, work, scratch)    # [work(part, s) for part in parts], s: the thread's own scratch()
+
+The convolution cuts its batch into cache-sized chunks (cnn_gpu.functional.conv) and the compiled
+kernels loop over images; each chunk's im2col, GEMM and col2im depend on no other chunk. NumPy's
+BLAS threads only the GEMMs, and on a chunk's narrow GEMM (a ResNet's 16 output channels) a
+second BLAS thread gains little, while the copies around it stay on one thread. So on several
+threads the parts run side by side instead, each with the BLAS on one thread inside, and the ops
+that release the GIL (BLAS, Numba's nogil kernels, NumPy's loops over large arrays) run at once.
+
+How many threads: CNN_GPU_THREADS when set, else as many as the BLAS has at the call, so
+threadpoolctl's limits, OPENBLAS_NUM_THREADS and cnn-gpu's sharing of cores between MPI ranks
+set both. Without threadpoolctl (which holds the BLAS at one thread inside) the parts run in turn.
+
+A model's whole forward and backward run inside `blas_held()` (cnn_gpu.model.Graph): the BLAS
+stays on one thread from the first layer to the last, not only inside the parts. OpenBLAS's
+threads spin for a while after each call they share, and one left spinning after a GEMM outside
+the parts (a dense layer's) takes a core from the parts that follow: resnet20's training step
+on two threads ran no faster than on one until the BLAS was held for the whole step
+(BENCHMARKS.md, "Session 6").
+
+Results do not depend on the thread count: the parts are fixed by the caller (from sizes, not
+threads), each part is computed as it would be alone, and what is summed over parts (a
+convolution's weight gradient) is summed by the caller in part order. Threads take the next part
+as they finish one, so an uneven split costs at most one part's time.
+"""
+from __future__ import annotations
+
+import contextlib
+import itertools
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable, Iterator, Sequence, TypeVar
+
+ENV_VAR = "CNN_GPU_THREADS"
+
+P = TypeVar("P")
+R = TypeVar("R")
+
+_lock = threading.Lock()
+_pool: ThreadPoolExecutor | None = None
+_pool_size = 0
+_blas: list[Any] | None = None  # threadpoolctl's controllers of the loaded BLAS libraries
+# Per thread: .inside, it is running a part (no threads within threads); .held, the thread count
+# while blas_held() keeps the BLAS on one thread (None when no hold is on).
+_state = threading.local()
+
+
+def _blas_controllers() -> list[Any]:
+    global _blas
+    if _blas is None:
+        try:
+            from threadpoolctl import ThreadpoolController  # noqa: PLC0415 - optional
+            _blas = [c for c in ThreadpoolController().lib_controllers if c.user_api == "blas"]
+        except Exception:  # not installed, or no BLAS it knows: the parts run in turn
+            _blas = []
+    return _blas
+
+
+def _from_env() -> int | None:
+    value = os.environ.get(ENV_VAR, "").strip()
+    if not value:
+        return None
+    try:
+        return max(1, int(value))
+    except ValueError:
+        raise ValueError(f"{ENV_VAR} must be a whole number of threads, got {value!r}") from None
+
+
+def count() -> int:
+    """How many threads for_each uses now: 1 inside a part; the hold's count inside blas_held();
+    else CNN_GPU_THREADS, else the BLAS's thread count; 1 without threadpoolctl."""
+    if getattr(_state, "inside", False):
+        return 1
+    held = getattr(_state, "held", None)
+    if held is not None:
+        return held
+    blas = _blas_controllers()
+    if not blas:
+        return 1
+    return _from_env() or max(1, blas[0].get_num_threads())
+
+
+def describe() -> str:
+    """One line for `cnn-gpu info` and the benchmark."""
+    if not _blas_controllers():
+        return "1 (threadpoolctl is not installed: it holds the BLAS at one thread inside the parts)"
+    source = ENV_VAR if _from_env() else "the BLAS's thread count"
+    return f"{count()} ({source})"
+
+
+def _set_blas(counts: Sequence[int]) -> None:
+    for c, n in zip(_blas_controllers(), counts):
+        c.set_num_threads(n)
+
+
+@contextlib.contextmanager
+def blas_held() -> Iterator[None]:
+    """Inside: the BLAS on one thread, and for_each on count() threads (as counted on entry).
+    A hold inside a hold or inside a part changes nothing; so does one on a single thread."""
+    threads = count()
+    if threads <= 1 or getattr(_state, "held", None) is not None:
+        yield
+        return
+    previous = [c.get_num_threads() for c in _blas_controllers()]
+    _set_blas([1] * len(previous))
+    _state.held = threads
+    try:
+        yield
+    finally:
+        _state.held = None
+        _set_blas(previous)
+
+
+def _executor(size: int) -> ThreadPoolExecutor:
+    global _pool, _pool_size
+    with _lock:
+        if _pool is None or _pool_size < size:
+            if _pool is not None:
+                _pool.shutdown(wait=False)
+            _pool, _pool_size = ThreadPoolExecutor(max_workers=size, thread_name_prefix="cnn_gpu-cpu"), size
+        return _pool
+
+
+def for_each(parts: Sequence[P], work: Callable[[P, Any], R], scratch: Callable[[], Any] = lambda: None) -> list[R]:
+    """[work(part, s) for part in parts], in part order. s is scratch() made once per thread (a
+    buffer the thread reuses from part to part). On count() > 1 threads, with two or more parts,
+    the parts run side by side with the BLAS held at one thread; else in turn, as written."""
+    threads = min(count(), len(parts))
+    if threads <= 1:
+        s = scratch()
+        return [work(part, s) for part in parts]
+    results: list[Any] = [None] * len(parts)
+    order = itertools.count()  # next() is atomic under the GIL: each part is taken once
+
+    def worker() -> None:
+        _state.inside = True
+        try:
+            s = scratch()
+            while (i := next(order)) < len(parts):
+                results[i] = work(parts[i], s)
+        finally:
+            _state.inside = False
+
+    with blas_held():
+        futures = [_executor(threads).submit(worker) for _ in range(threads - 1)]
+        try:
+            worker()  # this thread is one of them
+        finally:
+            for f in futures:
+                f.exception()  # waits: no part is still running when the BLAS is given back
+        for f in futures:
+            f.result()  # re-raises a part's exception here
+    return results
+
+
+def ranges(total: int, per: int) -> list[slice]:
+    """range(total) cut into slices of `per` (the last may be shorter): parts fixed by sizes, so
+    whatever is summed over them is summed the same way on any number of threads."""
+    per = max(1, per)
+    return [slice(i, min(i + per, total)) for i in range(0, total, per)]
+
+
+PART_BYTES = 1 << 18  # what an elementwise or per-row part writes: 256 KiB, in L2 with its operands
+
+
+def row_parts(rows: int, row_bytes: int) -> list[slice]:
+    """Parts of `rows` rows (images, or rows of an (M, C) view) of about PART_BYTES each."""
+    return ranges(rows, PART_BYTES // max(row_bytes, 1))
