@@ -30,6 +30,7 @@ from . import __version__, cpu, distributed
 from .backend import (BackendUnavailableError, cupy_unavailable_reason, require_cupy, resolve_backend, to_device,
                       to_numpy)
 from .checkpoint import Checkpoint, load_checkpoint
+from .cpu import threads as cpu_threads
 from .data import (DATASET_NAMES, IMAGE_FOLDER, RESIZE_MODES, Augmentation, DatasetNotFoundError, DownloadError,
                    NormStats, augmentation_defaults, augmentation_for, is_on_disk, load_dataset, load_image_folder,
                    normalize, read_input, subset, train_val_split)
@@ -226,6 +227,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # argparse has printed "cnn-gpu ...: error: ..." (2) or the help (0)
         return int(exc.code or 0)
+    try:
+        cpu_threads.count()  # a bad CNN_GPU_THREADS is a usage error, said before anything runs
+    except ValueError as exc:
+        _error(str(exc))
+        return 2
     if args.command == "train":  # the one command that runs on several ranks
         try:
             comm = distributed.init(array_backend=resolve_backend(args.backend))  # before anything is on a GPU
@@ -695,6 +701,7 @@ def cmd_info(args: argparse.Namespace | None = None) -> int:
     print(f"backend   {resolve_backend('auto')} (auto; set with --backend or $CNN_GPU_BACKEND)")
     print(f"blas      {_blas_info()}")
     print(f"cpu jit   {cpu.describe()}")
+    print(f"threads   {cpu_threads.describe()}")
     affinity = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
     print(f"cpus      {os.cpu_count()}" + (f" ({affinity} usable by this process)" if affinity else ""))
     for status in distributed.backend_report():  # the communication backends of `mpiexec -n N cnn-gpu train`

@@ -83,3 +83,10 @@ def test_bench_threads_works_with_the_extras_the_readme_installs(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "threadpoolctl" not in proc.stderr
     assert "OPENBLAS_CORETYPE" in proc.stdout and "OPENBLAS_L2_SIZE" in proc.stdout
+
+
+def test_a_thread_count_that_is_not_a_number(tmp_path, monkeypatch):
+    monkeypatch.setenv("CNN_GPU_THREADS", "many")
+    proc = run_cli(tmp_path, "info")
+    assert_one_error_line(proc, "CNN_GPU_THREADS must be a whole number of threads, got 'many'")
+    assert proc.returncode == 2

@@ -39,6 +39,7 @@ import numpy as np
 
 from .. import cpu
 from ..backend import module_for, synchronize
+from ..cpu import threads as cpu_threads
 from . import fair, workloads
 from .flops import layer_flops, model_flops
 from .reference import torch_or_reason
@@ -275,6 +276,7 @@ def main(argv: list[str] | None = None) -> int:
                                            "OMP_NUM_THREADS") if k in os.environ},
         "torch": torch.__version__ if torch is not None else torch_reason,
         "cpu_kernels": cpu.describe(),
+        "cpu_threads": cpu_threads.describe(),
     }
     if gpu:
         props = xp.cuda.runtime.getDeviceProperties(xp.cuda.Device().id)
@@ -286,6 +288,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"# torch: {machine['torch']}")
     if not gpu:
         print(f"# compiled CPU kernels (cnn_gpu.cpu): {machine['cpu_kernels']}")
+        print(f"# threads of our CPU ops (cnn_gpu.cpu.threads): {machine['cpu_threads']}")
     print(f"# GEMM ceiling ({'cuBLAS' if gpu else 'NumPy BLAS'}, float32 {gemm_n}^3): {ceiling:.1f} GFLOP/s")
     for net in args.nets:
         print(f"# {net}: {flops[net]['forward'] / 1e6:.3f} MFLOP/image forward, "

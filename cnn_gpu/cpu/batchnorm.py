@@ -25,46 +25,62 @@ _jit = numba.njit(cache=True, nogil=True, boundscheck=False)
 
 
 @_jit
-def _shifted_sums(x2d, shift, total, squares):  # pragma: no cover - compiled; tested against NumPy
-    # float64 sums over the rows of d = x - shift and d^2, into total and squares (C,)
+def _shifted_sums(x2d, shift, rows_per_part, first, last, total, squares):  # pragma: no cover - compiled
+    # parts first..last-1 of rows_per_part rows: float64 sums of d = x - shift and d^2 into
+    # total[part] and squares[part] (P, C). The sums run in arrays of this loop's own, which
+    # alias nothing: SIMD over the channels, as in one pass over all rows.
     m, c = x2d.shape
-    for r in range(m):
-        for ch in range(c):
-            d = x2d[r, ch] - shift[ch]
-            total[ch] += d
-            squares[ch] += d * d
+    t = np.empty(c, np.float64)
+    q = np.empty(c, np.float64)
+    for part in range(first, last):
+        t[:] = 0.0
+        q[:] = 0.0
+        for r in range(part * rows_per_part, min((part + 1) * rows_per_part, m)):
+            for ch in range(c):
+                d = x2d[r, ch] - shift[ch]
+                t[ch] += d
+                q[ch] += d * d
+        total[part] = t
+        squares[part] = q
 
 
 @_jit
-def _grad_sums(dy2d, x2d, mean, sum_dy, sum_dy_xc):  # pragma: no cover - compiled; tested against NumPy
-    # float64 sums over the rows of dy and dy * (x - mean), into sum_dy and sum_dy_xc (C,)
+def _grad_sums(dy2d, x2d, mean, rows_per_part, first, last, sum_dy, sum_dy_xc):  # pragma: no cover - compiled
+    # parts first..last-1: float64 sums of dy and dy * (x - mean) into sum_dy[part], sum_dy_xc[part]
     m, c = x2d.shape
-    for r in range(m):
-        for ch in range(c):
-            g = dy2d[r, ch]
-            sum_dy[ch] += g
-            sum_dy_xc[ch] += g * (x2d[r, ch] - mean[ch])
+    s1 = np.empty(c, np.float64)
+    s2 = np.empty(c, np.float64)
+    for part in range(first, last):
+        s1[:] = 0.0
+        s2[:] = 0.0
+        for r in range(part * rows_per_part, min((part + 1) * rows_per_part, m)):
+            for ch in range(c):
+                g = dy2d[r, ch]
+                s1[ch] += g
+                s2[ch] += g * (x2d[r, ch] - mean[ch])
+        sum_dy[part] = s1
+        sum_dy_xc[part] = s2
 
 
 def _summed(kernel: Any, arrays: tuple[Any, ...], per_channel: tuple[Any, ...], c: int) -> tuple[Any, Any]:
-    """Two float64 (C,) sums over the rows of the (M, C) arrays, by kernel(*row slices,
-    *per_channel, sum1, sum2): one pair of partial sums per part of the rows (cnn_gpu.cpu.threads),
-    added in part order, so the result is the same on any number of threads."""
+    """Two float64 (C,) sums over the rows of the (M, C) arrays. The rows are cut into parts
+    fixed by their size (cnn_gpu.cpu.threads.row_parts), each part's sums go to its own row of
+    two (P, C) arrays, and those rows are added in part order: the same result on any number of
+    threads. Each thread runs the kernel once, on a block of consecutive parts."""
     m = arrays[0].shape[0]
+    parts = threads.row_parts(m, c * arrays[0].itemsize)
+    rows_per_part = parts[0].stop if parts else 1
+    first, second = np.zeros((len(parts), c), np.float64), np.zeros((len(parts), c), np.float64)
+    threads.for_each(threads.split(len(parts)),
+                     lambda block, _: kernel(*arrays, *per_channel, rows_per_part, block.start, block.stop,
+                                             first, second))
+    return _in_order(first), _in_order(second)
 
-    def part_sums(rows: slice, _: Any) -> tuple[Any, Any]:
-        first, second = np.zeros(c, np.float64), np.zeros(c, np.float64)
-        kernel(*(a[rows] for a in arrays), *per_channel, first, second)
-        return first, second
 
-    parts = threads.for_each(threads.row_parts(m, c * arrays[0].itemsize), part_sums)
-    if not parts:
-        return np.zeros(c, np.float64), np.zeros(c, np.float64)
-    first, second = parts[0]
-    for a, b in parts[1:]:
-        first += a
-        second += b
-    return first, second
+def _in_order(partials: Any) -> Any:
+    """(P, C) -> (C,): the sum over the P parts. The same P rows give the same sum whichever
+    threads made them: P is fixed by the sizes."""
+    return partials.sum(axis=0)
 
 
 def _mean_var(x2d: Any) -> tuple[Any, Any]:
@@ -134,4 +150,4 @@ def batch_norm_backward_dx(dy2d: Any, x2d: Any, mean: Any, inv_std: Any, gamma: 
 
 
 def _rows(y2d: Any) -> list[slice]:
-    return threads.row_parts(y2d.shape[0], y2d.shape[1] * y2d.itemsize)
+    return threads.split(y2d.shape[0])  # each row on its own: one part per thread

@@ -1,6 +1,8 @@
 """Threads over the parts of a batch, for the CPU ops that already work part by part.
 
     results = for_each(parts, work, scratch)    # [work(part, s) for part in parts], s: the thread's own scratch()
+    parts = split(n)                            # one slice of range(n) per thread
+    parts = row_parts(rows, row_bytes)          # slices of about PART_BYTES, the same on any thread count
 
 The convolution cuts its batch into cache-sized chunks (cnn_gpu.functional.conv) and the compiled
 kernels loop over images; each chunk's im2col, GEMM and col2im depend on no other chunk. NumPy's
@@ -9,9 +11,10 @@ second BLAS thread gains little, while the copies around it stay on one thread. 
 threads the parts run side by side instead, each with the BLAS on one thread inside, and the ops
 that release the GIL (BLAS, Numba's nogil kernels, NumPy's loops over large arrays) run at once.
 
-How many threads: CNN_GPU_THREADS when set, else as many as the BLAS has at the call, so
-threadpoolctl's limits, OPENBLAS_NUM_THREADS and cnn-gpu's sharing of cores between MPI ranks
-set both. Without threadpoolctl (which holds the BLAS at one thread inside) the parts run in turn.
+How many threads: set_count(n), or CNN_GPU_THREADS (read once), else as many as the BLAS has at
+the call, so that threadpoolctl's limits, OPENBLAS_NUM_THREADS and cnn-gpu's sharing of cores
+between MPI ranks set both. Without threadpoolctl (which holds the BLAS at one thread inside)
+the parts run in turn.
 
 A model's whole forward and backward run inside `blas_held()` (cnn_gpu.model.Graph): the BLAS
 stays on one thread from the first layer to the last, not only inside the parts. OpenBLAS's
@@ -20,10 +23,12 @@ the parts (a dense layer's) takes a core from the parts that follow: resnet20's 
 on two threads ran no faster than on one until the BLAS was held for the whole step
 (BENCHMARKS.md, "Session 6").
 
-Results do not depend on the thread count: the parts are fixed by the caller (from sizes, not
-threads), each part is computed as it would be alone, and what is summed over parts (a
-convolution's weight gradient) is summed by the caller in part order. Threads take the next part
-as they finish one, so an uneven split costs at most one part's time.
+Results do not depend on the thread count. An op whose outputs are each computed on their own
+(a ReLU, a pool, a batch norm's normalization) may be cut anywhere: split() gives one part per
+thread, so one thread makes one call. An op that sums over its parts (a convolution's weight
+gradient over chunks, a batch norm's statistics over rows) uses parts fixed by sizes, computes
+each as it would be alone, and adds them in part order. Threads take the next part as they
+finish one, so an uneven split costs at most one part's time.
 """
 from __future__ import annotations
 
@@ -43,20 +48,39 @@ _lock = threading.Lock()
 _pool: ThreadPoolExecutor | None = None
 _pool_size = 0
 _blas: list[Any] | None = None  # threadpoolctl's controllers of the loaded BLAS libraries
+_blas_count: Callable[[], int] | None = None  # the first BLAS's thread count, as a direct call
 # Per thread: .inside, it is running a part (no threads within threads); .held, the thread count
 # while blas_held() keeps the BLAS on one thread (None when no hold is on).
 _state = threading.local()
 
 
 def _blas_controllers() -> list[Any]:
-    global _blas
+    global _blas, _blas_count
     if _blas is None:
         try:
+            import numpy  # noqa: F401, PLC0415 - loads NumPy's BLAS, so that threadpoolctl sees it
             from threadpoolctl import ThreadpoolController  # noqa: PLC0415 - optional
             _blas = [c for c in ThreadpoolController().lib_controllers if c.user_api == "blas"]
         except Exception:  # not installed, or no BLAS it knows: the parts run in turn
             _blas = []
+        _blas_count = _direct_count(_blas[0]) if _blas else None
     return _blas
+
+
+def _direct_count(controller: Any) -> Callable[[], int]:
+    """controller.get_num_threads, without the symbol lookup it repeats on every call (8 us: more
+    than a small ReLU part); count() asks at every op. OpenBLAS built on pthreads only: with
+    OpenMP, and for other BLAS libraries, threadpoolctl's own call."""
+    get_symbol = getattr(controller, "_get_symbol", None)  # threadpoolctl's, not a public name
+    if type(controller).__name__ == "OpenBLASController" and get_symbol is not None and \
+            getattr(controller, "threading_layer", None) != "openmp":
+        try:
+            direct = get_symbol("openblas_get_num_threads")
+        except Exception:
+            direct = None
+        if direct is not None:
+            return direct
+    return controller.get_num_threads
 
 
 def _from_env() -> int | None:
@@ -69,25 +93,47 @@ def _from_env() -> int | None:
         raise ValueError(f"{ENV_VAR} must be a whole number of threads, got {value!r}") from None
 
 
+_chosen: int | None = None  # set_count's number, else CNN_GPU_THREADS's (read once: count() runs at every op)
+_chosen_read = False
+
+
+def set_count(threads: int | None) -> int | None:
+    """Run the CPU ops on `threads` threads from now on (None: as many as the BLAS has), over
+    CNN_GPU_THREADS. Returns the previous choice."""
+    global _chosen, _chosen_read
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise ValueError(f"the thread count must be an int >= 1 or None, got {threads!r}")
+    previous = _chosen if _chosen_read else None
+    _chosen, _chosen_read = threads, True
+    return previous
+
+
+def _choice() -> int | None:
+    global _chosen, _chosen_read
+    if not _chosen_read:
+        _chosen, _chosen_read = _from_env(), True
+    return _chosen
+
+
 def count() -> int:
     """How many threads for_each uses now: 1 inside a part; the hold's count inside blas_held();
-    else CNN_GPU_THREADS, else the BLAS's thread count; 1 without threadpoolctl."""
+    else set_count's or CNN_GPU_THREADS's number, else the BLAS's thread count; 1 without
+    threadpoolctl."""
     if getattr(_state, "inside", False):
         return 1
     held = getattr(_state, "held", None)
     if held is not None:
         return held
-    blas = _blas_controllers()
-    if not blas:
+    if not _blas_controllers():
         return 1
-    return _from_env() or max(1, blas[0].get_num_threads())
+    return _choice() or max(1, _blas_count() or 1)
 
 
 def describe() -> str:
     """One line for `cnn-gpu info` and the benchmark."""
     if not _blas_controllers():
         return "1 (threadpoolctl is not installed: it holds the BLAS at one thread inside the parts)"
-    source = ENV_VAR if _from_env() else "the BLAS's thread count"
+    source = "chosen: set_count or " + ENV_VAR if _choice() else "the BLAS's thread count"
     return f"{count()} ({source})"
 
 
@@ -163,9 +209,18 @@ def ranges(total: int, per: int) -> list[slice]:
     return [slice(i, min(i + per, total)) for i in range(0, total, per)]
 
 
-PART_BYTES = 1 << 18  # what an elementwise or per-row part writes: 256 KiB, in L2 with its operands
+PART_BYTES = 1 << 18  # of rows per part of a sum: 256 KiB, in L2 with its operands
 
 
 def row_parts(rows: int, row_bytes: int) -> list[slice]:
-    """Parts of `rows` rows (images, or rows of an (M, C) view) of about PART_BYTES each."""
+    """Fixed parts of `rows` rows (images, or rows of an (M, C) view) of about PART_BYTES each:
+    for ops that sum over the parts."""
     return ranges(rows, PART_BYTES // max(row_bytes, 1))
+
+
+def split(total: int) -> list[slice]:
+    """range(total) in count() slices of nearly equal size (one slice on one thread): for ops
+    whose every output is computed on its own (a ReLU, a pool), where the cut changes no result
+    and one call per thread costs least."""
+    threads = max(1, min(count(), total))
+    return [slice(total * i // threads, total * (i + 1) // threads) for i in range(threads)]

@@ -1,0 +1,225 @@
+"""cnn_gpu.cpu.threads: parts of a batch side by side, and results that do not depend on how many
+threads ran them (the parts are fixed by sizes, and what is summed over them is summed in part
+order). Each op below is run on one thread and on two, with the BLAS on one thread both times, and
+must give the same bits: the same computation, scheduled differently."""
+import threading
+
+import numpy as np
+import pytest
+
+from cnn_gpu import cpu
+from cnn_gpu.cpu import threads
+from cnn_gpu.functional import (avg_pool2d_backward, avg_pool2d_forward, batch_norm_backward, batch_norm_forward,
+                                conv2d_backward, conv2d_forward, max_pool2d_backward, max_pool2d_forward,
+                                relu_backward, relu_forward)
+from cnn_gpu.models import build
+
+threadpoolctl = pytest.importorskip("threadpoolctl", reason="installed by the [test] extra; run .ci/run")
+
+
+@pytest.fixture
+def on_threads(monkeypatch):
+    """on_threads(n, fn): fn() with cnn_gpu's CPU ops on n threads and the BLAS on one."""
+    def run(n, fn):
+        threads.set_count(n)
+        with threadpoolctl.threadpool_limits(limits=1, user_api="blas"):
+            assert threads.count() == n
+            return fn()
+    yield run
+    threads.set_count(None)
+
+
+def blas_threads():
+    return [i["num_threads"] for i in threadpoolctl.threadpool_info() if i["user_api"] == "blas"]
+
+
+def assert_same(a, b):
+    for u, v in zip(a, b):
+        if u is None:
+            assert v is None
+        else:
+            np.testing.assert_array_equal(np.asarray(u), np.asarray(v))
+
+
+# ---- the pool itself ------------------------------------------------------------------------------
+
+@pytest.fixture
+def count():
+    """count(n): cnn_gpu's CPU ops on n threads for the test."""
+    yield threads.set_count
+    threads.set_count(None)
+
+
+def test_for_each_runs_every_part_once_in_order_on_two_threads(count):
+    count(2)
+    both = threading.Barrier(2, timeout=10)  # the first two parts wait for each other: two threads or a timeout
+    seen, scratches = [], []
+
+    def work(part, scratch):
+        if part < 2:
+            both.wait()
+        seen.append(part)
+        scratch.append(part)
+        return part * part, threading.get_ident()
+
+    def scratch():
+        s = []
+        scratches.append(s)
+        return s
+
+    results = threads.for_each(list(range(9)), work, scratch)
+    assert [r[0] for r in results] == [p * p for p in range(9)]
+    assert sorted(seen) == list(range(9))
+    assert len({r[1] for r in results}) == 2
+    assert len(scratches) == 2 and sorted(sum(scratches, [])) == list(range(9))  # one scratch per thread
+
+
+def test_for_each_on_one_thread_is_a_loop(count):
+    count(1)
+    idents = threads.for_each([1, 2, 3], lambda p, s: threading.get_ident())
+    assert set(idents) == {threading.get_ident()}
+
+
+def test_a_part_that_raises_raises_here_and_the_blas_gets_its_threads_back(count):
+    count(2)
+    with threadpoolctl.threadpool_limits(limits=2, user_api="blas"):
+        before = blas_threads()
+
+        def work(part, _):
+            if part == 3:
+                raise RuntimeError("part 3 failed")
+            return part
+        with pytest.raises(RuntimeError, match="part 3 failed"):
+            threads.for_each(list(range(6)), work)
+        assert blas_threads() == before
+
+
+def test_blas_held_keeps_the_count_and_gives_the_blas_back(count):
+    count(None)
+    with threadpoolctl.threadpool_limits(limits=2, user_api="blas"):
+        assert threads.count() == 2
+        with threads.blas_held():
+            assert set(blas_threads()) == {1}
+            assert threads.count() == 2  # the parts still use two threads
+            with threads.blas_held():  # nested: nothing changes
+                assert set(blas_threads()) == {1}
+            assert set(blas_threads()) == {1}
+        assert set(blas_threads()) == {2}
+
+
+def test_inside_a_part_there_is_one_thread(count):
+    count(2)
+    counts = threads.for_each(list(range(4)), lambda p, s: threads.count())
+    assert counts == [1, 1, 1, 1]
+
+
+def test_thread_count_from_the_environment_and_set_count(monkeypatch, count):
+    monkeypatch.setattr(threads, "_chosen_read", False)  # as at the first op of a process
+    monkeypatch.setenv(threads.ENV_VAR, "3")
+    assert threads.count() == 3 and threads.ENV_VAR in threads.describe()
+    assert count(2) == 3 and threads.count() == 2  # set_count is over the variable
+    monkeypatch.setattr(threads, "_chosen_read", False)
+    monkeypatch.setenv(threads.ENV_VAR, "many")
+    with pytest.raises(ValueError, match=r"CNN_GPU_THREADS must be a whole number of threads, got 'many'"):
+        threads.count()
+    for bad in (0, 1.5, True, "2"):
+        with pytest.raises(ValueError, match="the thread count must be an int >= 1 or None"):
+            count(bad)
+
+
+def test_without_threadpoolctl_the_parts_run_in_turn(monkeypatch, count):
+    count(2)
+    monkeypatch.setattr(threads, "_blas", [])  # what _blas_controllers finds without threadpoolctl
+    assert threads.count() == 1
+    assert "threadpoolctl" in threads.describe()
+    assert threads.for_each([1, 2], lambda p, s: threading.get_ident()) == [threading.get_ident()] * 2
+
+
+def test_ranges_cover_the_total_in_fixed_slices():
+    assert threads.ranges(10, 4) == [slice(0, 4), slice(4, 8), slice(8, 10)]
+    assert threads.ranges(0, 4) == []
+    assert threads.row_parts(3, 1 << 30) == [slice(0, 1), slice(1, 2), slice(2, 3)]  # at least a row each
+
+
+def test_split_gives_one_part_per_thread(count):
+    count(3)
+    assert threads.split(10) == [slice(0, 3), slice(3, 6), slice(6, 10)]
+    assert threads.split(2) == [slice(0, 1), slice(1, 2)]
+    count(1)
+    assert threads.split(10) == [slice(0, 10)]
+
+
+# ---- the ops give the same bits on one thread and on two ------------------------------------------
+
+@pytest.mark.parametrize("jit", [True, False], ids=["compiled", "numpy"])
+@pytest.mark.parametrize("case", [
+    # (N, H, W, C, O, kernel, stride, padding, groups): a ResNet's 3x3 (many chunks), a strided one,
+    # a 1x1, a depthwise one
+    (48, 14, 14, 16, 16, 3, 1, 1, 1),
+    (40, 12, 12, 8, 16, 3, 2, 1, 1),
+    (40, 10, 10, 16, 24, 1, 1, 0, 1),
+    (40, 12, 12, 16, 16, 3, 1, 1, 16),
+])
+def test_conv_is_the_same_on_one_thread_and_two(on_threads, case, jit):
+    if jit and cpu.unavailable_reason():
+        pytest.skip(cpu.unavailable_reason())
+    n, h, w, c, o, k, stride, padding, groups = case
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((n, h, w, c), dtype=np.float32)
+    wt = rng.standard_normal((k, k, c // groups, o), dtype=np.float32)
+    b = rng.standard_normal(o, dtype=np.float32)
+
+    def step():
+        y, cache = conv2d_forward(x, wt, b, stride=stride, padding=padding, groups=groups)
+        return (y, *conv2d_backward(np.sin(y), cache))
+
+    previous = cpu.set_enabled(jit)
+    try:
+        one, two = on_threads(1, step), on_threads(2, step)
+    finally:
+        cpu.set_enabled(previous)
+    assert_same(one, two)
+
+
+@pytest.mark.parametrize("jit", [True, False], ids=["compiled", "numpy"])
+def test_pool_relu_and_batch_norm_are_the_same_on_one_thread_and_two(on_threads, jit):
+    if jit and cpu.unavailable_reason():
+        pytest.skip(cpu.unavailable_reason())
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((64, 16, 16, 16), dtype=np.float32) * 3 + 1
+    gamma, beta = rng.standard_normal(16, dtype=np.float32), rng.standard_normal(16, dtype=np.float32)
+    rm, rv = np.zeros(16, np.float32), np.ones(16, np.float32)
+
+    def step():
+        out = []
+        y, cache = max_pool2d_forward(x, 3, stride=2, padding=1)
+        out += [y, max_pool2d_backward(np.cos(y), cache)]
+        y, cache = max_pool2d_forward(x, 2)
+        out += [y, max_pool2d_backward(np.cos(y), cache)]
+        y, cache = avg_pool2d_forward(x, 2)
+        out += [y, avg_pool2d_backward(np.cos(y), cache)]
+        y, cache = relu_forward(x)
+        out += [y, relu_backward(np.cos(x), cache)]
+        y, cache = batch_norm_forward(x, gamma, beta, rm.copy(), rv.copy(), training=True)
+        out += [y, *batch_norm_backward(np.cos(y), cache)]
+        return out
+
+    previous = cpu.set_enabled(jit)
+    try:
+        one, two = on_threads(1, step), on_threads(2, step)
+    finally:
+        cpu.set_enabled(previous)
+    assert_same(one, two)
+
+
+@pytest.mark.parametrize("name", ["resnet20", "mobilenet", "seed_cnn"])
+def test_a_training_step_is_the_same_on_one_thread_and_two(on_threads, name):
+    x = np.random.default_rng(2).standard_normal((32, 28, 28, 1), dtype=np.float32)
+
+    def step():
+        model = build(name, input_shape=(28, 28, 1), num_classes=10, seed=0)
+        y = model.forward(x)
+        model.backward(np.cos(y))
+        return [y] + [p.grad for p in model.parameters()]
+
+    assert_same(on_threads(1, step), on_threads(2, step))
