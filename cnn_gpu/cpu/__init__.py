@@ -15,10 +15,13 @@ every kernel with it, and it runs wherever Numba is missing or switched off.
 - `cnn_gpu.cpu.depthwise`: `depthwise_forward`, `depthwise_backward` (groups == C, any channel
   multiplier, stride, padding and dilation; the same calls as `cnn_gpu.cuda.conv`'s)
 - `cnn_gpu.cpu.elementwise`: `relu_backward`, `add_relu` (a residual sum and the ReLU after it)
+- `cnn_gpu.cpu.threads`: `for_each` over the parts of a batch, on as many threads as the BLAS has
+  (plain Python and threadpoolctl: no Numba needed)
 
 Numba is optional (`pip install cnn_gpu[fast]`). Set CNN_GPU_JIT=0 to run the NumPy code
-instead, or call `set_enabled(False)`. The kernels are serial, like NumPy's elementwise loops,
-and compiled on first use per dtype; Numba caches the machine code on disk.
+instead, or call `set_enabled(False)`. Each kernel is a serial loop, compiled on first use per
+dtype (Numba caches the machine code on disk); `cnn_gpu.cpu.threads` runs the parts of a batch
+on several threads, the kernels' and the NumPy code's alike.
 """
 from __future__ import annotations
 

@@ -17,7 +17,8 @@ The file reads top to bottom:
    lines each. Every fast path is tested against them, and they run wherever none applies
    (1 < G < C on NumPy).
 2. The fast paths, each a `Strategy` (a forward, and the backward that reads its cache):
-   - NUMPY_GEMM (NumPy, G = 1): im2col + GEMM in cache-sized chunks of the batch, the bias as a
+   - NUMPY_GEMM (NumPy, G = 1): im2col + GEMM in cache-sized chunks of the batch (side by side on
+     several threads, cnn_gpu.cpu.threads; the chunks' weight gradients added in order), the bias as a
      column of ones in the GEMM, cols kept for the backward when narrow or small, and an input
      gradient per kernel offset (NUMPY_GEMM), or with the compiled im2col and col2im of
      cnn_gpu/cpu/conv.py (NUMPY_GEMM_COMPILED).
@@ -158,6 +159,7 @@ REFERENCE = Strategy("reference", reference_forward, reference_backward)
 # twenty such layers keeping theirs would hold far more than all the activations together.
 
 CHUNK_BYTES = 1 << 21      # cols per chunk: 2 MiB measured best (1 to 16 MiB tried; BENCHMARKS.md)
+MIN_CHUNKS = 8             # ... and a batch in at least 8 chunks: parts for up to 8 threads
 KEEP_COLS_BYTES = 1 << 24  # a batch's cols up to 16 MiB is kept for the backward (see _keeps_cols)
 KEEP_COLS_WIDTH = 5        # ... when it is at most 5 times as wide as the output
 
@@ -186,8 +188,10 @@ def _keeps_cols(columns: int, outputs: int, cols_bytes: int) -> bool:
 
 def _chunks(n: int, row_bytes: int) -> list[slice]:
     """Slices of a batch of n, each holding about CHUNK_BYTES of cols (row_bytes per image; at
-    least one image per chunk)."""
-    per = max(1, CHUNK_BYTES // max(row_bytes, 1))
+    least one image per chunk), and at least MIN_CHUNKS of them when there are that many images,
+    so that a layer whose whole batch fits in one chunk still has parts for several threads
+    (cnn_gpu.cpu.threads). Fixed by the sizes alone: the same chunks on any number of threads."""
+    per = max(1, min(CHUNK_BYTES // max(row_bytes, 1), -(-n // MIN_CHUNKS)))
     return [slice(i, min(i + per, n)) for i in range(0, n, per)]
 
 
