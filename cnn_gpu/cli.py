@@ -399,8 +399,8 @@ def _share_cores(comm: Communicator, say: Any = print) -> Any:
 
     usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     threads = max(1, min(usable, (os.cpu_count() or 1) // comm.local_size))
-    say(f"{comm.local_size} ranks on this machine: {threads} thread{'s' if threads > 1 else ''} each for the BLAS "
-        f"and cnn_gpu's CPU ops (set OPENBLAS_NUM_THREADS to choose)")
+    say(f"{comm.local_size} ranks on this machine: {threads} BLAS thread{'s' if threads > 1 else ''} each "
+        f"(set OPENBLAS_NUM_THREADS to choose)")
     return threadpool_limits(limits=threads, user_api="blas")
 
 

@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 
 import cnn_gpu.cli as cli
-from cnn_gpu.cpu import threads
 from cnn_gpu.data import BatchIterator, compute_norm_stats, normalize
 from cnn_gpu.data.transforms import Augmentation
 from cnn_gpu.distributed import (Replicas, SingleProcess, SyncBatchNorm, average_arrays, ranks_agree,
@@ -238,10 +237,9 @@ def test_ranks_on_one_machine_share_its_cores_unless_the_environment_chose(monke
     said = []
     limiter = cli._share_cores(comm, said.append)
     try:
-        assert said == [f"{comm.local_size} ranks on this machine: 1 thread each for the BLAS and cnn_gpu's CPU "
-                        "ops (set OPENBLAS_NUM_THREADS to choose)"]
+        assert said == [f"{comm.local_size} ranks on this machine: 1 BLAS thread each (set OPENBLAS_NUM_THREADS "
+                        "to choose)"]
         assert all(i["num_threads"] == 1 for i in threadpool_info() if i["user_api"] == "blas")
-        assert threads.count() == 1  # our CPU ops follow the BLAS's share
     finally:
         limiter.restore_original_limits()
     monkeypatch.setenv("OPENBLAS_NUM_THREADS", "2")

@@ -19,7 +19,10 @@ threadpoolctl = pytest.importorskip("threadpoolctl", reason="installed by the [t
 
 @pytest.fixture
 def on_threads(monkeypatch):
-    """on_threads(n, fn): fn() with cnn_gpu's CPU ops on n threads and the BLAS on one."""
+    """on_threads(n, fn): fn() with cnn_gpu's CPU ops on n threads and the BLAS on one. split()
+    cuts arrays of a few KiB too, so that these small ones are cut as a large one would be."""
+    monkeypatch.setattr(threads, "SPLIT_MIN_BYTES", 1 << 10)
+
     def run(n, fn):
         threads.set_count(n)
         with threadpoolctl.threadpool_limits(limits=1, user_api="blas"):
@@ -95,7 +98,7 @@ def test_a_part_that_raises_raises_here_and_the_blas_gets_its_threads_back(count
 
 
 def test_blas_held_keeps_the_count_and_gives_the_blas_back(count):
-    count(None)
+    count(2)
     with threadpoolctl.threadpool_limits(limits=2, user_api="blas"):
         assert threads.count() == 2
         with threads.blas_held():
@@ -111,6 +114,14 @@ def test_inside_a_part_there_is_one_thread(count):
     count(2)
     counts = threads.for_each(list(range(4)), lambda p, s: threads.count())
     assert counts == [1, 1, 1, 1]
+
+
+def test_one_thread_by_default_with_the_blas_left_alone(count):
+    count(None)
+    with threadpoolctl.threadpool_limits(limits=2, user_api="blas"):
+        assert threads.count() == 1 and "the default" in threads.describe()
+        with threads.blas_held():
+            assert set(blas_threads()) == {2}  # nothing to hold for
 
 
 def test_thread_count_from_the_environment_and_set_count(monkeypatch, count):
@@ -141,12 +152,15 @@ def test_ranges_cover_the_total_in_fixed_slices():
     assert threads.row_parts(3, 1 << 30) == [slice(0, 1), slice(1, 2), slice(2, 3)]  # at least a row each
 
 
-def test_split_gives_one_part_per_thread(count):
+def test_split_gives_one_part_per_thread_of_at_least_a_mebibyte(count):
+    mib = threads.SPLIT_MIN_BYTES
     count(3)
-    assert threads.split(10) == [slice(0, 3), slice(3, 6), slice(6, 10)]
-    assert threads.split(2) == [slice(0, 1), slice(1, 2)]
+    assert threads.split(10, mib) == [slice(0, 3), slice(3, 6), slice(6, 10)]
+    assert threads.split(2, mib) == [slice(0, 1), slice(1, 2)]
+    assert threads.split(8, mib // 4) == [slice(0, 4), slice(4, 8)]  # 2 MiB in all: two parts
+    assert threads.split(10, 1) == [slice(0, 10)]  # a small array runs here, whole
     count(1)
-    assert threads.split(10) == [slice(0, 10)]
+    assert threads.split(10, mib) == [slice(0, 10)]
 
 
 # ---- the ops give the same bits on one thread and on two ------------------------------------------

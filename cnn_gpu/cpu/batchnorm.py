@@ -71,7 +71,7 @@ def _summed(kernel: Any, arrays: tuple[Any, ...], per_channel: tuple[Any, ...], 
     parts = threads.row_parts(m, c * arrays[0].itemsize)
     rows_per_part = parts[0].stop if parts else 1
     first, second = np.zeros((len(parts), c), np.float64), np.zeros((len(parts), c), np.float64)
-    threads.for_each(threads.split(len(parts)),
+    threads.for_each(threads.split(len(parts), threads.PART_BYTES),
                      lambda block, _: kernel(*arrays, *per_channel, rows_per_part, block.start, block.stop,
                                              first, second))
     return _in_order(first), _in_order(second)
@@ -150,4 +150,4 @@ def batch_norm_backward_dx(dy2d: Any, x2d: Any, mean: Any, inv_std: Any, gamma: 
 
 
 def _rows(y2d: Any) -> list[slice]:
-    return threads.split(y2d.shape[0])  # each row on its own: one part per thread
+    return threads.split(y2d.shape[0], y2d.shape[1] * y2d.itemsize)  # each row on its own: one part per thread

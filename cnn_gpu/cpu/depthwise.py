@@ -183,7 +183,7 @@ def depthwise_forward(x: Any, w: Any, b: Any, window: Window, out_hw: tuple[int,
     def run(images: slice, _: Any) -> None:
         forward(x[images], taps, bias, window.sh, window.sw, window.ph, window.pw, window.dh, window.dw,
                 bool(relu), y[images])
-    threads.for_each(threads.split(n), run)  # a part of the batch per thread
+    threads.for_each(threads.split(n, y[:1].nbytes), run)  # a part of the batch per thread
     return y
 
 

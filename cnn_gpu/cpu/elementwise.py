@@ -34,7 +34,7 @@ def relu_backward(dy: Any, y: Any) -> Any:
     """dy, y (any shape, the same) -> dx: dy where the ReLU's output y > 0, else 0."""
     dx = np.empty(dy.shape, dtype=dy.dtype)
     d, v, out = np.ascontiguousarray(dy).reshape(-1), np.ascontiguousarray(y).reshape(-1), dx.reshape(-1)
-    threads.for_each(threads.split(out.size), lambda s, _: _relu_backward(d[s], v[s], out[s]))
+    threads.for_each(threads.split(out.size, out.itemsize), lambda s, _: _relu_backward(d[s], v[s], out[s]))
     return dx
 
 
@@ -51,7 +51,7 @@ def add_relu(a: Any, b: Any) -> Any:
     NaN, -0.0 becomes 0), so the result equals np.maximum(a + b, 0) bit for bit."""
     y = np.empty(a.shape, dtype=a.dtype)
     u, v, out = np.ascontiguousarray(a).reshape(-1), np.ascontiguousarray(b).reshape(-1), y.reshape(-1)
-    threads.for_each(threads.split(out.size), lambda s, _: _add_relu(u[s], v[s], out[s]))
+    threads.for_each(threads.split(out.size, out.itemsize), lambda s, _: _add_relu(u[s], v[s], out[s]))
     return y
 
 

@@ -151,7 +151,7 @@ def _run_forward(x: Any, window: Window, y: Any, argmax: Any, record: bool) -> N
             _forward_2x2(x[images], y[images], at, record)
         else:
             _forward(x[images], *window, y[images], at, record)
-    threads.for_each(threads.split(x.shape[0]), run)
+    threads.for_each(threads.split(x.shape[0], x[:1].nbytes), run)
 
 
 def max_pool2d_forward(x: Any, window: Window, out_hw: tuple[int, int]) -> tuple[Any, Any]:
@@ -191,5 +191,5 @@ def max_pool2d_backward(dy: Any, argmax: Any, x_shape: tuple[int, ...], window: 
             _backward_tiles(dy[images], argmax[images], window.kh, window.kw, dx[images])
         else:
             _backward(dy[images], argmax[images], *window, dx[images])
-    threads.for_each(threads.split(dx.shape[0]), run)
+    threads.for_each(threads.split(dx.shape[0], dx[:1].nbytes), run)
     return dx

@@ -1,7 +1,7 @@
 """Threads over the parts of a batch, for the CPU ops that already work part by part.
 
     results = for_each(parts, work, scratch)    # [work(part, s) for part in parts], s: the thread's own scratch()
-    parts = split(n)                            # one slice of range(n) per thread
+    parts = split(n, item_bytes)                # a slice of range(n) per thread, of at least 1 MiB
     parts = row_parts(rows, row_bytes)          # slices of about PART_BYTES, the same on any thread count
 
 The convolution cuts its batch into cache-sized chunks (cnn_gpu.functional.conv) and the compiled
@@ -11,10 +11,12 @@ second BLAS thread gains little, while the copies around it stay on one thread. 
 threads the parts run side by side instead, each with the BLAS on one thread inside, and the ops
 that release the GIL (BLAS, Numba's nogil kernels, NumPy's loops over large arrays) run at once.
 
-How many threads: set_count(n), or CNN_GPU_THREADS (read once), else as many as the BLAS has at
-the call, so that threadpoolctl's limits, OPENBLAS_NUM_THREADS and cnn-gpu's sharing of cores
-between MPI ranks set both. Without threadpoolctl (which holds the BLAS at one thread inside)
-the parts run in turn.
+How many threads: set_count(n), or CNN_GPU_THREADS=n (read once); by default one, and the BLAS
+threads its own GEMMs as it always has. Which is faster depends on the network (BENCHMARKS.md,
+"Session 6", two cores): ours ran resnet20 1.3-2.0x and mobilenet up to 1.3x faster than the
+BLAS's threads, but the seed network 8-20% slower, since its few wide GEMMs are what OpenBLAS
+threads well and its small layers leave little to share. Without threadpoolctl (which holds the
+BLAS at one thread) the parts run in turn.
 
 A model's whole forward and backward run inside `blas_held()` (cnn_gpu.model.Graph): the BLAS
 stays on one thread from the first layer to the last, not only inside the parts. OpenBLAS's
@@ -48,14 +50,13 @@ _lock = threading.Lock()
 _pool: ThreadPoolExecutor | None = None
 _pool_size = 0
 _blas: list[Any] | None = None  # threadpoolctl's controllers of the loaded BLAS libraries
-_blas_count: Callable[[], int] | None = None  # the first BLAS's thread count, as a direct call
 # Per thread: .inside, it is running a part (no threads within threads); .held, the thread count
 # while blas_held() keeps the BLAS on one thread (None when no hold is on).
 _state = threading.local()
 
 
 def _blas_controllers() -> list[Any]:
-    global _blas, _blas_count
+    global _blas
     if _blas is None:
         try:
             import numpy  # noqa: F401, PLC0415 - loads NumPy's BLAS, so that threadpoolctl sees it
@@ -63,24 +64,7 @@ def _blas_controllers() -> list[Any]:
             _blas = [c for c in ThreadpoolController().lib_controllers if c.user_api == "blas"]
         except Exception:  # not installed, or no BLAS it knows: the parts run in turn
             _blas = []
-        _blas_count = _direct_count(_blas[0]) if _blas else None
     return _blas
-
-
-def _direct_count(controller: Any) -> Callable[[], int]:
-    """controller.get_num_threads, without the symbol lookup it repeats on every call (8 us: more
-    than a small ReLU part); count() asks at every op. OpenBLAS built on pthreads only: with
-    OpenMP, and for other BLAS libraries, threadpoolctl's own call."""
-    get_symbol = getattr(controller, "_get_symbol", None)  # threadpoolctl's, not a public name
-    if type(controller).__name__ == "OpenBLASController" and get_symbol is not None and \
-            getattr(controller, "threading_layer", None) != "openmp":
-        try:
-            direct = get_symbol("openblas_get_num_threads")
-        except Exception:
-            direct = None
-        if direct is not None:
-            return direct
-    return controller.get_num_threads
 
 
 def _from_env() -> int | None:
@@ -98,8 +82,8 @@ _chosen_read = False
 
 
 def set_count(threads: int | None) -> int | None:
-    """Run the CPU ops on `threads` threads from now on (None: as many as the BLAS has), over
-    CNN_GPU_THREADS. Returns the previous choice."""
+    """Run the CPU ops on `threads` threads from now on (None: the default, one, with the BLAS
+    threading its GEMMs), over CNN_GPU_THREADS. Returns the previous choice."""
     global _chosen, _chosen_read
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
         raise ValueError(f"the thread count must be an int >= 1 or None, got {threads!r}")
@@ -117,24 +101,27 @@ def _choice() -> int | None:
 
 def count() -> int:
     """How many threads for_each uses now: 1 inside a part; the hold's count inside blas_held();
-    else set_count's or CNN_GPU_THREADS's number, else the BLAS's thread count; 1 without
-    threadpoolctl."""
+    else set_count's or CNN_GPU_THREADS's number, else 1; 1 without threadpoolctl."""
     if getattr(_state, "inside", False):
         return 1
     held = getattr(_state, "held", None)
     if held is not None:
         return held
-    if not _blas_controllers():
+    chosen = _choice()
+    if chosen is None or chosen <= 1 or not _blas_controllers():
         return 1
-    return _choice() or max(1, _blas_count() or 1)
+    return chosen
 
 
 def describe() -> str:
     """One line for `cnn-gpu info` and the benchmark."""
-    if not _blas_controllers():
-        return "1 (threadpoolctl is not installed: it holds the BLAS at one thread inside the parts)"
-    source = "chosen: set_count or " + ENV_VAR if _choice() else "the BLAS's thread count"
-    return f"{count()} ({source})"
+    chosen = _choice()
+    if chosen is None:
+        return f"1 (the default: the BLAS threads its GEMMs; {ENV_VAR}=N runs the ops on N threads)"
+    if chosen > 1 and not _blas_controllers():
+        return (f"1 ({ENV_VAR}={chosen}, but threadpoolctl is not installed: it holds the BLAS at one thread "
+                "while the ops share the cores)")
+    return f"{chosen} ({ENV_VAR} or set_count; the BLAS held at one thread while a model runs)"
 
 
 def _set_blas(counts: Sequence[int]) -> None:
@@ -218,9 +205,14 @@ def row_parts(rows: int, row_bytes: int) -> list[slice]:
     return ranges(rows, PART_BYTES // max(row_bytes, 1))
 
 
-def split(total: int) -> list[slice]:
-    """range(total) in count() slices of nearly equal size (one slice on one thread): for ops
-    whose every output is computed on its own (a ReLU, a pool), where the cut changes no result
-    and one call per thread costs least."""
-    threads = max(1, min(count(), total))
+SPLIT_MIN_BYTES = 1 << 20  # what split() gives a thread at the least: handing a part to another
+                           # thread costs about 0.1 ms, the time to stream 1 MiB (BENCHMARKS.md, "Session 6")
+
+
+def split(total: int, item_bytes: int) -> list[slice]:
+    """range(total) in up to count() slices of nearly equal size, each at least SPLIT_MIN_BYTES
+    of items of item_bytes (so a small array is one slice, run here): for ops whose every output
+    is computed on its own (a ReLU, a pool), where the cut changes no result and one call per
+    thread costs least."""
+    threads = max(1, min(count(), total * max(item_bytes, 1) // SPLIT_MIN_BYTES))
     return [slice(total * i // threads, total * (i + 1) // threads) for i in range(threads)]

@@ -21,7 +21,7 @@ def relu_forward(x: Any) -> tuple[Any, Any]:
     x = np.ascontiguousarray(x)
     y = np.empty_like(x)
     flat_x, flat_y = x.reshape(-1), y.reshape(-1)  # NumPy's loop in parts on cnn_gpu.cpu.threads
-    threads.for_each(threads.split(flat_y.size), lambda s, _: np.maximum(flat_x[s], 0, out=flat_y[s]))
+    threads.for_each(threads.split(flat_y.size, flat_y.itemsize), lambda s, _: np.maximum(flat_x[s], 0, out=flat_y[s]))
     return y, y
 
 

@@ -159,7 +159,8 @@ REFERENCE = Strategy("reference", reference_forward, reference_backward)
 # twenty such layers keeping theirs would hold far more than all the activations together.
 
 CHUNK_BYTES = 1 << 21      # cols per chunk: 2 MiB measured best (1 to 16 MiB tried; BENCHMARKS.md)
-MIN_CHUNKS = 8             # ... and a batch in at least 8 chunks: parts for up to 8 threads
+MIN_CHUNKS = 8             # ... and a batch in up to 8 chunks: parts for up to 8 threads,
+MIN_CHUNK_BYTES = 1 << 19  # ... of at least 512 KiB of cols (a thread's part costs ~0.1 ms to hand over)
 KEEP_COLS_BYTES = 1 << 24  # a batch's cols up to 16 MiB is kept for the backward (see _keeps_cols)
 KEEP_COLS_WIDTH = 5        # ... when it is at most 5 times as wide as the output
 
@@ -188,10 +189,12 @@ def _keeps_cols(columns: int, outputs: int, cols_bytes: int) -> bool:
 
 def _chunks(n: int, row_bytes: int) -> list[slice]:
     """Slices of a batch of n, each holding about CHUNK_BYTES of cols (row_bytes per image; at
-    least one image per chunk), and at least MIN_CHUNKS of them when there are that many images,
-    so that a layer whose whole batch fits in one chunk still has parts for several threads
-    (cnn_gpu.cpu.threads). Fixed by the sizes alone: the same chunks on any number of threads."""
-    per = max(1, min(CHUNK_BYTES // max(row_bytes, 1), -(-n // MIN_CHUNKS)))
+    least one image per chunk), and up to MIN_CHUNKS of at least MIN_CHUNK_BYTES when the batch
+    would fit in fewer, so that a layer whose whole batch fits in one chunk still has parts for
+    several threads (cnn_gpu.cpu.threads). Fixed by the sizes alone: the same chunks on any
+    number of threads."""
+    per = max(1, min(CHUNK_BYTES // max(row_bytes, 1),
+                     max(-(-n // MIN_CHUNKS), MIN_CHUNK_BYTES // max(row_bytes, 1))))
     return [slice(i, min(i + per, n)) for i in range(0, n, per)]
 
 

@@ -41,8 +41,8 @@ def linear_backward(dy: Any, cache: tuple, need_dx: bool = True) -> tuple[Any, A
     return dx, dw, db
 
 
-ROW_BLOCKS = 8   # a GEMM's rows in up to 8 blocks ...
-MIN_BLOCK_ROWS = 16  # ... of at least 16 rows
+ROW_BLOCKS = 8               # a GEMM's rows in up to 8 blocks ...
+MIN_BLOCK_BYTES = 1 << 18    # ... each reading at least 256 KiB of a (handing over a block costs ~0.1 ms)
 
 
 def _rows_matmul(a: Any, b: Any) -> Any:
@@ -50,7 +50,8 @@ def _rows_matmul(a: Any, b: Any) -> Any:
     if not isinstance(a, np.ndarray):
         return matmul(a, b)
     m = a.shape[0]
-    parts = threads.ranges(m, max(MIN_BLOCK_ROWS, -(-m // ROW_BLOCKS)))
+    row_bytes = a.shape[1] * a.itemsize
+    parts = threads.ranges(m, max(-(-m // ROW_BLOCKS), MIN_BLOCK_BYTES // max(row_bytes, 1)))
     if len(parts) <= 1:
         return a @ b
     out = np.empty((a.shape[0], b.shape[1]), dtype=np.result_type(a, b))
