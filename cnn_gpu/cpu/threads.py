@@ -13,13 +13,13 @@ that release the GIL (BLAS, Numba's nogil kernels, NumPy's loops over large arra
 
 How many threads: set_count(n), or CNN_GPU_THREADS=n (read once); by default one, and the BLAS
 threads its own GEMMs as it always has. Which is faster depends on the network (BENCHMARKS.md,
-"Session 6", two cores): ours ran resnet20 1.3-2.0x and mobilenet up to 1.3x faster than the
-BLAS's threads, but the seed network 8-20% slower, since its few wide GEMMs are what OpenBLAS
-threads well and its small layers leave little to share. Without threadpoolctl (which holds the
+"Session 6", two cores): ours ran resnet20 1.45-1.6x and mobilenet 1.15-1.3x as fast as the
+BLAS's threads, but the seed networks 0.8-1.1x, since their few wide GEMMs are what OpenBLAS
+threads well and their small layers leave little to share. Without threadpoolctl (which holds the
 BLAS at one thread) the parts run in turn.
 
-A model's whole forward and backward run inside `blas_held()` (cnn_gpu.model.Graph): the BLAS
-stays on one thread from the first layer to the last, not only inside the parts. OpenBLAS's
+With N > 1, a model's whole forward and backward run inside `blas_held()` (cnn_gpu.model.Graph):
+the BLAS stays on one thread from the first layer to the last, not only inside the parts. OpenBLAS's
 threads spin for a while after each call they share, and one left spinning after a GEMM outside
 the parts (a dense layer's) takes a core from the parts that follow: resnet20's training step
 on two threads ran no faster than on one until the BLAS was held for the whole step
