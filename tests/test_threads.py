@@ -7,7 +7,6 @@ import threading
 import numpy as np
 import pytest
 
-from cnn_gpu import cpu
 from cnn_gpu.cpu import threads
 from cnn_gpu.functional import (avg_pool2d_backward, avg_pool2d_forward, batch_norm_backward, batch_norm_forward,
                                 conv2d_backward, conv2d_forward, max_pool2d_backward, max_pool2d_forward,
@@ -165,7 +164,7 @@ def test_split_gives_one_part_per_thread_of_at_least_a_mebibyte(count):
 
 # ---- the ops give the same bits on one thread and on two ------------------------------------------
 
-@pytest.mark.parametrize("jit", [True, False], ids=["compiled", "numpy"])
+@pytest.mark.usefixtures("cpu_kernels")  # the compiled kernels, then the NumPy code
 @pytest.mark.parametrize("case", [
     # (N, H, W, C, O, kernel, stride, padding, groups): a ResNet's 3x3 (many chunks), a strided one,
     # a 1x1, a depthwise one
@@ -174,9 +173,7 @@ def test_split_gives_one_part_per_thread_of_at_least_a_mebibyte(count):
     (40, 10, 10, 16, 24, 1, 1, 0, 1),
     (40, 12, 12, 16, 16, 3, 1, 1, 16),
 ])
-def test_conv_is_the_same_on_one_thread_and_two(on_threads, case, jit):
-    if jit and cpu.unavailable_reason():
-        pytest.skip(cpu.unavailable_reason())
+def test_conv_is_the_same_on_one_thread_and_two(on_threads, case):
     n, h, w, c, o, k, stride, padding, groups = case
     rng = np.random.default_rng(0)
     x = rng.standard_normal((n, h, w, c), dtype=np.float32)
@@ -187,18 +184,11 @@ def test_conv_is_the_same_on_one_thread_and_two(on_threads, case, jit):
         y, cache = conv2d_forward(x, wt, b, stride=stride, padding=padding, groups=groups)
         return (y, *conv2d_backward(np.sin(y), cache))
 
-    previous = cpu.set_enabled(jit)
-    try:
-        one, two = on_threads(1, step), on_threads(2, step)
-    finally:
-        cpu.set_enabled(previous)
-    assert_same(one, two)
+    assert_same(on_threads(1, step), on_threads(2, step))
 
 
-@pytest.mark.parametrize("jit", [True, False], ids=["compiled", "numpy"])
-def test_pool_relu_and_batch_norm_are_the_same_on_one_thread_and_two(on_threads, jit):
-    if jit and cpu.unavailable_reason():
-        pytest.skip(cpu.unavailable_reason())
+@pytest.mark.usefixtures("cpu_kernels")
+def test_pool_relu_and_batch_norm_are_the_same_on_one_thread_and_two(on_threads):
     rng = np.random.default_rng(1)
     x = rng.standard_normal((64, 16, 16, 16), dtype=np.float32) * 3 + 1
     gamma, beta = rng.standard_normal(16, dtype=np.float32), rng.standard_normal(16, dtype=np.float32)
@@ -218,12 +208,7 @@ def test_pool_relu_and_batch_norm_are_the_same_on_one_thread_and_two(on_threads,
         out += [y, *batch_norm_backward(np.cos(y), cache)]
         return out
 
-    previous = cpu.set_enabled(jit)
-    try:
-        one, two = on_threads(1, step), on_threads(2, step)
-    finally:
-        cpu.set_enabled(previous)
-    assert_same(one, two)
+    assert_same(on_threads(1, step), on_threads(2, step))
 
 
 @pytest.mark.parametrize("name", ["resnet20", "mobilenet", "seed_cnn"])
