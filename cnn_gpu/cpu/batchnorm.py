@@ -74,13 +74,7 @@ def _summed(kernel: Any, arrays: tuple[Any, ...], per_channel: tuple[Any, ...], 
     threads.for_each(threads.split(len(parts), threads.PART_BYTES),
                      lambda block, _: kernel(*arrays, *per_channel, rows_per_part, block.start, block.stop,
                                              first, second))
-    return _in_order(first), _in_order(second)
-
-
-def _in_order(partials: Any) -> Any:
-    """(P, C) -> (C,): the sum over the P parts. The same P rows give the same sum whichever
-    threads made them: P is fixed by the sizes."""
-    return partials.sum(axis=0)
+    return first.sum(axis=0), second.sum(axis=0)  # the same P rows, whichever threads made them
 
 
 def _mean_var(x2d: Any) -> tuple[Any, Any]:

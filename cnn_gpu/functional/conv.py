@@ -195,7 +195,7 @@ def _chunks(n: int, row_bytes: int) -> list[slice]:
     number of threads."""
     per = max(1, min(CHUNK_BYTES // max(row_bytes, 1),
                      max(-(-n // MIN_CHUNKS), MIN_CHUNK_BYTES // max(row_bytes, 1))))
-    return [slice(i, min(i + per, n)) for i in range(0, n, per)]
+    return threads.ranges(n, per)
 
 
 def cols_buffer(rows: int, columns: int, channels: int, dtype: Any) -> np.ndarray:
@@ -402,8 +402,7 @@ DEPTHWISE_CHUNK_BYTES = 1 << 18  # of output per chunk, so a chunk and its term 
 
 
 def _depthwise_chunks(n: int, image_bytes: int) -> list[slice]:
-    per = max(1, DEPTHWISE_CHUNK_BYTES // max(image_bytes, 1))
-    return [slice(i, min(i + per, n)) for i in range(0, n, per)]
+    return threads.ranges(n, DEPTHWISE_CHUNK_BYTES // max(image_bytes, 1))
 
 
 def _depthwise_forward(x: Any, w: Any, b: Any, window: Window, groups: int, out_hw: tuple[int, int],
