@@ -156,6 +156,18 @@ class Layer:
         to their output in the same pass, giving the numbers of the activation layer after them."""
         return False
 
+    def absorbs_activation_gradient(self) -> bool:
+        """Training, after forward(..., activation=name): whether backward takes the gradient at
+        the activation's output and applies the activation's derivative itself (the activation
+        layer is then told to pass_gradient); if not, the activation layer keeps the output
+        (keep_output) and its own backward applies the derivative."""
+        return False
+
+    def pass_gradient(self) -> None:
+        """Training: the layer before computed this activation and applies its derivative in its
+        own backward; this layer's next backward returns dy unchanged."""
+        raise NotImplementedError
+
     # ---- building graphs ---------------------------------------------------------------------
 
     def __call__(self, *args: Any, name: str | None = None, **options: Any) -> Any:
@@ -514,7 +526,7 @@ class LocalStatistics:
 LOCAL_STATISTICS = LocalStatistics()
 
 
-class BatchNormCache(NamedTuple):
+class BatchNormLayerCache(NamedTuple):
     """What a batch-norm layer's backward needs: which statistics ran the forward, and their cache."""
 
     statistics: Any  # LOCAL_STATISTICS or a SyncBatchNorm: its backward runs
@@ -543,15 +555,25 @@ class _BatchNorm(Layer):
                         "running_var": np.ones(num_features, dtype=dtype)}
         self.statistics: Any = LOCAL_STATISTICS
 
-    def forward(self, x: Any) -> Any:
+    def forward(self, x: Any, activation: str | None = None) -> Any:
+        """activation 'relu': max(y, 0), and backward then takes the gradient at the ReLU's output
+        (the plan passes it for a ReLU after this layer; see absorbs_activation)."""
+        relu = _relu_option(self, activation)
         check_rank(x, len(self._layout.split(",")), repr(self), self._layout)
         self._check_channels(x, self.num_features)
         statistics = self.statistics if self.training else LOCAL_STATISTICS
         y, cache = statistics.forward(
             x, self.params["gamma"].data, self.params["beta"].data, self.buffers["running_mean"],
-            self.buffers["running_var"], training=self.training, momentum=self.momentum, eps=self.eps)
-        self._cache = BatchNormCache(statistics, cache)
+            self.buffers["running_var"], training=self.training, momentum=self.momentum, eps=self.eps,
+            relu=relu)
+        self._cache = BatchNormLayerCache(statistics, cache)
         return y
+
+    def absorbs_activation(self, name: str, training: bool) -> bool:
+        return name == "relu"
+
+    def absorbs_activation_gradient(self) -> bool:
+        return True
 
     def backward(self, dy: Any, need_dx: bool = True) -> Any:
         dx, dgamma, dbeta = self._cache.statistics.backward(dy, self._cache.cache)
@@ -751,6 +773,19 @@ class ReLU(_Activation):
 
     def keep_output(self, y: Any) -> None:
         self._cache = y  # relu_forward's cache: its output
+
+    def pass_gradient(self) -> None:
+        self._cache = _PASS_GRADIENT
+
+    def backward(self, dy: Any, need_dx: bool = True) -> Any:
+        if self._cache is _PASS_GRADIENT:
+            self._cache = None
+            return dy if need_dx else None
+        return super().backward(dy, need_dx)
+
+
+# ReLU._cache when the layer before applies the ReLU's derivative (see Layer.pass_gradient).
+_PASS_GRADIENT = object()
 
 
 class LeakyReLU(_Activation):

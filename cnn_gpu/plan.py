@@ -11,9 +11,12 @@ a layer overrides), so every model gets it wherever its structure allows, Sequen
 - activation (training and evaluation): an elementwise activation layer (activation(): 'relu')
   whose only input is the output of a layer that can apply it in its own pass (absorbs_activation:
   a convolution, in its GEMM's chunks while they are in cache; a residual Add, in the same loop as
-  the sum) and that nothing else reads, runs as that layer with activation=... . The activation
-  layer is handed the output (keep_output), so its backward runs as it would after its own
-  forward: the training step's numbers are the same, bit for bit;
+  the sum; a batch norm, in its normalize) and that nothing else reads, runs as that layer with
+  activation=... . In training, the activation layer is handed the output (keep_output), so its
+  backward runs as it would after its own forward; or, where the layer's backward applies the
+  activation's derivative as it reads dy (absorbs_activation_gradient: batch norm), the
+  activation's backward passes dy on (pass_gradient). Either way the training step's numbers are
+  the same, bit for bit: the same maximum of the same values, the same select of the same dy;
 - crop (training and evaluation): a layer that can compute the top-left part of its output
   (computes_part: an unpadded convolution) whose output only one layer reads, and that layer
   only in part (input_extent: a pool whose windows stop short of the edge, as a 2x2 pool of an
@@ -68,7 +71,9 @@ def run_step(step: Step, training: bool, xs: Sequence[Any]) -> Any:
         options = {**options, "activation": step.activation.activation()}
     if training:
         y = step.layer.forward(*xs, **options)
-        if step.activation is not None:
+        if step.activation is not None and step.layer.absorbs_activation_gradient():
+            step.activation.pass_gradient()  # the layer's backward takes dy through the activation
+        elif step.activation is not None:
             step.activation.keep_output(y)  # what its backward reads, as after its own forward
         return y
     if step.folded is not None:

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from cnn_gpu.backend import to_numpy
-from cnn_gpu.functional import batch_norm_backward, batch_norm_forward
+from cnn_gpu.functional import batch_norm_backward, batch_norm_forward, relu_backward, relu_forward
 
 from .helpers import assert_close, numerical_gradients, random
 from .references import batch_norm_loops
@@ -37,6 +37,44 @@ def test_gradients_match_finite_differences(xp, rng, shape, training):
     num = numerical_gradients(f, [x, gamma, beta], dy)
     for got, want, name in zip((dx, dgamma, dbeta), num, ("dx", "dgamma", "dbeta")):
         assert_close(got, want, rtol=1e-6, atol=1e-7, what=name)
+
+
+@pytest.mark.parametrize("shape", SHAPES[:3])
+@pytest.mark.parametrize("training", [True, False])
+def test_relu_gradients_match_finite_differences(xp, rng, shape, training):
+    """batch_norm_forward(relu=True) is max(batch norm, 0), and its backward takes dy at the ReLU's
+    output (float64; random values sit far from the ReLU's kink, 1e-6 away with tiny odds)."""
+    c = shape[-1]
+    x, gamma, beta = random(xp, rng, shape), random(xp, rng, (c,)), random(xp, rng, (c,))
+    rm, rv = random(xp, rng, (c,)), xp.asarray(rng.uniform(0.5, 2.0, c))
+    f = lambda a, g, b: batch_norm_forward(a, g, b, rm.copy(), rv.copy(), training=training, relu=True)[0]
+    y, cache = batch_norm_forward(x, gamma, beta, rm.copy(), rv.copy(), training=training, relu=True)
+    assert float(y.min()) == 0.0 and float(y.max()) > 0  # the ReLU cut some values, passed others
+    dy = random(xp, rng, y.shape)
+    num = numerical_gradients(f, [x, gamma, beta], dy)
+    for got, want, name in zip(batch_norm_backward(dy, cache), num, ("dx", "dgamma", "dbeta")):
+        assert_close(got, want, rtol=1e-6, atol=1e-7, what=name)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("training", [True, False])
+def test_relu_gives_the_numbers_of_the_two_ops_bit_for_bit(xp, rng, dtype, training):
+    """The fused pair against batch norm then relu_forward, and relu_backward then batch norm's
+    backward: the same maximum of the same values and the same select of the same dy, so the same
+    bits (what lets the plan fuse them in training). A batch big enough for several parts of the
+    CPU kernels' sums, a beta that sends half the values below 0, and zeros in dy."""
+    shape, c = (6, 9, 9, 16), 16
+    x = random(xp, rng, shape, scale=2.0).astype(dtype)
+    gamma, beta = random(xp, rng, (c,)).astype(dtype), xp.asarray(np.linspace(-1, 1, c), dtype=dtype)
+    stats = lambda: (xp.zeros(c, dtype=dtype), xp.ones(c, dtype=dtype))
+    dy = random(xp, rng, shape).astype(dtype)
+    dy[0, 0] = 0
+    y, cache = batch_norm_forward(x, gamma, beta, *stats(), training=training, relu=True)
+    bn, bn_cache = batch_norm_forward(x, gamma, beta, *stats(), training=training)
+    relu, relu_cache = relu_forward(bn)
+    np.testing.assert_array_equal(to_numpy(y), to_numpy(relu))
+    for got, want in zip(batch_norm_backward(dy, cache), batch_norm_backward(relu_backward(dy, relu_cache), bn_cache)):
+        np.testing.assert_array_equal(to_numpy(got), to_numpy(want))
 
 
 def test_running_statistics_hand_computed(xp):

@@ -114,6 +114,20 @@ def test_a_batch_norm_layer_with_sync_statistics_uses_the_global_count(rng):
     np.testing.assert_allclose(local.buffers["running_var"], 0.9 + 0.1 * var * m / (m - 1), rtol=1e-12)
 
 
+def test_a_sync_batch_norm_computes_the_relu_after_it(rng):
+    """forward(..., activation='relu') with sync statistics: max(y, 0), and a backward that takes
+    dy at the ReLU's output, against the layer's own forward followed by a ReLU's."""
+    from cnn_gpu.layers import ReLU
+    x, dy = rng.normal(size=(4, 3, 3, 5)), rng.normal(size=(4, 3, 3, 5))
+    fused, plain, relu = BatchNorm2D(5, dtype="float64"), BatchNorm2D(5, dtype="float64"), ReLU()
+    fused.statistics = plain.statistics = SyncBatchNorm(Replicated(2))
+    y = fused.forward(x, activation="relu")
+    np.testing.assert_array_equal(y, relu.forward(plain.forward(x)))  # the same code, then the same maximum
+    np.testing.assert_array_equal(fused.backward(dy), plain.backward(relu.backward(dy)))
+    for name in ("gamma", "beta"):
+        np.testing.assert_array_equal(fused.params[name].grad, plain.params[name].grad)
+
+
 class NoCollectives(SingleProcess):
     """Two ranks whose collectives must not be called."""
 

@@ -2,7 +2,8 @@
 numbers through them as through each layer's own forward.
 
 The activation rule hands a ReLU to the layer before it (a convolution's epilogue, a residual
-Add's sum); the training step must stay exact, so fused and unfused runs are compared bit for
+Add's sum, a batch norm's normalize, whose backward then applies the ReLU's mask itself); the
+training step must stay exact, so fused and unfused runs are compared bit for
 bit, on NumPy with the compiled kernels on and off.
 """
 from __future__ import annotations
@@ -43,15 +44,15 @@ def _step_and_eval(model, x, labels):
 
 
 def test_a_basic_block_fuses_its_relus():
-    """Training: the Add computes relu2 (batch norm keeps its own pass before relu1). Evaluation:
-    conv1 with bn1 folded computes relu1, conv2 computes bn2, and the Add computes relu2."""
+    """Training: bn1 computes relu1 and the Add relu2. Evaluation: conv1 with bn1 folded computes
+    relu1, conv2 computes bn2, and the Add computes relu2."""
     block = basic_block(8, 8, 1, True, np.random.default_rng(0), "float32")
     h = np.zeros((2, 6, 6, 8), dtype="float32")
     steps = block.plan_for([h]).steps
     assert [(s.output, type(s.layer).__name__, s.activation is not None) for s in steps] == [
-        ("conv1", "Conv2D", False), ("bn1", "BatchNorm2D", False), ("relu1", "ReLU", False),
+        ("conv1", "Conv2D", False), ("relu1", "BatchNorm2D", True),
         ("conv2", "Conv2D", False), ("bn2", "BatchNorm2D", False), ("relu2", "Add", True)]
-    assert steps[2].frees == ("bn1",)  # training too drops what no later step reads
+    assert steps[1].frees == ("conv1",) and steps[2].frees == ("relu1",)  # training too drops what no later step reads
     block.eval()
     steps = block.plan_for([h]).steps
     assert [(s.output, type(s.layer).__name__, s.folded is not None, s.activation is not None) for s in steps] == [
@@ -118,4 +119,7 @@ def test_layers_refuse_an_activation_they_do_not_compute(rng):
         conv.forward(np.zeros((1, 5, 5, 2), dtype="float32"), activation="tanh")
     with pytest.raises(ValueError, match="activation must be None or 'relu'"):
         L.Add().forward(np.zeros(3), np.zeros(3), activation="sigmoid")
-    assert not L.BatchNorm2D(3).absorbs_activation("relu", True) and L.Add().absorbs_activation("relu", False)
+    with pytest.raises(ValueError, match="activation must be None or 'relu'"):
+        L.BatchNorm2D(2).forward(np.zeros((2, 3, 3, 2), dtype="float32"), activation="tanh")
+    assert L.BatchNorm2D(3).absorbs_activation("relu", True) and L.Add().absorbs_activation("relu", False)
+    assert not L.BatchNorm2D(3).absorbs_activation("sigmoid", True)

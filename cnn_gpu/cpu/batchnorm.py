@@ -7,6 +7,11 @@ x and dy are viewed as (M, C): M = N*H*W rows of C contiguous channels.
     sum_dy, sum_dy_xhat = channel_grad_sums(dy2d, x2d, mean, inv_std)
     dx = batch_norm_backward_dx(dy2d, x2d, mean, inv_std, gamma, sum_dy, sum_dy_xhat)
 
+With a ReLU after the batch norm (cnn_gpu.functional.batch_norm_forward(..., relu=True)), the
+normalize takes relu=True and gives max(y, 0) in the same pass; the two backward calls take the
+ReLU's output as relu_out=, and take dy (the gradient at the ReLU's output) through the ReLU as
+they load it: dy where relu_out > 0, else 0. The ReLU's own forward and backward passes are gone.
+
 Each is one pass over its (M, C) operands with the channels innermost (SIMD over C), in parts of
 the rows on cnn_gpu.cpu.threads. The sums are float64 whatever the input's dtype, added part by
 part in order, and the variance's are shifted by one row of x (see _mean_var), so it keeps its
@@ -22,6 +27,8 @@ import numpy as np
 from . import threads
 
 _jit = numba.njit(cache=True, nogil=True, boundscheck=False)
+
+TAKES_RELU = True  # batch_norm_normalize takes relu=, the backward's two calls relu_out= (see the top)
 
 
 @_jit
@@ -45,9 +52,11 @@ def _shifted_sums(x2d, shift, rows_per_part, first, last, total, squares):  # pr
 
 
 @_jit
-def _grad_sums(dy2d, x2d, mean, rows_per_part, first, last, sum_dy, sum_dy_xc):  # pragma: no cover - compiled
-    # parts first..last-1: float64 sums of dy and dy * (x - mean) into sum_dy[part], sum_dy_xc[part]
+def _grad_sums(dy2d, x2d, mean, relu_out, masked, rows_per_part, first, last, sum_dy, sum_dy_xc):  # pragma: no cover
+    # parts first..last-1: float64 sums of dy and dy * (x - mean) into sum_dy[part], sum_dy_xc[part];
+    # masked: dy is the gradient at a ReLU's output relu_out, taken through the ReLU first
     m, c = x2d.shape
+    zero = dy2d.dtype.type(0)
     s1 = np.empty(c, np.float64)
     s2 = np.empty(c, np.float64)
     for part in range(first, last):
@@ -55,15 +64,15 @@ def _grad_sums(dy2d, x2d, mean, rows_per_part, first, last, sum_dy, sum_dy_xc): 
         s2[:] = 0.0
         for r in range(part * rows_per_part, min((part + 1) * rows_per_part, m)):
             for ch in range(c):
-                g = dy2d[r, ch]
+                g = dy2d[r, ch] if not masked or relu_out[r, ch] > 0 else zero
                 s1[ch] += g
                 s2[ch] += g * (x2d[r, ch] - mean[ch])
         sum_dy[part] = s1
         sum_dy_xc[part] = s2
 
 
-def _summed(kernel: Any, arrays: tuple[Any, ...], per_channel: tuple[Any, ...], c: int) -> tuple[Any, Any]:
-    """Two float64 (C,) sums over the rows of the (M, C) arrays. The rows are cut into parts
+def _summed(kernel: Any, arrays: tuple[Any, ...], others: tuple[Any, ...], c: int) -> tuple[Any, Any]:
+    """Two float64 (C,) sums over the rows of the (M, C) arrays (the kernel's other arguments follow them). The rows are cut into parts
     fixed by their size (cnn_gpu.cpu.threads.row_parts), each part's sums go to its own row of
     two (P, C) arrays, and those rows are added in part order: the same result on any number of
     threads. Each thread runs the kernel once, on a block of consecutive parts."""
@@ -72,7 +81,7 @@ def _summed(kernel: Any, arrays: tuple[Any, ...], per_channel: tuple[Any, ...], 
     rows_per_part = parts[0].stop if parts else 1
     first, second = np.zeros((len(parts), c), np.float64), np.zeros((len(parts), c), np.float64)
     threads.for_each(threads.split(len(parts), threads.PART_BYTES),
-                     lambda block, _: kernel(*arrays, *per_channel, rows_per_part, block.start, block.stop,
+                     lambda block, _: kernel(*arrays, *others, rows_per_part, block.start, block.stop,
                                              first, second))
     return first.sum(axis=0), second.sum(axis=0)  # the same P rows, whichever threads made them
 
@@ -92,19 +101,25 @@ def _mean_var(x2d: Any) -> tuple[Any, Any]:
 
 
 @_jit
-def _affine(x2d, mean, scale, shift, y):  # pragma: no cover - compiled; tested against NumPy
+def _affine(x2d, mean, scale, shift, relu, y):  # pragma: no cover - compiled; tested against NumPy
+    # relu: max(v, 0) with np.maximum's rule (NaN stays NaN, -0.0 becomes 0), as relu_forward gives
     m, c = x2d.shape
+    zero = y.dtype.type(0)
     for r in range(m):
         for ch in range(c):
-            y[r, ch] = (x2d[r, ch] - mean[ch]) * scale[ch] + shift[ch]
+            v = (x2d[r, ch] - mean[ch]) * scale[ch] + shift[ch]
+            y[r, ch] = v if not relu or (v > zero) | (v != v) else zero
 
 
 @_jit
-def _train_dx(dy2d, x2d, mean, k, a, b, dx):  # pragma: no cover - compiled; tested against NumPy
+def _train_dx(dy2d, x2d, mean, k, a, b, relu_out, masked, dx):  # pragma: no cover - compiled; tested against NumPy
+    # masked: dy2d is the gradient at a ReLU's output relu_out, taken through the ReLU first
     m, c = x2d.shape
+    zero = dx.dtype.type(0)
     for r in range(m):
         for ch in range(c):
-            dx[r, ch] = dy2d[r, ch] * k[ch] + (x2d[r, ch] - mean[ch]) * a[ch] + b[ch]
+            g = dy2d[r, ch] if not masked or relu_out[r, ch] > 0 else zero
+            dx[r, ch] = g * k[ch] + (x2d[r, ch] - mean[ch]) * a[ch] + b[ch]
 
 
 def channel_mean_var(x2d: Any) -> tuple[Any, Any]:
@@ -113,33 +128,47 @@ def channel_mean_var(x2d: Any) -> tuple[Any, Any]:
     return mean.astype(x2d.dtype), var.astype(x2d.dtype)
 
 
-def channel_grad_sums(dy2d: Any, x2d: Any, mean: Any, inv_std: Any) -> tuple[Any, Any]:
-    """sum(dy) (C,) and sum(dy * x_hat) (C,) over the M rows, x_hat = (x - mean) * inv_std."""
-    sum_dy, sum_dy_xc = _summed(_grad_sums, (np.ascontiguousarray(dy2d), np.ascontiguousarray(x2d)), (mean,),
+def _through_relu(dy2d: Any, relu_out: Any) -> tuple[Any, Any, bool]:
+    """dy2d, and the (relu_out, masked) pair the kernels take: relu_out (M, C) when given, else dy2d
+    itself, unread (one array type either way: one compiled kernel)."""
+    dy2d = np.ascontiguousarray(dy2d)
+    if relu_out is None:
+        return dy2d, dy2d, False
+    return dy2d, np.ascontiguousarray(relu_out).reshape(dy2d.shape), True
+
+
+def channel_grad_sums(dy2d: Any, x2d: Any, mean: Any, inv_std: Any, relu_out: Any = None) -> tuple[Any, Any]:
+    """sum(dy) (C,) and sum(dy * x_hat) (C,) over the M rows, x_hat = (x - mean) * inv_std.
+    relu_out (M, C): dy is the gradient at the output of a ReLU after the batch norm, and the sums
+    are of dy where relu_out > 0, else 0."""
+    dy2d, relu_out, masked = _through_relu(dy2d, relu_out)
+    sum_dy, sum_dy_xc = _summed(_grad_sums, (dy2d, np.ascontiguousarray(x2d)), (mean, relu_out, masked),
                                 x2d.shape[1])
     return sum_dy.astype(x2d.dtype), (sum_dy_xc * inv_std).astype(x2d.dtype)
 
 
-def batch_norm_normalize(x2d: Any, mean: Any, inv_std: Any, gamma: Any, beta: Any) -> Any:
-    """y = (x - mean) * inv_std * gamma + beta: (M, C) -> (M, C). Centring first: x * scale -
-    mean * scale would cancel away the digits of a large mean."""
+def batch_norm_normalize(x2d: Any, mean: Any, inv_std: Any, gamma: Any, beta: Any, relu: bool = False) -> Any:
+    """y = (x - mean) * inv_std * gamma + beta: (M, C) -> (M, C); relu: max(y, 0), in the same pass.
+    Centring first: x * scale - mean * scale would cancel away the digits of a large mean."""
     y = np.empty(x2d.shape, dtype=x2d.dtype)
     x2d, scale = np.ascontiguousarray(x2d), gamma * inv_std
-    threads.for_each(_rows(y), lambda r, _: _affine(x2d[r], mean, scale, beta, y[r]))
+    threads.for_each(_rows(y), lambda r, _: _affine(x2d[r], mean, scale, beta, relu, y[r]))
     return y
 
 
 def batch_norm_backward_dx(dy2d: Any, x2d: Any, mean: Any, inv_std: Any, gamma: Any,
-                           sum_dy: Any, sum_dy_xhat: Any) -> Any:
+                           sum_dy: Any, sum_dy_xhat: Any, relu_out: Any = None) -> Any:
     """dx = gamma * inv_std * (dy - (sum_dy + x_hat * sum_dy_xhat) / M), all (M, C),
-    written per element as dy * k + (x - mean) * a + b with per-channel k, a, b."""
+    written per element as dy * k + (x - mean) * a + b with per-channel k, a, b. relu_out: as in
+    channel_grad_sums, dy where relu_out > 0, else 0."""
     m = x2d.shape[0]
     k = gamma * inv_std
     a = -k * inv_std * sum_dy_xhat / m
     b = -k * sum_dy / m
     dx = np.empty(x2d.shape, dtype=x2d.dtype)
-    dy2d, x2d = np.ascontiguousarray(dy2d), np.ascontiguousarray(x2d)
-    threads.for_each(_rows(dx), lambda r, _: _train_dx(dy2d[r], x2d[r], mean, k, a, b, dx[r]))
+    dy2d, relu_out, masked = _through_relu(dy2d, relu_out)
+    x2d = np.ascontiguousarray(x2d)
+    threads.for_each(_rows(dx), lambda r, _: _train_dx(dy2d[r], x2d[r], mean, k, a, b, relu_out[r], masked, dx[r]))
     return dx
 
 

@@ -34,6 +34,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from ..backend import get_array_module
+from ..functional.activation import relu_backward
 from ..functional.batchnorm import check_batch_norm_inputs
 from ..layers import LOCAL_STATISTICS, Layer
 from .comm import Communicator
@@ -116,18 +117,21 @@ class SyncBatchNormCache(NamedTuple):
     count: Any       # 0-d: M, the rows over all ranks
     training: bool
     shape: tuple[int, ...]
+    relu_out: Any = None  # relu=True: y, the ReLU's output, whose > 0 is its mask
 
 
 def sync_batch_norm_forward(comm: Communicator, x: Any, gamma: Any, beta: Any, running_mean: Any = None,
                             running_var: Any = None, training: bool = True, momentum: float = 0.1,
                             eps: float = 1e-5,
-                            moments: Callable[[Any], Moments] = channel_moments) -> tuple[Any, SyncBatchNormCache]:
+                            moments: Callable[[Any], Moments] = channel_moments,
+                            relu: bool = False) -> tuple[Any, SyncBatchNormCache]:
     """x (..., C), this rank's shard -> y (..., C), cache; the statistics are those of the global
     batch (all ranks' x). Same arguments and conventions as functional.batch_norm_forward:
     biased variance to normalize, running statistics updated in place with the unbiased one
     (here over the global count), running statistics used when training is False (then with no
     communication). moments: how the local rows are reduced (a faster implementation of
-    channel_moments can be given). Every rank must call it, also one with an empty shard.
+    channel_moments can be given). relu: y = max(batch norm, 0), and the backward takes the
+    gradient at the ReLU's output. Every rank must call it, also one with an empty shard.
     """
     c = check_batch_norm_inputs(x, gamma, beta, "sync_batch_norm")
     xp = get_array_module(x, gamma, beta, running_mean, running_var)
@@ -151,8 +155,10 @@ def sync_batch_norm_forward(comm: Communicator, x: Any, gamma: Any, beta: Any, r
         mean = running_mean.astype(x.dtype, copy=False)
         inv_std = (1.0 / xp.sqrt(running_var.astype(x.dtype, copy=False) + eps)).astype(x.dtype)
     xc = x2d - mean  # centring first: x * scale - mean * scale would cancel the digits of a large mean
-    y = xc * (gamma * inv_std) + beta
-    return y.reshape(x.shape), SyncBatchNormCache(xc, inv_std, gamma, count, training, tuple(x.shape))
+    y = (xc * (gamma * inv_std) + beta).reshape(x.shape)
+    if relu:
+        xp.maximum(y, 0, out=y)  # relu_forward's maximum
+    return y, SyncBatchNormCache(xc, inv_std, gamma, count, training, tuple(x.shape), y if relu else None)
 
 
 def sync_batch_norm_backward(comm: Communicator, dy: Any, cache: SyncBatchNormCache) -> tuple[Any, Any, Any]:
@@ -160,6 +166,8 @@ def sync_batch_norm_backward(comm: Communicator, dy: Any, cache: SyncBatchNormCa
     allreduce of sum dy and sum dy * x_hat); dgamma and dbeta are this rank's sums, to be summed
     over ranks by the gradient averaging with every other gradient."""
     xp = get_array_module(dy, cache.xc)
+    if cache.relu_out is not None:
+        dy = relu_backward(dy, cache.relu_out)  # the ReLU's own backward first
     dy2d = dy.reshape(cache.xc.shape)
     k = cache.gamma * cache.inv_std  # (C,)
     sums = xp.stack([dy2d.sum(axis=0), xp.einsum("ij,ij->j", dy2d, cache.xc) * cache.inv_std])  # (2, C)
@@ -186,9 +194,10 @@ class SyncBatchNorm:
         self.comm, self.moments = comm, moments
 
     def forward(self, x: Any, gamma: Any, beta: Any, running_mean: Any = None, running_var: Any = None,
-                training: bool = True, momentum: float = 0.1, eps: float = 1e-5) -> tuple[Any, SyncBatchNormCache]:
+                training: bool = True, momentum: float = 0.1, eps: float = 1e-5,
+                relu: bool = False) -> tuple[Any, SyncBatchNormCache]:
         return sync_batch_norm_forward(self.comm, x, gamma, beta, running_mean, running_var, training,
-                                       momentum, eps, self.moments)
+                                       momentum, eps, self.moments, relu)
 
     def backward(self, dy: Any, cache: SyncBatchNormCache) -> tuple[Any, Any, Any]:
         return sync_batch_norm_backward(self.comm, dy, cache)

@@ -10,6 +10,11 @@ statistics in place with the unbiased variance (PyTorch's convention):
     running = (1 - momentum) * running + momentum * batch_statistic
 Evaluation normalizes with the running statistics.
 
+relu=True gives max(y, 0), a ReLU after the batch norm, and the backward then takes the gradient
+at the ReLU's output: the pair computes batch norm + ReLU, with the ReLU in the batch norm's own
+passes on NumPy's compiled kernels (the plan hands a model's BatchNorm -> ReLU to it,
+cnn_gpu/plan.py), and composed of the two ops' own steps on the other paths.
+
 The variance is a shifted two-pass sum: a first estimate of the mean, then the sums of
 d = x - estimate and of d^2, so that they carry the spread, not the offset. An error e in
 the estimate only adds e^2 to mean(d^2), and is taken off exactly, so it stays accurate
@@ -19,13 +24,14 @@ step is one compiled pass (cnn_gpu/cpu/batchnorm.py) and the code below is their
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
 from .. import cpu
 from ..backend import get_array_module, is_cupy_array
 from ..geometry import check_float
+from .activation import relu_backward
 from .reduce import column_sum
 
 
@@ -43,6 +49,12 @@ def _kernels(*arrays: Any) -> Any:
         from ..cpu import batchnorm
         return batchnorm
     return None
+
+
+def _takes_relu(kernels: Any) -> bool:
+    """Whether the kernels module computes the ReLU in its own passes (relu=, relu_out=):
+    cnn_gpu.cpu.batchnorm does; on CuPy the ReLU's own kernels run beside batch norm's."""
+    return getattr(kernels, "TAKES_RELU", False)
 
 
 def _row_blocks(a2d: Any, *vectors: Any) -> tuple[list[slice], list[Any]]:
@@ -87,9 +99,12 @@ def _channel_stats(x2d: Any) -> tuple[Any, Any, Any, Any]:
     return x2d, estimate + rest, estimate + rest, np.maximum(var, 0)  # rounding: a hair below 0
 
 
-def _channel_grad_sums(dy2d: Any, xs: Any, ref: Any, inv_std: Any) -> tuple[Any, Any]:
-    """sum(dy) (C,) and sum(dy * x_hat) (C,) over the M rows, x_hat = (xs - ref) * inv_std."""
+def _channel_grad_sums(dy2d: Any, xs: Any, ref: Any, inv_std: Any, relu_out: Any = None) -> tuple[Any, Any]:
+    """sum(dy) (C,) and sum(dy * x_hat) (C,) over the M rows, x_hat = (xs - ref) * inv_std;
+    relu_out: as in _train_dx."""
     kernels = _kernels(dy2d, xs, ref, inv_std)
+    if _takes_relu(kernels):
+        return kernels.channel_grad_sums(dy2d, xs, ref, inv_std, relu_out)
     if kernels is not None:
         return kernels.channel_grad_sums(dy2d, xs, ref, inv_std)
     sum_dy, sum_dy_xc = np.zeros_like(ref), np.zeros_like(ref)
@@ -101,6 +116,18 @@ def _channel_grad_sums(dy2d: Any, xs: Any, ref: Any, inv_std: Any) -> tuple[Any,
         sum_dy += column_sum(dy2d[rows])
         sum_dy_xc += np.einsum("ij,ij->j", dy2d[rows], xc[:n])  # no temporary
     return sum_dy, sum_dy_xc * inv_std
+
+
+class BatchNormCache(NamedTuple):
+    """What batch_norm_backward needs from batch_norm_forward."""
+
+    xs: Any        # (M, C) the input, or a shifted copy: xs - ref = x - mean (see _channel_stats)
+    ref: Any       # (C,)
+    inv_std: Any   # (C,) 1 / sqrt(var + eps)
+    gamma: Any     # (C,)
+    training: bool  # whether the statistics were the batch's (else constants)
+    shape: tuple[int, ...]  # x's shape
+    relu_out: Any = None  # relu=True: y, the ReLU's output (..., C), whose > 0 is the ReLU's mask
 
 
 def check_batch_norm_inputs(x: Any, gamma: Any, beta: Any, op: str) -> int:
@@ -118,8 +145,9 @@ def check_batch_norm_inputs(x: Any, gamma: Any, beta: Any, op: str) -> int:
 
 def batch_norm_forward(x: Any, gamma: Any, beta: Any, running_mean: Any = None,
                        running_var: Any = None, training: bool = True,
-                       momentum: float = 0.1, eps: float = 1e-5) -> tuple[Any, tuple]:
-    """x (..., C) -> y (..., C), cache. Updates running_mean / running_var in place when training."""
+                       momentum: float = 0.1, eps: float = 1e-5, relu: bool = False) -> tuple[Any, BatchNormCache]:
+    """x (..., C) -> y (..., C), cache. Updates running_mean / running_var in place when training.
+    relu: y = max(batch norm, 0), with np.maximum's values (a ReLU after it)."""
     c = check_batch_norm_inputs(x, gamma, beta, "batch_norm")
     xp = get_array_module(x, gamma, beta, running_mean, running_var)
     x2d = x.reshape(-1, c)  # (M, C)
@@ -148,15 +176,19 @@ def batch_norm_forward(x: Any, gamma: Any, beta: Any, running_mean: Any = None,
         mean, var = running_mean.astype(x.dtype, copy=False), running_var.astype(x.dtype, copy=False)
         xs, ref = x2d, mean
         inv_std = 1.0 / xp.sqrt(var + eps)  # (C,)
-    y = _normalize(xs, ref, inv_std, gamma, beta)
-    return y.reshape(x.shape), (xs, ref, inv_std, gamma, training, x.shape)
+    y = _normalize(xs, ref, inv_std, gamma, beta, relu).reshape(x.shape)
+    return y, BatchNormCache(xs, ref, inv_std, gamma, training, tuple(x.shape), y if relu else None)
 
 
-def _normalize(xs: Any, ref: Any, inv_std: Any, gamma: Any, beta: Any) -> Any:
-    """y = (xs - ref) * inv_std * gamma + beta for xs (M, C) and (C,) vectors; xs - ref = x - mean."""
+def _normalize(xs: Any, ref: Any, inv_std: Any, gamma: Any, beta: Any, relu: bool) -> Any:
+    """y = (xs - ref) * inv_std * gamma + beta for xs (M, C) and (C,) vectors; xs - ref = x - mean.
+    relu: max(y, 0)."""
     kernels = _kernels(xs, ref, inv_std, gamma, beta)
+    if _takes_relu(kernels):
+        return kernels.batch_norm_normalize(xs, ref, inv_std, gamma, beta, relu)  # one fused pass
     if kernels is not None:
-        return kernels.batch_norm_normalize(xs, ref, inv_std, gamma, beta)  # one fused pass
+        y = kernels.batch_norm_normalize(xs, ref, inv_std, gamma, beta)
+        return get_array_module(y).maximum(y, 0, out=y) if relu else y  # relu_forward's maximum
     # Centring first: x * scale - mean * scale would cancel away the digits of a large mean.
     # Three in-place steps per block of rows: the block stays in cache between them.
     y = np.empty_like(xs)
@@ -166,12 +198,18 @@ def _normalize(xs: Any, ref: Any, inv_std: Any, gamma: Any, beta: Any) -> Any:
         y_rows = np.subtract(xs[rows], ref_t[:n], out=y[rows])
         y_rows *= scale_t[:n]
         y_rows += beta_t[:n]
+        if relu:
+            np.maximum(y_rows, 0, out=y_rows)
     return y
 
 
-def _train_dx(dy2d: Any, xs: Any, ref: Any, inv_std: Any, gamma: Any, dbeta: Any, dgamma: Any) -> Any:
-    """dx = gamma * inv_std * (dy - (sum(dy) + x_hat * sum(dy * x_hat)) / M), all (M, C)."""
+def _train_dx(dy2d: Any, xs: Any, ref: Any, inv_std: Any, gamma: Any, dbeta: Any, dgamma: Any,
+              relu_out: Any = None) -> Any:
+    """dx = gamma * inv_std * (dy - (sum(dy) + x_hat * sum(dy * x_hat)) / M), all (M, C);
+    relu_out: only with the compiled CPU kernels, which take dy through the ReLU as they read it."""
     kernels = _kernels(dy2d, xs, ref, inv_std, gamma, dbeta, dgamma)
+    if _takes_relu(kernels):
+        return kernels.batch_norm_backward_dx(dy2d, xs, ref, inv_std, gamma, dbeta, dgamma, relu_out)
     if kernels is not None:
         return kernels.batch_norm_backward_dx(dy2d, xs, ref, inv_std, gamma, dbeta, dgamma)
     # Written per element as dy * k + (x - mean) * a + b with per-channel k, a, b.
@@ -190,13 +228,17 @@ def _train_dx(dy2d: Any, xs: Any, ref: Any, inv_std: Any, gamma: Any, dbeta: Any
     return dx
 
 
-def batch_norm_backward(dy: Any, cache: tuple) -> tuple[Any, Any, Any]:
-    """dy (..., C) -> dx (..., C), dgamma (C,), dbeta (C,)."""
-    xs, ref, inv_std, gamma, training, shape = cache  # xs - ref = x - mean, see _channel_stats
+def batch_norm_backward(dy: Any, cache: BatchNormCache) -> tuple[Any, Any, Any]:
+    """dy (..., C) -> dx (..., C), dgamma (C,), dbeta (C,). After relu=True, dy is the gradient at
+    the ReLU's output."""
+    xs, ref, inv_std, gamma = cache.xs, cache.ref, cache.inv_std, cache.gamma  # xs - ref = x - mean
     dy2d = dy.reshape(xs.shape)
-    dbeta, dgamma = _channel_grad_sums(dy2d, xs, ref, inv_std)
-    if not training:
+    relu_out = None if cache.relu_out is None else cache.relu_out.reshape(xs.shape)
+    if relu_out is not None and (not _takes_relu(_kernels(dy2d, xs)) or not cache.training):
+        dy2d, relu_out = relu_backward(dy2d, relu_out), None  # the ReLU's own backward, then batch norm's
+    dbeta, dgamma = _channel_grad_sums(dy2d, xs, ref, inv_std, relu_out)
+    if not cache.training:
         # The statistics were constants: y is an affine function of x.
-        return (dy2d * (gamma * inv_std)).reshape(shape), dgamma, dbeta
-    dx = _train_dx(dy2d, xs, ref, inv_std, gamma, dbeta, dgamma)
-    return dx.reshape(shape), dgamma, dbeta
+        return (dy2d * (gamma * inv_std)).reshape(cache.shape), dgamma, dbeta
+    dx = _train_dx(dy2d, xs, ref, inv_std, gamma, dbeta, dgamma, relu_out)
+    return dx.reshape(cache.shape), dgamma, dbeta
