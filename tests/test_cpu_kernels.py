@@ -329,6 +329,28 @@ def test_im2col_kernel_equals_the_numpy_code(rng, case, dtype, ones_column):
 @requires_jit
 @pytest.mark.usefixtures("jit")
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_relu_kernel_equals_numpys_maximum(rng, dtype):
+    """max(x, 0) into a new array and in place: np.maximum's bits, NaN and -0.0 included; and
+    relu_forward and the convolution's epilogue, which call it, give np.maximum's values."""
+    from cnn_gpu.cpu import elementwise
+    from cnn_gpu.functional import conv2d_forward, relu_forward
+    x = rng.standard_normal((3, 7, 7, 16)).astype(dtype)
+    x[0, 0, 0, :4] = [np.nan, -0.0, 0.0, -np.inf]
+    expected = np.maximum(x, 0)
+    bits = f"u{x.itemsize}"
+    np.testing.assert_array_equal(elementwise.relu(x, np.empty_like(x)).view(bits), expected.view(bits))
+    np.testing.assert_array_equal(relu_forward(x)[0].view(bits), expected.view(bits))
+    inplace = x.copy()
+    assert elementwise.relu(inplace, inplace) is inplace
+    np.testing.assert_array_equal(inplace.view(bits), expected.view(bits))
+    w = rng.standard_normal((3, 3, 16, 8)).astype(dtype)
+    fused, _ = conv2d_forward(x[1:], w, padding=1, relu=True)
+    np.testing.assert_array_equal(fused, np.maximum(conv2d_forward(x[1:], w, padding=1)[0], 0))
+
+
+@requires_jit
+@pytest.mark.usefixtures("jit")
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
 def test_add_relu_kernel_equals_the_numpy_code(rng, dtype):
     """max(a + b, 0) in one pass: np.maximum's result bit for bit, NaN and -0.0 included."""
     from cnn_gpu.cpu import elementwise

@@ -20,9 +20,19 @@ def relu_forward(x: Any) -> tuple[Any, Any]:
         return y, y
     x = np.ascontiguousarray(x)
     y = np.empty_like(x)
-    flat_x, flat_y = x.reshape(-1), y.reshape(-1)  # NumPy's loop in parts on cnn_gpu.cpu.threads
-    threads.for_each(threads.split(flat_y.size, flat_y.itemsize), lambda s, _: np.maximum(flat_x[s], 0, out=flat_y[s]))
+    flat_x, flat_y = x.reshape(-1), y.reshape(-1)  # in parts on cnn_gpu.cpu.threads
+    threads.for_each(threads.split(flat_y.size, flat_y.itemsize), lambda s, _: relu_into(flat_x[s], flat_y[s]))
     return y, y
+
+
+def relu_into(x: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """out = max(x, 0) for NumPy arrays of one shape (x may be out): the compiled loop of
+    cnn_gpu.cpu.elementwise where it runs and both are C-contiguous, else np.maximum; the same
+    values. The convolution's ReLU epilogue calls it too. Returns out."""
+    if cpu.runs_on(x, out) and x.flags.c_contiguous and out.flags.c_contiguous:
+        from ..cpu import elementwise
+        return elementwise.relu(x, out)
+    return np.maximum(x, 0, out=out)
 
 
 def relu_backward(dy: Any, cache: Any) -> Any:

@@ -44,6 +44,7 @@ from .. import cpu
 from ..backend import get_array_module, is_cupy_array
 from ..cpu import threads
 from ..geometry import Window, check_float, check_rank, pad_hw, pair, unpad_hw, window_view
+from .activation import relu_into
 from .reduce import column_sum
 
 
@@ -301,7 +302,7 @@ def _gemm_forward(x: Any, w: Any, b: Any, window: Window, groups: int, out_hw: t
         if b is not None and not fold:
             y_part += b
         if relu:
-            np.maximum(y_part, 0, out=y_part)
+            relu_into(y_part, y_part)
 
     scratch = (lambda: None) if kept is not None else _cols_scratch(x, window, out_hw, chunks, fold)
     threads.for_each(chunks, run, scratch)
@@ -427,7 +428,7 @@ def _depthwise_forward(x: Any, w: Any, b: Any, window: Window, groups: int, out_
         if b is not None:
             y_part += b.reshape(c, mult)
         if relu:
-            np.maximum(y_part, 0, out=y_part)
+            relu_into(y_part, y_part)
     return y.reshape(n, oh, ow, o), None
 
 
