@@ -222,3 +222,30 @@ def test_a_training_step_is_the_same_on_one_thread_and_two(on_threads, name):
         return [y] + [p.grad for p in model.parameters()]
 
     assert_same(on_threads(1, step), on_threads(2, step))
+
+
+@pytest.mark.parametrize("name", ["mobilenet", "seed_cnn"])
+def test_evaluation_in_slices_side_by_side_is_the_same_as_in_turn(monkeypatch, on_threads, name):
+    """Eval mode on the CPU runs a batch in slices; on two threads the slices run side by side,
+    each slice's layers on one thread. The slices follow from the sizes alone: the same bits."""
+    import cnn_gpu.model as model_module
+    monkeypatch.setattr(model_module, "EVAL_SLICE_BYTES", 1 << 17)  # a few images per slice
+    x = np.random.default_rng(3).standard_normal((20, 28, 28, 1), dtype=np.float32)
+    model = build(name, input_shape=(28, 28, 1), num_classes=10, seed=0).eval()
+    runs = []  # the thread of each slice's first layer
+    first = model.nodes[0].layer
+    forward = first.infer
+    monkeypatch.setattr(first, "infer", lambda *a, **k: (runs.append(threading.get_ident()), forward(*a, **k))[1])
+
+    def evaluate():
+        for _, layer in model.named_layers():
+            if hasattr(layer, "_plans"):
+                layer._plans.clear()
+        return [model.forward(x)]
+
+    one = on_threads(1, evaluate)
+    assert len(runs) > 2 and len(set(runs)) == 1
+    runs.clear()
+    two = on_threads(2, evaluate)
+    assert len(set(runs)) == 2  # side by side
+    assert_same(one, two)
