@@ -351,6 +351,28 @@ def test_relu_kernel_equals_numpys_maximum(rng, dtype):
 @requires_jit
 @pytest.mark.usefixtures("jit")
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("relu", [False, True])
+def test_bias_relu_kernel_equals_numpys_two_passes(rng, dtype, relu):
+    """y += b, then max(y, 0): NumPy's bits; and a 1x1 convolution with a bias, whose epilogue it is."""
+    from cnn_gpu.cpu import elementwise
+    from cnn_gpu.functional import conv2d_forward
+    y, b = rng.standard_normal((50, 24)).astype(dtype), rng.standard_normal(24).astype(dtype)
+    y[0, :3], b[:3] = [np.nan, -0.0, 1.0], [1.0, -0.0, -1.0]
+    expected = y + b
+    if relu:
+        expected = np.maximum(expected, 0)
+    bits = f"u{y.itemsize}"
+    np.testing.assert_array_equal(elementwise.bias_relu(y, b, relu).view(bits), expected.view(bits))
+    x, w = rng.standard_normal((2, 5, 5, 6)).astype(dtype), rng.standard_normal((1, 1, 6, 24)).astype(dtype)
+    plain = np.einsum("nhwc,co->nhwo", x, w[0, 0]) + b
+    tol = 1e-5 if dtype == "float32" else 1e-12  # the conv's GEMM sums in another order than einsum
+    np.testing.assert_allclose(conv2d_forward(x, w, b, relu=relu)[0], np.maximum(plain, 0) if relu else plain,
+                               rtol=tol, atol=tol)
+
+
+@requires_jit
+@pytest.mark.usefixtures("jit")
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
 def test_add_relu_kernel_equals_the_numpy_code(rng, dtype):
     """max(a + b, 0) in one pass: np.maximum's result bit for bit, NaN and -0.0 included."""
     from cnn_gpu.cpu import elementwise

@@ -299,6 +299,9 @@ def _gemm_forward(x: Any, w: Any, b: Any, window: Window, groups: int, out_hw: t
         cols = _part_cols(x, part, window, out_hw, fold, buf, into=kept, im2col=im2col)
         y_part = y[part].reshape(-1, o)  # a view: the GEMM writes into y
         np.matmul(cols, w2d, out=y_part)  # (B*OH*OW, K [+ 1]) @ (K [+ 1], O)
+        if b is not None and not fold and cpu.runs_on(y_part, b):
+            _cpu_elementwise().bias_relu(y_part, b, relu)  # both in one pass
+            return
         if b is not None and not fold:
             y_part += b
         if relu:
@@ -466,6 +469,11 @@ DEPTHWISE = Strategy("depthwise", _depthwise_forward, _depthwise_backward)
 def _cpu_depthwise() -> Any:
     from ..cpu import depthwise
     return depthwise
+
+
+def _cpu_elementwise() -> Any:
+    from ..cpu import elementwise
+    return elementwise
 
 
 def _cuda_conv() -> Any:
