@@ -109,6 +109,49 @@ def test_blas_held_keeps_the_count_and_gives_the_blas_back(count):
         assert set(blas_threads()) == {2}
 
 
+def test_holds_in_two_python_threads_give_the_blas_back_when_the_last_ends(monkeypatch, count):
+    """A enters, B enters, A leaves (B still holds: the BLAS stays on one thread), B leaves: the
+    BLAS has its count again, not the 1 that B would have found and restored. A stand-in BLAS
+    controller records the counts (OpenBLAS's own, set from other threads than the one that set
+    it last, read back inconsistently here)."""
+    class Blas:
+        n = 4
+
+        def get_num_threads(self):
+            return self.n
+
+        def set_num_threads(self, n):
+            self.n = n
+
+    blas = Blas()
+    monkeypatch.setattr(threads, "_blas", [blas])
+    count(2)
+    a_in, b_in, a_out = threading.Event(), threading.Event(), threading.Event()
+    seen = {}
+
+    def a():
+        with threads.blas_held():
+            seen["a inside"] = blas.n
+            a_in.set()
+            b_in.wait(10)
+        a_out.set()
+
+    def b():
+        a_in.wait(10)
+        with threads.blas_held():
+            b_in.set()
+            a_out.wait(10)
+            seen["after a left"] = blas.n
+
+    workers = [threading.Thread(target=f) for f in (a, b)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join(20)
+    assert seen == {"a inside": 1, "after a left": 1}
+    assert blas.n == 4
+
+
 def test_inside_a_part_there_is_one_thread(count):
     count(2)
     counts = threads.for_each(list(range(4)), lambda p, s: threads.count())

@@ -129,22 +129,36 @@ def _set_blas(counts: Sequence[int]) -> None:
         c.set_num_threads(n)
 
 
+# The BLAS's thread count is one per process, but Python threads of a user's (two models served
+# side by side) may each hold it: the first hold saves the count and sets 1, the last gives it back.
+_holders = 0
+_saved_counts: list[int] = []
+
+
 @contextlib.contextmanager
 def blas_held() -> Iterator[None]:
     """Inside: the BLAS on one thread, and for_each on count() threads (as counted on entry).
-    A hold inside a hold or inside a part changes nothing; so does one on a single thread."""
+    A hold inside a hold or inside a part changes nothing; so does one on a single thread. Holds
+    in several Python threads at once share one: the BLAS gets its count back when the last ends."""
+    global _holders, _saved_counts
     threads = count()
     if threads <= 1 or getattr(_state, "held", None) is not None:
         yield
         return
-    previous = [c.get_num_threads() for c in _blas_controllers()]
-    _set_blas([1] * len(previous))
+    with _lock:
+        if _holders == 0:
+            _saved_counts = [c.get_num_threads() for c in _blas_controllers()]
+            _set_blas([1] * len(_saved_counts))
+        _holders += 1
     _state.held = threads
     try:
         yield
     finally:
         _state.held = None
-        _set_blas(previous)
+        with _lock:
+            _holders -= 1
+            if _holders == 0:
+                _set_blas(_saved_counts)
 
 
 def _executor(size: int) -> ThreadPoolExecutor:
