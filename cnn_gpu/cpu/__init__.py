@@ -9,13 +9,15 @@ every kernel with it, and it runs wherever Numba is missing or switched off.
 - `cnn_gpu.cpu.maxpool`: `max_pool2d_forward`, `max_pool2d`, `max_pool2d_backward`
   (every window geometry: stride, padding, dilation, ceil mode)
 - `cnn_gpu.cpu.batchnorm`: `channel_mean_var`, `channel_grad_sums`,
-  `batch_norm_normalize`, `batch_norm_backward_dx` (the four calls of cnn_gpu.cuda.batchnorm)
+  `batch_norm_normalize`, `batch_norm_backward_dx` (the four calls of cnn_gpu.cuda.batchnorm;
+  with a ReLU after the batch norm, its forward and its mask in the same passes)
 - `cnn_gpu.cpu.conv`: `im2col` and `col2im`, for the convolution's GEMMs and its input gradient
   (groups == 1, any stride, padding and dilation)
 - `cnn_gpu.cpu.depthwise`: `depthwise_forward`, `depthwise_backward` (groups == C, any channel
   multiplier, stride, padding and dilation; the same calls as `cnn_gpu.cuda.conv`'s)
-- `cnn_gpu.cpu.elementwise`: `relu_backward`, `add_relu` (a residual sum and the ReLU after it)
-- `cnn_gpu.cpu.threads`: `for_each` over the parts of a batch, on as many threads as the BLAS has
+- `cnn_gpu.cpu.elementwise`: `relu`, `relu_backward`, `add_relu` (a residual sum and the ReLU
+  after it), `bias_relu` (a 1x1 convolution's bias and ReLU), the SGD update
+- `cnn_gpu.cpu.threads`: `for_each` over the parts of a batch on CNN_GPU_THREADS threads
   (plain Python and threadpoolctl: no Numba needed)
 
 Numba is optional (`pip install cnn_gpu[fast]`). Set CNN_GPU_JIT=0 to run the NumPy code
