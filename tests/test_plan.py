@@ -14,7 +14,7 @@ import pytest
 from cnn_gpu import layers as L
 from cnn_gpu.functional import softmax_cross_entropy
 from cnn_gpu.model import Graph, Input, Sequential
-from cnn_gpu.models import basic_block, mobilenet, resnet20
+from cnn_gpu.models import basic_block, mobilenet, resnet20, seed_cnn
 
 from .helpers import assert_close, numerical_gradients
 
@@ -73,8 +73,8 @@ def test_an_activation_read_elsewhere_or_output_is_not_fused():
     assert graph.plan_for([np.zeros((1, 6, 6, 2))]).steps[0].activation is None
 
 
-@pytest.mark.parametrize("build, batch_norm", [(resnet20, True), (resnet20, False), (mobilenet, True)],
-                         ids=["resnet20", "resnet20-no-bn", "mobilenet"])
+@pytest.mark.parametrize("build, batch_norm", [(resnet20, True), (resnet20, False), (mobilenet, True), (seed_cnn, True)],
+                         ids=["resnet20", "resnet20-no-bn", "mobilenet", "seed_cnn-bn"])  # seed_cnn: BatchNorm1D too
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 def test_fused_steps_give_the_numbers_of_the_layers_own(monkeypatch, build, batch_norm, dtype):
     """A training step (logits, every gradient) and an evaluation through the fused plan equal,
