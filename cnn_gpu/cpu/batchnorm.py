@@ -72,10 +72,11 @@ def _grad_sums(dy2d, x2d, mean, relu_out, masked, rows_per_part, first, last, su
 
 
 def _summed(kernel: Any, arrays: tuple[Any, ...], others: tuple[Any, ...], c: int) -> tuple[Any, Any]:
-    """Two float64 (C,) sums over the rows of the (M, C) arrays (the kernel's other arguments follow them). The rows are cut into parts
-    fixed by their size (cnn_gpu.cpu.threads.row_parts), each part's sums go to its own row of
-    two (P, C) arrays, and those rows are added in part order: the same result on any number of
-    threads. Each thread runs the kernel once, on a block of consecutive parts."""
+    """Two float64 (C,) sums over the rows of the (M, C) arrays; the kernel's other arguments
+    follow them. The rows are cut into parts fixed by their size (cnn_gpu.cpu.threads.row_parts),
+    each part's sums go to its own row of two (P, C) arrays, and those rows are added in part
+    order: the same result on any number of threads. Each thread runs the kernel once, on a block
+    of consecutive parts."""
     m = arrays[0].shape[0]
     parts = threads.row_parts(m, c * arrays[0].itemsize)
     rows_per_part = parts[0].stop if parts else 1
