@@ -93,6 +93,18 @@ def test_add_and_concat_gradients(xp, rng):
     assert_close(db, numeric[1], rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.parametrize("inputs", [2, 3])
+def test_add_with_relu_is_the_sums_maximum(xp, rng, inputs):
+    """relu=True: max(a + b [+ c], 0), the same sums in the same order then the same maximum as
+    np.maximum, so the same bits (two inputs: one compiled pass; three: the sum, then the ReLU)."""
+    xs = [random(xp, rng, (2, 3, 3, 4)) for _ in range(inputs)]
+    y, _ = F.add_forward(*xs, relu=True)
+    total = to_numpy(xs[0]) + to_numpy(xs[1])
+    for x in xs[2:]:
+        total += to_numpy(x)
+    np.testing.assert_array_equal(to_numpy(y), np.maximum(total, 0))
+
+
 def test_merge_errors_name_the_shapes():
     with pytest.raises(ValueError, match=r"add: input 1 has shape \(2, 3\) but input 0 has \(2, 4\)"):
         F.add_forward(np.zeros((2, 4)), np.zeros((2, 3)))

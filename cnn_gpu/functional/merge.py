@@ -7,9 +7,12 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple, Sequence
 
+import numpy as np
+
 from .. import cpu
 from ..backend import get_array_module
 from ..geometry import check_float
+from .activation import relu_into
 
 
 def add_forward(*xs: Any, relu: bool = False) -> tuple[Any, int]:
@@ -33,7 +36,9 @@ def add_forward(*xs: Any, relu: bool = False) -> tuple[Any, int]:
     y = xs[0] + xs[1]
     for x in xs[2:]:
         y += x
-    if relu:
+    if relu and xp is np:
+        relu_into(y, y)  # the compiled select: NumPy's maximum against a scalar misses its SIMD loop
+    elif relu:
         xp.maximum(y, 0, out=y)
     return y, len(xs)
 
