@@ -1,6 +1,8 @@
 """Checkpoint files: round trip, model rebuilding, and clear errors for damaged or foreign files."""
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 
@@ -57,6 +59,24 @@ def test_damaged_file_gives_a_clear_error(tmp_path, damage):
     path.write_bytes(data)
     with pytest.raises(ValueError, match="truncated or corrupted"):
         load_checkpoint(path)
+
+
+@pytest.mark.parametrize("content, needle", [
+    (b"shopping: milk, eggs\n", "not a .npz checkpoint (a zip archive): a file starting with b'shop'"),
+    (None, "is a single .npy array, not a .npz checkpoint"),
+])
+def test_a_file_of_another_kind_is_named_without_a_pickle_hint(tmp_path, content, needle):
+    # np.load reads anything that is neither a zip nor a .npy file as a pickle, and its own error
+    # then suggests allow_pickle=True: the message must say what the file is, and nothing of that.
+    path = tmp_path / "c.npz"
+    if content is None:
+        with open(path, "wb") as f:
+            np.save(f, np.zeros(3))
+    else:
+        path.write_bytes(content)
+    with pytest.raises(ValueError, match="^" + re.escape(str(path))) as info:
+        load_checkpoint(path)
+    assert needle in str(info.value) and "pickle" not in str(info.value)
 
 
 def test_missing_file_and_foreign_files(tmp_path):

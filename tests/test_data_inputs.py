@@ -86,6 +86,9 @@ def test_float_arrays_make_everything_float(tmp_path: Path) -> None:
     ("notes.png", b"shopping: milk, eggs\n", (28, 28, 1), "not a readable png file"),
     ("garbage.npy", b"not an array at all", (28, 28, 1), "not a NumPy .npy file"),
     ("broken.npz", b"PK\x03\x04 not really a zip", (28, 28, 1), "not a readable npz file"),
+    # np.load takes these for pickles; the message says what they are, with no unpickling hint
+    ("notes.npz", b"shopping: milk, eggs\n", (28, 28, 1), "not a NumPy .npz file (a file starting with b'shop')"),
+    ("array.npz", b"\x93NUMPY\x01\x00", (28, 28, 1), "not a NumPy .npz file (a .npy file)"),
     ("doc.txt", b"hello", (28, 28, 1), "unsupported file type '.txt'"),
 ])
 def test_bad_files_are_one_line_naming_them(tmp_path: Path, name, content, input_shape, message) -> None:
@@ -94,6 +97,7 @@ def test_bad_files_are_one_line_naming_them(tmp_path: Path, name, content, input
     with pytest.raises(ValueError) as info:
         read_inputs([path], input_shape)
     assert str(info.value).startswith(str(path)) and message in str(info.value) and "\n" not in str(info.value)
+    assert "pickle" not in str(info.value)
 
 
 @pytest.mark.parametrize("array, input_shape, message", [

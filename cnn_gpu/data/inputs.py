@@ -21,6 +21,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from ..npz import file_kind
 from .images import IMAGE_EXTENSIONS, check_resize_mode, decode_image, is_image_file, pillow_available
 from .transforms import to_unit_float
 
@@ -74,11 +75,12 @@ def as_images(a: np.ndarray, label: str, shape: tuple[int, int, int]) -> np.ndar
 
 def _read_arrays(path: Path, suffix: str) -> dict[str, np.ndarray]:
     """key -> array of a .npy ('' as key) or .npz file; ValueError naming the file when unreadable."""
+    kind = file_kind(path)  # else np.load guesses it is a pickle
+    if kind != suffix[1:]:
+        what = f"a .{kind} file" if kind in ("npy", "npz") else kind
+        raise ValueError(f"{path}: not a NumPy {suffix} file ({what})")
     try:
         if suffix == ".npy":
-            with open(path, "rb") as f:
-                if f.read(6) != b"\x93NUMPY":  # else np.load guesses it is a pickle
-                    raise ValueError(f"{path}: not a NumPy .npy file (it lacks the .npy header)")
             return {"": np.load(path, allow_pickle=False)}
         with np.load(path, allow_pickle=False) as data:
             return {key: data[key] for key in data.files}
