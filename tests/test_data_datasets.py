@@ -117,12 +117,21 @@ def test_xdg_cache_home_is_honoured_and_a_relative_one_ignored(tmp_path: Path,
     assert user_cache_dir("fashion-mnist") == tmp_path / "home" / ".cache" / "cnn_gpu" / "fashion-mnist"
 
 
+@pytest.mark.parametrize("dataset", ["fashion-mnist", "cifar10", "images"])
+def test_a_data_dir_that_is_not_there_is_an_error_not_skipped(tmp_path: Path, dataset: str) -> None:
+    # Searched past, a mistyped --data-dir would train silently on the cache's or the system's copy.
+    with pytest.raises(DatasetNotFoundError, match="no-such-dir: no such folder or file") as info:
+        load_dataset(dataset, "train", data_dir=tmp_path / "no-such-dir", download=False, progress=False)
+    assert "\n" not in str(info.value)
+
+
 @pytest.mark.parametrize("dataset", ["mnist", "fashion-mnist"])
 @pytest.mark.parametrize("download", [False, True])
 def test_offline_error_names_every_place_searched(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                   dataset: str, download: bool) -> None:
     set_system_dirs(monkeypatch, "fashion-mnist", tmp_path / "no-system-dir")
     monkeypatch.setenv("CNN_GPU_DATA", str(tmp_path / "env"))
+    (tmp_path / "arg").mkdir()  # there, but empty (one that is not there is its own error: the test above)
     with pytest.raises(DatasetNotFoundError) as info:
         load_dataset(dataset, "test", data_dir=tmp_path / "arg", download=download, progress=False)
     assert isinstance(info.value, FileNotFoundError)

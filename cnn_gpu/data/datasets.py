@@ -10,9 +10,10 @@ distributions (cnn_gpu.data.cifar); "images" is a folder of image files (cnn_gpu
 never downloaded. The registry datasets are looked for in this order; the first place holding a
 split wins:
 
-1. the directory the user gives: the data_dir argument (the CLI's --data-dir), then the
-   environment variable CNN_GPU_DATA; in each, first <dir>/<name>/ then <dir>/ itself
-   (for CIFAR, data_dir may also be the archive itself or its extracted folder);
+1. the directory the user gives: the data_dir argument (the CLI's --data-dir; one that does not
+   exist is an error, not skipped), then the environment variable CNN_GPU_DATA; in each, first
+   <dir>/<name>/ then <dir>/ itself (for CIFAR, data_dir may also be the archive itself or its
+   extracted folder);
 2. the user cache, $XDG_CACHE_HOME/cnn_gpu/<name> (default ~/.cache/cnn_gpu/<name>);
 3. for Fashion-MNIST, /usr/share/datasets/fashion-mnist (Debian: apt-get install dataset-fashion-mnist).
 
@@ -325,6 +326,10 @@ def load_dataset(name: str, split: str = "train", data_dir: str | os.PathLike | 
     """
     check_split(split)
     key = canonical_name(name)
+    if data_dir is not None and not Path(data_dir).exists():
+        # A folder given but not there is a typo, not a place to search past: the data would
+        # otherwise come silently from the cache or the system's copy.
+        raise DatasetNotFoundError(f"{data_dir}: no such folder or file (the data_dir given, the CLI's --data-dir)")
     if key == IMAGE_FOLDER:
         from .folder import load_image_folder  # noqa: PLC0415 - folder.py imports this module
 
