@@ -11,8 +11,13 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO], None], binary: b
     """Call write(f) on a temporary file beside `path`, flush and fsync it, rename it over `path`,
     then fsync the directory so that the rename itself survives a power cut. Returns the path."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    except OSError as exc:  # name the file asked for, not the temporary one beside it
+        error = type(exc)(f"cannot write {path}: {exc.strerror or exc}")  # FileNotFoundError, ...
+        error.errno = exc.errno  # kept for callers that test it; str(error) stays one plain line
+        raise error from exc
     try:
         with os.fdopen(fd, "wb" if binary else "w", **({} if binary else {"encoding": "utf-8"})) as f:
             write(f)

@@ -262,9 +262,9 @@ def _run_guarded(command: Any, comm: Communicator | None = None) -> int:
         if comm.rank == 0:
             _error(str(exc))
         return comm.finish(1, collective=True)
-    except (ValueError, TypeError, FileNotFoundError, DatasetNotFoundError, DownloadError,
-            BackendUnavailableError, DeviceOutOfMemory, PermissionError, IsADirectoryError,
-            DistributedError) as exc:
+    except (ValueError, TypeError, DatasetNotFoundError, DownloadError, BackendUnavailableError,
+            DeviceOutOfMemory, DistributedError,
+            OSError) as exc:  # a missing or unwritable file, a full disk, a read-only folder
         return _fail(comm, str(exc), 1)
     except KeyboardInterrupt:
         return _fail(comm, "interrupted", 130)

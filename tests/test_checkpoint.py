@@ -96,3 +96,14 @@ def test_wrong_architecture_is_refused_by_name_and_shape(tmp_path):
         build_model({"model": {"name": "resnet"}})
     with pytest.raises(ValueError, match="does not say how to build"):
         build_model({})
+
+
+def test_a_checkpoint_that_cannot_be_written_names_its_path(tmp_path):
+    # atomic_write writes a temporary file beside the target first; the error must name the
+    # target the user asked for, not that temporary name.
+    (tmp_path / "taken").write_text("a file, not a folder")
+    target = tmp_path / "taken" / "c.npz"
+    with pytest.raises(OSError, match="^cannot write " + re.escape(str(target)) + ": ") as info:
+        save_checkpoint(target, _checkpoint())
+    assert ".tmp" not in str(info.value)
+    assert list(tmp_path.iterdir()) == [tmp_path / "taken"]  # nothing left behind

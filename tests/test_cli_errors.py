@@ -74,6 +74,20 @@ def test_predict_on_a_file_that_is_not_npy(checkpoint, tmp_path):
     assert_one_error_line(proc, str(path), "not a NumPy .npy file")
 
 
+def test_export_into_a_folder_that_cannot_be_made_names_the_target(checkpoint, tmp_path):
+    (tmp_path / "taken").write_text("a file where the folder would go")
+    target = tmp_path / "taken" / "model.onnx"
+    proc = run_cli(tmp_path, "export", str(checkpoint), str(target))
+    line = assert_one_error_line(proc, f"cannot write {target}")
+    assert ".tmp" not in line  # not the temporary file beside it
+
+
+def test_train_with_a_data_dir_that_is_not_there(tmp_path):
+    proc = run_cli(tmp_path, "train", "--data-dir", str(tmp_path / "typo"), "--epochs", "1", "--no-progress")
+    assert_one_error_line(proc, f"{tmp_path / 'typo'}: no such folder or file")
+    assert not (tmp_path / "runs").exists()  # stopped before a run folder was made
+
+
 def test_bench_threads_works_with_the_extras_the_readme_installs(tmp_path):
     """threadpoolctl comes with [all] and [test]: --threads must not ask the user to install it."""
     pytest.importorskip("threadpoolctl", reason="installed by the [test] extra; run .ci/run")
