@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -85,6 +86,20 @@ def save_checkpoint(path: str | os.PathLike, ckpt: Checkpoint) -> None:
         history=np.array(json.dumps(ckpt.history)),
     )
     save_npz_atomic(path, arrays)
+
+
+def checkpoint_file(path: str | os.PathLike, in_run: str = "best.npz") -> Path:
+    """The checkpoint a user means by `path`: the file itself, or for a run folder (what
+    `cnn-gpu train --out` writes) its `in_run` file (best.npz to evaluate, last.npz to resume).
+    Raises FileNotFoundError naming what was looked for."""
+    path = Path(path)
+    if not path.is_dir():
+        return path  # a file, or nothing: load_checkpoint says which
+    inside = path / in_run
+    if not inside.is_file():
+        raise FileNotFoundError(f"{path} is a folder without {in_run}: give a checkpoint file, or a run folder "
+                                "that `cnn-gpu train` wrote")
+    return inside
 
 
 def load_checkpoint(path: str | os.PathLike) -> Checkpoint:

@@ -29,11 +29,11 @@ import numpy as np
 from . import __version__, cpu, distributed
 from .backend import (BackendUnavailableError, cupy_unavailable_reason, require_cupy, resolve_backend, to_device,
                       to_numpy)
-from .checkpoint import Checkpoint, load_checkpoint
+from .checkpoint import Checkpoint, checkpoint_file, load_checkpoint
 from .cpu import threads as cpu_threads
 from .data import (DATASET_NAMES, IMAGE_FOLDER, RESIZE_MODES, Augmentation, DatasetNotFoundError, DownloadError,
-                   NormStats, augmentation_defaults, augmentation_for, is_on_disk, load_dataset, load_image_folder,
-                   normalize, read_input, subset, train_val_split)
+                   NormStats, augmentation_defaults, augmentation_for, input_files, is_on_disk, load_dataset,
+                   load_image_folder, normalize, read_input, subset, train_val_split)
 from .data.datasets import canonical_name
 from .functional import softmax
 from .layers import Layer
@@ -126,7 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--out", help="run directory (default runs/<dataset>-<date>-<time>)")
     train.add_argument("--resume", metavar="CHECKPOINT",
-                       help="continue a run from its last.npz; its settings come from the checkpoint")
+                       help="continue a run from its last.npz (or the run folder holding it); its settings "
+                            "come from the checkpoint")
     train.add_argument("--no-progress", action="store_true", help="no progress bars; one line per epoch")
     train.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=False,
                        help="on the GPU: replay each training step and evaluation batch from a CUDA graph "
@@ -135,7 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="on the GPU: float32 GEMMs on TF32 tensor cores (PyTorch's default for convolutions)")
 
     ev = sub.add_parser("evaluate", help="accuracy of a checkpoint on a dataset split, per class too")
-    ev.add_argument("checkpoint")
+    ev.add_argument("checkpoint", help="a checkpoint, or a run folder (its best.npz)")
     ev.add_argument("--dataset", choices=DATASET_NAMES, help="default: the checkpoint's dataset")
     ev.add_argument("--split", choices=("train", "val", "test"), default="test",
                     help="val: the validation images the run held out of the training split")
@@ -149,16 +150,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add_backend(ev)
 
     pr = sub.add_parser("predict", help="classify image files (PNG, JPEG, ...) or .npy/.npz arrays")
-    pr.add_argument("checkpoint")
+    pr.add_argument("checkpoint", help="a checkpoint, or a run folder (its best.npz)")
     pr.add_argument("inputs", nargs="+", metavar="FILE",
-                    help="images (PNG, JPEG, BMP, GIF, TIFF, WebP: needs Pillow), resized and converted to what "
+                    help="files or folders of them (every image and array inside, in name order): images (PNG, JPEG, BMP, GIF, TIFF, WebP: needs Pillow), resized and converted to what "
                          "the model was trained on; or .npy/.npz arrays of that shape ((H, W), (N, H, W) or "
                          "(N, H, W, C)), uint8 0..255 or float 0..1")
     pr.add_argument("--top", type=_positive_int, default=3, help="how many classes to show per image")
     _add_backend(pr)
 
     exp = sub.add_parser("export", help="write a checkpoint's model as an ONNX file (onnxruntime, TensorRT)")
-    exp.add_argument("checkpoint")
+    exp.add_argument("checkpoint", help="a checkpoint, or a run folder (its best.npz)")
     exp.add_argument("output", metavar="MODEL.onnx")
 
     sub.add_parser("info", help="backend, device, versions, BLAS, CPU count, MPI and NCCL")
@@ -295,13 +296,14 @@ def cmd_train(args: argparse.Namespace, comm: Communicator | None = None) -> int
     resume: Checkpoint | None = None
     out = Path(args.out) if args.out else None
     if args.resume:
-        resume = load_checkpoint(args.resume)  # on every rank
+        resume_path = checkpoint_file(args.resume, "last.npz")  # a run folder: its last.npz
+        resume = load_checkpoint(resume_path)  # on every rank
         recorded = resume.metadata.get("config")
         if not isinstance(recorded, dict):
-            raise UsageError(f"{args.resume} records no run settings; it was not written by `{PROG} train`")
+            raise UsageError(f"{resume_path} records no run settings; it was not written by `{PROG} train`")
         settings = {**settings, **LEGACY_SETTINGS, **recorded, "epochs": args.epochs or recorded.get("epochs")}
-        out = out or Path(args.resume).resolve().parent
-        say(f"resuming {args.resume} at epoch {resume.epoch}; the run's settings come from the checkpoint")
+        out = out or resume_path.resolve().parent
+        say(f"resuming {resume_path} at epoch {resume.epoch}; the run's settings come from the checkpoint")
     settings["epochs"] = settings["epochs"] or 15
     shift_given = settings["max_shift"] is not None
     apply_recipe(settings)
@@ -589,7 +591,7 @@ def _checkpoint_hold_out(ckpt: Checkpoint, images: np.ndarray, labels: np.ndarra
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    ckpt = load_checkpoint(args.checkpoint)
+    ckpt = load_checkpoint(checkpoint_file(args.checkpoint, "best.npz"))
     backend = resolve_backend(args.backend)
     dataset = args.dataset or ckpt.metadata.get("dataset")
     if dataset is None:
@@ -649,7 +651,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     """Each file's top classes, after exactly the preprocessing the model was trained with: its
     input size and channels (images are resized and converted, and a note says so), its
     normalization statistics and class names, all read from the checkpoint."""
-    ckpt = load_checkpoint(args.checkpoint)
+    ckpt = load_checkpoint(checkpoint_file(args.checkpoint, "best.npz"))
     backend = resolve_backend(args.backend)
     class_names = ckpt.metadata.get("class_names") or [str(i) for i in range(10)]
     input_shape = tuple(ckpt.metadata.get("input_shape") or (28, 28, 1))
@@ -657,7 +659,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     model, stats = _model_from(ckpt, backend)
     model.eval()
     top = min(args.top, len(class_names))
-    for path in args.inputs:
+    for path in input_files(args.inputs):
         inputs = read_input(path, input_shape, resize)
         for note in inputs.notes:  # on stdout: stderr holds only errors
             print(f"note: {note}")
@@ -677,7 +679,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     normalization in the file's metadata."""
     from . import onnx as cnn_onnx  # noqa: PLC0415 - needs the onnx package only here
     try:
-        path = cnn_onnx.export_checkpoint(args.checkpoint, args.output)
+        path = cnn_onnx.export_checkpoint(checkpoint_file(args.checkpoint, "best.npz"), args.output)
     except ImportError as exc:
         raise UsageError(str(exc)) from None
     print(f"wrote {path}: input (N, H, W, C) float32, normalized as its metadata_props say")

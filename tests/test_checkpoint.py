@@ -6,7 +6,7 @@ import re
 import numpy as np
 import pytest
 
-from cnn_gpu.checkpoint import Checkpoint, build_model, load_checkpoint, restore, save_checkpoint
+from cnn_gpu.checkpoint import Checkpoint, build_model, checkpoint_file, load_checkpoint, restore, save_checkpoint
 from cnn_gpu.models import seed_cnn
 from cnn_gpu.optim import SGD, StepLR
 
@@ -107,3 +107,15 @@ def test_a_checkpoint_that_cannot_be_written_names_its_path(tmp_path):
         save_checkpoint(target, _checkpoint())
     assert ".tmp" not in str(info.value)
     assert list(tmp_path.iterdir()) == [tmp_path / "taken"]  # nothing left behind
+
+
+def test_a_run_folder_stands_for_its_checkpoint(tmp_path):
+    run = tmp_path / "run"
+    for name in ("best.npz", "last.npz"):
+        save_checkpoint(run / name, _checkpoint())
+    assert checkpoint_file(run) == run / "best.npz"
+    assert checkpoint_file(run, "last.npz") == run / "last.npz"
+    assert checkpoint_file(run / "last.npz") == run / "last.npz"  # a file is itself
+    (tmp_path / "other").mkdir()
+    with pytest.raises(FileNotFoundError, match="other is a folder without best.npz"):
+        checkpoint_file(tmp_path / "other")

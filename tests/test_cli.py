@@ -79,6 +79,24 @@ def test_predict_on_npy_and_png(trained_run, tmp_path, capsys):
     assert prediction.startswith(f"{tmp_path / 'shirt.png'}: ")
 
 
+def test_a_run_folder_and_a_folder_of_inputs(trained_run, tmp_path, capsys):
+    data, out, *_ = trained_run
+    assert main(["evaluate", str(out / "best.npz"), "--data-dir", str(data)]) == 0
+    by_file = capsys.readouterr().out
+    assert main(["evaluate", str(out), "--data-dir", str(data)]) == 0  # the run folder: its best.npz
+    assert capsys.readouterr().out.replace(str(out), str(out / "best.npz")) == by_file
+    images = read_idx(data / "fashion-mnist" / "t10k-images-idx3-ubyte.gz")[:3]
+    (tmp_path / "in" / "more").mkdir(parents=True)
+    np.save(tmp_path / "in" / "b.npy", images[:2])
+    np.save(tmp_path / "in" / "more" / "a.npy", images[2])
+    (tmp_path / "in" / "notes.txt").write_text("not an input")
+    files = [str(tmp_path / "in" / "b.npy"), str(tmp_path / "in" / "more" / "a.npy")]  # name order
+    assert main(["predict", str(out), *files]) == 0
+    listed = capsys.readouterr().out
+    assert main(["predict", str(out), str(tmp_path / "in")]) == 0
+    assert capsys.readouterr().out == listed and len(listed.splitlines()) == 3
+
+
 def test_predict_refuses_a_wrong_image_size(trained_run, tmp_path, capsys):
     out = trained_run[1]
     np.save(tmp_path / "big.npy", np.zeros((32, 32), np.uint8))
@@ -93,7 +111,8 @@ def test_resume_continues_the_run(trained_run, tmp_path, capsys):
     first = [*argv[:argv.index("--out")], "--out", str(split_out), "--no-progress", "--seed", "3"]
     first[first.index("--epochs") + 1] = "1"
     assert main(first) == 0
-    assert main(["train", "--resume", str(split_out / "last.npz"), "--epochs", "2", "--data-dir", str(data),
+    # the run folder stands for its last.npz (checkpoint_file)
+    assert main(["train", "--resume", str(split_out), "--epochs", "2", "--data-dir", str(data),
                  "--no-progress"]) == 0
     assert "resuming" in capsys.readouterr().out
     straight = json.loads((out / "history.json").read_text())

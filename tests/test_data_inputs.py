@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cnn_gpu.data import load_image_folder, read_input, read_inputs
+from cnn_gpu.data import input_files, load_image_folder, read_input, read_inputs
 from tests.data_fixtures import isolate, random_pixels, save_image, write_class_tree
 
 pytest.importorskip("PIL", reason="Pillow is the [images] extra")
@@ -138,3 +138,18 @@ def test_bad_arguments(tmp_path: Path) -> None:
         read_input(tmp_path / "a" / "000.png", (8, 8))
     with pytest.raises(ValueError, match="resize must be one of"):
         read_input(tmp_path / "a" / "000.png", (8, 8, 3), resize="pad")
+
+
+def test_input_files_expands_folders_in_name_order(tmp_path: Path) -> None:
+    (tmp_path / "pics" / "sub").mkdir(parents=True)
+    (tmp_path / "pics" / ".hidden").mkdir()
+    for name in ("pics/b.png", "pics/a.npy", "pics/sub/c.JPG", "pics/.hidden/d.png", "pics/notes.txt", "one.npz"):
+        (tmp_path / name).write_bytes(b"")
+    got = input_files([tmp_path / "one.npz", tmp_path / "pics"])
+    assert got == [tmp_path / "one.npz", tmp_path / "pics" / "a.npy", tmp_path / "pics" / "b.png",
+                   tmp_path / "pics" / "sub" / "c.JPG"]  # no .txt, nothing hidden
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="empty: a folder with no images"):
+        input_files([tmp_path / "empty"])
+    with pytest.raises(FileNotFoundError, match="no such file or folder: .*typo"):
+        input_files([tmp_path / "typo"])

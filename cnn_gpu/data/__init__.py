@@ -29,7 +29,7 @@ from cnn_gpu.data.images import (
     decode_image,
     parse_image_size,
 )
-from cnn_gpu.data.inputs import Inputs, read_input, read_inputs
+from cnn_gpu.data.inputs import Inputs, input_files, read_input, read_inputs
 from cnn_gpu.data.loader import BatchIterator, Subset, is_on_disk, subset, train_val_split
 from cnn_gpu.data.transforms import (
     AUGMENT_DEFAULTS,

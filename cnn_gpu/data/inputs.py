@@ -93,6 +93,30 @@ def _read_arrays(path: Path, suffix: str) -> dict[str, np.ndarray]:
         raise ValueError(f"{path}: not a readable {suffix[1:]} file ({type(exc).__name__}: {message})") from exc
 
 
+def input_files(paths: Sequence[str | os.PathLike]) -> list[Path]:
+    """The files that paths name, in the order given: a file as it is, a folder as every image
+    and array file under it (sub-folders too, hidden ones skipped), in name order. Raises
+    FileNotFoundError for a path that is not there, or a folder holding no such file."""
+    files: list[Path] = []
+    for path in map(Path, paths):
+        if not path.exists():
+            raise FileNotFoundError(f"no such file or folder: {path}")
+        if not path.is_dir():
+            files.append(path)
+            continue
+        inside = sorted(p for p in path.rglob("*") if p.is_file() and _readable_kind(p)
+                        and not any(part.startswith(".") for part in p.relative_to(path).parts))
+        if not inside:
+            raise FileNotFoundError(f"{path}: a folder with no images ({', '.join(IMAGE_EXTENSIONS)}) "
+                                    f"or arrays ({', '.join(ARRAY_EXTENSIONS)}) in it")
+        files += inside
+    return files
+
+
+def _readable_kind(path: Path) -> bool:
+    return path.suffix.lower() in ARRAY_EXTENSIONS or is_image_file(path)
+
+
 def read_input(path: str | os.PathLike, input_shape: Sequence[int] = (28, 28, 1),
                resize: str = "resize") -> Inputs:
     """One file (an image, .npy or .npz) -> Inputs for a model trained on input_shape (H, W, C).
