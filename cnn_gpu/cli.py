@@ -152,7 +152,8 @@ def build_parser() -> argparse.ArgumentParser:
     pr = sub.add_parser("predict", help="classify image files (PNG, JPEG, ...) or .npy/.npz arrays")
     pr.add_argument("checkpoint", help="a checkpoint, or a run folder (its best.npz)")
     pr.add_argument("inputs", nargs="+", metavar="FILE",
-                    help="files or folders of them (every image and array inside, in name order): images (PNG, JPEG, BMP, GIF, TIFF, WebP: needs Pillow), resized and converted to what "
+                    help="files, or folders of them (every image and array inside, in name order): "
+                         "images (PNG, JPEG, BMP, GIF, TIFF, WebP: needs Pillow), resized and converted to what "
                          "the model was trained on; or .npy/.npz arrays of that shape ((H, W), (N, H, W) or "
                          "(N, H, W, C)), uint8 0..255 or float 0..1")
     pr.add_argument("--top", type=_positive_int, default=3, help="how many classes to show per image")
