@@ -62,6 +62,7 @@ from .images import (
     check_resize_mode,
     decode_image,
     hw,
+    is_hidden,
     is_image_file,
     parse_image_size,
     read_header,
@@ -96,16 +97,12 @@ class FolderScan(NamedTuple):
         return self.layout != "train/test"
 
 
-def _hidden(name: str) -> bool:
-    return name.startswith(".") or name == "__MACOSX"
-
-
 def _list_dir(directory: Path) -> tuple[list[str], list[str]]:
     """(visible sub-folder names, visible file names) of a directory, each sorted."""
     folders, files = [], []
     with os.scandir(directory) as entries:
         for entry in entries:
-            if _hidden(entry.name):
+            if is_hidden(entry.name):
                 continue
             (folders if entry.is_dir() else files).append(entry.name)
     return sorted(folders), sorted(files)
@@ -125,7 +122,7 @@ def _walk_images(folder: Path) -> tuple[list[tuple[Path, os.stat_result]], list[
         seen.add((st.st_dev, st.st_ino))
         with os.scandir(directory) as entries:
             for entry in entries:
-                if _hidden(entry.name):
+                if is_hidden(entry.name):
                     continue
                 if entry.is_dir():
                     stack.append(Path(entry.path))

@@ -60,6 +60,12 @@ def require_pillow() -> Any:
     return Image
 
 
+def is_hidden(name: str) -> bool:
+    """A file or folder name to skip when reading a folder: '.DS_Store', '.ipynb_checkpoints',
+    a Mac archive's '__MACOSX'."""
+    return name.startswith(".") or name == "__MACOSX"
+
+
 def is_image_file(name: str | os.PathLike) -> bool:
     """True for a name with one of IMAGE_EXTENSIONS, in any case (photo.JPG)."""
     return os.path.splitext(str(name))[1].lower() in IMAGE_EXTENSIONS

@@ -22,7 +22,7 @@ from typing import NamedTuple
 import numpy as np
 
 from ..npz import file_kind
-from .images import IMAGE_EXTENSIONS, check_resize_mode, decode_image, is_image_file, pillow_available
+from .images import IMAGE_EXTENSIONS, check_resize_mode, decode_image, is_hidden, is_image_file, pillow_available
 from .transforms import to_unit_float
 
 ARRAY_EXTENSIONS = (".npy", ".npz")
@@ -105,7 +105,7 @@ def input_files(paths: Sequence[str | os.PathLike]) -> list[Path]:
             files.append(path)
             continue
         inside = sorted(p for p in path.rglob("*") if p.is_file() and _readable_kind(p)
-                        and not any(part.startswith(".") for part in p.relative_to(path).parts))
+                        and not any(is_hidden(part) for part in p.relative_to(path).parts))
         if not inside:
             raise FileNotFoundError(f"{path}: a folder with no images ({', '.join(IMAGE_EXTENSIONS)}) "
                                     f"or arrays ({', '.join(ARRAY_EXTENSIONS)}) in it")
