@@ -187,12 +187,24 @@ def test_select_picks_one_strategy_per_case(jit):
         gemm = conv.NUMPY_GEMM_COMPILED if jit else conv.NUMPY_GEMM
         depthwise = conv.DEPTHWISE_COMPILED if jit else conv.DEPTHWISE
         x = np.zeros((1, 5, 5, 4), dtype="float32")
-        assert conv.select(x, np.zeros((3, 3, 4, 8), dtype="float32"), 1) is gemm
-        assert conv.select(x, np.zeros((3, 3, 1, 8), dtype="float32"), 4) is depthwise
-        assert conv.select(x, np.zeros((3, 3, 2, 8), dtype="float32"), 2) is conv.REFERENCE
-        assert conv.select(x[..., :1], np.zeros((3, 3, 1, 32), dtype="float32"), 1) is gemm  # C = G = 1: the GEMM
+        same = Window.of((3, 3), 1, 1, 1)  # 3x3, stride 1, padding 1: every output, the input's size
+
+        def pick(x, w_shape, groups, window=same, dtype="float32"):
+            return conv.select(x, np.zeros(w_shape, dtype=dtype), groups, window, window.output_hw(5, 5, "test"))
+
+        assert pick(x, (3, 3, 4, 12), 1) is gemm  # 12 outputs: no multiple of the vector width (8 or 16)
+        assert pick(x, (3, 3, 1, 8), 4) is depthwise
+        assert pick(x, (3, 3, 2, 8), 2) is conv.REFERENCE
+        assert pick(x[..., :1], (3, 3, 1, 36), 1) is gemm  # C = G = 1: the GEMM
         # the compiled kernels take float32 and float64 of one dtype; else the NumPy code runs
-        assert conv.select(x, np.zeros((3, 3, 1, 8), dtype="float64"), 4) is conv.DEPTHWISE
+        assert pick(x, (3, 3, 1, 8), 4, dtype="float64") is conv.DEPTHWISE
+        # float32 3x3 at stride 1, padding 1, outputs a multiple of the vectors: the direct kernels
+        assert pick(x, (3, 3, 4, 32), 1) is (conv.NUMPY_DIRECT if jit else conv.NUMPY_GEMM)
+        assert pick(x.astype("float64"), (3, 3, 4, 32), 1, dtype="float64") is gemm
+        assert pick(x, (3, 3, 4, 32), 1, window=Window.of((3, 3), 2, 1, 1)) is gemm  # strided
+        assert pick(x, (3, 3, 4, 32), 1, window=Window.of((3, 3), 1, 0, 1)) is gemm  # no padding
+        assert pick(x, (3, 3, 4, 32), 1, window=Window.of((3, 3), 1, 2, 2)) is gemm  # dilated
+        assert pick(x, (3, 3, 4, 128), 1) is gemm  # past DIRECT_MAX_CHANNELS
     finally:
         cpu.set_enabled(previous)
 
@@ -202,9 +214,10 @@ def test_select_picks_one_strategy_per_case(jit):
 def test_select_picks_the_cupy_strategies():
     cupy = module_for("cupy")
     x = cupy.zeros((1, 5, 5, 4))
-    assert conv.select(x, cupy.zeros((3, 3, 4, 4)), 1) is conv.CUPY_IM2COL
-    assert conv.select(x, cupy.zeros((3, 3, 2, 4)), 2) is conv.CUPY_IM2COL
-    assert conv.select(x, cupy.zeros((3, 3, 1, 8)), 4) is conv.CUPY_DEPTHWISE
+    window = Window.of((3, 3), 1, 1, 1)
+    assert conv.select(x, cupy.zeros((3, 3, 4, 16)), 1, window, (5, 5)) is conv.CUPY_IM2COL  # never the CPU's direct
+    assert conv.select(x, cupy.zeros((3, 3, 2, 4)), 2, window, (5, 5)) is conv.CUPY_IM2COL
+    assert conv.select(x, cupy.zeros((3, 3, 1, 8)), 4, window, (5, 5)) is conv.CUPY_DEPTHWISE
 
 
 @pytest.mark.gpu

@@ -343,12 +343,19 @@ def _input_grad_compiled(dy2d: np.ndarray, w: np.ndarray, window: Window, out_hw
     cpu_conv.col2im(dcols, window, *out_hw, out=out)
 
 
+def _dcols_scratch(images: int, x: np.ndarray, w: np.ndarray, out_hw: tuple[int, int]) -> np.ndarray:
+    """input_grad's scratch for _input_grad_by_offset and _input_grad_compiled: dcols of a chunk."""
+    return np.empty(images * out_hw[0] * out_hw[1] * w.shape[0] * w.shape[1] * w.shape[2], dtype=x.dtype)
+
+
 def _gemm_backward(dy: Any, cache: ConvCache, need_dx: bool, *, input_grad: Callable[..., None],
-                   im2col: Callable[..., Any]) -> tuple[Any, Any, Any]:
+                   im2col: Callable[..., Any],
+                   input_grad_scratch: Callable[..., Any] = _dcols_scratch) -> tuple[Any, Any, Any]:
     """The backward of _gemm_forward, chunk by chunk (on cnn_gpu.cpu.threads) over the forward's
-    cols or cols rebuilt from x (by im2col). input_grad: _input_grad_by_offset or
-    _input_grad_compiled, writing each chunk's dx. The chunks' weight gradients are summed in
-    chunk order, whichever thread made them."""
+    cols or cols rebuilt from x (by im2col). input_grad: _input_grad_by_offset,
+    _input_grad_compiled or _input_grad_direct, writing each chunk's dx with the buffer that
+    input_grad_scratch(images per chunk, x, w, out_hw) makes once per thread. The chunks' weight
+    gradients are summed in chunk order, whichever thread made them."""
     x, w, window, out_hw = np.ascontiguousarray(cache.x), cache.w, cache.window, cache.out_hw
     (oh, ow), n, c, o = out_hw, x.shape[0], x.shape[3], w.shape[3]
     k = window.taps * c
@@ -357,10 +364,10 @@ def _gemm_backward(dy: Any, cache: ConvCache, need_dx: bool, *, input_grad: Call
     chunks = _chunks(n, oh * ow * k * x.itemsize)
     dx = np.empty(x.shape, dtype=x.dtype) if need_dx else None  # C-contiguous, so each batch slice is too
     make_cols = (lambda: None) if cache.cols is not None else _cols_scratch(x, window, out_hw, chunks, fold)
-    dcols_elements = (chunks[0].stop - chunks[0].start) * oh * ow * k if need_dx and chunks else 0
 
-    def scratch() -> tuple[Any, Any]:  # (cols buffer, dcols or per-tap term buffer)
-        return make_cols(), np.empty(dcols_elements, dtype=x.dtype)
+    def scratch() -> tuple[Any, Any]:  # (cols buffer, input_grad's buffer)
+        needed = need_dx and chunks and not pointwise
+        return make_cols(), input_grad_scratch(chunks[0].stop - chunks[0].start, x, w, out_hw) if needed else None
 
     def run(part: slice, bufs: tuple[Any, Any]) -> Any:
         cols = _part_cols(x, part, window, out_hw, fold, bufs[0], into=cache.cols, im2col=im2col)
@@ -396,7 +403,108 @@ NUMPY_GEMM_COMPILED = Strategy("numpy-gemm, compiled im2col and col2im",
                                                  im2col=_im2col_compiled))
 
 
-# ---- 2b. NumPy, depthwise (groups == C): a multiply-add per kernel tap ----------------------------
+# ---- 2b. NumPy, float32 3x3 stride-1 convolutions: computed directly in vector registers ---------
+#
+# At a ResNet's 16-32 channels im2col + GEMM spends as long copying receptive fields as the GEMM
+# takes, and the GEMM, only 16-32 outputs wide, runs well below the BLAS's peak. The kernels of
+# cnn_gpu/cpu/direct.py sum each tile of outputs in registers from a zero-padded copy of x instead.
+# The input gradient of a stride-1 convolution is the same convolution of dy with the flipped,
+# channel-swapped kernel, so the backward runs the same kernels for dx and keeps the GEMM for dw
+# (cols.T @ dy, cols rebuilt by the compiled im2col, as NUMPY_GEMM_COMPILED does).
+
+DIRECT_MAX_CHANNELS = 64  # at 64 channels the GEMM ran as fast (BENCHMARKS.md, session 9)
+DIRECT_CHUNK_BYTES = 1 << 19  # of padded input per chunk
+
+
+def _cpu_direct() -> Any:
+    from ..cpu import direct
+    return direct
+
+
+def _direct_applies(x: Any, w: Any, window: Window, out_hw: tuple[int, int]) -> bool:
+    """NUMPY_DIRECT's case: float32, a 3x3 kernel at stride 1, padding 1, no dilation, every output,
+    at most DIRECT_MAX_CHANNELS channels in and out, and output channels the kernels take."""
+    c, o = x.shape[3], w.shape[3]
+    return (x.dtype == np.float32 and tuple(out_hw) == tuple(x.shape[1:3])
+            and (window.kh, window.kw, window.sh, window.sw, window.ph, window.pw, window.dh, window.dw)
+            == (3, 3, 1, 1, 1, 1, 1, 1)
+            and max(c, o) <= DIRECT_MAX_CHANNELS and _cpu_direct().supports(c, o))
+
+
+def _direct_forward(x: Any, w: Any, b: Any, window: Window, groups: int, out_hw: tuple[int, int],
+                    inference: bool, relu: bool = False) -> tuple[Any, None]:
+    """x (N, H, W, C), w (3, 3, C, O) -> y (N, H, W, O), in chunks of the batch whose padded copy
+    fits CHUNK_BYTES (on cnn_gpu.cpu.threads), each chunk's bias and ReLU applied while it is in
+    cache. Keeps no cols: the backward rebuilds them for dw."""
+    direct = _cpu_direct()
+    n, h, wd, c = x.shape
+    o = w.shape[3]
+    y = np.empty((n, h, wd, o), dtype=x.dtype)
+    chunks = threads.ranges(n, DIRECT_CHUNK_BYTES // ((h + 2) * (wd + 2) * c * x.itemsize))
+
+    def run(part: slice, padded: np.ndarray) -> None:
+        y_part = direct.conv3x3(x[part], w, y[part], padded).reshape(-1, o)
+        if b is not None:
+            _cpu_elementwise().bias_relu(y_part, b, relu)
+        elif relu:
+            relu_into(y_part, y_part)
+
+    per_chunk = chunks[0].stop - chunks[0].start if chunks else 0
+    threads.for_each(chunks, run, lambda: direct.padded_scratch(per_chunk, h, wd, c))
+    return y, None
+
+
+def _padded_dy_scratch(images: int, x: np.ndarray, w: np.ndarray, out_hw: tuple[int, int]) -> np.ndarray:
+    return _cpu_direct().padded_scratch(images, out_hw[0], out_hw[1], w.shape[3])
+
+
+def _input_grad_direct(dy2d: np.ndarray, w: np.ndarray, window: Window, out_hw: tuple[int, int],
+                       out: np.ndarray, scratch: np.ndarray) -> None:
+    """dy2d (B*H*W, O) -> out (B, H, W, C) = conv3x3(dy, w flipped with its channels swapped),
+    scratch: _padded_dy_scratch."""
+    direct = _cpu_direct()
+    direct.conv3x3(dy2d.reshape(out.shape[0], *out_hw, -1), direct.transposed_kernel(w), out, scratch)
+
+
+def _direct_backward(dy: Any, cache: ConvCache, need_dx: bool) -> tuple[Any, Any, Any]:
+    """dx = conv3x3(dy, the flipped, channel-swapped w) and dw by the weight-gradient kernel, chunk
+    by chunk (on cnn_gpu.cpu.threads), the chunks' dw summed in chunk order; db a column sum. Where
+    the kernels do not take the channels (C not a multiple of LANES: a network's first layer),
+    NUMPY_GEMM_COMPILED's backward, with dx by the direct kernel when it takes C outputs."""
+    direct = _cpu_direct()
+    x, w = np.ascontiguousarray(cache.x), cache.w
+    n, h, wd, c = x.shape
+    o = w.shape[3]
+    if not (direct.supports(o, c) and direct.supports_weight_grad(c, o)):
+        takes_dx = direct.supports(o, c)
+        return _gemm_backward(dy, cache, need_dx, im2col=_im2col_compiled,
+                              input_grad=_input_grad_direct if takes_dx else _input_grad_compiled,
+                              input_grad_scratch=_padded_dy_scratch if takes_dx else _dcols_scratch)
+    dy = np.ascontiguousarray(dy)
+    w_t = direct.transposed_kernel(w)
+    dx = np.empty(x.shape, dtype=x.dtype) if need_dx else None
+    chunks = threads.ranges(n, DIRECT_CHUNK_BYTES // ((h + 2) * (wd + 2) * max(c, o) * x.itemsize))
+    per_chunk = chunks[0].stop - chunks[0].start if chunks else 0
+
+    def scratch() -> tuple[np.ndarray, np.ndarray]:  # padded x, padded dy
+        return direct.padded_scratch(per_chunk, h, wd, c), direct.padded_scratch(per_chunk, h, wd, o)
+
+    def run(part: slice, padded: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
+        if need_dx:
+            direct.conv3x3(dy[part], w_t, dx[part], padded[1])
+        return direct.conv3x3_weight_grad(x[part], dy[part], padded[0])
+
+    dw = np.zeros(w.shape, dtype=w.dtype)
+    for part_dw in threads.for_each(chunks, run, scratch):  # in chunk order: the same sum on any thread count
+        dw += part_dw
+    db = column_sum(dy.reshape(-1, o)) if cache.has_bias else None
+    return dx, dw, db
+
+
+NUMPY_DIRECT = Strategy("numpy-direct 3x3, vector kernels", _direct_forward, _direct_backward)
+
+
+# ---- 2c. NumPy, depthwise (groups == C): a multiply-add per kernel tap ----------------------------
 #
 # A depthwise convolution's GEMMs are C products of (M, KH*KW) by (KH*KW, multiplier): far too
 # small for BLAS. Instead each of the KH*KW taps is one pass over all channels at once,
@@ -464,7 +572,7 @@ def _depthwise_backward(dy: Any, cache: ConvCache, need_dx: bool) -> tuple[Any, 
 DEPTHWISE = Strategy("depthwise", _depthwise_forward, _depthwise_backward)
 
 
-# ---- 2c. Compiled depthwise kernels: cnn_gpu/cpu/depthwise.py (Numba), cnn_gpu/cuda/conv.py (CuPy) ---
+# ---- 2d. Compiled depthwise kernels: cnn_gpu/cpu/depthwise.py (Numba), cnn_gpu/cuda/conv.py (CuPy) ---
 
 def _cpu_depthwise() -> Any:
     from ..cpu import depthwise
@@ -507,7 +615,7 @@ CUPY_DEPTHWISE = Strategy("cupy-depthwise", _cupy_depthwise_forward,
                           functools.partial(_depthwise_kernels_backward, kernels=_cuda_conv))
 
 
-# ---- 2d. CuPy, any groups: the reference's whole-batch batched GEMM, with a one-launch col2im -------
+# ---- 2e. CuPy, any groups: the reference's whole-batch batched GEMM, with a one-launch col2im -------
 
 def _cupy_col2im(dcols: Any, x_shape: tuple[int, ...], window: Window, oh: int, ow: int) -> Any:
     return _cuda_conv().col2im(dcols, x_shape, window, oh, ow)
@@ -516,7 +624,7 @@ def _cupy_col2im(dcols: Any, x_shape: tuple[int, ...], window: Window, oh: int, 
 CUPY_GEMM = Strategy("cupy-gemm", reference_forward, functools.partial(reference_backward, col2im=_cupy_col2im))
 
 
-# ---- 2e. CuPy, groups < C: im2col and col2im kernels, the bias in the GEMM, GEMMs that can be captured --
+# ---- 2f. CuPy, groups < C: im2col and col2im kernels, the bias in the GEMM, GEMMs that can be captured --
 
 def _im2col_forward(x: Any, w: Any, b: Any, window: Window, groups: int, out_hw: tuple[int, int],
                     inference: bool, relu: bool = False) -> tuple[Any, Any]:
@@ -535,7 +643,7 @@ CUPY_IM2COL = Strategy("cupy-im2col", _im2col_forward, _im2col_backward)
 
 # ---- 3. the choice ---------------------------------------------------------------------------------
 
-def select(x: Any, w: Any, groups: int) -> Strategy:
+def select(x: Any, w: Any, groups: int, window: Window, out_hw: tuple[int, int]) -> Strategy:
     """The strategy that runs a convolution of these arrays (the backward asks again, with the
     cache's x and w, so switching the compiled CPU kernels off in between is fine: the strategies
     of one backend and one groups share their cache)."""
@@ -543,6 +651,8 @@ def select(x: Any, w: Any, groups: int) -> Strategy:
     if is_cupy_array(x):
         return CUPY_DEPTHWISE if depthwise else CUPY_IM2COL
     compiled = cpu.runs_on(x, w)
+    if groups == 1 and compiled and _direct_applies(x, w, window, out_hw):
+        return NUMPY_DIRECT
     if groups == 1:
         return NUMPY_GEMM_COMPILED if compiled else NUMPY_GEMM
     if depthwise:
@@ -610,7 +720,7 @@ def conv2d_forward(x: Any, w: Any, b: Any = None, stride: int | tuple[int, int] 
     (the backward is unchanged: the ReLU's own backward runs before it, on this y).
     """
     window, out_hw = _check_arguments(x, w, b, stride, padding, dilation, groups, out_size)
-    y, cols = select(x, w, groups).forward(x, w, b, window, groups, out_hw, inference, bool(relu))
+    y, cols = select(x, w, groups, window, out_hw).forward(x, w, b, window, groups, out_hw, inference, bool(relu))
     return y, ConvCache(x, w, b is not None, window, groups, out_hw, cols)
 
 
@@ -627,4 +737,4 @@ def conv2d_backward(dy: Any, cache: ConvCache, need_dx: bool = True) -> tuple[An
                          f"was {expected}")
     if dy.dtype != x.dtype:
         raise TypeError(f"conv2d backward: dy is {dy.dtype} but x is {x.dtype}; use one dtype")
-    return select(x, w, cache.groups).backward(dy, cache, need_dx)
+    return select(x, w, cache.groups, cache.window, cache.out_hw).backward(dy, cache, need_dx)

@@ -1,0 +1,276 @@
+"""A 3x3, stride-1, padding-1 convolution computed directly, in vector registers: no im2col.
+
+    scratch = padded_scratch(B, H, W, C)     # a flat zeroed buffer for B padded images
+    conv3x3(x, w, out, scratch)              # x (B, H, W, C), w (3, 3, C, O) -> out (B, H, W, O)
+    w_t = transposed_kernel(w)               # (3, 3, O, C): dx = conv3x3(dy, w_t) is the input gradient
+
+The float32 path of a ResNet's 3x3 convolutions (cnn_gpu.functional.conv, strategy NUMPY_DIRECT).
+im2col + GEMM copies every receptive field (cols is 9 times x) and then runs a GEMM whose output
+is only 16-64 channels wide, which OpenBLAS runs well below its peak; at 16 channels the copies
+cost as much as the GEMM (BENCHMARKS.md, "Why resnet20 stays below 1.0x"). Here each output tile
+is summed in registers straight from x:
+
+    for each image, each tile of P output positions, each block of output channels:
+        acc[P][block] = 0
+        for each tap (p, q), each input channel c:
+            acc[k] += x[position k + tap (p, q), c] * w[p, q, c, block]    # a broadcast and a vector FMA
+        store acc
+
+x is first copied into a zero-bordered buffer of (H + 2, W + 2) images (the padding), and a tile
+is P consecutive positions of that padded-width grid: position f = i * (W + 2) + j reads
+x_padded[f + p * (W + 2) + q] for tap (p, q), one stride for every tap, so a tile needs no
+bounds checks. Its positions with j >= W (the two border columns) are computed and not stored
+(2 of W + 2: 7% at 28 wide, 22% at 7). The last tile of the batch may read past the last image,
+hence the scratch's tail of zeros.
+
+Two micro-kernels, written out as BLAS micro-kernels are (Numba has no arrays of registers), and
+compiled for each (C, O) they meet (_kernel): wide, 6 positions x 2 vectors of output channels (12
+accumulators), for O a multiple of 2 * LANES; narrow, 12 positions x 1 vector, for O a multiple of
+LANES (ResNet's 16 channels on AVX-512). 12 accumulators, two weight vectors and a broadcast fit
+AVX2's 16 registers.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Callable
+
+import numba
+import numpy as np
+
+from . import simd
+from .simd import LANES, broadcast, fma, load, zeros
+
+_jit = numba.njit(nogil=True, boundscheck=False)
+TILE = 12  # the most positions a micro-kernel's tile holds: the scratch's tail is this many pixels
+
+
+def supports(in_channels: int, out_channels: int) -> bool:
+    """Whether conv3x3 computes O = out_channels outputs (a multiple of LANES; C is any)."""
+    return out_channels % simd.LANES == 0 and in_channels > 0
+
+
+def supports_weight_grad(in_channels: int, out_channels: int) -> bool:
+    """Whether conv3x3_weight_grad takes these channels: C a multiple of LANES, O of 8."""
+    return in_channels % simd.LANES == 0 and out_channels % 8 == 0 and out_channels > 0
+
+
+@numba.njit(inline="always", boundscheck=False)
+def _put(y, acc, f, last, b, oh, ow, wp, o, channel):  # pragma: no cover - compiled, tested
+    """Store one accumulator: flat position f of image b's padded-width grid, if it is an output."""
+    i = f // wp
+    j = f - i * wp
+    if f < last and j < ow:
+        simd.store(y, ((b * oh + i) * ow + j) * o + channel, acc)
+
+
+@functools.lru_cache(maxsize=None)
+def _kernel(c: int, o: int) -> Callable[..., None]:
+    """The micro-kernel loop for c input and o output channels, compiled for these two numbers:
+    as constants they turn every address of the inner loop into a register plus a fixed offset,
+    which ran the 16-channel layers 1.3x as fast as with c and o as arguments (BENCHMARKS.md,
+    session 9). Compiled on first use in each process (about 0.4 s), not cached on disk: Numba
+    caches no closures."""
+    if LANES == 16 and o % (4 * LANES) == 0:
+        @_jit
+        def wide4(x, w, y, n, hp, wp, oh, ow):  # pragma: no cover - compiled, tested
+            # as wide, with tiles of 6 positions x 4 vectors (24 accumulators: AVX-512 has 32 registers)
+            last = (oh - 1) * wp + ow
+            for b in range(n):
+                for f0 in range(0, last, 6):
+                    for o0 in range(0, o, 4 * LANES):
+                        a00, a01, a02, a03 = zeros(), zeros(), zeros(), zeros()
+                        a10, a11, a12, a13 = zeros(), zeros(), zeros(), zeros()
+                        a20, a21, a22, a23 = zeros(), zeros(), zeros(), zeros()
+                        a30, a31, a32, a33 = zeros(), zeros(), zeros(), zeros()
+                        a40, a41, a42, a43 = zeros(), zeros(), zeros(), zeros()
+                        a50, a51, a52, a53 = zeros(), zeros(), zeros(), zeros()
+                        for p in range(3):
+                            for q in range(3):
+                                xt = (b * hp * wp + f0 + p * wp + q) * c
+                                wt = (p * 3 + q) * c * o + o0
+                                for ch in range(c):
+                                    w0, w1 = load(w, wt + ch * o), load(w, wt + ch * o + LANES)
+                                    w2, w3 = load(w, wt + ch * o + 2 * LANES), load(w, wt + ch * o + 3 * LANES)
+                                    v = broadcast(x, xt + ch)
+                                    a00, a01, a02, a03 = (fma(v, w0, a00), fma(v, w1, a01),
+                                                          fma(v, w2, a02), fma(v, w3, a03))
+                                    v = broadcast(x, xt + c + ch)
+                                    a10, a11, a12, a13 = (fma(v, w0, a10), fma(v, w1, a11),
+                                                          fma(v, w2, a12), fma(v, w3, a13))
+                                    v = broadcast(x, xt + 2 * c + ch)
+                                    a20, a21, a22, a23 = (fma(v, w0, a20), fma(v, w1, a21),
+                                                          fma(v, w2, a22), fma(v, w3, a23))
+                                    v = broadcast(x, xt + 3 * c + ch)
+                                    a30, a31, a32, a33 = (fma(v, w0, a30), fma(v, w1, a31),
+                                                          fma(v, w2, a32), fma(v, w3, a33))
+                                    v = broadcast(x, xt + 4 * c + ch)
+                                    a40, a41, a42, a43 = (fma(v, w0, a40), fma(v, w1, a41),
+                                                          fma(v, w2, a42), fma(v, w3, a43))
+                                    v = broadcast(x, xt + 5 * c + ch)
+                                    a50, a51, a52, a53 = (fma(v, w0, a50), fma(v, w1, a51),
+                                                          fma(v, w2, a52), fma(v, w3, a53))
+                        for k, acc in ((0, (a00, a01, a02, a03)), (1, (a10, a11, a12, a13)),
+                                       (2, (a20, a21, a22, a23)), (3, (a30, a31, a32, a33)),
+                                       (4, (a40, a41, a42, a43)), (5, (a50, a51, a52, a53))):
+                            for v in range(4):
+                                _put(y, acc[v], f0 + k, last, b, oh, ow, wp, o, o0 + v * LANES)
+        return wide4
+
+    if o % (2 * LANES) == 0:
+        @_jit
+        def wide(x, w, y, n, hp, wp, oh, ow):  # pragma: no cover - compiled, tested
+            # x: n padded images (hp, wp, c), flat; w: (3, 3, c, o), flat; y: (n, oh, ow, o), flat.
+            # Tiles of 6 positions x 2 vectors of output channels.
+            last = (oh - 1) * wp + ow  # flat positions [0, last) hold every output
+            for b in range(n):
+                for f0 in range(0, last, 6):
+                    for o0 in range(0, o, 2 * LANES):
+                        a0, a1, a2, a3, a4, a5 = zeros(), zeros(), zeros(), zeros(), zeros(), zeros()
+                        a6, a7, a8, a9, a10, a11 = zeros(), zeros(), zeros(), zeros(), zeros(), zeros()
+                        for p in range(3):
+                            for q in range(3):
+                                xt = (b * hp * wp + f0 + p * wp + q) * c  # position f0's input at tap (p, q)
+                                wt = (p * 3 + q) * c * o + o0
+                                for ch in range(c):
+                                    w0, w1 = load(w, wt + ch * o), load(w, wt + ch * o + LANES)
+                                    v = broadcast(x, xt + ch)
+                                    a0, a1 = fma(v, w0, a0), fma(v, w1, a1)
+                                    v = broadcast(x, xt + c + ch)
+                                    a2, a3 = fma(v, w0, a2), fma(v, w1, a3)
+                                    v = broadcast(x, xt + 2 * c + ch)
+                                    a4, a5 = fma(v, w0, a4), fma(v, w1, a5)
+                                    v = broadcast(x, xt + 3 * c + ch)
+                                    a6, a7 = fma(v, w0, a6), fma(v, w1, a7)
+                                    v = broadcast(x, xt + 4 * c + ch)
+                                    a8, a9 = fma(v, w0, a8), fma(v, w1, a9)
+                                    v = broadcast(x, xt + 5 * c + ch)
+                                    a10, a11 = fma(v, w0, a10), fma(v, w1, a11)
+                        for k, lo, hi in ((0, a0, a1), (1, a2, a3), (2, a4, a5), (3, a6, a7), (4, a8, a9),
+                                          (5, a10, a11)):
+                            _put(y, lo, f0 + k, last, b, oh, ow, wp, o, o0)
+                            _put(y, hi, f0 + k, last, b, oh, ow, wp, o, o0 + LANES)
+        return wide
+
+    @_jit
+    def narrow(x, w, y, n, hp, wp, oh, ow):  # pragma: no cover - compiled, tested
+        # as wide, with tiles of 12 positions x 1 vector of output channels
+        last = (oh - 1) * wp + ow
+        for b in range(n):
+            for f0 in range(0, last, 12):
+                for o0 in range(0, o, LANES):
+                    a0, a1, a2, a3, a4, a5 = zeros(), zeros(), zeros(), zeros(), zeros(), zeros()
+                    a6, a7, a8, a9, a10, a11 = zeros(), zeros(), zeros(), zeros(), zeros(), zeros()
+                    for p in range(3):
+                        for q in range(3):
+                            xt = (b * hp * wp + f0 + p * wp + q) * c
+                            wt = (p * 3 + q) * c * o + o0
+                            for ch in range(c):
+                                w0 = load(w, wt + ch * o)
+                                a0 = fma(broadcast(x, xt + ch), w0, a0)
+                                a1 = fma(broadcast(x, xt + c + ch), w0, a1)
+                                a2 = fma(broadcast(x, xt + 2 * c + ch), w0, a2)
+                                a3 = fma(broadcast(x, xt + 3 * c + ch), w0, a3)
+                                a4 = fma(broadcast(x, xt + 4 * c + ch), w0, a4)
+                                a5 = fma(broadcast(x, xt + 5 * c + ch), w0, a5)
+                                a6 = fma(broadcast(x, xt + 6 * c + ch), w0, a6)
+                                a7 = fma(broadcast(x, xt + 7 * c + ch), w0, a7)
+                                a8 = fma(broadcast(x, xt + 8 * c + ch), w0, a8)
+                                a9 = fma(broadcast(x, xt + 9 * c + ch), w0, a9)
+                                a10 = fma(broadcast(x, xt + 10 * c + ch), w0, a10)
+                                a11 = fma(broadcast(x, xt + 11 * c + ch), w0, a11)
+                    for k, acc in ((0, a0), (1, a1), (2, a2), (3, a3), (4, a4), (5, a5),
+                                   (6, a6), (7, a7), (8, a8), (9, a9), (10, a10), (11, a11)):
+                        _put(y, acc, f0 + k, last, b, oh, ow, wp, o, o0)
+    return narrow
+
+
+@functools.lru_cache(maxsize=None)
+def _weight_grad_kernel(c: int, o: int) -> Callable[..., None]:
+    """The weight gradient's loop for c input and o output channels (compiled as _kernel is):
+    for one row p of taps, LANES input channels and 8 output channels at a time, 24 accumulators
+    acc[q][k] (a vector over the input channels of dw[p, q, :, o0 + k]) summed over every output
+    position: per position three vector loads of x (one per tap q) and 8 broadcasts of dy for 24
+    FMAs, where a GEMM of cols.T @ dy first needs cols."""
+    @_jit
+    def weight_grad(x, dy, dw_t, n, hp, wp, oh, ow):  # pragma: no cover - compiled, tested
+        # x: n padded images (hp, wp, c), flat; dy: (n, oh, ow, o), flat; dw_t: (3, 3, o, c), flat,
+        # overwritten (channels last, so that each accumulator is stored as one vector)
+        for p in range(3):
+            for c0 in range(0, c, LANES):
+                for o0 in range(0, o, 8):
+                    a00, a01, a02, a03, a04, a05, a06, a07 = (zeros(), zeros(), zeros(), zeros(),
+                                                              zeros(), zeros(), zeros(), zeros())
+                    a10, a11, a12, a13, a14, a15, a16, a17 = (zeros(), zeros(), zeros(), zeros(),
+                                                              zeros(), zeros(), zeros(), zeros())
+                    a20, a21, a22, a23, a24, a25, a26, a27 = (zeros(), zeros(), zeros(), zeros(),
+                                                              zeros(), zeros(), zeros(), zeros())
+                    for b in range(n):
+                        for i in range(oh):
+                            row = ((b * hp + i + p) * wp) * c + c0  # x's padded row i + p
+                            dy_row = ((b * oh + i) * ow) * o + o0
+                            for j in range(ow):
+                                x0 = load(x, row + j * c)  # taps (p, 0), (p, 1), (p, 2) of output j
+                                x1 = load(x, row + (j + 1) * c)
+                                x2 = load(x, row + (j + 2) * c)
+                                d = broadcast(dy, dy_row + j * o + 0)
+                                a00, a10, a20 = fma(x0, d, a00), fma(x1, d, a10), fma(x2, d, a20)
+                                d = broadcast(dy, dy_row + j * o + 1)
+                                a01, a11, a21 = fma(x0, d, a01), fma(x1, d, a11), fma(x2, d, a21)
+                                d = broadcast(dy, dy_row + j * o + 2)
+                                a02, a12, a22 = fma(x0, d, a02), fma(x1, d, a12), fma(x2, d, a22)
+                                d = broadcast(dy, dy_row + j * o + 3)
+                                a03, a13, a23 = fma(x0, d, a03), fma(x1, d, a13), fma(x2, d, a23)
+                                d = broadcast(dy, dy_row + j * o + 4)
+                                a04, a14, a24 = fma(x0, d, a04), fma(x1, d, a14), fma(x2, d, a24)
+                                d = broadcast(dy, dy_row + j * o + 5)
+                                a05, a15, a25 = fma(x0, d, a05), fma(x1, d, a15), fma(x2, d, a25)
+                                d = broadcast(dy, dy_row + j * o + 6)
+                                a06, a16, a26 = fma(x0, d, a06), fma(x1, d, a16), fma(x2, d, a26)
+                                d = broadcast(dy, dy_row + j * o + 7)
+                                a07, a17, a27 = fma(x0, d, a07), fma(x1, d, a17), fma(x2, d, a27)
+                    accumulators = ((a00, a01, a02, a03, a04, a05, a06, a07),
+                                    (a10, a11, a12, a13, a14, a15, a16, a17),
+                                    (a20, a21, a22, a23, a24, a25, a26, a27))
+                    for q in range(3):
+                        for k in range(8):
+                            simd.store(dw_t, ((p * 3 + q) * o + o0 + k) * c + c0, accumulators[q][k])
+    return weight_grad
+
+
+def padded_scratch(n: int, h: int, w: int, c: int) -> np.ndarray:
+    """A flat float32 buffer of zeros for conv3x3: n images of (h + 2, w + 2, c), then TILE pixels
+    that the last tile may read. conv3x3 writes only the images' interiors, so the borders stay zero
+    from call to call, and a batch of fewer than n images uses the buffer's head. One buffer serves
+    one channel count c: with another, its borders fall where interiors were written."""
+    return np.zeros(n * (h + 2) * (w + 2) * c + TILE * c, dtype=np.float32)
+
+
+def conv3x3(x: np.ndarray, w: np.ndarray, out: np.ndarray, scratch: np.ndarray) -> np.ndarray:
+    """out (B, H, W, O) = the 3x3 convolution of x (B, H, W, C) with w (3, 3, C, O), stride 1, zero
+    padding 1, no bias; float32, O a multiple of LANES (supports), out C-contiguous (a batch slice of
+    a larger array is fine). scratch: padded_scratch(n >= B, H, W, C). Returns out."""
+    n, h, wd, c = x.shape
+    o = w.shape[3]
+    padded = scratch[:n * (h + 2) * (wd + 2) * c].reshape(n, h + 2, wd + 2, c)
+    padded[:, 1:h + 1, 1:wd + 1] = x  # the borders are the buffer's zeros
+    _kernel(c, o)(scratch, np.ascontiguousarray(w).reshape(-1), out.reshape(-1), n, h + 2, wd + 2, h, wd)
+    return out
+
+
+def conv3x3_weight_grad(x: np.ndarray, dy: np.ndarray, scratch: np.ndarray) -> np.ndarray:
+    """dw (3, 3, C, O) of y = conv3x3(x, w): sum over every output position of x's 3x3 window
+    (zero padded) times dy there. x (B, H, W, C) and dy (B, H, W, O) float32, C a multiple of
+    LANES, O of 8 (supports_weight_grad); scratch: padded_scratch(n >= B, H, W, C). Returns a new array."""
+    n, h, wd, c = x.shape
+    o = dy.shape[3]
+    padded = scratch[:n * (h + 2) * (wd + 2) * c].reshape(n, h + 2, wd + 2, c)
+    padded[:, 1:h + 1, 1:wd + 1] = x
+    dw_t = np.empty((3, 3, o, c), dtype=np.float32)
+    _weight_grad_kernel(c, o)(scratch, np.ascontiguousarray(dy).reshape(-1), dw_t.reshape(-1), n, h + 2, wd + 2, h, wd)
+    return np.ascontiguousarray(dw_t.transpose(0, 1, 3, 2))
+
+
+def transposed_kernel(w: np.ndarray) -> np.ndarray:
+    """w (3, 3, C, O) -> (3, 3, O, C), the kernel flipped in both axes with its channels swapped:
+    dx = conv3x3(dy, transposed_kernel(w)) is the input gradient of y = conv3x3(x, w)."""
+    return np.ascontiguousarray(w[::-1, ::-1].transpose(0, 1, 3, 2))

@@ -1,0 +1,114 @@
+"""Vectors of float32 for compiled kernels: a register of LANES floats that Numba can hold in a local.
+
+    v = zeros()              # LANES zeros
+    v = load(a, i)           # a[i : i + LANES] of a 1-D float32 array, no bounds check
+    store(a, i, v)           # a[i : i + LANES] = v
+    v = broadcast(a, i)      # a[i] in every lane
+    v = fma(x, w, acc)       # acc + x * w, lane by lane (fused where the CPU has FMA)
+
+Why: Numba has no vector type, and LLVM's auto-vectorizer keeps the accumulators of a
+convolution's inner loop in memory (it cannot prove the arrays do not alias); every direct
+convolution written as scalar Numba loops ran at 3-12 GFLOP/s, a tenth of OpenBLAS's GEMM
+(BENCHMARKS.md, sessions 4 and 7). A vector here is an LLVM `<LANES x float>` value, so a kernel's
+accumulators are SSA values that LLVM keeps in registers, as a C kernel with intrinsics would.
+
+LANES is 16 (one AVX-512 register) where the CPU has AVX-512, else 8 (one AVX register; on a
+CPU without AVX, LLVM splits each vector into narrower ones: the same results, slower). It is read
+from the CPU that Numba compiles for, once at import. Numba's on-disk cache is keyed by that CPU,
+so a cache made on another machine is not reused.
+
+fma is LLVM's fmuladd: one rounding where the CPU fuses multiply and add, two where it does not.
+Kernels built on it agree with the NumPy reference to rounding, not bit for bit, and give the
+same bits on every run and thread count on one machine.
+"""
+from __future__ import annotations
+
+from llvmlite import binding as llvm
+from llvmlite import ir
+from numba import types
+from numba.core import cgutils, config
+from numba.extending import intrinsic, models, register_model
+
+
+def _lanes() -> int:
+    if config.CPU_NAME:  # NUMBA_CPU_NAME set (a portable cache, say): assume no AVX-512
+        return 8
+    return 16 if llvm.get_host_cpu_features().get("avx512f", False) else 8
+
+
+LANES = _lanes()
+_VECTOR = ir.VectorType(ir.FloatType(), LANES)
+
+
+class Float32Vector(types.Type):
+    def __init__(self) -> None:
+        super().__init__(name=f"float32x{LANES}")
+
+
+float32_vector = Float32Vector()
+
+
+@register_model(Float32Vector)
+class _VectorModel(models.PrimitiveModel):
+    def __init__(self, dmm, fe_type):
+        super().__init__(dmm, fe_type, _VECTOR)
+
+
+def _address(context, builder, array_type, array, index):
+    """A pointer to array[index] of a 1-D array (no bounds check, no negative wrap-around)."""
+    data = context.make_array(array_type)(context, builder, array).data
+    return builder.gep(data, [index], inbounds=True)
+
+
+def _check_float32_array(array) -> None:
+    if not (isinstance(array, types.Array) and array.ndim == 1 and array.dtype == types.float32):
+        raise TypeError(f"cnn_gpu.cpu.simd: expected a 1-D float32 array, got {array}")
+
+
+@intrinsic
+def zeros(typingctx):
+    def codegen(context, builder, signature, args):
+        return ir.Constant(_VECTOR, None)
+    return float32_vector(), codegen
+
+
+@intrinsic
+def load(typingctx, array, index):
+    _check_float32_array(array)
+
+    def codegen(context, builder, signature, args):
+        pointer = _address(context, builder, signature.args[0], args[0], args[1])
+        return builder.load(builder.bitcast(pointer, _VECTOR.as_pointer()), align=4)
+    return float32_vector(array, types.intp), codegen
+
+
+@intrinsic
+def store(typingctx, array, index, vector):
+    _check_float32_array(array)
+
+    def codegen(context, builder, signature, args):
+        pointer = _address(context, builder, signature.args[0], args[0], args[1])
+        builder.store(args[2], builder.bitcast(pointer, _VECTOR.as_pointer()), align=4)
+    return types.void(array, types.intp, float32_vector), codegen
+
+
+@intrinsic
+def broadcast(typingctx, array, index):
+    _check_float32_array(array)
+
+    def codegen(context, builder, signature, args):
+        value = builder.load(_address(context, builder, signature.args[0], args[0], args[1]), align=4)
+        first = builder.insert_element(ir.Constant(_VECTOR, ir.Undefined), value, ir.Constant(ir.IntType(32), 0))
+        every_lane = ir.Constant(ir.VectorType(ir.IntType(32), LANES), [0] * LANES)
+        return builder.shuffle_vector(first, ir.Constant(_VECTOR, ir.Undefined), every_lane)
+    return float32_vector(array, types.intp), codegen
+
+
+@intrinsic
+def fma(typingctx, x, w, acc):
+    def codegen(context, builder, signature, args):
+        function_type = ir.FunctionType(_VECTOR, [_VECTOR] * 3)
+        fmuladd = cgutils.get_or_insert_function(builder.module, function_type, f"llvm.fmuladd.v{LANES}f32")
+        return builder.call(fmuladd, args)
+    return float32_vector(float32_vector, float32_vector, float32_vector), codegen
+

@@ -1,0 +1,195 @@
+"""cnn_gpu/cpu/direct.py (the 3x3 convolution in vector registers, on cnn_gpu/cpu/simd.py) and the
+NUMPY_DIRECT strategy built on it, against the convolution's reference in float64.
+
+The kernels sum in another order than the reference's GEMM (tap by tap, channel by channel, with
+fused multiply-adds), so float32 results agree to rounding: relative to the largest value of each
+result, 1e-5 for sums of up to 9 * 64 terms, and 1e-4 for the weight gradient, a sum over every
+output position of the batch in one running total per weight."""
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from cnn_gpu.functional import conv, conv2d_backward, conv2d_forward
+from cnn_gpu.geometry import Window
+
+from .conftest import requires_jit
+from .helpers import assert_close
+
+pytestmark = requires_jit
+
+SAME = Window.of((3, 3), 1, 1, 1)  # 3x3, stride 1, padding 1: the direct kernels' case
+
+
+@pytest.fixture(scope="module")
+def direct():
+    from cnn_gpu.cpu import direct
+    return direct
+
+
+def _reference(x, w, dy=None):
+    """y, and (dx, dw) for dy, of the 3x3 stride-1 padding-1 convolution, in float64."""
+    x64, w64 = x.astype(np.float64), w.astype(np.float64)
+    out_hw = x.shape[1:3]
+    y, _ = conv.reference_forward(x64, w64, None, SAME, 1, out_hw)
+    if dy is None:
+        return y
+    dx, dw, _ = conv.reference_backward(dy.astype(np.float64), conv.ConvCache(x64, w64, False, SAME, 1, out_hw))
+    return y, dx, dw
+
+
+def _close(got, want, rtol=1e-5, what=""):
+    assert got.dtype == np.float32 and got.shape == want.shape, what
+    assert_close(got, want, rtol=rtol, atol=rtol * float(np.abs(want).max()), what=what)
+
+
+def _shapes(lanes):
+    # (N, H, W, C, O): every micro-kernel (narrow: O = LANES; wide: 2 LANES; wide4 on AVX-512: 4
+    # LANES), several output blocks (3 LANES), one input channel, odd and tiny images (one tile
+    # spanning rows, the tail the last tile reads past the last image), batch 1
+    return [(2, 7, 5, 1, lanes), (3, 6, 9, 3, 2 * lanes), (1, 1, 1, 16, lanes), (2, 2, 3, 16, 4 * lanes),
+            (2, 9, 8, 32, 3 * lanes), (4, 7, 7, 64, 4 * lanes), (2, 5, 13, 16, 2 * lanes)]
+
+
+def test_conv3x3_and_its_gradients_match_the_reference(direct, rng):
+    for n, h, w, c, o in _shapes(direct.LANES):
+        x = rng.standard_normal((n, h, w, c)).astype(np.float32)
+        wt = rng.standard_normal((3, 3, c, o)).astype(np.float32)
+        dy = rng.standard_normal((n, h, w, o)).astype(np.float32)
+        y_ref, dx_ref, dw_ref = _reference(x, wt, dy)
+        # a scratch for one image more than the batch, holding that image from another call: the
+        # last tile reads into it, for positions it does not store
+        scratch = direct.padded_scratch(n + 1, h, w, c)
+        direct.conv3x3(rng.standard_normal((n + 1, h, w, c)).astype(np.float32), wt,
+                       np.empty((n + 1, h, w, o), np.float32), scratch)
+        y = direct.conv3x3(x, wt, np.empty((n, h, w, o), np.float32), scratch)
+        _close(y, y_ref, what=f"y {n, h, w, c, o}")
+        if direct.supports(o, c):  # dx: C outputs
+            dx = direct.conv3x3(dy, direct.transposed_kernel(wt), np.empty_like(x), direct.padded_scratch(n, h, w, o))
+            _close(dx, dx_ref, what=f"dx {n, h, w, c, o}")
+        if direct.supports_weight_grad(c, o):
+            _close(direct.conv3x3_weight_grad(x, dy, scratch), dw_ref, rtol=1e-4, what=f"dw {n, h, w, c, o}")
+
+
+def test_the_weight_gradient_over_a_large_batch(direct, rng):
+    """One running sum per weight over 32 x 28 x 28 positions: still float32's rounding."""
+    x = rng.standard_normal((32, 28, 28, 16)).astype(np.float32)
+    dy = rng.standard_normal((32, 28, 28, 16)).astype(np.float32)
+    _, _, dw_ref = _reference(x, np.zeros((3, 3, 16, 16), np.float32), dy)
+    _close(direct.conv3x3_weight_grad(x, dy, direct.padded_scratch(32, 28, 28, 16)), dw_ref, rtol=1e-4)
+
+
+def test_what_the_kernels_take(direct):
+    lanes = direct.LANES
+    assert lanes in (8, 16)
+    assert direct.supports(1, lanes) and direct.supports(3, 2 * lanes)
+    assert not direct.supports(16, lanes + 4) and not direct.supports(0, lanes)
+    assert direct.supports_weight_grad(lanes, 8) and direct.supports_weight_grad(2 * lanes, 24)
+    assert not direct.supports_weight_grad(3, 16) and not direct.supports_weight_grad(lanes, 12)
+
+
+def test_the_vector_loads_take_only_float32_vectors():
+    import numba
+
+    from cnn_gpu.cpu import simd
+
+    @numba.njit
+    def first_vector(a):
+        out = np.empty(simd.LANES, a.dtype)
+        simd.store(out, 0, simd.load(a, 0))
+        return out
+
+    a = np.arange(2 * simd.LANES, dtype=np.float32)
+    np.testing.assert_array_equal(first_vector(a), a[:simd.LANES])
+    with pytest.raises((TypeError, numba.core.errors.TypingError), match="expected a 1-D float32 array"):
+        first_vector(np.arange(32.0))  # float64
+
+
+# ---- NUMPY_DIRECT, through conv2d_forward / conv2d_backward -------------------------------------
+
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
+@pytest.mark.parametrize("relu", [True, False], ids=["relu", "no-relu"])
+@pytest.mark.parametrize("c", [16, 3], ids=["c16", "c3"])  # c3: a first layer, dw and dx by the GEMM path
+def test_the_strategy_matches_the_reference(rng, bias, relu, c):
+    x = rng.standard_normal((37, 9, 11, c)).astype(np.float32)  # 37 images: several chunks, an uneven last
+    wt = rng.standard_normal((3, 3, c, 32)).astype(np.float32)
+    b = rng.standard_normal(32).astype(np.float32) if bias else None
+    assert conv.select(x, wt, 1, SAME, (9, 11)) is conv.NUMPY_DIRECT
+    y, cache = conv2d_forward(x, wt, b, padding=1, relu=relu)
+    dy = rng.standard_normal(y.shape).astype(np.float32)
+    dx, dw, db = conv2d_backward(dy, cache)
+    y_ref, dx_ref, dw_ref = _reference(x, wt, dy)
+    if bias:
+        y_ref = y_ref + b
+    if relu:
+        y_ref = np.maximum(y_ref, 0)
+    _close(y, y_ref, what="y")
+    _close(dx, dx_ref, what="dx")
+    _close(dw, dw_ref, rtol=1e-4, what="dw")
+    if bias:
+        _close(db, dy.astype(np.float64).sum(axis=(0, 1, 2)), what="db")
+    else:
+        assert db is None
+    assert conv2d_backward(dy, cache, need_dx=False)[0] is None
+
+
+def test_the_strategy_takes_strided_inputs_unchanged_and_an_empty_batch(rng):
+    base = rng.standard_normal((4, 6, 7, 32)).astype(np.float32)
+    x = base[..., ::2]  # 16 channels, not contiguous
+    wt = rng.standard_normal((3, 3, 16, 16)).astype(np.float32)
+    copy = x.copy()
+    y, cache = conv2d_forward(x, wt, padding=1)
+    dy = rng.standard_normal((4, 6, 7, 32)).astype(np.float32)[..., ::2]
+    dx, dw, _ = conv2d_backward(dy, cache)
+    y_ref, dx_ref, dw_ref = _reference(np.ascontiguousarray(x), wt, np.ascontiguousarray(dy))
+    _close(y, y_ref, what="y")
+    _close(dx, dx_ref, what="dx")
+    _close(dw, dw_ref, rtol=1e-4, what="dw")
+    np.testing.assert_array_equal(x, copy)
+    y, cache = conv2d_forward(x[:0], wt, padding=1)
+    dx, dw, _ = conv2d_backward(y, cache)
+    assert y.shape == (0, 6, 7, 16) and dx.shape == (0, 6, 7, 16) and not dw.any()
+
+
+def test_the_strategy_gives_the_same_bits_twice(rng):
+    x = rng.standard_normal((20, 8, 8, 16)).astype(np.float32)
+    wt = rng.standard_normal((3, 3, 16, 16)).astype(np.float32)
+
+    def step():
+        y, cache = conv2d_forward(x, wt, padding=1)
+        return (y, *conv2d_backward(np.sin(y), cache))
+
+    for a, b in zip(step(), step()):
+        if a is not None:
+            np.testing.assert_array_equal(a, b)
+
+
+def test_the_avx2_kernels_too():
+    """The 8-lane kernels (AVX2 CPUs), compiled for a Haswell in a fresh process on any x86 CPU that
+    has AVX2: NUMBA_CPU_NAME makes simd.LANES 8."""
+    import llvmlite.binding as llvm
+    if not llvm.get_host_cpu_features().get("avx2", False):
+        pytest.skip("needs an x86 CPU with AVX2 to run code compiled for a Haswell")
+    code = (
+        "import numpy as np\n"
+        "from cnn_gpu.cpu import direct\n"
+        "from cnn_gpu.functional import conv, conv2d_forward, conv2d_backward\n"
+        "assert direct.LANES == 8, direct.LANES\n"
+        "rng = np.random.default_rng(0)\n"
+        "for c, o in ((16, 8), (8, 16), (16, 24)):\n"
+        "    x = rng.standard_normal((3, 7, 6, c)).astype(np.float32)\n"
+        "    w = rng.standard_normal((3, 3, c, o)).astype(np.float32)\n"
+        "    y, cache = conv2d_forward(x, w, padding=1)\n"
+        "    assert conv.select(x, w, 1, cache.window, cache.out_hw) is conv.NUMPY_DIRECT\n"
+        "    dx, dw, _ = conv2d_backward(np.cos(y), cache)\n"
+        "    y64, c64 = conv2d_forward(x.astype(float), w.astype(float), padding=1)\n"
+        "    dx64, dw64, _ = conv2d_backward(np.cos(y).astype(float), c64)\n"
+        "    for a, e in ((y, y64), (dx, dx64), (dw, dw64)):\n"
+        "        assert np.abs(a - e).max() <= 1e-4 * np.abs(e).max(), (c, o)\n"
+        "print('ok')\n")
+    env = dict(os.environ, NUMBA_CPU_NAME="haswell", NUMBA_CACHE_DIR=os.environ.get("NUMBA_CACHE_DIR", ""))
+    env = {k: v for k, v in env.items() if v}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
