@@ -1,6 +1,7 @@
 """A 3x3, stride-1, padding-1 convolution computed directly, in vector registers: no im2col.
 
     scratch = padded_scratch(B, H, W, C)     # a flat zeroed buffer for B padded images
+    y = aligned_empty((B, H, W, O))          # outputs on 64-byte boundaries, for the vector stores
     conv3x3(x, w, out, scratch)              # x (B, H, W, C), w (3, 3, C, O) -> out (B, H, W, O)
     w_t = transposed_kernel(w)               # (3, 3, O, C): dx = conv3x3(dy, w_t) is the input gradient
 
@@ -55,11 +56,15 @@ def supports_weight_grad(in_channels: int, out_channels: int) -> bool:
 
 
 @numba.njit(inline="always", boundscheck=False)
-def _put(y, acc, f, last, b, oh, ow, wp, o, channel):  # pragma: no cover - compiled, tested
-    """Store one accumulator: flat position f of image b's padded-width grid, if it is an output."""
-    i = f // wp
-    j = f - i * wp
-    if f < last and j < ow:
+def _put(y, acc, i, j, b, oh, ow, wp, o, channel):  # pragma: no cover - compiled, tested
+    """Store one accumulator: the position j columns right of column 0 of row i in image b's
+    padded-width grid (j may run past the row's end, onto the next rows), if it is an output.
+    Walking the rows costs less than dividing a flat position by the width: 12 divisions a tile
+    took a fifth of a 16-channel tile's time."""
+    while j >= wp:
+        j -= wp
+        i += 1
+    if i < oh and j < ow:
         simd.store(y, ((b * oh + i) * ow + j) * o + channel, acc)
 
 
@@ -77,6 +82,8 @@ def _kernel(c: int, o: int) -> Callable[..., None]:
             last = (oh - 1) * wp + ow
             for b in range(n):
                 for f0 in range(0, last, 6):
+                    i0 = f0 // wp  # position f0's row and column
+                    j0 = f0 - i0 * wp
                     for o0 in range(0, o, 4 * LANES):
                         a00, a01, a02, a03 = zeros(), zeros(), zeros(), zeros()
                         a10, a11, a12, a13 = zeros(), zeros(), zeros(), zeros()
@@ -113,7 +120,7 @@ def _kernel(c: int, o: int) -> Callable[..., None]:
                                        (2, (a20, a21, a22, a23)), (3, (a30, a31, a32, a33)),
                                        (4, (a40, a41, a42, a43)), (5, (a50, a51, a52, a53))):
                             for v in range(4):
-                                _put(y, acc[v], f0 + k, last, b, oh, ow, wp, o, o0 + v * LANES)
+                                _put(y, acc[v], i0, j0 + k, b, oh, ow, wp, o, o0 + v * LANES)
         return wide4
 
     if o % (2 * LANES) == 0:
@@ -124,6 +131,8 @@ def _kernel(c: int, o: int) -> Callable[..., None]:
             last = (oh - 1) * wp + ow  # flat positions [0, last) hold every output
             for b in range(n):
                 for f0 in range(0, last, 6):
+                    i0 = f0 // wp  # position f0's row and column
+                    j0 = f0 - i0 * wp
                     for o0 in range(0, o, 2 * LANES):
                         a0, a1, a2, a3, a4, a5 = zeros(), zeros(), zeros(), zeros(), zeros(), zeros()
                         a6, a7, a8, a9, a10, a11 = zeros(), zeros(), zeros(), zeros(), zeros(), zeros()
@@ -147,8 +156,8 @@ def _kernel(c: int, o: int) -> Callable[..., None]:
                                     a10, a11 = fma(v, w0, a10), fma(v, w1, a11)
                         for k, lo, hi in ((0, a0, a1), (1, a2, a3), (2, a4, a5), (3, a6, a7), (4, a8, a9),
                                           (5, a10, a11)):
-                            _put(y, lo, f0 + k, last, b, oh, ow, wp, o, o0)
-                            _put(y, hi, f0 + k, last, b, oh, ow, wp, o, o0 + LANES)
+                            _put(y, lo, i0, j0 + k, b, oh, ow, wp, o, o0)
+                            _put(y, hi, i0, j0 + k, b, oh, ow, wp, o, o0 + LANES)
         return wide
 
     @_jit
@@ -157,6 +166,8 @@ def _kernel(c: int, o: int) -> Callable[..., None]:
         last = (oh - 1) * wp + ow
         for b in range(n):
             for f0 in range(0, last, 12):
+                i0 = f0 // wp
+                j0 = f0 - i0 * wp
                 for o0 in range(0, o, LANES):
                     a0, a1, a2, a3, a4, a5 = zeros(), zeros(), zeros(), zeros(), zeros(), zeros()
                     a6, a7, a8, a9, a10, a11 = zeros(), zeros(), zeros(), zeros(), zeros(), zeros()
@@ -180,7 +191,7 @@ def _kernel(c: int, o: int) -> Callable[..., None]:
                                 a11 = fma(broadcast(x, xt + 11 * c + ch), w0, a11)
                     for k, acc in ((0, a0), (1, a1), (2, a2), (3, a3), (4, a4), (5, a5),
                                    (6, a6), (7, a7), (8, a8), (9, a9), (10, a10), (11, a11)):
-                        _put(y, acc, f0 + k, last, b, oh, ow, wp, o, o0)
+                        _put(y, acc, i0, j0 + k, b, oh, ow, wp, o, o0)
     return narrow
 
 
@@ -237,23 +248,46 @@ def _weight_grad_kernel(c: int, o: int) -> Callable[..., None]:
     return weight_grad
 
 
+def aligned_empty(shape: tuple[int, ...]) -> np.ndarray:
+    """An uninitialized float32 array whose data starts on a 64-byte boundary (a cache line, an
+    AVX-512 vector). NumPy's own arrays start 16 bytes past one as often as not, and every vector
+    load or store of a row then straddles two lines: 7x7 64->64 ran at 110 GFLOP/s instead of 130
+    (BENCHMARKS.md, session 9). Rows of a multiple of 16 channels stay aligned."""
+    size = int(np.prod(shape))
+    buffer = np.empty(size + 16, dtype=np.float32)
+    start = (-(buffer.ctypes.data // 4)) % 16
+    return buffer[start:start + size].reshape(shape)
+
+
+def _aligned(a: np.ndarray) -> np.ndarray:
+    """a itself when it is C-contiguous float32 on a 64-byte boundary, else such a copy."""
+    if a.flags.c_contiguous and a.dtype == np.float32 and a.ctypes.data % 64 == 0:
+        return a
+    out = aligned_empty(a.shape)
+    out[...] = a
+    return out
+
+
 def padded_scratch(n: int, h: int, w: int, c: int) -> np.ndarray:
     """A flat float32 buffer of zeros for conv3x3: n images of (h + 2, w + 2, c), then TILE pixels
     that the last tile may read. conv3x3 writes only the images' interiors, so the borders stay zero
     from call to call, and a batch of fewer than n images uses the buffer's head. One buffer serves
     one channel count c: with another, its borders fall where interiors were written."""
-    return np.zeros(n * (h + 2) * (w + 2) * c + TILE * c, dtype=np.float32)
+    scratch = aligned_empty((n * (h + 2) * (w + 2) * c + TILE * c,))
+    scratch[:] = 0
+    return scratch
 
 
 def conv3x3(x: np.ndarray, w: np.ndarray, out: np.ndarray, scratch: np.ndarray) -> np.ndarray:
     """out (B, H, W, O) = the 3x3 convolution of x (B, H, W, C) with w (3, 3, C, O), stride 1, zero
     padding 1, no bias; float32, O a multiple of LANES (supports), out C-contiguous (a batch slice of
-    a larger array is fine). scratch: padded_scratch(n >= B, H, W, C). Returns out."""
+    a larger array is fine; on a 64-byte boundary, from aligned_empty, is faster). scratch:
+    padded_scratch(n >= B, H, W, C). Returns out."""
     n, h, wd, c = x.shape
     o = w.shape[3]
     padded = scratch[:n * (h + 2) * (wd + 2) * c].reshape(n, h + 2, wd + 2, c)
     padded[:, 1:h + 1, 1:wd + 1] = x  # the borders are the buffer's zeros
-    _kernel(c, o)(scratch, np.ascontiguousarray(w).reshape(-1), out.reshape(-1), n, h + 2, wd + 2, h, wd)
+    _kernel(c, o)(scratch, _aligned(w).reshape(-1), out.reshape(-1), n, h + 2, wd + 2, h, wd)
     return out
 
 
@@ -265,7 +299,7 @@ def conv3x3_weight_grad(x: np.ndarray, dy: np.ndarray, scratch: np.ndarray) -> n
     o = dy.shape[3]
     padded = scratch[:n * (h + 2) * (wd + 2) * c].reshape(n, h + 2, wd + 2, c)
     padded[:, 1:h + 1, 1:wd + 1] = x
-    dw_t = np.empty((3, 3, o, c), dtype=np.float32)
+    dw_t = aligned_empty((3, 3, o, c))
     _weight_grad_kernel(c, o)(scratch, np.ascontiguousarray(dy).reshape(-1), dw_t.reshape(-1), n, h + 2, wd + 2, h, wd)
     return np.ascontiguousarray(dw_t.transpose(0, 1, 3, 2))
 
@@ -273,4 +307,4 @@ def conv3x3_weight_grad(x: np.ndarray, dy: np.ndarray, scratch: np.ndarray) -> n
 def transposed_kernel(w: np.ndarray) -> np.ndarray:
     """w (3, 3, C, O) -> (3, 3, O, C), the kernel flipped in both axes with its channels swapped:
     dx = conv3x3(dy, transposed_kernel(w)) is the input gradient of y = conv3x3(x, w)."""
-    return np.ascontiguousarray(w[::-1, ::-1].transpose(0, 1, 3, 2))
+    return _aligned(w[::-1, ::-1].transpose(0, 1, 3, 2))

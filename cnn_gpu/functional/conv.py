@@ -439,7 +439,7 @@ def _direct_forward(x: Any, w: Any, b: Any, window: Window, groups: int, out_hw:
     direct = _cpu_direct()
     n, h, wd, c = x.shape
     o = w.shape[3]
-    y = np.empty((n, h, wd, o), dtype=x.dtype)
+    y = direct.aligned_empty((n, h, wd, o))
     chunks = threads.ranges(n, DIRECT_CHUNK_BYTES // ((h + 2) * (wd + 2) * c * x.itemsize))
 
     def run(part: slice, padded: np.ndarray) -> None:
@@ -482,7 +482,7 @@ def _direct_backward(dy: Any, cache: ConvCache, need_dx: bool) -> tuple[Any, Any
                               input_grad_scratch=_padded_dy_scratch if takes_dx else _dcols_scratch)
     dy = np.ascontiguousarray(dy)
     w_t = direct.transposed_kernel(w)
-    dx = np.empty(x.shape, dtype=x.dtype) if need_dx else None
+    dx = direct.aligned_empty(x.shape) if need_dx else None
     chunks = threads.ranges(n, DIRECT_CHUNK_BYTES // ((h + 2) * (wd + 2) * max(c, o) * x.itemsize))
     per_chunk = chunks[0].stop - chunks[0].start if chunks else 0
 
