@@ -431,6 +431,14 @@ def _direct_applies(x: Any, w: Any, window: Window, out_hw: tuple[int, int]) -> 
             and max(c, o) <= DIRECT_MAX_CHANNELS and _cpu_direct().supports(c, o))
 
 
+def _direct_chunks(n: int, image_bytes: int) -> list[slice]:
+    """Slices of a batch of n: at most DIRECT_CHUNK_BYTES of padded images each, and at least
+    MIN_CHUNKS of them, so that two threads get even shares (resnet20's 7x7x64 layers came in
+    3 chunks of 24 images, and one thread did two). Fixed by the sizes: the same chunks, and the
+    same sum of their weight gradients, on any number of threads."""
+    return threads.ranges(n, min(DIRECT_CHUNK_BYTES // image_bytes, -(-n // MIN_CHUNKS)))
+
+
 def _direct_forward(x: Any, w: Any, b: Any, window: Window, groups: int, out_hw: tuple[int, int],
                     inference: bool, relu: bool = False) -> tuple[Any, None]:
     """x (N, H, W, C), w (3, 3, C, O) -> y (N, H, W, O), in chunks of the batch whose padded copy
@@ -440,7 +448,7 @@ def _direct_forward(x: Any, w: Any, b: Any, window: Window, groups: int, out_hw:
     n, h, wd, c = x.shape
     o = w.shape[3]
     y = direct.aligned_empty((n, h, wd, o))
-    chunks = threads.ranges(n, DIRECT_CHUNK_BYTES // ((h + 2) * (wd + 2) * c * x.itemsize))
+    chunks = _direct_chunks(n, (h + 2) * (wd + 2) * c * x.itemsize)
 
     def run(part: slice, padded: np.ndarray) -> None:
         y_part = direct.conv3x3(x[part], w, y[part], padded).reshape(-1, o)
@@ -483,7 +491,7 @@ def _direct_backward(dy: Any, cache: ConvCache, need_dx: bool) -> tuple[Any, Any
     dy = np.ascontiguousarray(dy)
     w_t = direct.transposed_kernel(w)
     dx = direct.aligned_empty(x.shape) if need_dx else None
-    chunks = threads.ranges(n, DIRECT_CHUNK_BYTES // ((h + 2) * (wd + 2) * max(c, o) * x.itemsize))
+    chunks = _direct_chunks(n, (h + 2) * (wd + 2) * max(c, o) * x.itemsize)
     per_chunk = chunks[0].stop - chunks[0].start if chunks else 0
 
     def scratch() -> tuple[np.ndarray, np.ndarray]:  # padded x, padded dy
