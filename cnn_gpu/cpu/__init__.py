@@ -13,6 +13,9 @@ every kernel with it, and it runs wherever Numba is missing or switched off.
   with a ReLU after the batch norm, its forward and its mask in the same passes)
 - `cnn_gpu.cpu.conv`: `im2col` and `col2im`, for the convolution's GEMMs and its input gradient
   (groups == 1, any stride, padding and dilation)
+- `cnn_gpu.cpu.direct`: `conv3x3`, `conv3x3_weight_grad` (float32 3x3 convolutions at stride 1,
+  padding 1, without im2col: micro-kernels on `cnn_gpu.cpu.simd`'s vectors of 8 or 16 floats,
+  which Numba keeps in registers)
 - `cnn_gpu.cpu.depthwise`: `depthwise_forward`, `depthwise_backward` (groups == C, any channel
   multiplier, stride, padding and dilation; the same calls as `cnn_gpu.cuda.conv`'s)
 - `cnn_gpu.cpu.elementwise`: `relu`, `relu_backward`, `add_relu` (a residual sum and the ReLU
@@ -22,7 +25,8 @@ every kernel with it, and it runs wherever Numba is missing or switched off.
 
 Numba is optional (`pip install cnn_gpu[fast]`). Set CNN_GPU_JIT=0 to run the NumPy code
 instead, or call `set_enabled(False)`. Each kernel is a serial loop, compiled on first use per
-dtype (Numba caches the machine code on disk); `cnn_gpu.cpu.threads` runs the parts of a batch
+dtype (Numba caches the machine code on disk; the direct convolution's, compiled per channel
+count, are compiled again in each process); `cnn_gpu.cpu.threads` runs the parts of a batch
 on several threads, the kernels' and the NumPy code's alike.
 """
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
     scratch = padded_scratch(B, H, W, C)     # a flat zeroed buffer for B padded images
     y = aligned_empty((B, H, W, O))          # outputs on 64-byte boundaries, for the vector stores
-    conv3x3(x, w, out, scratch)              # x (B, H, W, C), w (3, 3, C, O) -> out (B, H, W, O)
+    conv3x3(x, w, y, scratch)                # x (B, H, W, C), w (3, 3, C, O) -> y (B, H, W, O)
     w_t = transposed_kernel(w)               # (3, 3, O, C): dx = conv3x3(dy, w_t) is the input gradient
 
 The float32 path of a ResNet's 3x3 convolutions (cnn_gpu.functional.conv, strategy NUMPY_DIRECT).
@@ -24,11 +24,17 @@ bounds checks. Its positions with j >= W (the two border columns) are computed a
 (2 of W + 2: 7% at 28 wide, 22% at 7). The last tile of the batch may read past the last image,
 hence the scratch's tail of zeros.
 
-Two micro-kernels, written out as BLAS micro-kernels are (Numba has no arrays of registers), and
-compiled for each (C, O) they meet (_kernel): wide, 6 positions x 2 vectors of output channels (12
-accumulators), for O a multiple of 2 * LANES; narrow, 12 positions x 1 vector, for O a multiple of
-LANES (ResNet's 16 channels on AVX-512). 12 accumulators, two weight vectors and a broadcast fit
-AVX2's 16 registers.
+The micro-kernels are written out as BLAS micro-kernels are (Numba has no arrays of registers),
+and compiled for each (C, O) they meet (_kernel): wide4, 6 positions x 4 vectors of output channels
+(24 accumulators, for AVX-512's 32 registers) for O a multiple of 4 * LANES on AVX-512; wide, 6 x 2
+(12 accumulators) for O a multiple of 2 * LANES; narrow, 12 x 1, for O a multiple of LANES (ResNet's
+16 channels on AVX-512). 12 accumulators, two weight vectors and a broadcast fit AVX2's 16 registers.
+
+    dw = conv3x3_weight_grad(x, dy, scratch) # (3, 3, C, O): sum over positions of x's windows times dy
+
+The weight gradient's kernel (_weight_grad_kernel) turns the roles round: its vectors run over
+input channels, dy is broadcast, and each pass over the batch sums one row of taps for LANES
+input channels and 8 output channels.
 """
 from __future__ import annotations
 
@@ -59,8 +65,8 @@ def supports_weight_grad(in_channels: int, out_channels: int) -> bool:
 def _put(y, acc, i, j, b, oh, ow, wp, o, channel):  # pragma: no cover - compiled, tested
     """Store one accumulator: the position j columns right of column 0 of row i in image b's
     padded-width grid (j may run past the row's end, onto the next rows), if it is an output.
-    Walking the rows costs less than dividing a flat position by the width: 12 divisions a tile
-    took a fifth of a 16-channel tile's time."""
+    Walking the rows costs less than dividing a flat position by the width at every store, which
+    took a large share of a 16-channel tile's time (BENCHMARKS.md, session 9)."""
     while j >= wp:
         j -= wp
         i += 1
@@ -71,10 +77,9 @@ def _put(y, acc, i, j, b, oh, ow, wp, o, channel):  # pragma: no cover - compile
 @functools.lru_cache(maxsize=None)
 def _kernel(c: int, o: int) -> Callable[..., None]:
     """The micro-kernel loop for c input and o output channels, compiled for these two numbers:
-    as constants they turn every address of the inner loop into a register plus a fixed offset,
-    which ran the 16-channel layers 1.3x as fast as with c and o as arguments (BENCHMARKS.md,
-    session 9). Compiled on first use in each process (about 0.4 s), not cached on disk: Numba
-    caches no closures."""
+    as constants they turn every address of the inner loop into a register plus a fixed offset
+    (BENCHMARKS.md, session 9). Compiled on first use in each process (under a second), not
+    cached on disk: Numba caches no closures."""
     if LANES == 16 and o % (4 * LANES) == 0:
         @_jit
         def wide4(x, w, y, n, hp, wp, oh, ow):  # pragma: no cover - compiled, tested
@@ -201,7 +206,8 @@ def _weight_grad_kernel(c: int, o: int) -> Callable[..., None]:
     for one row p of taps, LANES input channels and 8 output channels at a time, 24 accumulators
     acc[q][k] (a vector over the input channels of dw[p, q, :, o0 + k]) summed over every output
     position: per position three vector loads of x (one per tap q) and 8 broadcasts of dy for 24
-    FMAs, where a GEMM of cols.T @ dy first needs cols."""
+    FMAs, where a GEMM of cols.T @ dy first needs cols. On AVX2's 16 registers the 24 accumulators
+    spill: the same sums, slower (not measured: no AVX2 machine this session)."""
     @_jit
     def weight_grad(x, dy, dw_t, n, hp, wp, oh, ow):  # pragma: no cover - compiled, tested
         # x: n padded images (hp, wp, c), flat; dy: (n, oh, ow, o), flat; dw_t: (3, 3, o, c), flat,
@@ -251,8 +257,8 @@ def _weight_grad_kernel(c: int, o: int) -> Callable[..., None]:
 def aligned_empty(shape: tuple[int, ...]) -> np.ndarray:
     """An uninitialized float32 array whose data starts on a 64-byte boundary (a cache line, an
     AVX-512 vector). NumPy's own arrays start 16 bytes past one as often as not, and every vector
-    load or store of a row then straddles two lines: 7x7 64->64 ran at 110 GFLOP/s instead of 130
-    (BENCHMARKS.md, session 9). Rows of a multiple of 16 channels stay aligned."""
+    load or store of a row then straddles two lines (BENCHMARKS.md, session 9). Rows of a multiple
+    of 16 channels stay aligned."""
     size = int(np.prod(shape))
     buffer = np.empty(size + 16, dtype=np.float32)
     start = (-(buffer.ctypes.data // 4)) % 16

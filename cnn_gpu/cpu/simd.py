@@ -8,7 +8,7 @@
 
 Why: Numba has no vector type, and LLVM's auto-vectorizer keeps the accumulators of a
 convolution's inner loop in memory (it cannot prove the arrays do not alias); every direct
-convolution written as scalar Numba loops ran at 3-12 GFLOP/s, a tenth of OpenBLAS's GEMM
+convolution written as scalar Numba loops ran at a small fraction of OpenBLAS's GEMM
 (BENCHMARKS.md, sessions 4 and 7). A vector here is an LLVM `<LANES x float>` value, so a kernel's
 accumulators are SSA values that LLVM keeps in registers, as a C kernel with intrinsics would.
 

@@ -22,6 +22,9 @@ The file reads top to bottom:
      column of ones in the GEMM, cols kept for the backward when narrow or small, and an input
      gradient per kernel offset (NUMPY_GEMM), or with the compiled im2col and col2im of
      cnn_gpu/cpu/conv.py (NUMPY_GEMM_COMPILED).
+   - NUMPY_DIRECT (NumPy float32, G = 1, 3x3, stride 1, padding 1): no im2col; the kernels of
+     cnn_gpu/cpu/direct.py sum each tile of outputs in vector registers, for y, dx (the same
+     kernel on dy) and dw. A ResNet's 3x3 layers.
    - DEPTHWISE (NumPy, G = C): one multiply-add over all channels per kernel tap instead of C
      tiny GEMMs; DEPTHWISE_COMPILED runs the loops of cnn_gpu/cpu/depthwise.py instead.
    - CUPY_GEMM: the reference itself, one batched GEMM over the whole batch (what a GPU wants),
@@ -412,7 +415,7 @@ NUMPY_GEMM_COMPILED = Strategy("numpy-gemm, compiled im2col and col2im",
 # channel-swapped kernel, so the backward runs the same kernels for dx and keeps the GEMM for dw
 # (cols.T @ dy, cols rebuilt by the compiled im2col, as NUMPY_GEMM_COMPILED does).
 
-DIRECT_MAX_CHANNELS = 64  # at 64 channels the GEMM ran as fast (BENCHMARKS.md, session 9)
+DIRECT_MAX_CHANNELS = 64  # measured up to 64 (resnet20's widest); wider layers keep the GEMM
 DIRECT_CHUNK_BYTES = 1 << 19  # of padded input per chunk
 
 
@@ -433,9 +436,9 @@ def _direct_applies(x: Any, w: Any, window: Window, out_hw: tuple[int, int]) -> 
 
 def _direct_chunks(n: int, image_bytes: int) -> list[slice]:
     """Slices of a batch of n: at most DIRECT_CHUNK_BYTES of padded images each, and at least
-    MIN_CHUNKS of them, so that two threads get even shares (resnet20's 7x7x64 layers came in
-    3 chunks of 24 images, and one thread did two). Fixed by the sizes: the same chunks, and the
-    same sum of their weight gradients, on any number of threads."""
+    MIN_CHUNKS of them, so that two threads get even shares (three chunks would leave one thread
+    doing two). Fixed by the sizes: the same chunks, and the same sum of their weight gradients,
+    on any number of threads."""
     return threads.ranges(n, min(DIRECT_CHUNK_BYTES // image_bytes, -(-n // MIN_CHUNKS)))
 
 
