@@ -25,8 +25,8 @@ every kernel with it, and it runs wherever Numba is missing or switched off.
 
 Numba is optional (`pip install cnn_gpu[fast]`). Set CNN_GPU_JIT=0 to run the NumPy code
 instead, or call `set_enabled(False)`. Each kernel is a serial loop, compiled on first use per
-dtype (Numba caches the machine code on disk; the direct convolution's, compiled per channel
-count, are compiled again in each process); `cnn_gpu.cpu.threads` runs the parts of a batch
+dtype, the direct convolution's per channel count (Numba caches the machine code on disk);
+`cnn_gpu.cpu.threads` runs the parts of a batch
 on several threads, the kernels' and the NumPy code's alike.
 """
 from __future__ import annotations

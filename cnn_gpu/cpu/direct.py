@@ -47,7 +47,7 @@ import numpy as np
 from . import simd
 from .simd import LANES, broadcast, fma, load, zeros
 
-_jit = numba.njit(nogil=True, boundscheck=False)
+_jit = numba.njit(cache=True, nogil=True, boundscheck=False)
 TILE = 12  # the most positions a micro-kernel's tile holds: the scratch's tail is this many pixels
 
 
@@ -78,8 +78,8 @@ def _put(y, acc, i, j, b, oh, ow, wp, o, channel):  # pragma: no cover - compile
 def _kernel(c: int, o: int) -> Callable[..., None]:
     """The micro-kernel loop for c input and o output channels, compiled for these two numbers:
     as constants they turn every address of the inner loop into a register plus a fixed offset
-    (BENCHMARKS.md, session 9). Compiled on first use in each process (under a second), not
-    cached on disk: Numba caches no closures."""
+    (BENCHMARKS.md, session 9). Compiled on first use, under a second each, and cached on disk
+    like the other kernels: Numba's cache key holds a closure's variables, here c and o."""
     if LANES == 16 and o % (4 * LANES) == 0:
         @_jit
         def wide4(x, w, y, n, hp, wp, oh, ow):  # pragma: no cover - compiled, tested
