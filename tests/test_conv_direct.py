@@ -20,7 +20,6 @@ from .helpers import assert_close
 
 pytestmark = requires_jit
 
-SAME = Window.of((3, 3), 1, 1, 1)  # 3x3, stride 1, padding 1: the direct kernels' case
 
 
 @pytest.fixture(scope="module")
@@ -29,14 +28,15 @@ def direct():
     return direct
 
 
-def _reference(x, w, dy=None):
-    """y, and (dx, dw) for dy, of the 3x3 stride-1 padding-1 convolution, in float64."""
+def _reference(x, w, dy=None, stride=1):
+    """y, and (dx, dw) for dy, of the 3x3 padding-1 convolution at this stride, in float64."""
     x64, w64 = x.astype(np.float64), w.astype(np.float64)
-    out_hw = x.shape[1:3]
-    y, _ = conv.reference_forward(x64, w64, None, SAME, 1, out_hw)
+    window = Window.of((3, 3), stride, 1, 1)
+    out_hw = window.output_hw(*x.shape[1:3], "test")
+    y, _ = conv.reference_forward(x64, w64, None, window, 1, out_hw)
     if dy is None:
         return y
-    dx, dw, _ = conv.reference_backward(dy.astype(np.float64), conv.ConvCache(x64, w64, False, SAME, 1, out_hw))
+    dx, dw, _ = conv.reference_backward(dy.astype(np.float64), conv.ConvCache(x64, w64, False, window, 1, out_hw))
     return y, dx, dw
 
 
@@ -46,31 +46,34 @@ def _close(got, want, rtol=1e-5, what=""):
 
 
 def _shapes(lanes):
-    # (N, H, W, C, O): every micro-kernel (narrow: O = LANES; wide: 2 LANES; wide4 on AVX-512: 4
-    # LANES), several output blocks (3 LANES), one input channel, odd and tiny images (one tile
-    # spanning rows, the tail the last tile reads past the last image), batch 1
+    # (N, H, W, C, O): every micro-kernel (12 positions x 1 vector: O = LANES; 6 x 2: 2 LANES; 6 x 4
+    # on AVX-512: 4 LANES), several output blocks (3 LANES), one input channel, odd and tiny images
+    # (tiles running across rows and images, a last tile past the end), batch 1
     return [(2, 7, 5, 1, lanes), (3, 6, 9, 3, 2 * lanes), (1, 1, 1, 16, lanes), (2, 2, 3, 16, 4 * lanes),
             (2, 9, 8, 32, 3 * lanes), (4, 7, 7, 64, 4 * lanes), (2, 5, 13, 16, 2 * lanes)]
 
 
-def test_conv3x3_and_its_gradients_match_the_reference(direct, rng):
+@pytest.mark.parametrize("stride", [1, 2, 3])
+def test_conv3x3_and_its_gradients_match_the_reference(direct, rng, stride):
     for n, h, w, c, o in _shapes(direct.LANES):
         x = rng.standard_normal((n, h, w, c)).astype(np.float32)
         wt = rng.standard_normal((3, 3, c, o)).astype(np.float32)
-        dy = rng.standard_normal((n, h, w, o)).astype(np.float32)
-        y_ref, dx_ref, dw_ref = _reference(x, wt, dy)
+        oh, ow = direct.output_hw(h, w, stride)
+        dy = rng.standard_normal((n, oh, ow, o)).astype(np.float32)
+        y_ref, dx_ref, dw_ref = _reference(x, wt, dy, stride)
         # a scratch for one image more than the batch, holding that image from another call: the
-        # last tile reads into it, for positions it does not store
+        # last tile's positions past the batch's end must neither read it nor be stored
         scratch = direct.padded_scratch(n + 1, h, w, c)
         direct.conv3x3(rng.standard_normal((n + 1, h, w, c)).astype(np.float32), wt,
-                       np.empty((n + 1, h, w, o), np.float32), scratch)
-        y = direct.conv3x3(x, wt, np.empty((n, h, w, o), np.float32), scratch)
+                       np.empty((n + 1, oh, ow, o), np.float32), scratch, stride=stride)
+        y = direct.conv3x3(x, wt, np.empty((n, oh, ow, o), np.float32), scratch, stride=stride)
         _close(y, y_ref, what=f"y {n, h, w, c, o}")
-        if direct.supports(o, c):  # dx: C outputs
+        if stride == 1 and direct.supports(o, c):  # dx: C outputs
             dx = direct.conv3x3(dy, direct.transposed_kernel(wt), np.empty_like(x), direct.padded_scratch(n, h, w, o))
             _close(dx, dx_ref, what=f"dx {n, h, w, c, o}")
         if direct.supports_weight_grad(c, o):
-            _close(direct.conv3x3_weight_grad(x, dy, scratch), dw_ref, rtol=1e-4, what=f"dw {n, h, w, c, o}")
+            _close(direct.conv3x3_weight_grad(x, dy, scratch, stride=stride), dw_ref, rtol=1e-4,
+                   what=f"dw {n, h, w, c, o}")
 
 
 def test_the_weight_gradient_over_a_large_batch(direct, rng):
@@ -112,15 +115,17 @@ def test_the_vector_loads_take_only_float32_vectors():
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
 @pytest.mark.parametrize("relu", [True, False], ids=["relu", "no-relu"])
 @pytest.mark.parametrize("c", [16, 3], ids=["c16", "c3"])  # c3: a first layer, dw and dx by the GEMM path
-def test_the_strategy_matches_the_reference(rng, bias, relu, c):
+@pytest.mark.parametrize("stride", [1, 2], ids=["stride1", "stride2"])  # stride 2: dx by dcols and col2im
+def test_the_strategy_matches_the_reference(rng, bias, relu, c, stride):
     x = rng.standard_normal((37, 9, 11, c)).astype(np.float32)  # 37 images: several chunks, an uneven last
     wt = rng.standard_normal((3, 3, c, 32)).astype(np.float32)
     b = rng.standard_normal(32).astype(np.float32) if bias else None
-    assert conv.select(x, wt, 1, SAME, (9, 11)) is conv.NUMPY_DIRECT
-    y, cache = conv2d_forward(x, wt, b, padding=1, relu=relu)
+    window = Window.of((3, 3), stride, 1, 1)
+    assert conv.select(x, wt, 1, window, window.output_hw(9, 11, "test")) is conv.NUMPY_DIRECT
+    y, cache = conv2d_forward(x, wt, b, stride=stride, padding=1, relu=relu)
     dy = rng.standard_normal(y.shape).astype(np.float32)
     dx, dw, db = conv2d_backward(dy, cache)
-    y_ref, dx_ref, dw_ref = _reference(x, wt, dy)
+    y_ref, dx_ref, dw_ref = _reference(x, wt, dy, stride)
     if bias:
         y_ref = y_ref + b
     if relu:
@@ -178,13 +183,13 @@ def test_the_avx2_kernels_too():
         "from cnn_gpu.functional import conv, conv2d_forward, conv2d_backward\n"
         "assert direct.LANES == 8, direct.LANES\n"
         "rng = np.random.default_rng(0)\n"
-        "for c, o in ((16, 8), (8, 16), (16, 24)):\n"
+        "for c, o, s in ((16, 8, 1), (8, 16, 1), (16, 24, 1), (8, 16, 2), (16, 32, 2)):\n"
         "    x = rng.standard_normal((3, 7, 6, c)).astype(np.float32)\n"
         "    w = rng.standard_normal((3, 3, c, o)).astype(np.float32)\n"
-        "    y, cache = conv2d_forward(x, w, padding=1)\n"
+        "    y, cache = conv2d_forward(x, w, stride=s, padding=1)\n"
         "    assert conv.select(x, w, 1, cache.window, cache.out_hw) is conv.NUMPY_DIRECT\n"
         "    dx, dw, _ = conv2d_backward(np.cos(y), cache)\n"
-        "    y64, c64 = conv2d_forward(x.astype(float), w.astype(float), padding=1)\n"
+        "    y64, c64 = conv2d_forward(x.astype(float), w.astype(float), stride=s, padding=1)\n"
         "    dx64, dw64, _ = conv2d_backward(np.cos(y).astype(float), c64)\n"
         "    for a, e in ((y, y64), (dx, dx64), (dw, dw64)):\n"
         "        assert np.abs(a - e).max() <= 1e-4 * np.abs(e).max(), (c, o)\n"

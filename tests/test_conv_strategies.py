@@ -198,10 +198,12 @@ def test_select_picks_one_strategy_per_case(jit):
         assert pick(x[..., :1], (3, 3, 1, 36), 1) is gemm  # C = G = 1: the GEMM
         # the compiled kernels take float32 and float64 of one dtype; else the NumPy code runs
         assert pick(x, (3, 3, 1, 8), 4, dtype="float64") is conv.DEPTHWISE
-        # float32 3x3 at stride 1, padding 1, outputs a multiple of the vectors: the direct kernels
-        assert pick(x, (3, 3, 4, 32), 1) is (conv.NUMPY_DIRECT if jit else conv.NUMPY_GEMM)
+        # float32 3x3, padding 1, one stride, outputs a multiple of the vectors: the direct kernels
+        direct = conv.NUMPY_DIRECT if jit else conv.NUMPY_GEMM
+        assert pick(x, (3, 3, 4, 32), 1) is direct
         assert pick(x.astype("float64"), (3, 3, 4, 32), 1, dtype="float64") is gemm
-        assert pick(x, (3, 3, 4, 32), 1, window=Window.of((3, 3), 2, 1, 1)) is gemm  # strided
+        assert pick(x, (3, 3, 4, 32), 1, window=Window.of((3, 3), 2, 1, 1)) is direct  # strided
+        assert pick(x, (3, 3, 4, 32), 1, window=Window.of((3, 3), (2, 1), 1, 1)) is gemm  # two strides
         assert pick(x, (3, 3, 4, 32), 1, window=Window.of((3, 3), 1, 0, 1)) is gemm  # no padding
         assert pick(x, (3, 3, 4, 32), 1, window=Window.of((3, 3), 1, 2, 2)) is gemm  # dilated
         assert pick(x, (3, 3, 4, 128), 1) is gemm  # past DIRECT_MAX_CHANNELS

@@ -159,42 +159,69 @@ def gpu_pool_bytes(impl: str, torch: Any = None) -> int:
 
 # -- per-layer breakdown ------------------------------------------------------------------------
 
+def _leaf_layers(model: Any) -> list[tuple[str, Any]]:
+    """(path, layer) of every layer without children, in the model's order."""
+    return [(name, layer) for name, layer in model.named_layers() if not layer.children]
+
+
 def layer_breakdown(net: str, batch: int, backend: str, warmup: int, repeats: int) -> list[dict]:
-    """Median ms of each top-level layer's forward and backward in a training step (a stage of a
-    ResNet counts as one), then loss and update. Each layer runs its own forward: the plan's
-    shortcuts across layers (a conv computing only what its pool reads) are not in these times."""
+    """Median ms of each leaf layer's forward and backward inside the real training step (the
+    plan's, so a ReLU that the layer before it computes costs nothing of its own and its time is
+    that layer's), then loss and update, and what the step spends between its layers (the
+    graphs' walk, gradient sums of tensors read twice, Python): the step's time less the rest."""
     from ..functional import softmax_cross_entropy  # noqa: PLC0415
     from ..optim import SGD  # noqa: PLC0415
     xp = module_for(backend)
     model = workloads.network(net).to("gpu" if backend == "cupy" else "cpu")
     opt = SGD(model.parameters(), lr=workloads.LR, momentum=workloads.MOMENTUM)
     x, labels = (xp.asarray(a) for a in workloads.random_batch(batch))
-    n = len(model.layers)
-    fwd, bwd = [[] for _ in range(n)], [[] for _ in range(n)]
-    loss_t, update_t = [], []
+    leaves = _leaf_layers(model)
+    spent: dict[tuple[int, str], float] = {}  # (leaf, "forward" / "backward") -> ms in this step
 
-    def timed(fn: Callable[[], Any], into: list | None) -> Any:
+    def timed(index: int, kind: str, method: Callable[..., Any]) -> Callable[..., Any]:
+        def run(*args: Any, **kwargs: Any) -> Any:
+            synchronize()
+            t0 = time.perf_counter()
+            out = method(*args, **kwargs)
+            synchronize()
+            spent[index, kind] = spent.get((index, kind), 0.0) + (time.perf_counter() - t0) * 1e3
+            return out
+        return run
+
+    for i, (_, layer) in enumerate(leaves):  # instance attributes: only this model's layers are timed
+        layer.forward = timed(i, "forward", layer.forward)
+        layer.backward = timed(i, "backward", layer.backward)
+    steps: list[dict[Any, float]] = []
+    for r in range(warmup + repeats):
+        spent.clear()
         synchronize()
         t0 = time.perf_counter()
-        out = fn()
+        logits = model.forward(x)
+        t1 = time.perf_counter()
+        _, dlogits = softmax_cross_entropy(logits, labels)
         synchronize()
-        if into is not None:
-            into.append((time.perf_counter() - t0) * 1e3)
-        return out
+        t2 = time.perf_counter()
+        model.backward(dlogits)
+        t3 = time.perf_counter()
+        opt.step()
+        opt.zero_grad()
+        synchronize()
+        t4 = time.perf_counter()
+        if r >= warmup:
+            step = dict(spent)
+            step["loss"], step["update"] = (t2 - t1) * 1e3, (t4 - t3) * 1e3
+            step["between"] = (t1 - t0 + t3 - t2) * 1e3 - sum(spent.values())
+            steps.append(step)
 
-    for r in range(warmup + repeats):
-        keep = r >= warmup
-        h = x
-        for i, layer in enumerate(model.layers):
-            h = timed(lambda: layer.forward(h), fwd[i] if keep else None)
-        _, d = timed(lambda: softmax_cross_entropy(h, labels), loss_t if keep else None)
-        for i in range(n - 1, -1, -1):
-            d = timed(lambda: model.layers[i].backward(d, need_dx=i > 0), bwd[i] if keep else None)
-        timed(lambda: (opt.step(), opt.zero_grad()), update_t if keep else None)
-    rows = [{"layer": f"{node.name} {node.layer!r}", "forward_ms": statistics.median(fwd[i]),
-             "backward_ms": statistics.median(bwd[i])} for i, node in enumerate(model.nodes)]
-    rows.append({"layer": "softmax_cross_entropy", "forward_ms": statistics.median(loss_t), "backward_ms": 0.0})
-    rows.append({"layer": "SGD step", "forward_ms": 0.0, "backward_ms": statistics.median(update_t)})
+    def median(key: Any) -> float:
+        return statistics.median(step.get(key, 0.0) for step in steps)
+
+    rows = [{"layer": f"{name} {layer!r}", "type": type(layer).__name__,
+             "forward_ms": median((i, "forward")), "backward_ms": median((i, "backward"))}
+            for i, (name, layer) in enumerate(leaves)]
+    rows.append({"layer": "softmax_cross_entropy", "type": "loss", "forward_ms": median("loss"), "backward_ms": 0.0})
+    rows.append({"layer": "SGD step", "type": "update", "forward_ms": 0.0, "backward_ms": median("update")})
+    rows.append({"layer": "between layers", "type": "between", "forward_ms": median("between"), "backward_ms": 0.0})
     return rows
 
 
@@ -395,8 +422,17 @@ def print_row(row: dict, torch_reason: str | None, first: bool) -> None:
 
 
 def print_breakdown(key: str, rows: list[dict]) -> None:
+    """Each leaf layer's row, then the sums per layer type."""
     total = sum(r["forward_ms"] + r["backward_ms"] for r in rows)
-    print(f"\n# per-layer times, {key} (median ms; sum {total:.2f} ms)")
+    width = max(len(r["layer"]) for r in rows)
+    print(f"\n# per-layer times, {key} (median ms of each; the step's parts add to about {total:.2f} ms)")
+    by_type: dict[str, list[float]] = {}
     for r in rows:
         share = 100 * (r["forward_ms"] + r["backward_ms"]) / total
-        print(f"  {r['layer']:28} fwd {r['forward_ms']:7.2f}  bwd {r['backward_ms']:7.2f}  {share:4.0f}%")
+        print(f"  {r['layer']:{width}} fwd {r['forward_ms']:7.2f}  bwd {r['backward_ms']:7.2f}  {share:4.0f}%")
+        sums = by_type.setdefault(r["type"], [0.0, 0.0])
+        sums[0] += r["forward_ms"]
+        sums[1] += r["backward_ms"]
+    print(f"# by layer type, {key}")
+    for name, (fwd, bwd) in sorted(by_type.items(), key=lambda item: -sum(item[1])):
+        print(f"  {name:{width}} fwd {fwd:7.2f}  bwd {bwd:7.2f}  {100 * (fwd + bwd) / total:4.0f}%")

@@ -1,9 +1,9 @@
-"""A 3x3, stride-1, padding-1 convolution computed directly, in vector registers: no im2col.
+"""A 3x3 convolution with padding 1, computed directly in vector registers: no im2col.
 
-    scratch = padded_scratch(B, H, W, C)     # a flat zeroed buffer for B padded images
-    y = aligned_empty((B, H, W, O))          # outputs on 64-byte boundaries, for the vector stores
-    conv3x3(x, w, y, scratch)                # x (B, H, W, C), w (3, 3, C, O) -> y (B, H, W, O)
-    w_t = transposed_kernel(w)               # (3, 3, O, C): dx = conv3x3(dy, w_t) is the input gradient
+    scratch = padded_scratch(B, H, W, C)       # a flat zeroed buffer for B padded images
+    y = aligned_empty((B, OH, OW, O))          # outputs on 64-byte boundaries, for the vector stores
+    conv3x3(x, w, y, scratch, stride=1)        # x (B, H, W, C), w (3, 3, C, O) -> y (B, OH, OW, O)
+    w_t = transposed_kernel(w)                 # (3, 3, O, C): at stride 1, dx = conv3x3(dy, w_t)
 
 The float32 path of a ResNet's 3x3 convolutions (cnn_gpu.functional.conv, strategy NUMPY_DIRECT).
 im2col + GEMM copies every receptive field (cols is 9 times x) and then runs a GEMM whose output
@@ -11,26 +11,26 @@ is only 16-64 channels wide, which OpenBLAS runs well below its peak; at 16 chan
 cost as much as the GEMM (BENCHMARKS.md, "Why resnet20 stays below 1.0x"). Here each output tile
 is summed in registers straight from x:
 
-    for each image, each tile of P output positions, each block of output channels:
+    for each tile of P consecutive output positions (of the whole batch), each block of output channels:
         acc[P][block] = 0
         for each tap (p, q), each input channel c:
-            acc[k] += x[position k + tap (p, q), c] * w[p, q, c, block]    # a broadcast and a vector FMA
-        store acc
+            acc[k] += x[window k + tap (p, q), c] * w[p, q, c, block]    # a broadcast and a vector FMA
+        store acc to the P rows of y
 
-x is first copied into a zero-bordered buffer of (H + 2, W + 2) images (the padding), and a tile
-is P consecutive positions of that padded-width grid: position f = i * (W + 2) + j reads
-x_padded[f + p * (W + 2) + q] for tap (p, q), one stride for every tap, so a tile needs no
-bounds checks. Its positions with j >= W (the two border columns) are computed and not stored
-(2 of W + 2: 7% at 28 wide, 22% at 7). The last tile of the batch may read past the last image,
-hence the scratch's tail of zeros.
+x is first copied into a zero-bordered buffer of (H + 2, W + 2) images (the padding). A tile is P
+consecutive positions of the dense (B, OH, OW) output grid, so it may run across rows and images;
+each position keeps the address where its window starts (at stride s, output (i, j) reads from
+padded row s i, column s j), set by stepping from the tile's first position, and tap (p, q) is a
+fixed offset from every start. The last tile's positions past the end read the last window again
+and are not stored.
 
 The micro-kernels are written out as BLAS micro-kernels are (Numba has no arrays of registers),
-and compiled for each (C, O) they meet (_kernel): wide4, 6 positions x 4 vectors of output channels
-(24 accumulators, for AVX-512's 32 registers) for O a multiple of 4 * LANES on AVX-512; wide, 6 x 2
-(12 accumulators) for O a multiple of 2 * LANES; narrow, 12 x 1, for O a multiple of LANES (ResNet's
+and compiled for each (C, O, stride) they meet (_kernel): 6 positions x 4 vectors of output
+channels (24 accumulators, for AVX-512's 32 registers) for O a multiple of 4 * LANES on AVX-512;
+6 x 2 (12 accumulators) for O a multiple of 2 * LANES; 12 x 1 for O a multiple of LANES (ResNet's
 16 channels on AVX-512). 12 accumulators, two weight vectors and a broadcast fit AVX2's 16 registers.
 
-    dw = conv3x3_weight_grad(x, dy, scratch) # (3, 3, C, O): sum over positions of x's windows times dy
+    dw = conv3x3_weight_grad(x, dy, scratch, stride=1)   # (3, 3, C, O): x's windows times dy, summed
 
 The weight gradient's kernel (_weight_grad_kernel) turns the roles round: its vectors run over
 input channels, dy is broadcast, and each pass over the batch sums one row of taps for LANES
@@ -48,11 +48,10 @@ from . import simd
 from .simd import LANES, broadcast, fma, load, zeros
 
 _jit = numba.njit(cache=True, nogil=True, boundscheck=False)
-TILE = 12  # the most positions a micro-kernel's tile holds: the scratch's tail is this many pixels
 
 
 def supports(in_channels: int, out_channels: int) -> bool:
-    """Whether conv3x3 computes O = out_channels outputs (a multiple of LANES; C is any)."""
+    """Whether conv3x3 computes O = out_channels outputs (a multiple of LANES; C is any), at any stride."""
     return out_channels % simd.LANES == 0 and in_channels > 0
 
 
@@ -62,147 +61,170 @@ def supports_weight_grad(in_channels: int, out_channels: int) -> bool:
 
 
 @numba.njit(inline="always", boundscheck=False)
-def _put(y, acc, i, j, b, oh, ow, wp, o, channel):  # pragma: no cover - compiled, tested
-    """Store one accumulator: the position j columns right of column 0 of row i in image b's
-    padded-width grid (j may run past the row's end, onto the next rows), if it is an output.
-    Walking the rows costs less than dividing a flat position by the width at every store, which
-    took a large share of a 16-channel tile's time (BENCHMARKS.md, session 9)."""
-    while j >= wp:
-        j -= wp
-        i += 1
-    if i < oh and j < ow:
-        simd.store(y, ((b * oh + i) * ow + j) * o + channel, acc)
+def _next(b, i, j, n, oh, ow):  # pragma: no cover - compiled, tested
+    """The output position after (b, i, j) in (image, row, column) order; the last stays the last."""
+    if j + 1 < ow:
+        return b, i, j + 1
+    if i + 1 < oh:
+        return b, i + 1, 0
+    if b + 1 < n:
+        return b + 1, 0, 0
+    return b, i, j
+
+
+@numba.njit(inline="always", boundscheck=False)
+def _window(b, i, j, hp, wp, s, c):  # pragma: no cover - compiled, tested
+    """Where output (b, i, j)'s window starts in the flat padded images: tap (0, 0) at (s i, s j)."""
+    return ((b * hp + i * s) * wp + j * s) * c
 
 
 @functools.lru_cache(maxsize=None)
-def _kernel(c: int, o: int) -> Callable[..., None]:
-    """The micro-kernel loop for c input and o output channels, compiled for these two numbers:
-    as constants they turn every address of the inner loop into a register plus a fixed offset
-    (BENCHMARKS.md, session 9). Compiled on first use, under a second each, and cached on disk
-    like the other kernels: Numba's cache key holds a closure's variables, here c and o."""
-    if LANES == 16 and o % (4 * LANES) == 0:
-        @_jit
-        def wide4(x, w, y, n, hp, wp, oh, ow):  # pragma: no cover - compiled, tested
-            # as wide, with tiles of 6 positions x 4 vectors (24 accumulators: AVX-512 has 32 registers)
-            last = (oh - 1) * wp + ow
-            for b in range(n):
-                for f0 in range(0, last, 6):
-                    i0 = f0 // wp  # position f0's row and column
-                    j0 = f0 - i0 * wp
-                    for o0 in range(0, o, 4 * LANES):
-                        a00, a01, a02, a03 = zeros(), zeros(), zeros(), zeros()
-                        a10, a11, a12, a13 = zeros(), zeros(), zeros(), zeros()
-                        a20, a21, a22, a23 = zeros(), zeros(), zeros(), zeros()
-                        a30, a31, a32, a33 = zeros(), zeros(), zeros(), zeros()
-                        a40, a41, a42, a43 = zeros(), zeros(), zeros(), zeros()
-                        a50, a51, a52, a53 = zeros(), zeros(), zeros(), zeros()
-                        for p in range(3):
-                            for q in range(3):
-                                xt = (b * hp * wp + f0 + p * wp + q) * c
-                                wt = (p * 3 + q) * c * o + o0
-                                for ch in range(c):
-                                    w0, w1 = load(w, wt + ch * o), load(w, wt + ch * o + LANES)
-                                    w2, w3 = load(w, wt + ch * o + 2 * LANES), load(w, wt + ch * o + 3 * LANES)
-                                    v = broadcast(x, xt + ch)
-                                    a00, a01, a02, a03 = (fma(v, w0, a00), fma(v, w1, a01),
-                                                          fma(v, w2, a02), fma(v, w3, a03))
-                                    v = broadcast(x, xt + c + ch)
-                                    a10, a11, a12, a13 = (fma(v, w0, a10), fma(v, w1, a11),
-                                                          fma(v, w2, a12), fma(v, w3, a13))
-                                    v = broadcast(x, xt + 2 * c + ch)
-                                    a20, a21, a22, a23 = (fma(v, w0, a20), fma(v, w1, a21),
-                                                          fma(v, w2, a22), fma(v, w3, a23))
-                                    v = broadcast(x, xt + 3 * c + ch)
-                                    a30, a31, a32, a33 = (fma(v, w0, a30), fma(v, w1, a31),
-                                                          fma(v, w2, a32), fma(v, w3, a33))
-                                    v = broadcast(x, xt + 4 * c + ch)
-                                    a40, a41, a42, a43 = (fma(v, w0, a40), fma(v, w1, a41),
-                                                          fma(v, w2, a42), fma(v, w3, a43))
-                                    v = broadcast(x, xt + 5 * c + ch)
-                                    a50, a51, a52, a53 = (fma(v, w0, a50), fma(v, w1, a51),
-                                                          fma(v, w2, a52), fma(v, w3, a53))
-                        for k, acc in ((0, (a00, a01, a02, a03)), (1, (a10, a11, a12, a13)),
-                                       (2, (a20, a21, a22, a23)), (3, (a30, a31, a32, a33)),
-                                       (4, (a40, a41, a42, a43)), (5, (a50, a51, a52, a53))):
-                            for v in range(4):
-                                _put(y, acc[v], i0, j0 + k, b, oh, ow, wp, o, o0 + v * LANES)
-        return wide4
-
-    if o % (2 * LANES) == 0:
-        @_jit
-        def wide(x, w, y, n, hp, wp, oh, ow):  # pragma: no cover - compiled, tested
-            # x: n padded images (hp, wp, c), flat; w: (3, 3, c, o), flat; y: (n, oh, ow, o), flat.
-            # Tiles of 6 positions x 2 vectors of output channels.
-            last = (oh - 1) * wp + ow  # flat positions [0, last) hold every output
-            for b in range(n):
-                for f0 in range(0, last, 6):
-                    i0 = f0 // wp  # position f0's row and column
-                    j0 = f0 - i0 * wp
-                    for o0 in range(0, o, 2 * LANES):
-                        a0, a1, a2, a3, a4, a5 = zeros(), zeros(), zeros(), zeros(), zeros(), zeros()
-                        a6, a7, a8, a9, a10, a11 = zeros(), zeros(), zeros(), zeros(), zeros(), zeros()
-                        for p in range(3):
-                            for q in range(3):
-                                xt = (b * hp * wp + f0 + p * wp + q) * c  # position f0's input at tap (p, q)
-                                wt = (p * 3 + q) * c * o + o0
-                                for ch in range(c):
-                                    w0, w1 = load(w, wt + ch * o), load(w, wt + ch * o + LANES)
-                                    v = broadcast(x, xt + ch)
-                                    a0, a1 = fma(v, w0, a0), fma(v, w1, a1)
-                                    v = broadcast(x, xt + c + ch)
-                                    a2, a3 = fma(v, w0, a2), fma(v, w1, a3)
-                                    v = broadcast(x, xt + 2 * c + ch)
-                                    a4, a5 = fma(v, w0, a4), fma(v, w1, a5)
-                                    v = broadcast(x, xt + 3 * c + ch)
-                                    a6, a7 = fma(v, w0, a6), fma(v, w1, a7)
-                                    v = broadcast(x, xt + 4 * c + ch)
-                                    a8, a9 = fma(v, w0, a8), fma(v, w1, a9)
-                                    v = broadcast(x, xt + 5 * c + ch)
-                                    a10, a11 = fma(v, w0, a10), fma(v, w1, a11)
-                        for k, lo, hi in ((0, a0, a1), (1, a2, a3), (2, a4, a5), (3, a6, a7), (4, a8, a9),
-                                          (5, a10, a11)):
-                            _put(y, lo, i0, j0 + k, b, oh, ow, wp, o, o0)
-                            _put(y, hi, i0, j0 + k, b, oh, ow, wp, o, o0 + LANES)
-        return wide
+def _tiles6(c: int, o: int, s: int) -> Callable[..., None]:
+    """6 positions x 4 vectors (O a multiple of 4 * LANES, on AVX-512) or x 2 vectors (of 2 * LANES)."""
+    vectors = 4 if LANES == 16 and o % (4 * LANES) == 0 else 2
 
     @_jit
-    def narrow(x, w, y, n, hp, wp, oh, ow):  # pragma: no cover - compiled, tested
-        # as wide, with tiles of 12 positions x 1 vector of output channels
-        last = (oh - 1) * wp + ow
-        for b in range(n):
-            for f0 in range(0, last, 12):
-                i0 = f0 // wp
-                j0 = f0 - i0 * wp
-                for o0 in range(0, o, LANES):
-                    a0, a1, a2, a3, a4, a5 = zeros(), zeros(), zeros(), zeros(), zeros(), zeros()
-                    a6, a7, a8, a9, a10, a11 = zeros(), zeros(), zeros(), zeros(), zeros(), zeros()
-                    for p in range(3):
-                        for q in range(3):
-                            xt = (b * hp * wp + f0 + p * wp + q) * c
-                            wt = (p * 3 + q) * c * o + o0
-                            for ch in range(c):
-                                w0 = load(w, wt + ch * o)
-                                a0 = fma(broadcast(x, xt + ch), w0, a0)
-                                a1 = fma(broadcast(x, xt + c + ch), w0, a1)
-                                a2 = fma(broadcast(x, xt + 2 * c + ch), w0, a2)
-                                a3 = fma(broadcast(x, xt + 3 * c + ch), w0, a3)
-                                a4 = fma(broadcast(x, xt + 4 * c + ch), w0, a4)
-                                a5 = fma(broadcast(x, xt + 5 * c + ch), w0, a5)
-                                a6 = fma(broadcast(x, xt + 6 * c + ch), w0, a6)
-                                a7 = fma(broadcast(x, xt + 7 * c + ch), w0, a7)
-                                a8 = fma(broadcast(x, xt + 8 * c + ch), w0, a8)
-                                a9 = fma(broadcast(x, xt + 9 * c + ch), w0, a9)
-                                a10 = fma(broadcast(x, xt + 10 * c + ch), w0, a10)
-                                a11 = fma(broadcast(x, xt + 11 * c + ch), w0, a11)
-                    for k, acc in ((0, a0), (1, a1), (2, a2), (3, a3), (4, a4), (5, a5),
-                                   (6, a6), (7, a7), (8, a8), (9, a9), (10, a10), (11, a11)):
-                        _put(y, acc, i0, j0 + k, b, oh, ow, wp, o, o0)
-    return narrow
+    def tiles6(x, w, y, n, hp, wp, oh, ow):  # pragma: no cover - compiled, tested
+        # x: n padded images (hp, wp, c), flat; w: (3, 3, c, o), flat; y: (n, oh, ow, o), flat
+        per_image = oh * ow
+        total = n * per_image
+        for f0 in range(0, total, 6):
+            b = f0 // per_image
+            i = (f0 - b * per_image) // ow
+            j = f0 - b * per_image - i * ow
+            x0 = _window(b, i, j, hp, wp, s, c)
+            b, i, j = _next(b, i, j, n, oh, ow)
+            x1 = _window(b, i, j, hp, wp, s, c)
+            b, i, j = _next(b, i, j, n, oh, ow)
+            x2 = _window(b, i, j, hp, wp, s, c)
+            b, i, j = _next(b, i, j, n, oh, ow)
+            x3 = _window(b, i, j, hp, wp, s, c)
+            b, i, j = _next(b, i, j, n, oh, ow)
+            x4 = _window(b, i, j, hp, wp, s, c)
+            b, i, j = _next(b, i, j, n, oh, ow)
+            x5 = _window(b, i, j, hp, wp, s, c)
+            for o0 in range(0, o, vectors * LANES):
+                a00, a01, a02, a03 = zeros(), zeros(), zeros(), zeros()
+                a10, a11, a12, a13 = zeros(), zeros(), zeros(), zeros()
+                a20, a21, a22, a23 = zeros(), zeros(), zeros(), zeros()
+                a30, a31, a32, a33 = zeros(), zeros(), zeros(), zeros()
+                a40, a41, a42, a43 = zeros(), zeros(), zeros(), zeros()
+                a50, a51, a52, a53 = zeros(), zeros(), zeros(), zeros()
+                for p in range(3):
+                    for q in range(3):
+                        t = (p * wp + q) * c  # tap (p, q) from each window's start
+                        wt = (p * 3 + q) * c * o + o0
+                        for ch in range(c):
+                            w0, w1 = load(w, wt + ch * o), load(w, wt + ch * o + LANES)
+                            if vectors == 4:
+                                w2, w3 = load(w, wt + ch * o + 2 * LANES), load(w, wt + ch * o + 3 * LANES)
+                            v = broadcast(x, x0 + t + ch)
+                            a00, a01 = fma(v, w0, a00), fma(v, w1, a01)
+                            if vectors == 4:
+                                a02, a03 = fma(v, w2, a02), fma(v, w3, a03)
+                            v = broadcast(x, x1 + t + ch)
+                            a10, a11 = fma(v, w0, a10), fma(v, w1, a11)
+                            if vectors == 4:
+                                a12, a13 = fma(v, w2, a12), fma(v, w3, a13)
+                            v = broadcast(x, x2 + t + ch)
+                            a20, a21 = fma(v, w0, a20), fma(v, w1, a21)
+                            if vectors == 4:
+                                a22, a23 = fma(v, w2, a22), fma(v, w3, a23)
+                            v = broadcast(x, x3 + t + ch)
+                            a30, a31 = fma(v, w0, a30), fma(v, w1, a31)
+                            if vectors == 4:
+                                a32, a33 = fma(v, w2, a32), fma(v, w3, a33)
+                            v = broadcast(x, x4 + t + ch)
+                            a40, a41 = fma(v, w0, a40), fma(v, w1, a41)
+                            if vectors == 4:
+                                a42, a43 = fma(v, w2, a42), fma(v, w3, a43)
+                            v = broadcast(x, x5 + t + ch)
+                            a50, a51 = fma(v, w0, a50), fma(v, w1, a51)
+                            if vectors == 4:
+                                a52, a53 = fma(v, w2, a52), fma(v, w3, a53)
+                for k, acc in ((0, (a00, a01, a02, a03)), (1, (a10, a11, a12, a13)),
+                               (2, (a20, a21, a22, a23)), (3, (a30, a31, a32, a33)),
+                               (4, (a40, a41, a42, a43)), (5, (a50, a51, a52, a53))):
+                    if f0 + k < total:
+                        for v in range(vectors):
+                            simd.store(y, (f0 + k) * o + o0 + v * LANES, acc[v])
+    return tiles6
 
 
 @functools.lru_cache(maxsize=None)
-def _weight_grad_kernel(c: int, o: int) -> Callable[..., None]:
-    """The weight gradient's loop for c input and o output channels (compiled as _kernel is):
+def _tiles12(c: int, o: int, s: int) -> Callable[..., None]:
+    """12 positions x 1 vector (O a multiple of LANES)."""
+    @_jit
+    def tiles12(x, w, y, n, hp, wp, oh, ow):  # pragma: no cover - compiled, tested
+        per_image = oh * ow
+        total = n * per_image
+        for f0 in range(0, total, 12):
+            b = f0 // per_image
+            i = (f0 - b * per_image) // ow
+            j = f0 - b * per_image - i * ow
+            x0 = _window(b, i, j, hp, wp, s, c)
+            b, i, j = _next(b, i, j, n, oh, ow)
+            x1 = _window(b, i, j, hp, wp, s, c)
+            b, i, j = _next(b, i, j, n, oh, ow)
+            x2 = _window(b, i, j, hp, wp, s, c)
+            b, i, j = _next(b, i, j, n, oh, ow)
+            x3 = _window(b, i, j, hp, wp, s, c)
+            b, i, j = _next(b, i, j, n, oh, ow)
+            x4 = _window(b, i, j, hp, wp, s, c)
+            b, i, j = _next(b, i, j, n, oh, ow)
+            x5 = _window(b, i, j, hp, wp, s, c)
+            b, i, j = _next(b, i, j, n, oh, ow)
+            x6 = _window(b, i, j, hp, wp, s, c)
+            b, i, j = _next(b, i, j, n, oh, ow)
+            x7 = _window(b, i, j, hp, wp, s, c)
+            b, i, j = _next(b, i, j, n, oh, ow)
+            x8 = _window(b, i, j, hp, wp, s, c)
+            b, i, j = _next(b, i, j, n, oh, ow)
+            x9 = _window(b, i, j, hp, wp, s, c)
+            b, i, j = _next(b, i, j, n, oh, ow)
+            x10 = _window(b, i, j, hp, wp, s, c)
+            b, i, j = _next(b, i, j, n, oh, ow)
+            x11 = _window(b, i, j, hp, wp, s, c)
+            for o0 in range(0, o, LANES):
+                a0, a1, a2, a3, a4, a5 = zeros(), zeros(), zeros(), zeros(), zeros(), zeros()
+                a6, a7, a8, a9, a10, a11 = zeros(), zeros(), zeros(), zeros(), zeros(), zeros()
+                for p in range(3):
+                    for q in range(3):
+                        t = (p * wp + q) * c
+                        wt = (p * 3 + q) * c * o + o0
+                        for ch in range(c):
+                            w0 = load(w, wt + ch * o)
+                            a0 = fma(broadcast(x, x0 + t + ch), w0, a0)
+                            a1 = fma(broadcast(x, x1 + t + ch), w0, a1)
+                            a2 = fma(broadcast(x, x2 + t + ch), w0, a2)
+                            a3 = fma(broadcast(x, x3 + t + ch), w0, a3)
+                            a4 = fma(broadcast(x, x4 + t + ch), w0, a4)
+                            a5 = fma(broadcast(x, x5 + t + ch), w0, a5)
+                            a6 = fma(broadcast(x, x6 + t + ch), w0, a6)
+                            a7 = fma(broadcast(x, x7 + t + ch), w0, a7)
+                            a8 = fma(broadcast(x, x8 + t + ch), w0, a8)
+                            a9 = fma(broadcast(x, x9 + t + ch), w0, a9)
+                            a10 = fma(broadcast(x, x10 + t + ch), w0, a10)
+                            a11 = fma(broadcast(x, x11 + t + ch), w0, a11)
+                for k, acc in ((0, a0), (1, a1), (2, a2), (3, a3), (4, a4), (5, a5),
+                               (6, a6), (7, a7), (8, a8), (9, a9), (10, a10), (11, a11)):
+                    if f0 + k < total:
+                        simd.store(y, (f0 + k) * o + o0, acc)
+    return tiles12
+
+
+def _kernel(c: int, o: int, s: int) -> Callable[..., None]:
+    """The micro-kernel loop for c input channels, o output channels and stride s, compiled for
+    these three numbers: as constants they turn every address of the inner loop into a register
+    plus a fixed offset (BENCHMARKS.md, session 9). Compiled on first use, under a second each, and
+    cached on disk like the other kernels: Numba's cache key holds a closure's variables."""
+    return _tiles12(c, o, s) if o % (2 * LANES) else _tiles6(c, o, s)
+
+
+@functools.lru_cache(maxsize=None)
+def _weight_grad_kernel(c: int, o: int, s: int = 1) -> Callable[..., None]:
+    """The weight gradient's loop for c input and o output channels at stride s (compiled as
+    _kernel is):
     for one row p of taps, LANES input channels and 8 output channels at a time, 24 accumulators
     acc[q][k] (a vector over the input channels of dw[p, q, :, o0 + k]) summed over every output
     position: per position three vector loads of x (one per tap q) and 8 broadcasts of dy for 24
@@ -223,12 +245,12 @@ def _weight_grad_kernel(c: int, o: int) -> Callable[..., None]:
                                                               zeros(), zeros(), zeros(), zeros())
                     for b in range(n):
                         for i in range(oh):
-                            row = ((b * hp + i + p) * wp) * c + c0  # x's padded row i + p
+                            row = ((b * hp + s * i + p) * wp) * c + c0  # x's padded row s i + p
                             dy_row = ((b * oh + i) * ow) * o + o0
                             for j in range(ow):
-                                x0 = load(x, row + j * c)  # taps (p, 0), (p, 1), (p, 2) of output j
-                                x1 = load(x, row + (j + 1) * c)
-                                x2 = load(x, row + (j + 2) * c)
+                                x0 = load(x, row + s * j * c)  # taps (p, 0), (p, 1), (p, 2) of output j
+                                x1 = load(x, row + (s * j + 1) * c)
+                                x2 = load(x, row + (s * j + 2) * c)
                                 d = broadcast(dy, dy_row + j * o + 0)
                                 a00, a10, a20 = fma(x0, d, a00), fma(x1, d, a10), fma(x2, d, a20)
                                 d = broadcast(dy, dy_row + j * o + 1)
@@ -275,42 +297,53 @@ def _aligned(a: np.ndarray) -> np.ndarray:
 
 
 def padded_scratch(n: int, h: int, w: int, c: int) -> np.ndarray:
-    """A flat float32 buffer of zeros for conv3x3: n images of (h + 2, w + 2, c), then TILE pixels
-    that the last tile may read. conv3x3 writes only the images' interiors, so the borders stay zero
-    from call to call, and a batch of fewer than n images uses the buffer's head. One buffer serves
-    one channel count c: with another, its borders fall where interiors were written."""
-    scratch = aligned_empty((n * (h + 2) * (w + 2) * c + TILE * c,))
+    """A flat float32 buffer of zeros for conv3x3: n images of (h + 2, w + 2, c). conv3x3 writes only
+    the images' interiors, so the borders stay zero from call to call, and a batch of fewer than n
+    images uses the buffer's head. One buffer serves one channel count c: with another, its
+    borders fall where interiors were written."""
+    scratch = aligned_empty((n * (h + 2) * (w + 2) * c,))
     scratch[:] = 0
     return scratch
 
 
-def conv3x3(x: np.ndarray, w: np.ndarray, out: np.ndarray, scratch: np.ndarray) -> np.ndarray:
-    """out (B, H, W, O) = the 3x3 convolution of x (B, H, W, C) with w (3, 3, C, O), stride 1, zero
-    padding 1, no bias; float32, O a multiple of LANES (supports), out C-contiguous (a batch slice of
-    a larger array is fine; on a 64-byte boundary, from aligned_empty, is faster). scratch:
-    padded_scratch(n >= B, H, W, C). Returns out."""
+def output_hw(h: int, w: int, stride: int = 1) -> tuple[int, int]:
+    """(OH, OW) of a 3x3 convolution with padding 1 at this stride."""
+    return (h - 1) // stride + 1, (w - 1) // stride + 1
+
+
+def _padded(x: np.ndarray, scratch: np.ndarray) -> np.ndarray:
+    """x (B, H, W, C) copied into the interiors of scratch's first B padded images; returns scratch."""
+    n, h, wd, c = x.shape
+    scratch[:n * (h + 2) * (wd + 2) * c].reshape(n, h + 2, wd + 2, c)[:, 1:h + 1, 1:wd + 1] = x
+    return scratch  # the borders are the buffer's zeros
+
+
+def conv3x3(x: np.ndarray, w: np.ndarray, out: np.ndarray, scratch: np.ndarray, stride: int = 1) -> np.ndarray:
+    """out (B, OH, OW, O) = the 3x3 convolution of x (B, H, W, C) with w (3, 3, C, O), zero padding
+    1, no bias, at this stride (OH, OW: output_hw); float32, O a multiple of LANES (supports), out
+    C-contiguous (a batch slice of a larger array is fine; on a 64-byte boundary, from aligned_empty,
+    is faster). scratch: padded_scratch(n >= B, H, W, C). Returns out."""
     n, h, wd, c = x.shape
     o = w.shape[3]
-    padded = scratch[:n * (h + 2) * (wd + 2) * c].reshape(n, h + 2, wd + 2, c)
-    padded[:, 1:h + 1, 1:wd + 1] = x  # the borders are the buffer's zeros
-    _kernel(c, o)(scratch, _aligned(w).reshape(-1), out.reshape(-1), n, h + 2, wd + 2, h, wd)
+    _kernel(c, o, stride)(_padded(x, scratch), _aligned(w).reshape(-1), out.reshape(-1),
+                          n, h + 2, wd + 2, *output_hw(h, wd, stride))
     return out
 
 
-def conv3x3_weight_grad(x: np.ndarray, dy: np.ndarray, scratch: np.ndarray) -> np.ndarray:
-    """dw (3, 3, C, O) of y = conv3x3(x, w): sum over every output position of x's 3x3 window
-    (zero padded) times dy there. x (B, H, W, C) and dy (B, H, W, O) float32, C a multiple of
-    LANES, O of 8 (supports_weight_grad); scratch: padded_scratch(n >= B, H, W, C). Returns a new array."""
+def conv3x3_weight_grad(x: np.ndarray, dy: np.ndarray, scratch: np.ndarray, stride: int = 1) -> np.ndarray:
+    """dw (3, 3, C, O) of y = conv3x3(x, w, stride=stride): sum over every output position of x's
+    3x3 window (zero padded) times dy there. x (B, H, W, C) and dy (B, OH, OW, O) float32, C a
+    multiple of LANES, O of 8 (supports_weight_grad); scratch: padded_scratch(n >= B, H, W, C).
+    Returns a new array."""
     n, h, wd, c = x.shape
     o = dy.shape[3]
-    padded = scratch[:n * (h + 2) * (wd + 2) * c].reshape(n, h + 2, wd + 2, c)
-    padded[:, 1:h + 1, 1:wd + 1] = x
     dw_t = aligned_empty((3, 3, o, c))
-    _weight_grad_kernel(c, o)(scratch, np.ascontiguousarray(dy).reshape(-1), dw_t.reshape(-1), n, h + 2, wd + 2, h, wd)
+    _weight_grad_kernel(c, o, stride)(_padded(x, scratch), np.ascontiguousarray(dy).reshape(-1), dw_t.reshape(-1),
+                                      n, h + 2, wd + 2, *output_hw(h, wd, stride))
     return np.ascontiguousarray(dw_t.transpose(0, 1, 3, 2))
 
 
 def transposed_kernel(w: np.ndarray) -> np.ndarray:
     """w (3, 3, C, O) -> (3, 3, O, C), the kernel flipped in both axes with its channels swapped:
-    dx = conv3x3(dy, transposed_kernel(w)) is the input gradient of y = conv3x3(x, w)."""
+    dx = conv3x3(dy, transposed_kernel(w)) is the input gradient of y = conv3x3(x, w) at stride 1."""
     return _aligned(w[::-1, ::-1].transpose(0, 1, 3, 2))

@@ -22,9 +22,9 @@ The file reads top to bottom:
      column of ones in the GEMM, cols kept for the backward when narrow or small, and an input
      gradient per kernel offset (NUMPY_GEMM), or with the compiled im2col and col2im of
      cnn_gpu/cpu/conv.py (NUMPY_GEMM_COMPILED).
-   - NUMPY_DIRECT (NumPy float32, G = 1, 3x3, stride 1, padding 1): no im2col; the kernels of
-     cnn_gpu/cpu/direct.py sum each tile of outputs in vector registers, for y, dx (the same
-     kernel on dy) and dw. A ResNet's 3x3 layers.
+   - NUMPY_DIRECT (NumPy float32, G = 1, 3x3, padding 1, any stride): no im2col; the kernels of
+     cnn_gpu/cpu/direct.py sum each tile of outputs in vector registers, for y, dw, and at stride
+     1 dx (the same kernel on dy). A ResNet's 3x3 layers, its downsampling ones included.
    - DEPTHWISE (NumPy, G = C): one multiply-add over all channels per kernel tap instead of C
      tiny GEMMs; DEPTHWISE_COMPILED runs the loops of cnn_gpu/cpu/depthwise.py instead.
    - CUPY_GEMM: the reference itself, one batched GEMM over the whole batch (what a GPU wants),
@@ -406,14 +406,14 @@ NUMPY_GEMM_COMPILED = Strategy("numpy-gemm, compiled im2col and col2im",
                                                  im2col=_im2col_compiled))
 
 
-# ---- 2b. NumPy, float32 3x3 stride-1 convolutions: computed directly in vector registers ---------
+# ---- 2b. NumPy, float32 3x3 convolutions: computed directly in vector registers ------------------
 #
 # At a ResNet's 16-32 channels im2col + GEMM spends as long copying receptive fields as the GEMM
 # takes, and the GEMM, only 16-32 outputs wide, runs well below the BLAS's peak. The kernels of
 # cnn_gpu/cpu/direct.py sum each tile of outputs in registers from a zero-padded copy of x instead.
 # The input gradient of a stride-1 convolution is the same convolution of dy with the flipped,
-# channel-swapped kernel, so the backward runs the same kernels for dx and keeps the GEMM for dw
-# (cols.T @ dy, cols rebuilt by the compiled im2col, as NUMPY_GEMM_COMPILED does).
+# channel-swapped kernel, so the backward runs the same kernels for dx; the weight gradient has a
+# kernel of its own (a sum over positions, x's windows times dy).
 
 DIRECT_MAX_CHANNELS = 64  # measured up to 64 (resnet20's widest); wider layers keep the GEMM
 DIRECT_CHUNK_BYTES = 1 << 19  # of padded input per chunk
@@ -425,12 +425,13 @@ def _cpu_direct() -> Any:
 
 
 def _direct_applies(x: Any, w: Any, window: Window, out_hw: tuple[int, int]) -> bool:
-    """NUMPY_DIRECT's case: float32, a 3x3 kernel at stride 1, padding 1, no dilation, every output,
-    at most DIRECT_MAX_CHANNELS channels in and out, and output channels the kernels take."""
+    """NUMPY_DIRECT's case: float32, a 3x3 kernel with padding 1 at one stride along both axes, no
+    dilation, every output, at most DIRECT_MAX_CHANNELS channels in and out, and output channels
+    the kernels take."""
     c, o = x.shape[3], w.shape[3]
-    return (x.dtype == np.float32 and tuple(out_hw) == tuple(x.shape[1:3])
-            and (window.kh, window.kw, window.sh, window.sw, window.ph, window.pw, window.dh, window.dw)
-            == (3, 3, 1, 1, 1, 1, 1, 1)
+    return (x.dtype == np.float32 and tuple(out_hw) == window.output_hw(x.shape[1], x.shape[2], "conv2d")
+            and (window.kh, window.kw, window.ph, window.pw, window.dh, window.dw) == (3, 3, 1, 1, 1, 1)
+            and window.sh == window.sw
             and max(c, o) <= DIRECT_MAX_CHANNELS and _cpu_direct().supports(c, o))
 
 
@@ -444,17 +445,17 @@ def _direct_chunks(n: int, image_bytes: int) -> list[slice]:
 
 def _direct_forward(x: Any, w: Any, b: Any, window: Window, groups: int, out_hw: tuple[int, int],
                     inference: bool, relu: bool = False) -> tuple[Any, None]:
-    """x (N, H, W, C), w (3, 3, C, O) -> y (N, H, W, O), in chunks of the batch whose padded copy
-    fits CHUNK_BYTES (on cnn_gpu.cpu.threads), each chunk's bias and ReLU applied while it is in
-    cache. Keeps no cols: the backward rebuilds them for dw."""
+    """x (N, H, W, C), w (3, 3, C, O) -> y (N, OH, OW, O), in chunks of the batch whose padded copy
+    fits DIRECT_CHUNK_BYTES (on cnn_gpu.cpu.threads), each chunk's bias and ReLU applied while it is
+    in cache. Keeps no cols: the backward has kernels of its own."""
     direct = _cpu_direct()
     n, h, wd, c = x.shape
     o = w.shape[3]
-    y = direct.aligned_empty((n, h, wd, o))
+    y = direct.aligned_empty((n, *out_hw, o))
     chunks = _direct_chunks(n, (h + 2) * (wd + 2) * c * x.itemsize)
 
     def run(part: slice, padded: np.ndarray) -> None:
-        y_part = direct.conv3x3(x[part], w, y[part], padded).reshape(-1, o)
+        y_part = direct.conv3x3(x[part], w, y[part], padded, stride=window.sh).reshape(-1, o)
         if b is not None:
             _cpu_elementwise().bias_relu(y_part, b, relu)
         elif relu:
@@ -478,32 +479,37 @@ def _input_grad_direct(dy2d: np.ndarray, w: np.ndarray, window: Window, out_hw: 
 
 
 def _direct_backward(dy: Any, cache: ConvCache, need_dx: bool) -> tuple[Any, Any, Any]:
-    """dx = conv3x3(dy, the flipped, channel-swapped w) and dw by the weight-gradient kernel, chunk
-    by chunk (on cnn_gpu.cpu.threads), the chunks' dw summed in chunk order; db a column sum. Where
-    the kernels do not take the channels (C not a multiple of LANES: a network's first layer),
-    NUMPY_GEMM_COMPILED's backward, with dx by the direct kernel when it takes C outputs."""
+    """dw by the weight-gradient kernel and dx, chunk by chunk (on cnn_gpu.cpu.threads), the chunks'
+    dw summed in chunk order; db a column sum. At stride 1, dx = conv3x3(dy, the flipped,
+    channel-swapped w); at a larger stride dy's outputs are s pixels apart, which that kernel does
+    not take, and dx is NUMPY_GEMM_COMPILED's (dcols = dy @ w2d.T, then the compiled col2im). Where
+    the weight-gradient kernel does not take the channels (C not a multiple of LANES: a network's
+    first layer), NUMPY_GEMM_COMPILED's backward, with dx by the direct kernel where it applies."""
     direct = _cpu_direct()
-    x, w = np.ascontiguousarray(cache.x), cache.w
+    x, w, window, out_hw = np.ascontiguousarray(cache.x), cache.w, cache.window, cache.out_hw
     n, h, wd, c = x.shape
     o = w.shape[3]
-    if not (direct.supports(o, c) and direct.supports_weight_grad(c, o)):
-        takes_dx = direct.supports(o, c)
+    dx_direct = window.sh == 1 and direct.supports(o, c)  # dx is the same convolution of dy, C outputs
+    if not direct.supports_weight_grad(c, o):
         return _gemm_backward(dy, cache, need_dx, im2col=_im2col_compiled,
-                              input_grad=_input_grad_direct if takes_dx else _input_grad_compiled,
-                              input_grad_scratch=_padded_dy_scratch if takes_dx else _dcols_scratch)
+                              input_grad=_input_grad_direct if dx_direct else _input_grad_compiled,
+                              input_grad_scratch=_padded_dy_scratch if dx_direct else _dcols_scratch)
     dy = np.ascontiguousarray(dy)
-    w_t = direct.transposed_kernel(w)
+    w_t = direct.transposed_kernel(w) if dx_direct else None
     dx = direct.aligned_empty(x.shape) if need_dx else None
     chunks = _direct_chunks(n, (h + 2) * (wd + 2) * max(c, o) * x.itemsize)
     per_chunk = chunks[0].stop - chunks[0].start if chunks else 0
 
-    def scratch() -> tuple[np.ndarray, np.ndarray]:  # padded x, padded dy
-        return direct.padded_scratch(per_chunk, h, wd, c), direct.padded_scratch(per_chunk, h, wd, o)
+    def scratch() -> tuple[np.ndarray, np.ndarray]:  # padded x, and padded dy or dcols
+        dx_scratch = _padded_dy_scratch if dx_direct else _dcols_scratch
+        return direct.padded_scratch(per_chunk, h, wd, c), dx_scratch(per_chunk, x, w, out_hw)
 
-    def run(part: slice, padded: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
-        if need_dx:
-            direct.conv3x3(dy[part], w_t, dx[part], padded[1])
-        return direct.conv3x3_weight_grad(x[part], dy[part], padded[0])
+    def run(part: slice, bufs: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
+        if need_dx and dx_direct:
+            direct.conv3x3(dy[part], w_t, dx[part], bufs[1])
+        elif need_dx:
+            _input_grad_compiled(dy[part].reshape(-1, o), w, window, out_hw, dx[part], bufs[1])
+        return direct.conv3x3_weight_grad(x[part], dy[part], bufs[0], stride=window.sh)
 
     dw = np.zeros(w.shape, dtype=w.dtype)
     for part_dw in threads.for_each(chunks, run, scratch):  # in chunk order: the same sum on any thread count
