@@ -53,9 +53,17 @@ def _shapes(lanes):
             (2, 9, 8, 32, 3 * lanes), (4, 7, 7, 64, 4 * lanes), (2, 5, 13, 16, 2 * lanes)]
 
 
-@pytest.mark.parametrize("stride", [1, 2, 3])
-def test_conv3x3_and_its_gradients_match_the_reference(direct, rng, stride):
-    for n, h, w, c, o in _shapes(direct.LANES):
+def _cases(lanes):
+    # (shape, stride): every shape at strides 1 and 2 (dx in 4 classes of 1, 2, 2 and 4 taps), two
+    # at stride 3 (9 classes of one tap), one at stride 5 (input positions that no window reads).
+    # Each (C, O, stride, taps) is a kernel compiled of its own, so the rarer strides get few shapes.
+    shapes = _shapes(lanes)
+    return [(shape, 1) for shape in shapes] + [(shape, 2) for shape in shapes] + \
+        [(shapes[1], 3), (shapes[4], 3), (shapes[6], 5)]
+
+
+def test_conv3x3_and_its_gradients_match_the_reference(direct, rng):
+    for (n, h, w, c, o), stride in _cases(direct.LANES):
         x = rng.standard_normal((n, h, w, c)).astype(np.float32)
         wt = rng.standard_normal((3, 3, c, o)).astype(np.float32)
         oh, ow = direct.output_hw(h, w, stride)
@@ -67,13 +75,14 @@ def test_conv3x3_and_its_gradients_match_the_reference(direct, rng, stride):
         direct.conv3x3(rng.standard_normal((n + 1, h, w, c)).astype(np.float32), wt,
                        np.empty((n + 1, oh, ow, o), np.float32), scratch, stride=stride)
         y = direct.conv3x3(x, wt, np.empty((n, oh, ow, o), np.float32), scratch, stride=stride)
-        _close(y, y_ref, what=f"y {n, h, w, c, o}")
-        if stride == 1 and direct.supports(o, c):  # dx: C outputs
-            dx = direct.conv3x3(dy, direct.transposed_kernel(wt), np.empty_like(x), direct.padded_scratch(n, h, w, o))
-            _close(dx, dx_ref, what=f"dx {n, h, w, c, o}")
+        _close(y, y_ref, what=f"y {n, h, w, c, o} stride {stride}")
+        if direct.supports(o, c):  # dx: C outputs
+            dx = direct.conv3x3_input_grad(dy, direct.swap_channels(wt), np.empty_like(x),
+                                           direct.padded_scratch(n, oh, ow, o), stride=stride)
+            _close(dx, dx_ref, what=f"dx {n, h, w, c, o} stride {stride}")
         if direct.supports_weight_grad(c, o):
             _close(direct.conv3x3_weight_grad(x, dy, scratch, stride=stride), dw_ref, rtol=1e-4,
-                   what=f"dw {n, h, w, c, o}")
+                   what=f"dw {n, h, w, c, o} stride {stride}")
 
 
 def test_the_weight_gradient_over_a_large_batch(direct, rng):
@@ -115,7 +124,7 @@ def test_the_vector_loads_take_only_float32_vectors():
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
 @pytest.mark.parametrize("relu", [True, False], ids=["relu", "no-relu"])
 @pytest.mark.parametrize("c", [16, 3], ids=["c16", "c3"])  # c3: a first layer, dw and dx by the GEMM path
-@pytest.mark.parametrize("stride", [1, 2], ids=["stride1", "stride2"])  # stride 2: dx by dcols and col2im
+@pytest.mark.parametrize("stride", [1, 2], ids=["stride1", "stride2"])
 def test_the_strategy_matches_the_reference(rng, bias, relu, c, stride):
     x = rng.standard_normal((37, 9, 11, c)).astype(np.float32)  # 37 images: several chunks, an uneven last
     wt = rng.standard_normal((3, 3, c, 32)).astype(np.float32)
@@ -173,7 +182,7 @@ def test_the_strategy_gives_the_same_bits_twice(rng):
 
 def test_the_avx2_kernels_too():
     """The 8-lane kernels (AVX2 CPUs), compiled for a Haswell in a fresh process on any x86 CPU that
-    has AVX2: NUMBA_CPU_NAME makes simd.LANES 8."""
+    has AVX2: NUMBA_CPU_NAME makes simd.LANES 8 (and batch norm's float64 vectors 4 lanes)."""
     import llvmlite.binding as llvm
     if not llvm.get_host_cpu_features().get("avx2", False):
         pytest.skip("needs an x86 CPU with AVX2 to run code compiled for a Haswell")
@@ -193,6 +202,16 @@ def test_the_avx2_kernels_too():
         "    dx64, dw64, _ = conv2d_backward(np.cos(y).astype(float), c64)\n"
         "    for a, e in ((y, y64), (dx, dx64), (dw, dw64)):\n"
         "        assert np.abs(a - e).max() <= 1e-4 * np.abs(e).max(), (c, o)\n"
+        "from cnn_gpu.cpu import batchnorm, simd\n"  # batch norm's float64 sums, 4 lanes
+        "assert simd.LANES64 == 4, simd.LANES64\n"
+        "x, dy = rng.standard_normal((2, 99, 12)).astype(np.float32) + 3\n"
+        "mean, var = batchnorm.channel_mean_var(x)\n"
+        "assert np.allclose(mean, x.astype(float).mean(0), rtol=1e-6) and np.allclose(var, x.astype(float).var(0), rtol=1e-5)\n"
+        "r = np.maximum(x - 3, 0)\n"
+        "s1, s2 = batchnorm.channel_grad_sums(dy, x, mean, 1 / np.sqrt(var), relu_out=r)\n"
+        "g = np.where(r > 0, dy, 0).astype(float)\n"
+        "assert np.allclose(s1, g.sum(0), rtol=1e-5, atol=1e-4)\n"
+        "assert np.allclose(s2, (g * (x - mean.astype(float)) / np.sqrt(var)).sum(0), rtol=1e-5, atol=1e-4)\n"
         "print('ok')\n")
     env = dict(os.environ, NUMBA_CPU_NAME="haswell", NUMBA_CACHE_DIR=os.environ.get("NUMBA_CACHE_DIR", ""))
     env = {k: v for k, v in env.items() if v}

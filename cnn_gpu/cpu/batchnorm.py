@@ -15,7 +15,9 @@ they load it: dy where relu_out > 0, else 0. The ReLU's own forward and backward
 Each is one pass over its (M, C) operands with the channels innermost (SIMD over C), in parts of
 the rows on cnn_gpu.cpu.threads. The sums are float64 whatever the input's dtype, added part by
 part in order, and the variance's are shifted by one row of x (see _mean_var), so it keeps its
-digits when |mean| is far larger than the std.
+digits when |mean| is far larger than the std. For float32 with C a multiple of simd.LANES64 the
+two sums run in float64 vector registers (_shifted_sums_vectors, _grad_sums_vectors); the plain
+loops, which serve every dtype and C, are their reference.
 """
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ import numba
 import numpy as np
 
 from . import threads
+from .simd import LANES64, fma64, load64, store64, where_positive, widen, zeros64
 
 _jit = numba.njit(cache=True, nogil=True, boundscheck=False)
 
@@ -71,19 +74,83 @@ def _grad_sums(dy2d, x2d, mean, relu_out, masked, rows_per_part, first, last, su
         sum_dy_xc[part] = s2
 
 
-def _summed(kernel: Any, arrays: tuple[Any, ...], others: tuple[Any, ...], c: int) -> tuple[Any, Any]:
-    """Two float64 (C,) sums over the rows of the (M, C) arrays; the kernel's other arguments
-    follow them. The rows are cut into parts fixed by their size (cnn_gpu.cpu.threads.row_parts),
-    each part's sums go to its own row of two (P, C) arrays, and those rows are added in part
-    order: the same result on any number of threads. Each thread runs the kernel once, on a block
-    of consecutive parts."""
-    m = arrays[0].shape[0]
-    parts = threads.row_parts(m, c * arrays[0].itemsize)
+# The two sums again, for float32 data with C a multiple of LANES64 (_vectors_apply): the same
+# float64 sums, with the accumulators in float64 vector registers. The loops above keep theirs
+# in (C,) arrays, reloaded and stored again for every row, and that chain from one row to the next
+# ran them at half the speed of a pass that only reads (BENCHMARKS.md, session 10). Per part: for
+# each group of LANES64 channels, two accumulators (even and odd rows, added at the end) over the
+# part's rows, which are in L2 from the first group on.
+
+@_jit
+def _shifted_sums_vectors(x, c, shift, rows_per_part, first, last, total, squares):  # pragma: no cover
+    # x: (M, C) float32, flat; shift (C,) float64; total, squares: (P, C) float64, flat
+    m = x.size // c
+    for part in range(first, last):
+        r0, r1 = part * rows_per_part, min((part + 1) * rows_per_part, m)
+        for c0 in range(0, c, LANES64):
+            sh = load64(shift, c0)
+            t0, t1, q0, q1 = zeros64(), zeros64(), zeros64(), zeros64()
+            r = r0
+            while r + 2 <= r1:
+                d = widen(x, r * c + c0) - sh
+                e = widen(x, (r + 1) * c + c0) - sh
+                t0, q0 = t0 + d, fma64(d, d, q0)
+                t1, q1 = t1 + e, fma64(e, e, q1)
+                r += 2
+            if r < r1:
+                d = widen(x, r * c + c0) - sh
+                t0, q0 = t0 + d, fma64(d, d, q0)
+            store64(total, part * c + c0, t0 + t1)
+            store64(squares, part * c + c0, q0 + q1)
+
+
+@_jit
+def _grad_sums_vectors(dy, x, mean, relu_out, masked, c, rows_per_part, first, last, sum_dy, sum_dy_xc):  # pragma: no cover
+    # dy, x, relu_out: (M, C) float32, flat; mean (C,) float64; sums: (P, C) float64, flat
+    m = x.size // c
+    for part in range(first, last):
+        r0, r1 = part * rows_per_part, min((part + 1) * rows_per_part, m)
+        for c0 in range(0, c, LANES64):
+            mu = load64(mean, c0)
+            s0, s1, p0, p1 = zeros64(), zeros64(), zeros64(), zeros64()
+            r = r0
+            while r + 2 <= r1:
+                i, k = r * c + c0, (r + 1) * c + c0
+                g, h = widen(dy, i), widen(dy, k)
+                if masked:
+                    g, h = where_positive(widen(relu_out, i), g), where_positive(widen(relu_out, k), h)
+                s0, p0 = s0 + g, fma64(g, widen(x, i) - mu, p0)
+                s1, p1 = s1 + h, fma64(h, widen(x, k) - mu, p1)
+                r += 2
+            if r < r1:
+                i = r * c + c0
+                g = widen(dy, i)
+                if masked:
+                    g = where_positive(widen(relu_out, i), g)
+                s0, p0 = s0 + g, fma64(g, widen(x, i) - mu, p0)
+            store64(sum_dy, part * c + c0, s0 + s1)
+            store64(sum_dy_xc, part * c + c0, p0 + p1)
+
+
+def _vectors_apply(*arrays: Any) -> bool:
+    """Whether the vector kernels take these (M, C) arrays: float32, C a multiple of LANES64."""
+    return all(a.dtype == np.float32 for a in arrays) and arrays[0].shape[1] % LANES64 == 0
+
+
+def _summed(kernel: Any, args: tuple[Any, ...], rows: int, row_bytes: int, c: int,
+            flat: bool = False) -> tuple[Any, Any]:
+    """Two float64 (C,) sums over `rows` rows of (M, C) arrays, by kernel(*args, rows_per_part,
+    first, last, sums_1, sums_2). The rows are cut into parts fixed by their size
+    (cnn_gpu.cpu.threads.row_parts), each part's sums go to its own row of two (P, C) arrays, and
+    those rows are added in part order: the same result on any number of threads. Each thread
+    runs the kernel once, on a block of consecutive parts. flat: the kernel takes the (P, C) sums
+    flat (the vector kernels)."""
+    parts = threads.row_parts(rows, row_bytes)
     rows_per_part = parts[0].stop if parts else 1
     first, second = np.zeros((len(parts), c), np.float64), np.zeros((len(parts), c), np.float64)
+    into = (first.reshape(-1), second.reshape(-1)) if flat else (first, second)
     threads.for_each(threads.split(len(parts), threads.PART_BYTES),
-                     lambda block, _: kernel(*arrays, *others, rows_per_part, block.start, block.stop,
-                                             first, second))
+                     lambda block, _: kernel(*args, rows_per_part, block.start, block.stop, *into))
     return first.sum(axis=0), second.sum(axis=0)  # the same P rows, whichever threads made them
 
 
@@ -96,7 +163,10 @@ def _mean_var(x2d: Any) -> tuple[Any, Any]:
     deviations from the mean, and one row of the batch is seldom more than a few away."""
     m, c = x2d.shape
     shift = x2d[0].astype(np.float64)
-    total, squares = _summed(_shifted_sums, (x2d,), (shift,), c)
+    if _vectors_apply(x2d):
+        total, squares = _summed(_shifted_sums_vectors, (x2d.reshape(-1), c, shift), m, c * 4, c, flat=True)
+    else:
+        total, squares = _summed(_shifted_sums, (x2d, shift), m, c * x2d.itemsize, c)
     rest = total / m
     return shift + rest, np.maximum(squares / m - rest * rest, 0.0)
 
@@ -143,8 +213,13 @@ def channel_grad_sums(dy2d: Any, x2d: Any, mean: Any, inv_std: Any, relu_out: An
     relu_out (M, C): dy is the gradient at the output of a ReLU after the batch norm, and the sums
     are of dy where relu_out > 0, else 0."""
     dy2d, relu_out, masked = _through_relu(dy2d, relu_out)
-    sum_dy, sum_dy_xc = _summed(_grad_sums, (dy2d, np.ascontiguousarray(x2d)), (mean, relu_out, masked),
-                                x2d.shape[1])
+    x2d = np.ascontiguousarray(x2d)
+    m, c = x2d.shape
+    if _vectors_apply(dy2d, x2d, relu_out):
+        args = (dy2d.reshape(-1), x2d.reshape(-1), mean.astype(np.float64), relu_out.reshape(-1), masked, c)
+        sum_dy, sum_dy_xc = _summed(_grad_sums_vectors, args, m, c * 4, c, flat=True)
+    else:
+        sum_dy, sum_dy_xc = _summed(_grad_sums, (dy2d, x2d, mean, relu_out, masked), m, c * x2d.itemsize, c)
     return sum_dy.astype(x2d.dtype), (sum_dy_xc * inv_std).astype(x2d.dtype)
 
 

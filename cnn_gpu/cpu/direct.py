@@ -3,7 +3,7 @@
     scratch = padded_scratch(B, H, W, C)       # a flat zeroed buffer for B padded images
     y = aligned_empty((B, OH, OW, O))          # outputs on 64-byte boundaries, for the vector stores
     conv3x3(x, w, y, scratch, stride=1)        # x (B, H, W, C), w (3, 3, C, O) -> y (B, OH, OW, O)
-    w_t = transposed_kernel(w)                 # (3, 3, O, C): at stride 1, dx = conv3x3(dy, w_t)
+    conv3x3_input_grad(dy, swap_channels(w), dx, dy_scratch, stride=1)   # dy (B, OH, OW, O) -> dx
 
 The float32 path of a ResNet's 3x3 convolutions (cnn_gpu.functional.conv, strategy NUMPY_DIRECT).
 im2col + GEMM copies every receptive field (cols is 9 times x) and then runs a GEMM whose output
@@ -39,6 +39,7 @@ input channels and 8 output channels.
 from __future__ import annotations
 
 import functools
+import math
 from typing import Callable
 
 import numba
@@ -61,11 +62,11 @@ def supports_weight_grad(in_channels: int, out_channels: int) -> bool:
 
 
 @numba.njit(inline="always", boundscheck=False)
-def _next(b, i, j, n, oh, ow):  # pragma: no cover - compiled, tested
-    """The output position after (b, i, j) in (image, row, column) order; the last stays the last."""
-    if j + 1 < ow:
+def _next(b, i, j, n, gh, gw):  # pragma: no cover - compiled, tested
+    """The grid position after (b, i, j) in (image, row, column) order; the last stays the last."""
+    if j + 1 < gw:
         return b, i, j + 1
-    if i + 1 < oh:
+    if i + 1 < gh:
         return b, i + 1, 0
     if b + 1 < n:
         return b + 1, 0, 0
@@ -74,35 +75,41 @@ def _next(b, i, j, n, oh, ow):  # pragma: no cover - compiled, tested
 
 @numba.njit(inline="always", boundscheck=False)
 def _window(b, i, j, hp, wp, s, c):  # pragma: no cover - compiled, tested
-    """Where output (b, i, j)'s window starts in the flat padded images: tap (0, 0) at (s i, s j)."""
+    """Where grid position (b, i, j)'s window starts in the flat padded images: at (s i, s j)."""
     return ((b * hp + i * s) * wp + j * s) * c
 
 
+@numba.njit(inline="always", boundscheck=False)
+def _place(b, i, j, oh, ow, spread, row0, col0, o):  # pragma: no cover - compiled, tested
+    """Where grid position (b, i, j)'s output goes in the flat (n, oh, ow, o) output: at (spread i +
+    row0, spread j + col0); a convolution's grid is its output (spread 1, row0 = col0 = 0)."""
+    return ((b * oh + spread * i + row0) * ow + spread * j + col0) * o
+
+
 @functools.lru_cache(maxsize=None)
-def _tiles6(c: int, o: int, s: int) -> Callable[..., None]:
+def _tiles6(c: int, o: int, s: int, taps: tuple) -> Callable[..., None]:
     """6 positions x 4 vectors (O a multiple of 4 * LANES, on AVX-512) or x 2 vectors (of 2 * LANES)."""
     vectors = 4 if LANES == 16 and o % (4 * LANES) == 0 else 2
 
     @_jit
-    def tiles6(x, w, y, n, hp, wp, oh, ow):  # pragma: no cover - compiled, tested
-        # x: n padded images (hp, wp, c), flat; w: (3, 3, c, o), flat; y: (n, oh, ow, o), flat
-        per_image = oh * ow
+    def tiles6(x, w, y, n, hp, wp, gh, gw, spread, row0, col0, oh, ow):  # pragma: no cover - compiled, tested
+        per_image = gh * gw
         total = n * per_image
         for f0 in range(0, total, 6):
             b = f0 // per_image
-            i = (f0 - b * per_image) // ow
-            j = f0 - b * per_image - i * ow
-            x0 = _window(b, i, j, hp, wp, s, c)
-            b, i, j = _next(b, i, j, n, oh, ow)
-            x1 = _window(b, i, j, hp, wp, s, c)
-            b, i, j = _next(b, i, j, n, oh, ow)
-            x2 = _window(b, i, j, hp, wp, s, c)
-            b, i, j = _next(b, i, j, n, oh, ow)
-            x3 = _window(b, i, j, hp, wp, s, c)
-            b, i, j = _next(b, i, j, n, oh, ow)
-            x4 = _window(b, i, j, hp, wp, s, c)
-            b, i, j = _next(b, i, j, n, oh, ow)
-            x5 = _window(b, i, j, hp, wp, s, c)
+            i = (f0 - b * per_image) // gw
+            j = f0 - b * per_image - i * gw
+            x0, d0 = _window(b, i, j, hp, wp, s, c), _place(b, i, j, oh, ow, spread, row0, col0, o)
+            b, i, j = _next(b, i, j, n, gh, gw)
+            x1, d1 = _window(b, i, j, hp, wp, s, c), _place(b, i, j, oh, ow, spread, row0, col0, o)
+            b, i, j = _next(b, i, j, n, gh, gw)
+            x2, d2 = _window(b, i, j, hp, wp, s, c), _place(b, i, j, oh, ow, spread, row0, col0, o)
+            b, i, j = _next(b, i, j, n, gh, gw)
+            x3, d3 = _window(b, i, j, hp, wp, s, c), _place(b, i, j, oh, ow, spread, row0, col0, o)
+            b, i, j = _next(b, i, j, n, gh, gw)
+            x4, d4 = _window(b, i, j, hp, wp, s, c), _place(b, i, j, oh, ow, spread, row0, col0, o)
+            b, i, j = _next(b, i, j, n, gh, gw)
+            x5, d5 = _window(b, i, j, hp, wp, s, c), _place(b, i, j, oh, ow, spread, row0, col0, o)
             for o0 in range(0, o, vectors * LANES):
                 a00, a01, a02, a03 = zeros(), zeros(), zeros(), zeros()
                 a10, a11, a12, a13 = zeros(), zeros(), zeros(), zeros()
@@ -110,115 +117,130 @@ def _tiles6(c: int, o: int, s: int) -> Callable[..., None]:
                 a30, a31, a32, a33 = zeros(), zeros(), zeros(), zeros()
                 a40, a41, a42, a43 = zeros(), zeros(), zeros(), zeros()
                 a50, a51, a52, a53 = zeros(), zeros(), zeros(), zeros()
-                for p in range(3):
-                    for q in range(3):
-                        t = (p * wp + q) * c  # tap (p, q) from each window's start
-                        wt = (p * 3 + q) * c * o + o0
-                        for ch in range(c):
-                            w0, w1 = load(w, wt + ch * o), load(w, wt + ch * o + LANES)
-                            if vectors == 4:
-                                w2, w3 = load(w, wt + ch * o + 2 * LANES), load(w, wt + ch * o + 3 * LANES)
-                            v = broadcast(x, x0 + t + ch)
-                            a00, a01 = fma(v, w0, a00), fma(v, w1, a01)
-                            if vectors == 4:
-                                a02, a03 = fma(v, w2, a02), fma(v, w3, a03)
-                            v = broadcast(x, x1 + t + ch)
-                            a10, a11 = fma(v, w0, a10), fma(v, w1, a11)
-                            if vectors == 4:
-                                a12, a13 = fma(v, w2, a12), fma(v, w3, a13)
-                            v = broadcast(x, x2 + t + ch)
-                            a20, a21 = fma(v, w0, a20), fma(v, w1, a21)
-                            if vectors == 4:
-                                a22, a23 = fma(v, w2, a22), fma(v, w3, a23)
-                            v = broadcast(x, x3 + t + ch)
-                            a30, a31 = fma(v, w0, a30), fma(v, w1, a31)
-                            if vectors == 4:
-                                a32, a33 = fma(v, w2, a32), fma(v, w3, a33)
-                            v = broadcast(x, x4 + t + ch)
-                            a40, a41 = fma(v, w0, a40), fma(v, w1, a41)
-                            if vectors == 4:
-                                a42, a43 = fma(v, w2, a42), fma(v, w3, a43)
-                            v = broadcast(x, x5 + t + ch)
-                            a50, a51 = fma(v, w0, a50), fma(v, w1, a51)
-                            if vectors == 4:
-                                a52, a53 = fma(v, w2, a52), fma(v, w3, a53)
-                for k, acc in ((0, (a00, a01, a02, a03)), (1, (a10, a11, a12, a13)),
-                               (2, (a20, a21, a22, a23)), (3, (a30, a31, a32, a33)),
-                               (4, (a40, a41, a42, a43)), (5, (a50, a51, a52, a53))):
+                for tap in range(len(taps)):
+                    di, dj, tw = taps[tap]
+                    t = (di * wp + dj) * c  # the tap's offset from each window's start
+                    wt = tw * c * o + o0  # its weights, w[tw // 3, tw % 3]
+                    for ch in range(c):
+                        w0, w1 = load(w, wt + ch * o), load(w, wt + ch * o + LANES)
+                        if vectors == 4:
+                            w2, w3 = load(w, wt + ch * o + 2 * LANES), load(w, wt + ch * o + 3 * LANES)
+                        v = broadcast(x, x0 + t + ch)
+                        a00, a01 = fma(v, w0, a00), fma(v, w1, a01)
+                        if vectors == 4:
+                            a02, a03 = fma(v, w2, a02), fma(v, w3, a03)
+                        v = broadcast(x, x1 + t + ch)
+                        a10, a11 = fma(v, w0, a10), fma(v, w1, a11)
+                        if vectors == 4:
+                            a12, a13 = fma(v, w2, a12), fma(v, w3, a13)
+                        v = broadcast(x, x2 + t + ch)
+                        a20, a21 = fma(v, w0, a20), fma(v, w1, a21)
+                        if vectors == 4:
+                            a22, a23 = fma(v, w2, a22), fma(v, w3, a23)
+                        v = broadcast(x, x3 + t + ch)
+                        a30, a31 = fma(v, w0, a30), fma(v, w1, a31)
+                        if vectors == 4:
+                            a32, a33 = fma(v, w2, a32), fma(v, w3, a33)
+                        v = broadcast(x, x4 + t + ch)
+                        a40, a41 = fma(v, w0, a40), fma(v, w1, a41)
+                        if vectors == 4:
+                            a42, a43 = fma(v, w2, a42), fma(v, w3, a43)
+                        v = broadcast(x, x5 + t + ch)
+                        a50, a51 = fma(v, w0, a50), fma(v, w1, a51)
+                        if vectors == 4:
+                            a52, a53 = fma(v, w2, a52), fma(v, w3, a53)
+                for k, d, acc in ((0, d0, (a00, a01, a02, a03)), (1, d1, (a10, a11, a12, a13)),
+                                  (2, d2, (a20, a21, a22, a23)), (3, d3, (a30, a31, a32, a33)),
+                                  (4, d4, (a40, a41, a42, a43)), (5, d5, (a50, a51, a52, a53))):
                     if f0 + k < total:
                         for v in range(vectors):
-                            simd.store(y, (f0 + k) * o + o0 + v * LANES, acc[v])
+                            simd.store(y, d + o0 + v * LANES, acc[v])
     return tiles6
 
 
 @functools.lru_cache(maxsize=None)
-def _tiles12(c: int, o: int, s: int) -> Callable[..., None]:
+def _tiles12(c: int, o: int, s: int, taps: tuple) -> Callable[..., None]:
     """12 positions x 1 vector (O a multiple of LANES)."""
     @_jit
-    def tiles12(x, w, y, n, hp, wp, oh, ow):  # pragma: no cover - compiled, tested
-        per_image = oh * ow
+    def tiles12(x, w, y, n, hp, wp, gh, gw, spread, row0, col0, oh, ow):  # pragma: no cover - compiled, tested
+        per_image = gh * gw
         total = n * per_image
         for f0 in range(0, total, 12):
             b = f0 // per_image
-            i = (f0 - b * per_image) // ow
-            j = f0 - b * per_image - i * ow
-            x0 = _window(b, i, j, hp, wp, s, c)
-            b, i, j = _next(b, i, j, n, oh, ow)
-            x1 = _window(b, i, j, hp, wp, s, c)
-            b, i, j = _next(b, i, j, n, oh, ow)
-            x2 = _window(b, i, j, hp, wp, s, c)
-            b, i, j = _next(b, i, j, n, oh, ow)
-            x3 = _window(b, i, j, hp, wp, s, c)
-            b, i, j = _next(b, i, j, n, oh, ow)
-            x4 = _window(b, i, j, hp, wp, s, c)
-            b, i, j = _next(b, i, j, n, oh, ow)
-            x5 = _window(b, i, j, hp, wp, s, c)
-            b, i, j = _next(b, i, j, n, oh, ow)
-            x6 = _window(b, i, j, hp, wp, s, c)
-            b, i, j = _next(b, i, j, n, oh, ow)
-            x7 = _window(b, i, j, hp, wp, s, c)
-            b, i, j = _next(b, i, j, n, oh, ow)
-            x8 = _window(b, i, j, hp, wp, s, c)
-            b, i, j = _next(b, i, j, n, oh, ow)
-            x9 = _window(b, i, j, hp, wp, s, c)
-            b, i, j = _next(b, i, j, n, oh, ow)
-            x10 = _window(b, i, j, hp, wp, s, c)
-            b, i, j = _next(b, i, j, n, oh, ow)
-            x11 = _window(b, i, j, hp, wp, s, c)
+            i = (f0 - b * per_image) // gw
+            j = f0 - b * per_image - i * gw
+            x0, d0 = _window(b, i, j, hp, wp, s, c), _place(b, i, j, oh, ow, spread, row0, col0, o)
+            b, i, j = _next(b, i, j, n, gh, gw)
+            x1, d1 = _window(b, i, j, hp, wp, s, c), _place(b, i, j, oh, ow, spread, row0, col0, o)
+            b, i, j = _next(b, i, j, n, gh, gw)
+            x2, d2 = _window(b, i, j, hp, wp, s, c), _place(b, i, j, oh, ow, spread, row0, col0, o)
+            b, i, j = _next(b, i, j, n, gh, gw)
+            x3, d3 = _window(b, i, j, hp, wp, s, c), _place(b, i, j, oh, ow, spread, row0, col0, o)
+            b, i, j = _next(b, i, j, n, gh, gw)
+            x4, d4 = _window(b, i, j, hp, wp, s, c), _place(b, i, j, oh, ow, spread, row0, col0, o)
+            b, i, j = _next(b, i, j, n, gh, gw)
+            x5, d5 = _window(b, i, j, hp, wp, s, c), _place(b, i, j, oh, ow, spread, row0, col0, o)
+            b, i, j = _next(b, i, j, n, gh, gw)
+            x6, d6 = _window(b, i, j, hp, wp, s, c), _place(b, i, j, oh, ow, spread, row0, col0, o)
+            b, i, j = _next(b, i, j, n, gh, gw)
+            x7, d7 = _window(b, i, j, hp, wp, s, c), _place(b, i, j, oh, ow, spread, row0, col0, o)
+            b, i, j = _next(b, i, j, n, gh, gw)
+            x8, d8 = _window(b, i, j, hp, wp, s, c), _place(b, i, j, oh, ow, spread, row0, col0, o)
+            b, i, j = _next(b, i, j, n, gh, gw)
+            x9, d9 = _window(b, i, j, hp, wp, s, c), _place(b, i, j, oh, ow, spread, row0, col0, o)
+            b, i, j = _next(b, i, j, n, gh, gw)
+            x10, d10 = _window(b, i, j, hp, wp, s, c), _place(b, i, j, oh, ow, spread, row0, col0, o)
+            b, i, j = _next(b, i, j, n, gh, gw)
+            x11, d11 = _window(b, i, j, hp, wp, s, c), _place(b, i, j, oh, ow, spread, row0, col0, o)
             for o0 in range(0, o, LANES):
                 a0, a1, a2, a3, a4, a5 = zeros(), zeros(), zeros(), zeros(), zeros(), zeros()
                 a6, a7, a8, a9, a10, a11 = zeros(), zeros(), zeros(), zeros(), zeros(), zeros()
-                for p in range(3):
-                    for q in range(3):
-                        t = (p * wp + q) * c
-                        wt = (p * 3 + q) * c * o + o0
-                        for ch in range(c):
-                            w0 = load(w, wt + ch * o)
-                            a0 = fma(broadcast(x, x0 + t + ch), w0, a0)
-                            a1 = fma(broadcast(x, x1 + t + ch), w0, a1)
-                            a2 = fma(broadcast(x, x2 + t + ch), w0, a2)
-                            a3 = fma(broadcast(x, x3 + t + ch), w0, a3)
-                            a4 = fma(broadcast(x, x4 + t + ch), w0, a4)
-                            a5 = fma(broadcast(x, x5 + t + ch), w0, a5)
-                            a6 = fma(broadcast(x, x6 + t + ch), w0, a6)
-                            a7 = fma(broadcast(x, x7 + t + ch), w0, a7)
-                            a8 = fma(broadcast(x, x8 + t + ch), w0, a8)
-                            a9 = fma(broadcast(x, x9 + t + ch), w0, a9)
-                            a10 = fma(broadcast(x, x10 + t + ch), w0, a10)
-                            a11 = fma(broadcast(x, x11 + t + ch), w0, a11)
-                for k, acc in ((0, a0), (1, a1), (2, a2), (3, a3), (4, a4), (5, a5),
-                               (6, a6), (7, a7), (8, a8), (9, a9), (10, a10), (11, a11)):
+                for tap in range(len(taps)):
+                    di, dj, tw = taps[tap]
+                    t = (di * wp + dj) * c
+                    wt = tw * c * o + o0
+                    for ch in range(c):
+                        w0 = load(w, wt + ch * o)
+                        a0 = fma(broadcast(x, x0 + t + ch), w0, a0)
+                        a1 = fma(broadcast(x, x1 + t + ch), w0, a1)
+                        a2 = fma(broadcast(x, x2 + t + ch), w0, a2)
+                        a3 = fma(broadcast(x, x3 + t + ch), w0, a3)
+                        a4 = fma(broadcast(x, x4 + t + ch), w0, a4)
+                        a5 = fma(broadcast(x, x5 + t + ch), w0, a5)
+                        a6 = fma(broadcast(x, x6 + t + ch), w0, a6)
+                        a7 = fma(broadcast(x, x7 + t + ch), w0, a7)
+                        a8 = fma(broadcast(x, x8 + t + ch), w0, a8)
+                        a9 = fma(broadcast(x, x9 + t + ch), w0, a9)
+                        a10 = fma(broadcast(x, x10 + t + ch), w0, a10)
+                        a11 = fma(broadcast(x, x11 + t + ch), w0, a11)
+                for k, d, acc in ((0, d0, a0), (1, d1, a1), (2, d2, a2), (3, d3, a3), (4, d4, a4), (5, d5, a5),
+                                  (6, d6, a6), (7, d7, a7), (8, d8, a8), (9, d9, a9), (10, d10, a10), (11, d11, a11)):
                     if f0 + k < total:
-                        simd.store(y, (f0 + k) * o + o0, acc)
+                        simd.store(y, d + o0, acc)
     return tiles12
 
 
-def _kernel(c: int, o: int, s: int) -> Callable[..., None]:
-    """The micro-kernel loop for c input channels, o output channels and stride s, compiled for
-    these three numbers: as constants they turn every address of the inner loop into a register
-    plus a fixed offset (BENCHMARKS.md, session 9). Compiled on first use, under a second each, and
-    cached on disk like the other kernels: Numba's cache key holds a closure's variables."""
-    return _tiles12(c, o, s) if o % (2 * LANES) else _tiles6(c, o, s)
+FORWARD_TAPS = tuple((p, q, 3 * p + q) for p in range(3) for q in range(3))  # (row, column, weight) of each tap
+
+
+def _kernel(c: int, o: int, s: int, taps: tuple = FORWARD_TAPS) -> Callable[..., None]:
+    """The micro-kernel loop for c input channels, o output channels, windows s pixels apart and
+    these taps ((row, column) offsets from a window's start, and the index p * 3 + q of the
+    weights w[p, q] each reads), compiled for them: as constants they turn every address of the
+    inner loop into a register plus a fixed offset (BENCHMARKS.md, session 9). Compiled on first
+    use, under a second each, and cached on disk like the other kernels: Numba's cache key holds
+    a closure's variables."""
+    return _tiles12(c, o, s, taps) if o % (2 * LANES) else _tiles6(c, o, s, taps)
+
+
+def _input_grad_taps(s: int, row0: int, col0: int) -> tuple:
+    """The taps that reach the input positions (s m + row0, s n + col0) of a stride-s convolution,
+    as offsets into dy padded by one (see conv3x3_input_grad): input row Y is read by output row i
+    at tap p where s i + p - 1 = Y, so for Y = s m + row0, by i = m + (row0 + 1 - p) / s, padded row
+    m + 1 + (row0 + 1 - p) / s, for each p with row0 + 1 - p a multiple of s."""
+    rows = [(1 + (row0 + 1 - p) // s, p) for p in range(3) if (row0 + 1 - p) % s == 0]
+    cols = [(1 + (col0 + 1 - q) // s, q) for q in range(3) if (col0 + 1 - q) % s == 0]
+    return tuple((di, dj, 3 * p + q) for di, p in rows for dj, q in cols)
 
 
 @functools.lru_cache(maxsize=None)
@@ -281,9 +303,9 @@ def aligned_empty(shape: tuple[int, ...]) -> np.ndarray:
     AVX-512 vector). NumPy's own arrays start 16 bytes past one as often as not, and every vector
     load or store of a row then straddles two lines (BENCHMARKS.md, session 9). Rows of a multiple
     of 16 channels stay aligned."""
-    size = int(np.prod(shape))
+    size = math.prod(shape)
     buffer = np.empty(size + 16, dtype=np.float32)
-    start = (-(buffer.ctypes.data // 4)) % 16
+    start = (-(buffer.ctypes.data >> 2)) & 15
     return buffer[start:start + size].reshape(shape)
 
 
@@ -325,8 +347,39 @@ def conv3x3(x: np.ndarray, w: np.ndarray, out: np.ndarray, scratch: np.ndarray, 
     is faster). scratch: padded_scratch(n >= B, H, W, C). Returns out."""
     n, h, wd, c = x.shape
     o = w.shape[3]
+    oh, ow = output_hw(h, wd, stride)
     _kernel(c, o, stride)(_padded(x, scratch), _aligned(w).reshape(-1), out.reshape(-1),
-                          n, h + 2, wd + 2, *output_hw(h, wd, stride))
+                          n, h + 2, wd + 2, oh, ow, 1, 0, 0, oh, ow)
+    return out
+
+
+def swap_channels(w: np.ndarray) -> np.ndarray:
+    """w (3, 3, C, O) -> (3, 3, O, C) on a 64-byte boundary: the weights conv3x3_input_grad reads."""
+    return _aligned(w.transpose(0, 1, 3, 2))
+
+
+def conv3x3_input_grad(dy: np.ndarray, w_t: np.ndarray, out: np.ndarray, scratch: np.ndarray,
+                       stride: int = 1) -> np.ndarray:
+    """out (B, H, W, C) = dx of y = conv3x3(x, w, stride=stride) for dy (B, OH, OW, O): the same
+    kernels, gathering for each input position the taps that read it. At stride s the input
+    positions fall into s x s classes by (row mod s, column mod s); each class is read by its own
+    taps at the same offsets (_input_grad_taps: at stride 1, all nine, flipped; at stride 2,
+    one, two or four), so each is one kernel call over a grid of dy windows. w_t: swap_channels(w),
+    each w[p, q] as (O, C). C a multiple of LANES (supports(O, C)); scratch: padded_scratch(n >= B,
+    OH, OW, O). Returns out."""
+    n, oh, ow, o = dy.shape
+    h, wd, c = out.shape[1:]
+    padded, w_t = _padded(dy, scratch), w_t.reshape(-1)
+    for row0 in range(stride):
+        for col0 in range(stride):
+            gh, gw = -(-(h - row0) // stride), -(-(wd - col0) // stride)
+            taps = _input_grad_taps(stride, row0, col0)
+            if gh <= 0 or gw <= 0:
+                continue
+            if not taps:  # a stride above 3: no window reads these positions
+                out[:, row0::stride, col0::stride] = 0
+                continue
+            _kernel(o, c, 1, taps)(padded, w_t, out.reshape(-1), n, oh + 2, ow + 2, gh, gw, stride, row0, col0, h, wd)
     return out
 
 
@@ -341,9 +394,3 @@ def conv3x3_weight_grad(x: np.ndarray, dy: np.ndarray, scratch: np.ndarray, stri
     _weight_grad_kernel(c, o, stride)(_padded(x, scratch), np.ascontiguousarray(dy).reshape(-1), dw_t.reshape(-1),
                                       n, h + 2, wd + 2, *output_hw(h, wd, stride))
     return np.ascontiguousarray(dw_t.transpose(0, 1, 3, 2))
-
-
-def transposed_kernel(w: np.ndarray) -> np.ndarray:
-    """w (3, 3, C, O) -> (3, 3, O, C), the kernel flipped in both axes with its channels swapped:
-    dx = conv3x3(dy, transposed_kernel(w)) is the input gradient of y = conv3x3(x, w) at stride 1."""
-    return _aligned(w[::-1, ::-1].transpose(0, 1, 3, 2))

@@ -23,8 +23,8 @@ The file reads top to bottom:
      gradient per kernel offset (NUMPY_GEMM), or with the compiled im2col and col2im of
      cnn_gpu/cpu/conv.py (NUMPY_GEMM_COMPILED).
    - NUMPY_DIRECT (NumPy float32, G = 1, 3x3, padding 1, any stride): no im2col; the kernels of
-     cnn_gpu/cpu/direct.py sum each tile of outputs in vector registers, for y, dw, and at stride
-     1 dx (the same kernel on dy). A ResNet's 3x3 layers, its downsampling ones included.
+     cnn_gpu/cpu/direct.py sum each tile of outputs in vector registers, for y, dx (the same
+     kernels on dy) and dw. A ResNet's 3x3 layers, its downsampling ones included.
    - DEPTHWISE (NumPy, G = C): one multiply-add over all channels per kernel tap instead of C
      tiny GEMMs; DEPTHWISE_COMPILED runs the loops of cnn_gpu/cpu/depthwise.py instead.
    - CUPY_GEMM: the reference itself, one batched GEMM over the whole batch (what a GPU wants),
@@ -411,9 +411,10 @@ NUMPY_GEMM_COMPILED = Strategy("numpy-gemm, compiled im2col and col2im",
 # At a ResNet's 16-32 channels im2col + GEMM spends as long copying receptive fields as the GEMM
 # takes, and the GEMM, only 16-32 outputs wide, runs well below the BLAS's peak. The kernels of
 # cnn_gpu/cpu/direct.py sum each tile of outputs in registers from a zero-padded copy of x instead.
-# The input gradient of a stride-1 convolution is the same convolution of dy with the flipped,
-# channel-swapped kernel, so the backward runs the same kernels for dx; the weight gradient has a
-# kernel of its own (a sum over positions, x's windows times dy).
+# The input gradient is a convolution of dy too (at stride 1 with the flipped, channel-swapped
+# kernel; at stride s one per class of input positions, each with the taps that reach it), so the
+# backward runs the same kernels for dx; the weight gradient has a kernel of its own (a sum over
+# positions, x's windows times dy).
 
 DIRECT_MAX_CHANNELS = 64  # measured up to 64 (resnet20's widest); wider layers keep the GEMM
 DIRECT_CHUNK_BYTES = 1 << 19  # of padded input per chunk
@@ -472,44 +473,40 @@ def _padded_dy_scratch(images: int, x: np.ndarray, w: np.ndarray, out_hw: tuple[
 
 def _input_grad_direct(dy2d: np.ndarray, w: np.ndarray, window: Window, out_hw: tuple[int, int],
                        out: np.ndarray, scratch: np.ndarray) -> None:
-    """dy2d (B*H*W, O) -> out (B, H, W, C) = conv3x3(dy, w flipped with its channels swapped),
+    """dy2d (B*OH*OW, O) -> out (B, H, W, C) by the direct kernels (conv3x3_input_grad);
     scratch: _padded_dy_scratch."""
     direct = _cpu_direct()
-    direct.conv3x3(dy2d.reshape(out.shape[0], *out_hw, -1), direct.transposed_kernel(w), out, scratch)
+    direct.conv3x3_input_grad(dy2d.reshape(out.shape[0], *out_hw, -1), direct.swap_channels(w), out, scratch,
+                              stride=window.sh)
 
 
 def _direct_backward(dy: Any, cache: ConvCache, need_dx: bool) -> tuple[Any, Any, Any]:
-    """dw by the weight-gradient kernel and dx, chunk by chunk (on cnn_gpu.cpu.threads), the chunks'
-    dw summed in chunk order; db a column sum. At stride 1, dx = conv3x3(dy, the flipped,
-    channel-swapped w); at a larger stride dy's outputs are s pixels apart, which that kernel does
-    not take, and dx is NUMPY_GEMM_COMPILED's (dcols = dy @ w2d.T, then the compiled col2im). Where
+    """dx by the direct kernels (conv3x3_input_grad) and dw by the weight-gradient kernel, chunk by
+    chunk (on cnn_gpu.cpu.threads), the chunks' dw summed in chunk order; db a column sum. Where
     the weight-gradient kernel does not take the channels (C not a multiple of LANES: a network's
-    first layer), NUMPY_GEMM_COMPILED's backward, with dx by the direct kernel where it applies."""
+    first layer), NUMPY_GEMM_COMPILED's backward, with dx by the direct kernels where they take C."""
     direct = _cpu_direct()
     x, w, window, out_hw = np.ascontiguousarray(cache.x), cache.w, cache.window, cache.out_hw
     n, h, wd, c = x.shape
     o = w.shape[3]
-    dx_direct = window.sh == 1 and direct.supports(o, c)  # dx is the same convolution of dy, C outputs
-    if not direct.supports_weight_grad(c, o):
+    dx_direct = direct.supports(o, c)  # dx has C outputs
+    if not (dx_direct and direct.supports_weight_grad(c, o)):
         return _gemm_backward(dy, cache, need_dx, im2col=_im2col_compiled,
                               input_grad=_input_grad_direct if dx_direct else _input_grad_compiled,
                               input_grad_scratch=_padded_dy_scratch if dx_direct else _dcols_scratch)
     dy = np.ascontiguousarray(dy)
-    w_t = direct.transposed_kernel(w) if dx_direct else None
+    w_t = direct.swap_channels(w)
     dx = direct.aligned_empty(x.shape) if need_dx else None
     chunks = _direct_chunks(n, (h + 2) * (wd + 2) * max(c, o) * x.itemsize)
     per_chunk = chunks[0].stop - chunks[0].start if chunks else 0
 
-    def scratch() -> tuple[np.ndarray, np.ndarray]:  # padded x, and padded dy or dcols
-        dx_scratch = _padded_dy_scratch if dx_direct else _dcols_scratch
-        return direct.padded_scratch(per_chunk, h, wd, c), dx_scratch(per_chunk, x, w, out_hw)
+    def scratch() -> tuple[np.ndarray, np.ndarray]:  # padded x, padded dy
+        return direct.padded_scratch(per_chunk, h, wd, c), direct.padded_scratch(per_chunk, *out_hw, o)
 
-    def run(part: slice, bufs: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
-        if need_dx and dx_direct:
-            direct.conv3x3(dy[part], w_t, dx[part], bufs[1])
-        elif need_dx:
-            _input_grad_compiled(dy[part].reshape(-1, o), w, window, out_hw, dx[part], bufs[1])
-        return direct.conv3x3_weight_grad(x[part], dy[part], bufs[0], stride=window.sh)
+    def run(part: slice, padded: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
+        if need_dx:
+            direct.conv3x3_input_grad(dy[part], w_t, dx[part], padded[1], stride=window.sh)
+        return direct.conv3x3_weight_grad(x[part], dy[part], padded[0], stride=window.sh)
 
     dw = np.zeros(w.shape, dtype=w.dtype)
     for part_dw in threads.for_each(chunks, run, scratch):  # in chunk order: the same sum on any thread count
