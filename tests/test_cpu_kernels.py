@@ -160,7 +160,7 @@ def test_depthwise_kernels_match_the_numpy_code(rng, case, dtype, bias):
 # (shape, offset): the seed network's three batch norms, inputs far from zero, channels the float32
 # sums' vector kernels do not take (3, 2: not a multiple of simd.LANES64) and an odd row count (105).
 BN_CASES = [((8, 26, 26, 32), 0.0), ((16, 11, 11, 64), 0.0), ((64, 128), 0.0), ((5, 7, 3), 1e3), ((4, 6, 6, 2), 1e4),
-            ((3, 5, 7, 16), 1e3)]
+            ((3, 5, 7, 16), 1e3), ((2, 5, 5, 8), 1e2)]
 
 
 @requires_jit

@@ -77,9 +77,9 @@ def _grad_sums(dy2d, x2d, mean, relu_out, masked, rows_per_part, first, last, su
 # The two sums again, for float32 data with C a multiple of LANES64 (_vectors_apply): the same
 # float64 sums, with the accumulators in float64 vector registers. The loops above keep theirs
 # in (C,) arrays, reloaded and stored again for every row, and that chain from one row to the next
-# ran them at half the speed of a pass that only reads (BENCHMARKS.md, session 10). Per part: for
-# each group of LANES64 channels, two accumulators (even and odd rows, added at the end) over the
-# part's rows, which are in L2 from the first group on.
+# ran them at half the speed of a pass that only reads (BENCHMARKS.md, sessions 9 and 10-11). Per
+# part: for each group of LANES64 channels, two accumulators (even and odd rows, added at the end)
+# over the part's rows, which are in L2 from the first group on.
 
 @_jit
 def _shifted_sums_vectors(x, c, shift, rows_per_part, first, last, total, squares):  # pragma: no cover
@@ -132,9 +132,18 @@ def _grad_sums_vectors(dy, x, mean, relu_out, masked, c, rows_per_part, first, l
             store64(sum_dy_xc, part * c + c0, p0 + p1)
 
 
-def _vectors_apply(*arrays: Any) -> bool:
-    """Whether the vector kernels take these (M, C) arrays: float32, C a multiple of LANES64."""
-    return all(a.dtype == np.float32 for a in arrays) and arrays[0].shape[1] % LANES64 == 0
+# The gradient sums' vector kernel walks each group of LANES64 channels down the rows, reading 32
+# bytes of each row of three arrays; past 16 channels those strided reads cost more than the
+# scalar loops' chain (BENCHMARKS.md, sessions 10-11), so wider layers keep the scalar kernel.
+GRAD_SUMS_VECTOR_MAX_CHANNELS = 16
+
+
+def _vectors_apply(*arrays: Any, max_channels: int | None = None) -> bool:
+    """Whether the vector kernels take these (M, C) arrays: float32, C a multiple of LANES64 (and at
+    most max_channels)."""
+    c = arrays[0].shape[1]
+    return (all(a.dtype == np.float32 for a in arrays) and c % LANES64 == 0
+            and (max_channels is None or c <= max_channels))
 
 
 def _summed(kernel: Any, args: tuple[Any, ...], rows: int, row_bytes: int, c: int,
@@ -215,7 +224,7 @@ def channel_grad_sums(dy2d: Any, x2d: Any, mean: Any, inv_std: Any, relu_out: An
     dy2d, relu_out, masked = _through_relu(dy2d, relu_out)
     x2d = np.ascontiguousarray(x2d)
     m, c = x2d.shape
-    if _vectors_apply(dy2d, x2d, relu_out):
+    if _vectors_apply(dy2d, x2d, relu_out, max_channels=GRAD_SUMS_VECTOR_MAX_CHANNELS):
         args = (dy2d.reshape(-1), x2d.reshape(-1), mean.astype(np.float64), relu_out.reshape(-1), masked, c)
         sum_dy, sum_dy_xc = _summed(_grad_sums_vectors, args, m, c * 4, c, flat=True)
     else:
