@@ -158,7 +158,8 @@ def test_depthwise_kernels_match_the_numpy_code(rng, case, dtype, bias):
 
 
 # (shape, offset): the seed network's three batch norms, inputs far from zero, channels the float32
-# sums' vector kernels do not take (3, 2: not a multiple of simd.LANES64) and an odd row count (105).
+# sums' vector kernels do not take (3, 2: not a multiple of simd.LANES64; 8 on AVX-512: not of the
+# gradient sums' 2 * LANES64), the 16 that they take, and an odd row count (105).
 BN_CASES = [((8, 26, 26, 32), 0.0), ((16, 11, 11, 64), 0.0), ((64, 128), 0.0), ((5, 7, 3), 1e3), ((4, 6, 6, 2), 1e4),
             ((3, 5, 7, 16), 1e3), ((2, 5, 5, 8), 1e2)]
 

@@ -78,8 +78,9 @@ def _grad_sums(dy2d, x2d, mean, relu_out, masked, rows_per_part, first, last, su
 # float64 sums, with the accumulators in float64 vector registers. The loops above keep theirs
 # in (C,) arrays, reloaded and stored again for every row, and that chain from one row to the next
 # ran them at half the speed of a pass that only reads (BENCHMARKS.md, sessions 9 and 10-11). Per
-# part: for each group of LANES64 channels, two accumulators (even and odd rows, added at the end)
-# over the part's rows, which are in L2 from the first group on.
+# part, the statistics: for each group of LANES64 channels, two accumulators (even and odd rows,
+# added at the end) over the part's rows, which are in L2 from the first group on; the gradient
+# sums: two groups of channels a row, so that each row's read is a whole cache line.
 
 @_jit
 def _shifted_sums_vectors(x, c, shift, rows_per_part, first, last, total, squares):  # pragma: no cover
@@ -106,43 +107,40 @@ def _shifted_sums_vectors(x, c, shift, rows_per_part, first, last, total, square
 
 @_jit
 def _grad_sums_vectors(dy, x, mean, relu_out, masked, c, rows_per_part, first, last, sum_dy, sum_dy_xc):  # pragma: no cover
-    # dy, x, relu_out: (M, C) float32, flat; mean (C,) float64; sums: (P, C) float64, flat
+    # dy, x, relu_out: (M, C) float32, flat, C a multiple of 2 * LANES64; mean (C,) float64;
+    # sums: (P, C) float64, flat. Two groups of channels a row (64 bytes of each array on AVX-512,
+    # a cache line), one row a step.
     m = x.size // c
     for part in range(first, last):
         r0, r1 = part * rows_per_part, min((part + 1) * rows_per_part, m)
-        for c0 in range(0, c, LANES64):
-            mu = load64(mean, c0)
+        for c0 in range(0, c, 2 * LANES64):
+            c1 = c0 + LANES64
+            mu, nu = load64(mean, c0), load64(mean, c1)
             s0, s1, p0, p1 = zeros64(), zeros64(), zeros64(), zeros64()
-            r = r0
-            while r + 2 <= r1:
-                i, k = r * c + c0, (r + 1) * c + c0
+            for r in range(r0, r1):
+                i, k = r * c + c0, r * c + c1
                 g, h = widen(dy, i), widen(dy, k)
                 if masked:
                     g, h = where_positive(widen(relu_out, i), g), where_positive(widen(relu_out, k), h)
                 s0, p0 = s0 + g, fma64(g, widen(x, i) - mu, p0)
-                s1, p1 = s1 + h, fma64(h, widen(x, k) - mu, p1)
-                r += 2
-            if r < r1:
-                i = r * c + c0
-                g = widen(dy, i)
-                if masked:
-                    g = where_positive(widen(relu_out, i), g)
-                s0, p0 = s0 + g, fma64(g, widen(x, i) - mu, p0)
-            store64(sum_dy, part * c + c0, s0 + s1)
-            store64(sum_dy_xc, part * c + c0, p0 + p1)
+                s1, p1 = s1 + h, fma64(h, widen(x, k) - nu, p1)
+            store64(sum_dy, part * c + c0, s0)
+            store64(sum_dy_xc, part * c + c0, p0)
+            store64(sum_dy, part * c + c1, s1)
+            store64(sum_dy_xc, part * c + c1, p1)
 
 
-# The gradient sums' vector kernel walks each group of LANES64 channels down the rows, reading 32
-# bytes of each row of three arrays; past 16 channels those strided reads cost more than the
-# scalar loops' chain (BENCHMARKS.md, sessions 10-11), so wider layers keep the scalar kernel.
+# The gradient sums' vector kernel walks each pair of channel groups down the rows of three
+# arrays; past 16 channels it ties the scalar loops at 32-64 and loses at 128 and more
+# (BENCHMARKS.md, sessions 10-11), so wider layers keep the scalar kernel.
 GRAD_SUMS_VECTOR_MAX_CHANNELS = 16
 
 
-def _vectors_apply(*arrays: Any, max_channels: int | None = None) -> bool:
-    """Whether the vector kernels take these (M, C) arrays: float32, C a multiple of LANES64 (and at
-    most max_channels)."""
+def _vectors_apply(*arrays: Any, groups: int = 1, max_channels: int | None = None) -> bool:
+    """Whether the vector kernels take these (M, C) arrays: float32, C a multiple of groups * LANES64
+    (and at most max_channels)."""
     c = arrays[0].shape[1]
-    return (all(a.dtype == np.float32 for a in arrays) and c % LANES64 == 0
+    return (all(a.dtype == np.float32 for a in arrays) and c % (groups * LANES64) == 0
             and (max_channels is None or c <= max_channels))
 
 
@@ -224,7 +222,7 @@ def channel_grad_sums(dy2d: Any, x2d: Any, mean: Any, inv_std: Any, relu_out: An
     dy2d, relu_out, masked = _through_relu(dy2d, relu_out)
     x2d = np.ascontiguousarray(x2d)
     m, c = x2d.shape
-    if _vectors_apply(dy2d, x2d, relu_out, max_channels=GRAD_SUMS_VECTOR_MAX_CHANNELS):
+    if _vectors_apply(dy2d, x2d, relu_out, groups=2, max_channels=GRAD_SUMS_VECTOR_MAX_CHANNELS):
         args = (dy2d.reshape(-1), x2d.reshape(-1), mean.astype(np.float64), relu_out.reshape(-1), masked, c)
         sum_dy, sum_dy_xc = _summed(_grad_sums_vectors, args, m, c * 4, c, flat=True)
     else:
