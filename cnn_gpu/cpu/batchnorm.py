@@ -16,8 +16,9 @@ Each is one pass over its (M, C) operands with the channels innermost (SIMD over
 the rows on cnn_gpu.cpu.threads. The sums are float64 whatever the input's dtype, added part by
 part in order, and the variance's are shifted by one row of x (see _mean_var), so it keeps its
 digits when |mean| is far larger than the std. For float32 with C a multiple of simd.LANES64 the
-two sums run in float64 vector registers (_shifted_sums_vectors, _grad_sums_vectors); the plain
-loops, which serve every dtype and C, are their reference.
+statistics run in float64 vector registers (_shifted_sums_vectors), and so do the gradient sums
+where C is a multiple of 2 * LANES64 up to GRAD_SUMS_VECTOR_MAX_CHANNELS (_grad_sums_vectors); the
+plain loops, which serve every dtype and C, are their reference.
 """
 from __future__ import annotations
 

@@ -71,9 +71,9 @@ def _address(context, builder, array_type, array, index):
     return builder.gep(data, [index], inbounds=True)
 
 
-def _check_float32_array(array) -> None:
-    if not (isinstance(array, types.Array) and array.ndim == 1 and array.dtype == types.float32):
-        raise TypeError(f"cnn_gpu.cpu.simd: expected a 1-D float32 array, got {array}")
+def _check_array(array, dtype, what: str) -> None:
+    if not (isinstance(array, types.Array) and array.ndim == 1 and array.dtype == dtype):
+        raise TypeError(f"cnn_gpu.cpu.simd: expected a 1-D {what} array, got {array}")
 
 
 @intrinsic
@@ -85,7 +85,7 @@ def zeros(typingctx):
 
 @intrinsic
 def load(typingctx, array, index):
-    _check_float32_array(array)
+    _check_array(array, types.float32, "float32")
 
     def codegen(context, builder, signature, args):
         pointer = _address(context, builder, signature.args[0], args[0], args[1])
@@ -95,7 +95,7 @@ def load(typingctx, array, index):
 
 @intrinsic
 def store(typingctx, array, index, vector):
-    _check_float32_array(array)
+    _check_array(array, types.float32, "float32")
 
     def codegen(context, builder, signature, args):
         pointer = _address(context, builder, signature.args[0], args[0], args[1])
@@ -105,7 +105,7 @@ def store(typingctx, array, index, vector):
 
 @intrinsic
 def broadcast(typingctx, array, index):
-    _check_float32_array(array)
+    _check_array(array, types.float32, "float32")
 
     def codegen(context, builder, signature, args):
         value = builder.load(_address(context, builder, signature.args[0], args[0], args[1]), align=4)
@@ -122,7 +122,6 @@ def fma(typingctx, x, w, acc):
         fmuladd = cgutils.get_or_insert_function(builder.module, function_type, f"llvm.fmuladd.v{LANES}f32")
         return builder.call(fmuladd, args)
     return float32_vector(float32_vector, float32_vector, float32_vector), codegen
-
 
 
 # ---- float64 vectors: LANES64 doubles, one register ---------------------------------------------
@@ -143,11 +142,6 @@ float64_vector = Float64Vector()
 class _Vector64Model(models.PrimitiveModel):
     def __init__(self, dmm, fe_type):
         super().__init__(dmm, fe_type, _VECTOR64)
-
-
-def _check_array(array, dtype, what: str) -> None:
-    if not (isinstance(array, types.Array) and array.ndim == 1 and array.dtype == dtype):
-        raise TypeError(f"cnn_gpu.cpu.simd: expected a 1-D {what} array, got {array}")
 
 
 @intrinsic
