@@ -10,6 +10,9 @@ A checkpoint holds, under flat keys (np.load(path, allow_pickle=False) reads eve
     seed                      () int64, the run's seed; every random draw of epoch e derives
                               from (seed, e), so (seed, epoch) *is* the random state to continue
     best_epoch, best_score    () the best epoch so far and its validation accuracy (NaN: none yet)
+    ema/<path>.<name>,        with a weight average (fit(ema_decay=...), cnn_gpu.ema): the averaged
+    ema_updates               parameters and buffers, keyed as model/, and () int64 its update count;
+                              these are the weights that were evaluated, so build_model() loads them
     norm/mean, norm/std       (C,) float64, the training split's normalization statistics
     metadata                  () unicode: JSON with the architecture (cnn_gpu.config: every layer and
                               its arguments), the model builder and its kwargs, the input shape, the
@@ -58,11 +61,19 @@ class Checkpoint:
     history: list[dict[str, Any]] = field(default_factory=list)
     best_epoch: int = 0  # 0: no best yet
     best_score: float = float("nan")
+    ema_state: dict[str, np.ndarray] | None = None  # the weight averages (None: the run kept none)
+    ema_updates: int = 0
+
+    @property
+    def evaluated_state(self) -> dict[str, np.ndarray]:
+        """The weights the history's accuracies were measured with: the averages when the run
+        kept them, else the trained weights."""
+        return self.ema_state if self.ema_state is not None else self.model_state
 
     def build_model(self) -> Layer:
-        """A new model from the metadata's builder, with this checkpoint's weights loaded."""
+        """A new model from the metadata's builder, with the evaluated weights loaded."""
         model = build_model(self.metadata)
-        model.load_state_dict(self.model_state)
+        model.load_state_dict(self.evaluated_state)
         return model
 
 
@@ -72,6 +83,9 @@ def save_checkpoint(path: str | os.PathLike, ckpt: Checkpoint) -> None:
     arrays.update({f"optimizer/{k}": v for k, v in ckpt.optimizer_state.items()})
     if ckpt.schedule_state is not None:
         arrays.update({f"schedule/{k}": v for k, v in ckpt.schedule_state.items()})
+    if ckpt.ema_state is not None:
+        arrays.update({f"ema/{k}": v for k, v in ckpt.ema_state.items()})
+        arrays["ema_updates"] = np.array(ckpt.ema_updates, dtype=np.int64)
     if ckpt.norm_mean is not None:
         arrays["norm/mean"] = np.asarray(ckpt.norm_mean, dtype=np.float64)
         arrays["norm/std"] = np.asarray(ckpt.norm_std, dtype=np.float64)
@@ -125,13 +139,14 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
     def section(prefix: str) -> dict[str, np.ndarray]:
         return {k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)}
 
-    schedule = section("schedule/")
+    schedule, ema = section("schedule/"), section("ema/")
     return Checkpoint(
         model_state=section("model/"), optimizer_state=section("optimizer/"),
         schedule_state=schedule or None, epoch=int(arrays["epoch"]), seed=int(arrays["seed"]),
         norm_mean=arrays.get("norm/mean"), norm_std=arrays.get("norm/std"),
         metadata=metadata, history=history, best_epoch=int(arrays["best_epoch"]),
-        best_score=float(arrays["best_score"]))
+        best_score=float(arrays["best_score"]), ema_state=ema or None,
+        ema_updates=int(arrays["ema_updates"]) if "ema_updates" in arrays else 0)
 
 
 def build_model(metadata: dict[str, Any]) -> Layer:

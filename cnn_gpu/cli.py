@@ -49,7 +49,7 @@ WAIT_POLL = 0.01  # seconds between looks while the other ranks wait for rank 0 
 # Settings a checkpoint records so that --resume continues the same run.
 RUN_SETTINGS = ("model", "dataset", "channels", "image_size", "resize", "skip_bad_images", "label_mode",
                 "batch_size", "lr", "momentum", "optimizer", "schedule", "weight_decay", "bias_decay", "batch_norm",
-                "dropout", "augment", "max_shift", "label_smoothing", "erase", "val_size", "seed", "limit_train",
+                "dropout", "augment", "max_shift", "label_smoothing", "erase", "ema", "val_size", "seed", "limit_train",
                 "limit_test", "epochs")
 
 
@@ -116,6 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--erase", type=_probability, default=None, metavar="P",
                        help="random erasing: noise over a random rectangle of each training image with "
                             "probability P (default 0)")
+    train.add_argument("--ema", type=_decay, default=None, metavar="D",
+                       help="keep a moving average of the weights (decay D per step, e.g. 0.999: about the "
+                            "last 1000 steps) and evaluate, keep and export it (default: the recipe's, 0: none)")
     train.add_argument("--val-size", type=_nonnegative_int, default=None,
                        help=f"training images held out to choose the best epoch (default {DEFAULT_VAL_SIZE}, "
                             "a tenth of a smaller set; 0: no validation, best = last)")
@@ -193,6 +196,13 @@ def _probability(text: str) -> float:
     value = float(text)
     if not 0.0 <= value < 1.0:
         raise argparse.ArgumentTypeError(f"must be in [0, 1), got {value}")
+    return value
+
+
+def _decay(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"expected a decay in [0, 1) (0: none), got {text}")
     return value
 
 
@@ -348,7 +358,7 @@ def cmd_train(args: argparse.Namespace, comm: Communicator | None = None) -> int
                  schedule=schedule, val_data=val_data, test_data=(test_x, test_y),
                  augment=_augmentation(s), label_smoothing=s.label_smoothing, seed=s.seed, out_dir=out,
                  resume=resume, metadata=metadata, progress=not args.no_progress, comm=comm,
-                 batch_norm_sync=args.batch_norm_sync, graph=args.cuda_graph)
+                 batch_norm_sync=args.batch_norm_sync, graph=args.cuda_graph, ema_decay=s.ema)
     wall = time.perf_counter() - started
     if result.history and comm.rank == 0:  # the files are rank 0's; the others wait for it
         _report_run(result, out, s, wall, val_data, (test_x, test_y), train_set.class_names, backend)
@@ -515,6 +525,7 @@ def _describe_settings(s: argparse.Namespace) -> str:
             + f", {decay}, schedule {s.schedule}, batch {s.batch_size}, epochs {s.epochs}"
             + f" | augment: {augment.describe() if augment else 'none'}"
             + (f" | label smoothing {s.label_smoothing:g}" if s.label_smoothing else "")
+            + (f" | weight average, decay {s.ema:g}" if s.ema else "")
             + f" | model {s.model}, batch norm {'on' if s.batch_norm else 'off'}"
             + (f" | dropout {s.dropout:g}" if s.dropout else "") + f" | seed {s.seed}")
 

@@ -11,7 +11,7 @@ from .models import DEFAULT_BATCH_NORM
 
 # Each optimizer's learning rate when --lr is not given and the recipe names another optimizer.
 DEFAULT_LR = {"sgd": 0.02, "adam": 1e-3}
-_SGD = {"optimizer": "sgd", "lr": 0.1, "label_smoothing": 0.0, "erase": 0.0, "bias_decay": False}
+_SGD = {"optimizer": "sgd", "lr": 0.1, "label_smoothing": 0.0, "erase": 0.0, "bias_decay": False, "ema": 0.0}
 
 # (model name, batch norm) -> settings. The seed network's two were chosen over three seeds in
 # session 2 (sweeps 4-7); the zoo's deeper networks share the SGD recipe of He et al. (lr 0.1,
@@ -20,7 +20,7 @@ _SGD = {"optimizer": "sgd", "lr": 0.1, "label_smoothing": 0.0, "erase": 0.0, "bi
 # validation split (BENCHMARKS.md, "ResNet-20"); mobilenet and vgg keep He et al.'s batch 128.
 RECIPES: dict[tuple[str, bool], dict[str, Any]] = {
     ("seed_cnn", False): {"optimizer": "adam", "lr": 1e-3, "augment": True, "max_shift": 0,  # flips only
-                          "label_smoothing": 0.1, "erase": 0.0, "bias_decay": False, "batch_size": 64},
+                          "label_smoothing": 0.1, "erase": 0.0, "bias_decay": False, "ema": 0.0, "batch_size": 64},
     ("seed_cnn", True): {**_SGD, "augment": True, "max_shift": 1, "batch_size": 64},
     ("resnet20", True): {**_SGD, "lr": 0.05, "augment": True, "max_shift": 2, "batch_size": 64},
     ("mobilenet", True): {**_SGD, "augment": True, "max_shift": 2, "batch_size": 128},
@@ -31,8 +31,9 @@ for _name in ("resnet20", "mobilenet", "vgg"):
     RECIPES[(_name, False)] = {**RECIPES[(_name, True)], "lr": RECIPES[(_name, True)]["lr"] / 5}
 
 # What a run did before these settings existed: a checkpoint that records none of them resumes so.
-LEGACY_SETTINGS = {"label_smoothing": 0.0, "erase": 0.0, "bias_decay": True, "model": "seed_cnn", "batch_size": 64}
-RECIPE_KEYS = ("augment", "max_shift", "label_smoothing", "erase", "bias_decay", "batch_size")
+LEGACY_SETTINGS = {"label_smoothing": 0.0, "erase": 0.0, "bias_decay": True, "model": "seed_cnn", "batch_size": 64,
+                   "ema": 0.0}
+RECIPE_KEYS = ("augment", "max_shift", "label_smoothing", "erase", "bias_decay", "ema", "batch_size")
 
 
 def apply_recipe(settings: dict[str, Any]) -> None:

@@ -51,6 +51,7 @@ class Case(NamedTuple):
     dtype: str
     optimizer: str        # "sgd" or "adam"
     batch_norm_sync: str  # "local" or "sync"
+    ema: float = 0.0      # fit's ema_decay: evaluate a moving average of the weights
 
 
 CASES = {
@@ -60,6 +61,7 @@ CASES = {
     "resnet20_sync": Case("resnet20", True, (8, 8, 1), "float64", "sgd", "sync"),
     "seed_float32": Case("seed_cnn", False, (28, 28, 1), "float32", "sgd", "local"),
     "seed_bn_local": Case("seed_cnn", True, (28, 28, 1), "float64", "sgd", "local"),
+    "seed_bn_sync_ema": Case("seed_cnn", True, (28, 28, 1), "float64", "sgd", "sync", ema=0.9),
 }
 
 
@@ -100,7 +102,7 @@ def fit_case(case: Case, comm: Any = None, epochs: int = 1, out_dir: Any = None,
     data = case_data(case)
     result = fit(model, optimizer, data["train"], epochs=epochs, batch_size=BATCH, val_data=data["val"],
                  test_data=data["test"], augment=AUGMENT, seed=5, progress=False, log=None, comm=comm,
-                 batch_norm_sync=case.batch_norm_sync, out_dir=out_dir, resume=resume)
+                 batch_norm_sync=case.batch_norm_sync, out_dir=out_dir, resume=resume, ema_decay=case.ema)
     return model, result
 
 
@@ -139,6 +141,16 @@ def fit_scenario(comm: Any, out: Path) -> None:
     found["agree_after"] = dist.ranks_agree(comm, [p.data for p in model.parameters()] +
                                             [v for _, v, _, _ in model.named_buffers()])
     found["setup_state"] = np.concatenate([v.ravel() for v in model.state_dict().values()])
+
+    # a weight average's buffers, different on every rank (local batch-norm statistics): averaged
+    # over the ranks with the model's own
+    from cnn_gpu.ema import WeightEMA
+    ema = WeightEMA(model, decay=0.9)
+    for average in ema.buffers():
+        average += r + 1
+    dist.Replicas(comm, model).share_running_statistics(ema.buffers())
+    found["ema_buffers_agree"] = dist.ranks_agree(comm, ema.buffers())
+    found["ema_buffers"] = np.concatenate([a.ravel() for a in ema.buffers()])
 
     # the images each rank trains on, two epochs, as fit() walks them
     x, y = id_images(N_TRAIN)

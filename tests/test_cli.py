@@ -132,6 +132,7 @@ def test_info_runs(capsys):
     (["train", "--dropout", "1.5"], 2, "--dropout: must be in [0, 1)"),
     (["train", "--dataset", "cifar"], 2, "invalid choice"),
     (["frobnicate"], 2, "invalid choice"),
+    (["train", "--ema", "1"], 2, "--ema: expected a decay in [0, 1) (0: none), got 1"),
     (["evaluate", "missing.npz"], 1, "cnn-gpu: error: no checkpoint at missing.npz"),
     (["train", "--data-dir", "nowhere", "--epochs", "1", "--dataset", "mnist", "--no-progress"], 1, "cnn-gpu: error:"),
 ])
@@ -208,6 +209,25 @@ def test_train_with_label_smoothing_erasing_and_no_bias_decay_records_them(train
     assert config["bias_decay"] is False
     history = json.loads((out / "history.json").read_text())
     assert history[0]["label_smoothing"] == 0.1  # its train_loss is against smoothed targets
+
+
+def test_train_with_a_weight_average_evaluates_it_and_evaluate_uses_it(trained_run, tmp_path, capsys):
+    """--ema: the history has both figures, best.npz's weights are the averages, and `evaluate
+    --split val` on it reproduces the history's (averaged) validation accuracy."""
+    data = trained_run[0]
+    out = tmp_path / "ema"
+    assert main(["train", "--data-dir", str(data), "--epochs", "2", "--limit-train", "80", "--val-size", "20",
+                 "--batch-size", "20", "--ema", "0.9", "--out", str(out), "--no-progress"]) == 0
+    text = capsys.readouterr().out
+    assert "| weight average, decay 0.9 |" in text and "(as trained " in text
+    history = json.loads((out / "history.json").read_text())
+    assert all("raw_val_accuracy" in r and r["ema_decay"] == 0.9 for r in history)
+    from cnn_gpu.checkpoint import load_checkpoint
+    best = load_checkpoint(out / "best.npz")
+    assert best.metadata["config"]["ema"] == 0.9 and best.ema_state is not None
+    assert main(["evaluate", str(out / "best.npz"), "--data-dir", str(data), "--split", "val"]) == 0
+    record = history[best.epoch - 1]
+    assert f"(20 images): accuracy {record['val_accuracy']:.4f}" in capsys.readouterr().out
 
 
 def test_erasing_without_augment_is_the_only_augmentation():

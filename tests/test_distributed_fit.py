@@ -46,6 +46,17 @@ def test_differently_seeded_ranks_hold_rank0s_weights_after_set_up(ranks):
         np.testing.assert_array_equal(f["setup_state"], expected)  # copies: bit equality
 
 
+def test_local_statistics_average_the_weight_averages_buffers_over_the_ranks(ranks):
+    """Rank r's weight-average buffers are rank 0's running statistics + r + 1; after
+    share_running_statistics they are the same on every rank: the mean, + (n + 1) / 2."""
+    n, found, _ = ranks
+    model, _ = problems.case_model(problems.CASES["seed_bn_local"], seed=100)
+    expected = np.concatenate([v.ravel() for _, v, _, _ in model.named_buffers()]) + (n + 1) / 2
+    for f in found:
+        assert bool(f["ema_buffers_agree"])
+        np.testing.assert_allclose(f["ema_buffers"], expected, rtol=1e-15)  # a sum of n small integers: exact
+
+
 def test_shards_are_disjoint_cover_each_batch_and_change_per_epoch(ranks):
     n, found, _ = ranks
     for epoch in range(2):
@@ -69,7 +80,7 @@ def _check_case(name: str, found: list[dict], one_process: dict, rtol: float, at
                                    rtol=rtol, atol=atol, err_msg=f"{name}: losses and accuracies, rank {r}")
 
 
-@pytest.mark.parametrize("name", ["seed_sgd", "seed_adam", "seed_bn_sync", "resnet20_sync"])
+@pytest.mark.parametrize("name", ["seed_sgd", "seed_adam", "seed_bn_sync", "resnet20_sync", "seed_bn_sync_ema"])
 def test_n_ranks_train_what_one_process_trains_float64(ranks, one_process, name):
     """An epoch of five steps (the last batch of 7, uneven on 3 ranks), SGD with momentum and
     weight decay or Adam, batch norm with the global batch's statistics: one process's weights,

@@ -8,12 +8,15 @@ dataset and its validation split (cli._hold_out), the normalization statistics, 
 the augmentation of each batch (BatchIterator with the run's seed), the starting weights (our
 seeded initialization, copied by bench.reference.to_torch), the optimizer's settings (SGD with
 momentum or Adam, weight decay on weights only, the learning rate set per epoch by the same
-cosine schedule), label smoothing, and the best epoch chosen on validation accuracy. torch is
+cosine schedule), label smoothing, the weight average (cnn_gpu.ema's recurrence, over parameters
+and batch-norm statistics, evaluated beside the weights as trained), and the best epoch chosen
+on validation accuracy. torch is
 imported here only; cnn_gpu never depends on it.
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import time
@@ -39,6 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-shift", type=int, default=None)
     p.add_argument("--label-smoothing", type=float, default=None)
     p.add_argument("--erase", type=float, default=None, help="random erasing probability (default: the recipe's)")
+    p.add_argument("--ema", type=float, default=None, help="weight average decay (default: the recipe's; 0: none)")
     p.add_argument("--weight-decay", type=float, default=5e-4)
     p.add_argument("--momentum", type=float, default=0.9)
     p.add_argument("--seed", type=int, default=0)
@@ -53,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     settings: dict[str, Any] = {"model": args.model, "batch_norm": args.batch_norm, "optimizer": None, "lr": args.lr,
                                 "batch_size": args.batch_size, "max_shift": args.max_shift,
-                                "label_smoothing": args.label_smoothing, "erase": args.erase}
+                                "label_smoothing": args.label_smoothing, "erase": args.erase, "ema": args.ema}
     apply_recipe(settings)
     train = load_dataset(args.dataset, "train")
     test = load_dataset(args.dataset, "test")
@@ -84,7 +88,21 @@ def main(argv: list[str] | None = None) -> int:
     def to_nchw(x: np.ndarray) -> Any:
         return torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
 
-    def evaluate(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
+    # The weight average: cnn_gpu.ema's recurrence on every float entry of the state (a torch
+    # module's integer batch counter is left as trained; nothing reads it in eval mode).
+    averaged = copy.deepcopy(net) if settings["ema"] else None
+    updates = 0
+
+    def update_average() -> None:
+        nonlocal updates
+        updates += 1
+        d = min(settings["ema"], (1 + updates) / (10 + updates))
+        with torch.no_grad():
+            for average, live in zip(averaged.state_dict().values(), net.state_dict().values()):
+                if average.is_floating_point():
+                    average.lerp_(live, 1.0 - d)
+
+    def evaluate(x: np.ndarray, y: np.ndarray, net: Any = net) -> tuple[float, float]:
         net.eval()
         loss, correct = 0.0, 0
         with torch.inference_mode():
@@ -98,7 +116,8 @@ def main(argv: list[str] | None = None) -> int:
     history, best = [], None
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads | {args.model} batch norm "
           f"{settings['batch_norm']} | {settings['optimizer']} lr {settings['lr']} batch {settings['batch_size']} "
-          f"shift {settings['max_shift']} smoothing {settings['label_smoothing']} erase {settings['erase']} | "
+          f"shift {settings['max_shift']} smoothing {settings['label_smoothing']} erase {settings['erase']} "
+          f"ema {settings['ema']} | "
           f"{len(labels)} train, "
           f"{len(val_y)} val (DEFAULT_VAL_SIZE {DEFAULT_VAL_SIZE}), {len(test.labels)} test", flush=True)
     for epoch in range(args.epochs):
@@ -111,20 +130,28 @@ def main(argv: list[str] | None = None) -> int:
             loss = loss_fn(net(to_nchw(x)), torch.from_numpy(np.asarray(y, np.int64)))
             loss.backward()
             opt.step()
+            if averaged is not None:
+                update_average()
             loss_sum += float(loss.detach()) * len(y)
             seen += len(y)
         if not math.isfinite(loss_sum):
             raise SystemExit(f"diverged at epoch {epoch + 1}")
         seconds = time.perf_counter() - started
-        val_loss, val_acc = evaluate(val_x, val_y)
-        test_loss, test_acc = evaluate(test.images, test.labels)
+        evaluated = averaged if averaged is not None else net  # as cnn-gpu train: the average when kept
+        val_loss, val_acc = evaluate(val_x, val_y, evaluated)
+        test_loss, test_acc = evaluate(test.images, test.labels, evaluated)
         record = {"epoch": epoch + 1, "train_loss": loss_sum / seen, "val_loss": val_loss, "val_accuracy": val_acc,
                   "test_loss": test_loss, "test_accuracy": test_acc, "lr": lrs[epoch], "seconds": seconds}
+        raw = ""
+        if averaged is not None:
+            record["raw_val_accuracy"] = evaluate(val_x, val_y)[1]
+            record["raw_test_accuracy"] = evaluate(test.images, test.labels)[1]
+            raw = f" (as trained {record['raw_val_accuracy']:.4f} / {record['raw_test_accuracy']:.4f})"
         history.append(record)
         if best is None or val_acc > best["val_accuracy"]:
             best = record
         print(f"epoch {epoch + 1:2d}/{args.epochs} | train loss {record['train_loss']:.4f} | val {val_acc:.4f} | "
-              f"test {test_acc:.4f} | lr {lrs[epoch]:.4g} | {seconds:.0f}s", flush=True)
+              f"test {test_acc:.4f}{raw} | lr {lrs[epoch]:.4g} | {seconds:.0f}s", flush=True)
     print(f"best validation epoch {best['epoch']} (val accuracy {best['val_accuracy']:.4f}): "
           f"test accuracy {best['test_accuracy']:.4f}")
     if args.json:

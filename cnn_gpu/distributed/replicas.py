@@ -29,7 +29,7 @@ Batch norm's running statistics (set_batch_norm_sync):
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 from ..layers import Layer
@@ -81,11 +81,13 @@ class Replicas:
         """Every parameter's .grad becomes its mean over ranks."""
         self.averager.average()
 
-    def share_running_statistics(self) -> None:
+    def share_running_statistics(self, averages: Sequence[Any] = ()) -> None:
         """With local batch-norm statistics on several ranks, every buffer becomes its mean over
-        ranks (see the module docstring); otherwise they are equal already and nothing happens."""
+        ranks (see the module docstring), and so does each array of `averages` (the weight
+        average's buffers, cnn_gpu.ema.WeightEMA.buffers); otherwise they are equal already and
+        nothing happens."""
         if self.comm.size > 1 and self.batch_norm_sync == "local":
-            average_arrays(self.comm, self._buffers())
+            average_arrays(self.comm, self._buffers() + list(averages))
 
     def on_rank0(self, work: Callable[[], Any]) -> None:
         """Run work() on rank 0 only (writing files); the other ranks wait for it at a barrier

@@ -38,6 +38,7 @@ from ..backend import module_for, to_device, to_numpy
 from ..checkpoint import Checkpoint, load_checkpoint, restore, save_checkpoint, write_json_atomic
 from ..data import BatchIterator, NormStats, compute_norm_stats, is_on_disk, normalize
 from ..distributed import Communicator, Replicas, SingleProcess
+from ..ema import WeightEMA
 from ..functional import softmax_cross_entropy
 from ..config import layer_config
 from ..layers import Layer
@@ -77,7 +78,7 @@ def fit(model: Layer, optimizer: Optimizer, train_data: Split, *, epochs: int,
         resume: str | os.PathLike | Checkpoint | None = None, metadata: dict[str, Any] | None = None,
         progress: bool = True, eval_batch_size: int = 500, label_smoothing: float = 0.0,
         log: Callable[[str], None] | None = print, comm: Communicator | None = None,
-        batch_norm_sync: str = "local", graph: bool = False) -> FitResult:
+        batch_norm_sync: str = "local", graph: bool = False, ema_decay: float = 0.0) -> FitResult:
     """Train `model` for `epochs` epochs (in total, counting those of a resumed checkpoint).
 
     train_data, val_data, test_data: (images uint8 (N, H, W, C), labels int (N,)) on the host;
@@ -100,6 +101,10 @@ def fit(model: Layer, optimizer: Optimizer, train_data: Split, *, epochs: int,
         augmented there); where that cannot be done the eager loop runs and the log says why.
     label_smoothing: the training loss's target is (1 - s) * one_hot + s / num_classes
         (a regularizer); train_loss is that smoothed loss, val_loss and test_loss the plain one.
+    ema_decay: with d in (0, 1), keep an exponential moving average of the weights (cnn_gpu.ema,
+        updated after every step) and evaluate, choose the best epoch and export with it; the
+        weights as trained are evaluated too, as raw_val_* and raw_test_* in each record, and
+        both are in the checkpoints. 0: no average.
     comm: the communicator of a run on several ranks (cnn_gpu.distributed.init); None: one process.
     batch_norm_sync: "local" (each rank's own shard's batch statistics, the default) or "sync"
         (the global batch's); see cnn_gpu.distributed.replicas for how the running statistics
@@ -120,10 +125,11 @@ def fit(model: Layer, optimizer: Optimizer, train_data: Split, *, epochs: int,
     # 1. Where the run starts: fresh, or from a checkpoint's states, history and statistics (every
     #    rank reads it); then rank 0's weights and buffers on every rank.
     run = _RunState(seed=seed, norm_stats=norm_stats, metadata=dict(metadata or {}))
-    if resume is not None:
-        run.resume_from(resume if isinstance(resume, Checkpoint) else load_checkpoint(resume),
-                        model, optimizer, schedule, say)
+    ckpt = None if resume is None else resume if isinstance(resume, Checkpoint) else load_checkpoint(resume)
+    if ckpt is not None:
+        run.resume_from(ckpt, model, optimizer, schedule, say)
     replicas = Replicas(comm, model, batch_norm_sync)
+    ema = _weight_average(model, ema_decay, ckpt, say)  # after the broadcast: the same on every rank
     # 2. The data: checked once on the host, then on the model's device, normalized per batch there
     #    (per shard: each rank normalizes only the images it trains on).
     num_classes = _num_classes(model, tuple(train_data[0].shape[1:]))
@@ -148,7 +154,7 @@ def fit(model: Layer, optimizer: Optimizer, train_data: Split, *, epochs: int,
         say(f"the checkpoint has already trained {run.start_epoch} epochs (>= {epochs}); nothing to do")
         return result
     captured = _captured_steps(graph, model, optimizer, train_x, train_y, val, test, batch_size, eval_batch_size,
-                               run, augment, label_smoothing, comm, say)
+                               run, augment, label_smoothing, comm, say, ema)
     # 3. The epochs: train, evaluate, step the schedule, keep the best by validation, save.
     for epoch in range(run.start_epoch, epochs):  # 0-based here, 1-based in records and messages
         started, lr = time.perf_counter(), optimizer.lr
@@ -158,17 +164,17 @@ def fit(model: Layer, optimizer: Optimizer, train_data: Split, *, epochs: int,
                 loss, acc, seconds = captured.train_epoch(epoch, num_classes, optimizer.lr)
             else:
                 loss, acc, seconds = _train_epoch(model, optimizer, loader, transform, replicas, epoch, epochs,
-                                                  progress, label_smoothing, num_classes)
-            replicas.share_running_statistics()
+                                                  progress, label_smoothing, num_classes, ema)
+            replicas.share_running_statistics(ema.buffers() if ema is not None else ())
             record: dict[str, Any] = {"epoch": epoch + 1, "train_loss": loss, "train_accuracy": acc}
             if label_smoothing:
                 record["label_smoothing"] = label_smoothing  # train_loss is against smoothed targets
-            for name, split in (("val", val), ("test", test)):
-                if split is not None and captured is not None and name in captured.evaluations:
-                    record[f"{name}_loss"], record[f"{name}_accuracy"] = captured.evaluations[name].run()
-                elif split is not None:
-                    record[f"{name}_loss"], record[f"{name}_accuracy"] = evaluate_on_ranks(
-                        model, *split, comm, batch_size=eval_batch_size, transform=transform)
+            splits = {"val": val, "test": test}
+            if ema is not None:  # the weights as trained, then their average (which the checkpoints evaluate)
+                record.update(_evaluate(model, splits, captured, comm, eval_batch_size, transform, prefix="raw_"))
+                record["ema_decay"] = ema.decay
+            with ema.applied() if ema is not None else contextlib.nullcontext():
+                record.update(_evaluate(model, splits, captured, comm, eval_batch_size, transform))
         if schedule is not None:
             schedule.step()
         record.update(lr=lr, seconds=time.perf_counter() - started,
@@ -177,8 +183,39 @@ def fit(model: Layer, optimizer: Optimizer, train_data: Split, *, epochs: int,
         result.best_epoch = run.best_epoch
         say(_epoch_line(record, epochs, improved and val is not None))
         if out is not None:
-            replicas.on_rank0(lambda: _save_epoch(out, run, model, optimizer, schedule, epoch + 1, improved))
+            replicas.on_rank0(lambda: _save_epoch(out, run, model, optimizer, schedule, epoch + 1, improved, ema))
     return result
+
+
+def _weight_average(model: Layer, decay: float, ckpt: Checkpoint | None,
+                    say: Callable[[str], None]) -> WeightEMA | None:
+    """fit's weight average: None for decay 0; else the checkpoint's averages when it kept them,
+    or a fresh average of the current weights."""
+    if not decay:
+        return None
+    ema = WeightEMA(model, decay)
+    if ckpt is not None and ckpt.ema_state is not None:
+        ema.load_state_dict(ckpt.ema_state, ckpt.ema_updates)
+    elif ckpt is not None:
+        say(f"the checkpoint kept no weight average; the average (decay {decay:g}) starts from its weights")
+    return ema
+
+
+def _evaluate(model: Layer, splits: dict[str, Split | None], captured: "_Captured | None", comm: Communicator,
+              batch_size: int, transform: Callable[[Any], Any], prefix: str = "") -> dict[str, float]:
+    """{prefix + 'val_loss': ..., prefix + 'val_accuracy': ..., and test's}: the model as it
+    holds its weights now, over the ranks (a captured evaluation replays what it captured, reading
+    the same arrays)."""
+    record = {}
+    for name, split in splits.items():
+        if split is None:
+            continue
+        if captured is not None and name in captured.evaluations:
+            loss, acc = captured.evaluations[name].run()
+        else:
+            loss, acc = evaluate_on_ranks(model, *split, comm, batch_size=batch_size, transform=transform)
+        record[f"{prefix}{name}_loss"], record[f"{prefix}{name}_accuracy"] = loss, acc
+    return record
 
 
 class _Captured:
@@ -199,7 +236,7 @@ class _Captured:
 def _captured_steps(graph: bool, model: Layer, optimizer: Optimizer, train_x: Any, train_y: Any,
                     val: Split | None, test: Split | None, batch_size: int, eval_batch_size: int,
                     run: "_RunState", augment: AugmentFn | None, label_smoothing: float, comm: Communicator,
-                    say: Callable[[str], None]) -> _Captured | None:
+                    say: Callable[[str], None], ema: WeightEMA | None = None) -> _Captured | None:
     """The captured steps when graph=True and nothing stands in the way; else None (the eager loop
     runs), with the reason said once."""
     if not graph:
@@ -207,6 +244,7 @@ def _captured_steps(graph: bool, model: Layer, optimizer: Optimizer, train_x: An
     from .captured import CapturedEvaluation, CapturedTraining, capture_blockers  # noqa: PLC0415 - CuPy only
     reasons = capture_blockers(model, optimizer, train_x, augment)
     reasons += ["several ranks train it (data parallel steps are not captured)"] if comm.size > 1 else []
+    reasons += ["it keeps a weight average (updated between captured steps)"] if ema is not None else []
     if reasons:
         say("cuda graph: training runs eagerly: " + "; ".join(reasons))
         return None
@@ -258,14 +296,15 @@ class _RunState:
 
 
 def _save_epoch(out: Path, run: _RunState, model: Layer, optimizer: Optimizer, schedule: Schedule | None,
-                epoch: int, improved: bool) -> None:
+                epoch: int, improved: bool, ema: WeightEMA | None = None) -> None:
     """best.npz (when improved), last.npz and history.json, each written atomically."""
     ckpt = Checkpoint(
         model_state=model.state_dict(), optimizer_state=optimizer.state_dict(),
         schedule_state=schedule.state_dict() if schedule is not None else None,
         epoch=epoch, seed=run.seed, norm_mean=run.norm_stats.mean, norm_std=run.norm_stats.std,
         metadata=run.metadata, history=run.history, best_epoch=run.best_epoch,
-        best_score=run.best_score if math.isfinite(run.best_score) else float("nan"))
+        best_score=run.best_score if math.isfinite(run.best_score) else float("nan"),
+        ema_state=ema.state_dict() if ema is not None else None, ema_updates=ema.updates if ema is not None else 0)
     # best before last: a crash between the two leaves last.npz one epoch behind, and resuming
     # from it redoes that epoch identically.
     if improved:
@@ -301,7 +340,7 @@ def divergence_threshold(num_classes: int) -> float:
 
 def _train_epoch(model: Layer, optimizer: Optimizer, loader: BatchIterator, transform: Callable[[Any], Any],
                  replicas: Replicas, epoch: int, epochs: int, progress: bool, label_smoothing: float,
-                 num_classes: int) -> tuple[float, float, float]:
+                 num_classes: int, ema: WeightEMA | None = None) -> tuple[float, float, float]:
     """One pass over the training data. Returns (mean loss, accuracy, seconds), over all ranks.
 
     The loss and the count of right answers are summed on the device and read only when the
@@ -314,12 +353,12 @@ def _train_epoch(model: Layer, optimizer: Optimizer, loader: BatchIterator, tran
     """
     with np.errstate(over="ignore", invalid="ignore"):
         return _train_steps(model, optimizer, loader, transform, replicas, epoch, epochs, progress,
-                            label_smoothing, num_classes)
+                            label_smoothing, num_classes, ema)
 
 
 def _train_steps(model: Layer, optimizer: Optimizer, loader: BatchIterator, transform: Callable[[Any], Any],
                  replicas: Replicas, epoch: int, epochs: int, progress: bool, label_smoothing: float,
-                 num_classes: int) -> tuple[float, float, float]:
+                 num_classes: int, ema: WeightEMA | None = None) -> tuple[float, float, float]:
     model.train()
     limit = divergence_threshold(num_classes)
     xp = module_for(model.backend)  # the loader's images may be a memory map on the host
@@ -338,6 +377,8 @@ def _train_steps(model: Layer, optimizer: Optimizer, loader: BatchIterator, tran
                 replicas.average_gradients()
                 optimizer.step()
                 optimizer.zero_grad()
+                if ema is not None:
+                    ema.update()
                 loss_sum += loss.astype(np.float64) * len(shard.y)
                 correct += (logits.argmax(axis=1) == shard.y).sum()
                 seen += len(shard.y)
@@ -375,7 +416,8 @@ def _epoch_line(record: dict[str, Any], epochs: int, best: bool) -> str:
              f"train loss {record['train_loss']:.4f} acc {record['train_accuracy']:.4f}"]
     for name in ("val", "test"):
         if f"{name}_loss" in record:
-            parts.append(f"{name} loss {record[name + '_loss']:.4f} acc {record[name + '_accuracy']:.4f}")
+            raw = f" (as trained {record['raw_' + name + '_accuracy']:.4f})" if f"raw_{name}_accuracy" in record else ""
+            parts.append(f"{name} loss {record[name + '_loss']:.4f} acc {record[name + '_accuracy']:.4f}{raw}")
     parts.append(f"lr {record['lr']:.4g}")
     parts.append(f"{record['images_per_second']:.0f} img/s {record['seconds']:.1f}s")
     return " | ".join(parts) + (" *best" if best else "")
