@@ -168,6 +168,21 @@ class Layer:
         own backward; this layer's next backward returns dy unchanged."""
         raise NotImplementedError
 
+    def is_sum(self) -> bool:
+        """Whether this layer is the elementwise sum of its inputs (Add), which the layer before
+        one of them may compute (absorbs_add) and then hand on (sum_computed)."""
+        return False
+
+    def sum_computed(self, count: int) -> None:
+        """Training: the layer before computed this sum of `count` inputs; keep what backward
+        needs, as forward would have."""
+        raise NotImplementedError
+
+    def absorbs_add(self, training: bool) -> bool:
+        """Whether forward(x, t) can return this layer's output + t in its own pass (with
+        activation= applied after the sum), giving the numbers of a two-input Add after it."""
+        return False
+
     # ---- building graphs ---------------------------------------------------------------------
 
     def __call__(self, *args: Any, name: str | None = None, **options: Any) -> Any:
@@ -555,9 +570,11 @@ class _BatchNorm(Layer):
                         "running_var": np.ones(num_features, dtype=dtype)}
         self.statistics: Any = LOCAL_STATISTICS
 
-    def forward(self, x: Any, activation: str | None = None) -> Any:
+    def forward(self, x: Any, add: Any = None, activation: str | None = None) -> Any:
         """activation 'relu': max(y, 0), and backward then takes the gradient at the ReLU's output
-        (the plan passes it for a ReLU after this layer; see absorbs_activation)."""
+        (the plan passes it for a ReLU after this layer; see absorbs_activation). add: y + add,
+        before the activation, whose backward then runs on its own (the plan passes it for a
+        residual Add after this layer; see absorbs_add)."""
         relu = _relu_option(self, activation)
         check_rank(x, len(self._layout.split(",")), repr(self), self._layout)
         self._check_channels(x, self.num_features)
@@ -565,7 +582,7 @@ class _BatchNorm(Layer):
         y, cache = statistics.forward(
             x, self.params["gamma"].data, self.params["beta"].data, self.buffers["running_mean"],
             self.buffers["running_var"], training=self.training, momentum=self.momentum, eps=self.eps,
-            relu=relu)
+            relu=relu, add=add)
         self._cache = BatchNormLayerCache(statistics, cache)
         return y
 
@@ -574,6 +591,9 @@ class _BatchNorm(Layer):
 
     def absorbs_activation_gradient(self) -> bool:
         return True
+
+    def absorbs_add(self, training: bool) -> bool:
+        return training  # evaluation folds batch norm into the layer before it instead (plan.py)
 
     def backward(self, dy: Any, need_dx: bool = True) -> Any:
         dx, dgamma, dbeta = self._cache.statistics.backward(dy, self._cache.cache)
@@ -941,6 +961,12 @@ class Add(Layer):
 
     def absorbs_activation(self, name: str, training: bool) -> bool:
         return name == "relu"
+
+    def is_sum(self) -> bool:
+        return True
+
+    def sum_computed(self, count: int) -> None:
+        self._cache = count  # add_backward's cache: the number of inputs
 
     def backward(self, dy: Any, need_dx: bool = True) -> Any:
         grads = F.add_backward(dy, self._cache) if need_dx else None

@@ -8,6 +8,13 @@ a layer overrides), so every model gets it wherever its structure allows, Sequen
   affine_channels) whose only input is the output of a layer that can absorb one (a convolution
   or a dense layer with as many outputs: absorbs_affine) and that nothing else reads, runs as
   that layer with scaled weights and a shifted bias (infer_folded), costing no pass of its own;
+- sum (training): a two-input sum (is_sum: a residual Add) that is the only reader of a layer's
+  output, where that layer can add a tensor to its output in its own pass (absorbs_add: a batch
+  norm in training, while it normalizes), runs as that layer with the sum's other input as a
+  second one, when that input is computed before the layer runs; the sum is told so
+  (sum_computed), and its backward hands the gradient on to both inputs as after its own forward.
+  An activation after the sum is then the layer's too (below), but always with its own backward:
+  the other input's gradient needs the activation's derivative as much as the layer's does;
 - activation (training and evaluation): an elementwise activation layer (activation(): 'relu')
   whose only input is the output of a layer that can apply it in its own pass (absorbs_activation:
   a convolution, in its GEMM's chunks while they are in cache; a residual Add, in the same loop as
@@ -53,6 +60,7 @@ class Step(NamedTuple):
     inputs: tuple[str, ...]
     layer: Layer
     folded: Layer | None = None  # evaluation: the batch norm whose node this step also computes
+    summed: Layer | None = None  # training: the Add whose node this step also computes (inputs[1] is its other input)
     activation: Layer | None = None  # the activation layer whose node this step also computes
     options: dict[str, Any] = {}  # {"out_size": (rows, cols)} for a layer that computes part
     frees: tuple[str, ...] = ()  # tensors no later step reads, dropped after this one
@@ -71,7 +79,9 @@ def run_step(step: Step, training: bool, xs: Sequence[Any]) -> Any:
         options = {**options, "activation": step.activation.activation()}
     if training:
         y = step.layer.forward(*xs, **options)
-        if step.activation is not None and step.layer.absorbs_activation_gradient():
+        if step.summed is not None:
+            step.summed.sum_computed(2)
+        if step.activation is not None and step.summed is None and step.layer.absorbs_activation_gradient():
             step.activation.pass_gradient()  # the layer's backward takes dy through the activation
         elif step.activation is not None:
             step.activation.keep_output(y)  # what its backward reads, as after its own forward
@@ -90,6 +100,7 @@ def build_plan(graph: "Graph", training: bool, input_shapes: Sequence[Shape], on
         for name in node.inputs:
             readers[name].append(k)
     nodes = graph.nodes
+    made_by = {node.name: k for k, node in enumerate(nodes)}  # graph inputs are in none: there from the start
 
     def only_reader(name: str) -> int | None:
         """The one node reading tensor `name`, when exactly one does and it is not the graph's output."""
@@ -108,6 +119,14 @@ def build_plan(graph: "Graph", training: bool, input_shapes: Sequence[Shape], on
             channels = after.affine_channels()
             if channels is not None and node.layer.absorbs_affine(channels):
                 step = step._replace(output=nodes[reader].name, folded=after)
+                skip.add(reader)
+        reader = only_reader(step.output)
+        if reader is not None and nodes[reader].layer.is_sum() and len(nodes[reader].inputs) == 2 \
+                and step.layer.absorbs_add(training):
+            other = next((n for n in nodes[reader].inputs if n != step.output), None)  # None: Add(t, t)
+            if other is not None and made_by.get(other, -1) < k:
+                step = step._replace(output=nodes[reader].name, inputs=(*step.inputs, other),
+                                     summed=nodes[reader].layer)
                 skip.add(reader)
         reader = only_reader(step.output)
         if reader is not None:

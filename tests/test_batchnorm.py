@@ -77,6 +77,32 @@ def test_relu_gives_the_numbers_of_the_two_ops_bit_for_bit(xp, rng, dtype, train
         np.testing.assert_array_equal(to_numpy(got), to_numpy(want))
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("relu", [False, True])
+def test_add_gives_the_numbers_of_batch_norm_then_the_sum_bit_for_bit(xp, rng, dtype, relu):
+    """add=t against batch norm, then t added (add_forward's sum), then the ReLU: the same two
+    roundings of the same values. The backward takes dy at batch norm's own output (the ReLU's
+    backward is the caller's): the plain batch norm's backward of the same dy."""
+    from cnn_gpu.functional import add_forward
+    shape, c = (5, 7, 7, 16), 16
+    x, t = random(xp, rng, shape, scale=2.0).astype(dtype), random(xp, rng, shape).astype(dtype)
+    gamma, beta = random(xp, rng, (c,)).astype(dtype), xp.asarray(np.linspace(-1, 1, c), dtype=dtype)
+    stats = lambda: (xp.zeros(c, dtype=dtype), xp.ones(c, dtype=dtype))
+    y, cache = batch_norm_forward(x, gamma, beta, *stats(), relu=relu, add=t)
+    bn, bn_cache = batch_norm_forward(x, gamma, beta, *stats())
+    np.testing.assert_array_equal(to_numpy(y), to_numpy(add_forward(bn, t, relu=relu)[0]))
+    assert cache.relu_out is None
+    dy = random(xp, rng, shape).astype(dtype)
+    for got, want in zip(batch_norm_backward(dy, cache), batch_norm_backward(dy, bn_cache)):
+        np.testing.assert_array_equal(to_numpy(got), to_numpy(want))
+
+
+def test_add_of_another_shape_is_refused(rng):
+    x = rng.standard_normal((4, 3))
+    with pytest.raises(ValueError, match=r"add must have x's shape \(4, 3\), got \(4, 2\)"):
+        batch_norm_forward(x, np.ones(3), np.zeros(3), add=np.zeros((4, 2)))
+
+
 def test_running_statistics_hand_computed(xp):
     # Channel 0 holds 1, 2, 3, 4 (mean 2.5, biased var 1.25, unbiased 5/3); channel 1 holds 0, 0, 2, 2.
     x = xp.asarray(np.array([[1.0, 0.0], [2.0, 0.0], [3.0, 2.0], [4.0, 2.0]]))

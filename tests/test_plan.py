@@ -2,8 +2,9 @@
 numbers through them as through each layer's own forward.
 
 The activation rule hands a ReLU to the layer before it (a convolution's epilogue, a residual
-Add's sum, a batch norm's normalize, whose backward then applies the ReLU's mask itself); the
-training step must stay exact, so fused and unfused runs are compared bit for
+Add's sum, a batch norm's normalize, whose backward then applies the ReLU's mask itself), and
+the sum rule hands a residual Add to the batch norm before it in training; the training step
+must stay exact, so fused and unfused runs are compared bit for
 bit, on NumPy with the compiled kernels on and off.
 """
 from __future__ import annotations
@@ -22,8 +23,9 @@ pytestmark = pytest.mark.usefixtures("cpu_kernels")
 
 
 def _unfused(monkeypatch) -> None:
-    """No layer offers itself as an activation to fuse: every plan runs each node on its own."""
+    """No layer offers itself as an activation or a sum to fuse: every plan runs each node on its own."""
     monkeypatch.setattr(L.ReLU, "activation", lambda self: None)
+    monkeypatch.setattr(L.Add, "is_sum", lambda self: False)
 
 
 def _clear_plans(model) -> None:
@@ -43,20 +45,50 @@ def _step_and_eval(model, x, labels):
     return logits, grads, model.forward(x)
 
 
-def test_a_basic_block_fuses_its_relus():
-    """Training: bn1 computes relu1 and the Add relu2. Evaluation: conv1 with bn1 folded computes
-    relu1, conv2 computes bn2, and the Add computes relu2."""
+def test_a_basic_block_fuses_its_relus_and_its_sum():
+    """Training: bn1 computes relu1, and bn2 the Add (of the block's input) and relu2.
+    Evaluation: conv1 with bn1 folded computes relu1, conv2 computes bn2, and the Add computes relu2."""
     block = basic_block(8, 8, 1, True, np.random.default_rng(0), "float32")
     h = np.zeros((2, 6, 6, 8), dtype="float32")
     steps = block.plan_for([h]).steps
     assert [(s.output, type(s.layer).__name__, s.activation is not None) for s in steps] == [
         ("conv1", "Conv2D", False), ("relu1", "BatchNorm2D", True),
-        ("conv2", "Conv2D", False), ("bn2", "BatchNorm2D", False), ("relu2", "Add", True)]
+        ("conv2", "Conv2D", False), ("relu2", "BatchNorm2D", True)]
+    assert steps[3].inputs == ("conv2", "input") and type(steps[3].summed).__name__ == "Add"
     assert steps[1].frees == ("conv1",) and steps[2].frees == ("relu1",)  # training too drops what no later step reads
+    assert set(steps[3].frees) == {"conv2", "input"}
     block.eval()
     steps = block.plan_for([h]).steps
     assert [(s.output, type(s.layer).__name__, s.folded is not None, s.activation is not None) for s in steps] == [
         ("relu1", "Conv2D", True, True), ("bn2", "Conv2D", True, False), ("relu2", "Add", False, True)]
+
+
+def test_a_sum_whose_other_input_comes_later_is_not_fused():
+    """A downsampling block's shortcut (a 1x1 conv) is computed after bn2, so bn2 cannot add it;
+    the Add then computes relu2 as before."""
+    block = basic_block(8, 16, 2, True, np.random.default_rng(0), "float32")
+    steps = block.plan_for([np.zeros((2, 6, 6, 8), dtype="float32")]).steps
+    assert [(s.output, type(s.layer).__name__) for s in steps][-3:] == [
+        ("bn2", "BatchNorm2D"), ("shortcut", "Sequential"), ("relu2", "Add")]
+    assert all(s.summed is None for s in steps)
+
+
+def test_a_fused_residual_sum_in_training_matches_finite_differences(rng):
+    """bn2 + the block's input + relu2 in one step: the gradients of every parameter and of the
+    input, through the ReLU's own backward and the Add's two branches, against finite
+    differences (float64)."""
+    block = basic_block(3, 3, 1, True, rng, "float64")
+    x = rng.standard_normal((2, 5, 5, 3))
+    assert any(s.summed is not None for s in block.plan_for([x]).steps)
+    dy = rng.standard_normal((2, 5, 5, 3))
+    block.forward(x)
+    dx = block.backward(dy, need_dx=True)
+    analytic = [p.grad.copy() for p in block.parameters()]
+
+    numeric = numerical_gradients(lambda *_: block.forward(x), [p.data for p in block.parameters()] + [x], dy)
+    for (name, _), a, n in zip(block.named_parameters(), analytic, numeric):
+        assert_close(a, n, rtol=1e-5, atol=1e-8, what=name)
+    assert_close(dx, numeric[-1], rtol=1e-5, atol=1e-8, what="dx")
 
 
 def test_an_activation_read_elsewhere_or_output_is_not_fused():

@@ -180,13 +180,16 @@ def _mean_var(x2d: Any) -> tuple[Any, Any]:
 
 
 @_jit
-def _affine(x2d, mean, scale, shift, relu, y):  # pragma: no cover - compiled; tested against NumPy
+def _affine(x2d, mean, scale, shift, relu, add2d, added, y):  # pragma: no cover - compiled; tested against NumPy
+    # added: + add2d[r, ch], rounded as a separate sum (the numbers of an Add after the batch norm);
     # relu: max(v, 0) with np.maximum's rule (NaN stays NaN, -0.0 becomes 0), as relu_forward gives
     m, c = x2d.shape
     zero = y.dtype.type(0)
     for r in range(m):
         for ch in range(c):
             v = (x2d[r, ch] - mean[ch]) * scale[ch] + shift[ch]
+            if added:
+                v = v + add2d[r, ch]
             y[r, ch] = v if not relu or (v > zero) | (v != v) else zero
 
 
@@ -231,12 +234,16 @@ def channel_grad_sums(dy2d: Any, x2d: Any, mean: Any, inv_std: Any, relu_out: An
     return sum_dy.astype(x2d.dtype), (sum_dy_xc * inv_std).astype(x2d.dtype)
 
 
-def batch_norm_normalize(x2d: Any, mean: Any, inv_std: Any, gamma: Any, beta: Any, relu: bool = False) -> Any:
-    """y = (x - mean) * inv_std * gamma + beta: (M, C) -> (M, C); relu: max(y, 0), in the same pass.
-    Centring first: x * scale - mean * scale would cancel away the digits of a large mean."""
+def batch_norm_normalize(x2d: Any, mean: Any, inv_std: Any, gamma: Any, beta: Any, relu: bool = False,
+                         add2d: Any = None) -> Any:
+    """y = (x - mean) * inv_std * gamma + beta: (M, C) -> (M, C); add2d (M, C): y + add2d; relu:
+    max(y, 0), last; all in the same pass. Centring first: x * scale - mean * scale would cancel
+    away the digits of a large mean."""
     y = np.empty(x2d.shape, dtype=x2d.dtype)
     x2d, scale = np.ascontiguousarray(x2d), gamma * inv_std
-    threads.for_each(_rows(y), lambda r, _: _affine(x2d[r], mean, scale, beta, relu, y[r]))
+    added = add2d is not None
+    add2d = np.ascontiguousarray(add2d) if added else x2d  # x2d unread: one array type, one compiled kernel
+    threads.for_each(_rows(y), lambda r, _: _affine(x2d[r], mean, scale, beta, relu, add2d[r], added, y[r]))
     return y
 
 

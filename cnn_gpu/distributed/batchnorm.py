@@ -124,14 +124,16 @@ def sync_batch_norm_forward(comm: Communicator, x: Any, gamma: Any, beta: Any, r
                             running_var: Any = None, training: bool = True, momentum: float = 0.1,
                             eps: float = 1e-5,
                             moments: Callable[[Any], Moments] = channel_moments,
-                            relu: bool = False) -> tuple[Any, SyncBatchNormCache]:
+                            relu: bool = False, add: Any = None) -> tuple[Any, SyncBatchNormCache]:
     """x (..., C), this rank's shard -> y (..., C), cache; the statistics are those of the global
     batch (all ranks' x). Same arguments and conventions as functional.batch_norm_forward:
     biased variance to normalize, running statistics updated in place with the unbiased one
     (here over the global count), running statistics used when training is False (then with no
     communication). moments: how the local rows are reduced (a faster implementation of
     channel_moments can be given). relu: y = max(batch norm, 0), and the backward takes the
-    gradient at the ReLU's output. Every rank must call it, also one with an empty shard.
+    gradient at the ReLU's output. add: y = batch norm + add before the ReLU, whose backward then
+    runs on its own (as in functional.batch_norm_forward). Every rank must call it, also one
+    with an empty shard.
     """
     c = check_batch_norm_inputs(x, gamma, beta, "sync_batch_norm")
     xp = get_array_module(x, gamma, beta, running_mean, running_var)
@@ -156,9 +158,12 @@ def sync_batch_norm_forward(comm: Communicator, x: Any, gamma: Any, beta: Any, r
         inv_std = (1.0 / xp.sqrt(running_var.astype(x.dtype, copy=False) + eps)).astype(x.dtype)
     xc = x2d - mean  # centring first: x * scale - mean * scale would cancel the digits of a large mean
     y = (xc * (gamma * inv_std) + beta).reshape(x.shape)
+    if add is not None:
+        y += add
     if relu:
         xp.maximum(y, 0, out=y)  # relu_forward's maximum
-    return y, SyncBatchNormCache(xc, inv_std, gamma, count, training, tuple(x.shape), y if relu else None)
+    relu_out = y if relu and add is None else None
+    return y, SyncBatchNormCache(xc, inv_std, gamma, count, training, tuple(x.shape), relu_out)
 
 
 def sync_batch_norm_backward(comm: Communicator, dy: Any, cache: SyncBatchNormCache) -> tuple[Any, Any, Any]:
@@ -195,9 +200,9 @@ class SyncBatchNorm:
 
     def forward(self, x: Any, gamma: Any, beta: Any, running_mean: Any = None, running_var: Any = None,
                 training: bool = True, momentum: float = 0.1, eps: float = 1e-5,
-                relu: bool = False) -> tuple[Any, SyncBatchNormCache]:
+                relu: bool = False, add: Any = None) -> tuple[Any, SyncBatchNormCache]:
         return sync_batch_norm_forward(self.comm, x, gamma, beta, running_mean, running_var, training,
-                                       momentum, eps, self.moments, relu)
+                                       momentum, eps, self.moments, relu, add)
 
     def backward(self, dy: Any, cache: SyncBatchNormCache) -> tuple[Any, Any, Any]:
         return sync_batch_norm_backward(self.comm, dy, cache)

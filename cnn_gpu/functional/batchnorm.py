@@ -15,6 +15,13 @@ at the ReLU's output: the pair computes batch norm + ReLU, with the ReLU in the 
 passes on NumPy's compiled kernels (the plan hands a model's BatchNorm -> ReLU to it,
 cnn_gpu/plan.py), and composed of the two ops' own steps on the other paths.
 
+add=t gives batch norm + t (then max(., 0) with relu): a residual block's sum, computed while
+the normalized values are in registers instead of in a pass of its own (the plan hands a batch
+norm the two-input Add that alone reads its output). The backward takes the gradient at the
+batch norm's output, which is the sum's (a sum passes its gradient on to each input), and with
+add the ReLU is not taken through: the gradient of the skip connection needs the ReLU's
+derivative too, so the ReLU's own backward runs first, once, for both.
+
 The variance is a shifted two-pass sum: a first estimate of the mean, then the sums of
 d = x - estimate and of d^2, so that they carry the spread, not the offset. An error e in
 the estimate only adds e^2 to mean(d^2), and is taken off exactly, so it stays accurate
@@ -145,10 +152,14 @@ def check_batch_norm_inputs(x: Any, gamma: Any, beta: Any, op: str) -> int:
 
 def batch_norm_forward(x: Any, gamma: Any, beta: Any, running_mean: Any = None,
                        running_var: Any = None, training: bool = True,
-                       momentum: float = 0.1, eps: float = 1e-5, relu: bool = False) -> tuple[Any, BatchNormCache]:
+                       momentum: float = 0.1, eps: float = 1e-5, relu: bool = False,
+                       add: Any = None) -> tuple[Any, BatchNormCache]:
     """x (..., C) -> y (..., C), cache. Updates running_mean / running_var in place when training.
-    relu: y = max(batch norm, 0), with np.maximum's values (a ReLU after it)."""
+    relu: y = max(batch norm, 0), with np.maximum's values (a ReLU after it). add (..., C): y =
+    batch norm + add, before the ReLU (see the top)."""
     c = check_batch_norm_inputs(x, gamma, beta, "batch_norm")
+    if add is not None and tuple(add.shape) != tuple(x.shape):
+        raise ValueError(f"batch_norm: add must have x's shape {tuple(x.shape)}, got {tuple(add.shape)}")
     xp = get_array_module(x, gamma, beta, running_mean, running_var)
     x2d = x.reshape(-1, c)  # (M, C)
     m = x2d.shape[0]
@@ -176,18 +187,22 @@ def batch_norm_forward(x: Any, gamma: Any, beta: Any, running_mean: Any = None,
         mean, var = running_mean.astype(x.dtype, copy=False), running_var.astype(x.dtype, copy=False)
         xs, ref = x2d, mean
         inv_std = 1.0 / xp.sqrt(var + eps)  # (C,)
-    y = _normalize(xs, ref, inv_std, gamma, beta, relu).reshape(x.shape)
-    return y, BatchNormCache(xs, ref, inv_std, gamma, training, tuple(x.shape), y if relu else None)
+    add2d = None if add is None else add.reshape(-1, c)
+    y = _normalize(xs, ref, inv_std, gamma, beta, relu, add2d).reshape(x.shape)
+    relu_out = y if relu and add is None else None  # with add, the ReLU's own backward runs (see the top)
+    return y, BatchNormCache(xs, ref, inv_std, gamma, training, tuple(x.shape), relu_out)
 
 
-def _normalize(xs: Any, ref: Any, inv_std: Any, gamma: Any, beta: Any, relu: bool) -> Any:
+def _normalize(xs: Any, ref: Any, inv_std: Any, gamma: Any, beta: Any, relu: bool, add2d: Any = None) -> Any:
     """y = (xs - ref) * inv_std * gamma + beta for xs (M, C) and (C,) vectors; xs - ref = x - mean.
-    relu: max(y, 0)."""
+    add2d (M, C): y + add2d. relu: max(y, 0), last."""
     kernels = _kernels(xs, ref, inv_std, gamma, beta)
     if _takes_relu(kernels):
-        return kernels.batch_norm_normalize(xs, ref, inv_std, gamma, beta, relu)  # one fused pass
+        return kernels.batch_norm_normalize(xs, ref, inv_std, gamma, beta, relu, add2d)  # one fused pass
     if kernels is not None:
         y = kernels.batch_norm_normalize(xs, ref, inv_std, gamma, beta)
+        if add2d is not None:
+            y += add2d
         return get_array_module(y).maximum(y, 0, out=y) if relu else y  # relu_forward's maximum
     # Centring first: x * scale - mean * scale would cancel away the digits of a large mean.
     # Three in-place steps per block of rows: the block stays in cache between them.
@@ -198,6 +213,8 @@ def _normalize(xs: Any, ref: Any, inv_std: Any, gamma: Any, beta: Any, relu: boo
         y_rows = np.subtract(xs[rows], ref_t[:n], out=y[rows])
         y_rows *= scale_t[:n]
         y_rows += beta_t[:n]
+        if add2d is not None:
+            y_rows += add2d[rows]
         if relu:
             np.maximum(y_rows, 0, out=y_rows)
     return y
