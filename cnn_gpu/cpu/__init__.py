@@ -22,6 +22,8 @@ every kernel with it, and it runs wherever Numba is missing or switched off.
   after it), `bias_relu` (a 1x1 convolution's bias and ReLU), the SGD update
 - `cnn_gpu.cpu.threads`: `for_each` over the parts of a batch on CNN_GPU_THREADS threads
   (plain Python and threadpoolctl: no Numba needed)
+- `cnn_gpu.cpu.heap`: `keep_freed_memory`, run on import: glibc's malloc keeps freed arrays for
+  the next step's instead of fresh pages from the kernel (CNN_GPU_MALLOC=system: its defaults)
 
 Numba is optional (`pip install cnn_gpu[fast]`). Set CNN_GPU_JIT=0 to run the NumPy code
 instead, or call `set_enabled(False)`. Each kernel is a serial loop, compiled on first use per
@@ -35,6 +37,10 @@ import os
 from typing import Any
 
 import numpy as np
+
+from .heap import keep_freed_memory
+
+keep_freed_memory()
 
 ENV_VAR = "CNN_GPU_JIT"
 DTYPES = (np.float32, np.float64)
