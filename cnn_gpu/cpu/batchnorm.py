@@ -56,9 +56,11 @@ def _shifted_sums(x2d, shift, rows_per_part, first, last, total, squares):  # pr
 
 
 @_jit
-def _grad_sums(dy2d, x2d, mean, relu_out, masked, rows_per_part, first, last, sum_dy, sum_dy_xc):  # pragma: no cover
+def _grad_sums(dy2d, x2d, mean, relu_out, masked, scale, shift, recomputed, rows_per_part, first, last,
+               sum_dy, sum_dy_xc):  # pragma: no cover
     # parts first..last-1: float64 sums of dy and dy * (x - mean) into sum_dy[part], sum_dy_xc[part];
-    # masked: dy is the gradient at a ReLU's output relu_out, taken through the ReLU first
+    # masked: dy is the gradient at a ReLU's output relu_out, taken through the ReLU first;
+    # recomputed: the ReLU's mask from x, as the forward computed its input (_relu_kept)
     m, c = x2d.shape
     zero = dy2d.dtype.type(0)
     s1 = np.empty(c, np.float64)
@@ -68,9 +70,14 @@ def _grad_sums(dy2d, x2d, mean, relu_out, masked, rows_per_part, first, last, su
         s2[:] = 0.0
         for r in range(part * rows_per_part, min((part + 1) * rows_per_part, m)):
             for ch in range(c):
-                g = dy2d[r, ch] if not masked or relu_out[r, ch] > 0 else zero
+                d = x2d[r, ch] - mean[ch]
+                if recomputed:
+                    keep = d * scale[ch] + shift[ch] > zero
+                else:
+                    keep = not masked or relu_out[r, ch] > zero
+                g = dy2d[r, ch] if keep else zero
                 s1[ch] += g
-                s2[ch] += g * (x2d[r, ch] - mean[ch])
+                s2[ch] += g * d
         sum_dy[part] = s1
         sum_dy_xc[part] = s2
 
@@ -194,20 +201,42 @@ def _affine(x2d, mean, scale, shift, relu, add2d, added, y):  # pragma: no cover
 
 
 @_jit
-def _train_dx(dy2d, x2d, mean, k, a, b, relu_out, masked, dx):  # pragma: no cover - compiled; tested against NumPy
-    # masked: dy2d is the gradient at a ReLU's output relu_out, taken through the ReLU first
+def _train_dx(dy2d, x2d, mean, k, a, b, relu_out, masked, shift, recomputed, dx):  # pragma: no cover - compiled
+    # masked: dy2d is the gradient at a ReLU's output relu_out, taken through the ReLU first;
+    # recomputed: the mask from x (k is the forward's scale, gamma * inv_std; see _relu_kept)
     m, c = x2d.shape
     zero = dx.dtype.type(0)
     for r in range(m):
         for ch in range(c):
-            g = dy2d[r, ch] if not masked or relu_out[r, ch] > 0 else zero
-            dx[r, ch] = g * k[ch] + (x2d[r, ch] - mean[ch]) * a[ch] + b[ch]
+            d = x2d[r, ch] - mean[ch]
+            if recomputed:
+                keep = d * k[ch] + shift[ch] > zero
+            else:
+                keep = not masked or relu_out[r, ch] > zero
+            g = dy2d[r, ch] if keep else zero
+            dx[r, ch] = g * k[ch] + d * a[ch] + b[ch]
 
 
 def channel_mean_var(x2d: Any) -> tuple[Any, Any]:
     """x2d (M, C) -> mean (C,), biased variance (C,), in x2d's dtype."""
     mean, var = _mean_var(np.ascontiguousarray(x2d))
     return mean.astype(x2d.dtype), var.astype(x2d.dtype)
+
+
+# The ReLU's mask, relu_out > 0, is also v > 0 for its input v = (x - mean) * scale + shift, which
+# the backward can compute again from x, which it reads anyway, with the forward's own float
+# operations (_affine's): the same v, so the same mask, bit for bit, and one array fewer to read
+# in each of the backward's two passes (they stream from memory, not cache, inside a training step).
+# The caller passes relu_affine=(scale, shift) for that: the scale as the forward computed it,
+# gamma * inv_std, and beta. The vector kernel reads relu_out still.
+
+def _relu_kept(relu_affine: Any, like: Any) -> tuple[Any, Any, bool]:
+    """(scale, shift, recomputed) for the kernels: relu_affine's, or unread stand-ins."""
+    if relu_affine is None:
+        stand_in = np.zeros(like.shape[1], like.dtype)
+        return stand_in, stand_in, False
+    scale, shift = relu_affine
+    return np.ascontiguousarray(scale, like.dtype), np.ascontiguousarray(shift, like.dtype), True
 
 
 def _through_relu(dy2d: Any, relu_out: Any) -> tuple[Any, Any, bool]:
@@ -219,10 +248,12 @@ def _through_relu(dy2d: Any, relu_out: Any) -> tuple[Any, Any, bool]:
     return dy2d, np.ascontiguousarray(relu_out).reshape(dy2d.shape), True
 
 
-def channel_grad_sums(dy2d: Any, x2d: Any, mean: Any, inv_std: Any, relu_out: Any = None) -> tuple[Any, Any]:
+def channel_grad_sums(dy2d: Any, x2d: Any, mean: Any, inv_std: Any, relu_out: Any = None,
+                      relu_affine: Any = None) -> tuple[Any, Any]:
     """sum(dy) (C,) and sum(dy * x_hat) (C,) over the M rows, x_hat = (x - mean) * inv_std.
     relu_out (M, C): dy is the gradient at the output of a ReLU after the batch norm, and the sums
-    are of dy where relu_out > 0, else 0."""
+    are of dy where relu_out > 0, else 0. relu_affine (scale, shift), with relu_out: that mask
+    recomputed from x where the scalar kernel runs (see _relu_kept's comment)."""
     dy2d, relu_out, masked = _through_relu(dy2d, relu_out)
     x2d = np.ascontiguousarray(x2d)
     m, c = x2d.shape
@@ -230,7 +261,9 @@ def channel_grad_sums(dy2d: Any, x2d: Any, mean: Any, inv_std: Any, relu_out: An
         args = (dy2d.reshape(-1), x2d.reshape(-1), mean.astype(np.float64), relu_out.reshape(-1), masked, c)
         sum_dy, sum_dy_xc = _summed(_grad_sums_vectors, args, m, c * 4, c, flat=True)
     else:
-        sum_dy, sum_dy_xc = _summed(_grad_sums, (dy2d, x2d, mean, relu_out, masked), m, c * x2d.itemsize, c)
+        scale, shift, recomputed = _relu_kept(relu_affine if masked else None, x2d)
+        args = (dy2d, x2d, mean, relu_out, masked, scale, shift, recomputed)
+        sum_dy, sum_dy_xc = _summed(_grad_sums, args, m, c * x2d.itemsize, c)
     return sum_dy.astype(x2d.dtype), (sum_dy_xc * inv_std).astype(x2d.dtype)
 
 
@@ -248,10 +281,11 @@ def batch_norm_normalize(x2d: Any, mean: Any, inv_std: Any, gamma: Any, beta: An
 
 
 def batch_norm_backward_dx(dy2d: Any, x2d: Any, mean: Any, inv_std: Any, gamma: Any,
-                           sum_dy: Any, sum_dy_xhat: Any, relu_out: Any = None) -> Any:
+                           sum_dy: Any, sum_dy_xhat: Any, relu_out: Any = None, beta: Any = None) -> Any:
     """dx = gamma * inv_std * (dy - (sum_dy + x_hat * sum_dy_xhat) / M), all (M, C),
     written per element as dy * k + (x - mean) * a + b with per-channel k, a, b. relu_out: as in
-    channel_grad_sums, dy where relu_out > 0, else 0."""
+    channel_grad_sums, dy where relu_out > 0, else 0; with beta, that mask recomputed from x as
+    (x - mean) * k + beta > 0 (k = gamma * inv_std, the forward's scale; see _relu_kept's comment)."""
     m = x2d.shape[0]
     k = gamma * inv_std
     a = -k * inv_std * sum_dy_xhat / m
@@ -259,7 +293,9 @@ def batch_norm_backward_dx(dy2d: Any, x2d: Any, mean: Any, inv_std: Any, gamma: 
     dx = np.empty(x2d.shape, dtype=x2d.dtype)
     dy2d, relu_out, masked = _through_relu(dy2d, relu_out)
     x2d = np.ascontiguousarray(x2d)
-    threads.for_each(_rows(dx), lambda r, _: _train_dx(dy2d[r], x2d[r], mean, k, a, b, relu_out[r], masked, dx[r]))
+    _, shift, recomputed = _relu_kept((k, beta) if masked and beta is not None else None, x2d)
+    threads.for_each(_rows(dx), lambda r, _: _train_dx(dy2d[r], x2d[r], mean, k, a, b, relu_out[r], masked, shift,
+                                                       recomputed, dx[r]))
     return dx
 
 

@@ -106,12 +106,14 @@ def _channel_stats(x2d: Any) -> tuple[Any, Any, Any, Any]:
     return x2d, estimate + rest, estimate + rest, np.maximum(var, 0)  # rounding: a hair below 0
 
 
-def _channel_grad_sums(dy2d: Any, xs: Any, ref: Any, inv_std: Any, relu_out: Any = None) -> tuple[Any, Any]:
+def _channel_grad_sums(dy2d: Any, xs: Any, ref: Any, inv_std: Any, relu_out: Any = None,
+                       gamma: Any = None, beta: Any = None) -> tuple[Any, Any]:
     """sum(dy) (C,) and sum(dy * x_hat) (C,) over the M rows, x_hat = (xs - ref) * inv_std;
-    relu_out: as in _train_dx."""
+    relu_out: as in _train_dx; gamma and beta: the compiled kernels may recompute its mask."""
     kernels = _kernels(dy2d, xs, ref, inv_std)
     if _takes_relu(kernels):
-        return kernels.channel_grad_sums(dy2d, xs, ref, inv_std, relu_out)
+        affine = (gamma * inv_std, beta) if relu_out is not None and beta is not None else None
+        return kernels.channel_grad_sums(dy2d, xs, ref, inv_std, relu_out, affine)
     if kernels is not None:
         return kernels.channel_grad_sums(dy2d, xs, ref, inv_std)
     sum_dy, sum_dy_xc = np.zeros_like(ref), np.zeros_like(ref)
@@ -135,6 +137,7 @@ class BatchNormCache(NamedTuple):
     training: bool  # whether the statistics were the batch's (else constants)
     shape: tuple[int, ...]  # x's shape
     relu_out: Any = None  # relu=True: y, the ReLU's output (..., C), whose > 0 is the ReLU's mask
+    beta: Any = None  # (C,), with relu_out: the compiled kernels recompute the mask from xs instead of reading it
 
 
 def check_batch_norm_inputs(x: Any, gamma: Any, beta: Any, op: str) -> int:
@@ -190,7 +193,7 @@ def batch_norm_forward(x: Any, gamma: Any, beta: Any, running_mean: Any = None,
     add2d = None if add is None else add.reshape(-1, c)
     y = _normalize(xs, ref, inv_std, gamma, beta, relu, add2d).reshape(x.shape)
     relu_out = y if relu and add is None else None  # with add, the ReLU's own backward runs (see the top)
-    return y, BatchNormCache(xs, ref, inv_std, gamma, training, tuple(x.shape), relu_out)
+    return y, BatchNormCache(xs, ref, inv_std, gamma, training, tuple(x.shape), relu_out, beta)
 
 
 def _normalize(xs: Any, ref: Any, inv_std: Any, gamma: Any, beta: Any, relu: bool, add2d: Any = None) -> Any:
@@ -221,12 +224,13 @@ def _normalize(xs: Any, ref: Any, inv_std: Any, gamma: Any, beta: Any, relu: boo
 
 
 def _train_dx(dy2d: Any, xs: Any, ref: Any, inv_std: Any, gamma: Any, dbeta: Any, dgamma: Any,
-              relu_out: Any = None) -> Any:
+              relu_out: Any = None, beta: Any = None) -> Any:
     """dx = gamma * inv_std * (dy - (sum(dy) + x_hat * sum(dy * x_hat)) / M), all (M, C);
-    relu_out: only with the compiled CPU kernels, which take dy through the ReLU as they read it."""
+    relu_out: only with the compiled CPU kernels, which take dy through the ReLU as they read it
+    (or, given beta, recompute its mask from xs: cnn_gpu/cpu/batchnorm.py, _relu_kept)."""
     kernels = _kernels(dy2d, xs, ref, inv_std, gamma, dbeta, dgamma)
     if _takes_relu(kernels):
-        return kernels.batch_norm_backward_dx(dy2d, xs, ref, inv_std, gamma, dbeta, dgamma, relu_out)
+        return kernels.batch_norm_backward_dx(dy2d, xs, ref, inv_std, gamma, dbeta, dgamma, relu_out, beta)
     if kernels is not None:
         return kernels.batch_norm_backward_dx(dy2d, xs, ref, inv_std, gamma, dbeta, dgamma)
     # Written per element as dy * k + (x - mean) * a + b with per-channel k, a, b.
@@ -253,9 +257,9 @@ def batch_norm_backward(dy: Any, cache: BatchNormCache) -> tuple[Any, Any, Any]:
     relu_out = None if cache.relu_out is None else cache.relu_out.reshape(xs.shape)
     if relu_out is not None and (not _takes_relu(_kernels(dy2d, xs)) or not cache.training):
         dy2d, relu_out = relu_backward(dy2d, relu_out), None  # the ReLU's own backward, then batch norm's
-    dbeta, dgamma = _channel_grad_sums(dy2d, xs, ref, inv_std, relu_out)
+    dbeta, dgamma = _channel_grad_sums(dy2d, xs, ref, inv_std, relu_out, gamma, cache.beta)
     if not cache.training:
         # The statistics were constants: y is an affine function of x.
         return (dy2d * (gamma * inv_std)).reshape(cache.shape), dgamma, dbeta
-    dx = _train_dx(dy2d, xs, ref, inv_std, gamma, dbeta, dgamma, relu_out)
+    dx = _train_dx(dy2d, xs, ref, inv_std, gamma, dbeta, dgamma, relu_out, cache.beta)
     return dx.reshape(cache.shape), dgamma, dbeta
