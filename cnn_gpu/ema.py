@@ -25,7 +25,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from . import cpu
-from .backend import to_device, to_numpy
+from .backend import is_cupy_array, to_device, to_numpy
 from .layers import Layer
 
 
@@ -56,7 +56,11 @@ class WeightEMA:
         self.updates += 1
         for key, live in self._live():
             average = self.averages[key]
-            average += step * (live - average)
+            if is_cupy_array(average):  # one launch per array, not three
+                from .cuda import elementwise  # noqa: PLC0415 - CuPy only
+                elementwise.ema_update(average, live, step)
+            else:
+                average += step * (live - average)
 
     def buffers(self) -> list[Any]:
         """The averages of the model's buffers (for averaging them over ranks)."""

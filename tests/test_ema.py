@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from cnn_gpu.backend import cupy_available, cupy_unavailable_reason, to_device
 from cnn_gpu.checkpoint import load_checkpoint
 from cnn_gpu.ema import WeightEMA
 from cnn_gpu.optim import SGD, CosineLR
@@ -152,3 +153,30 @@ def test_resuming_a_run_without_an_average_starts_one_and_says_so(tmp_path):
     fit(model, opt, bars(192, 0), epochs=2, batch_size=32, schedule=CosineLR(opt, total_epochs=3),
         val_data=bars(64, 1), seed=5, resume=tmp_path / "last.npz", progress=False, log=said.append, ema_decay=0.9)
     assert any("kept no weight average" in line for line in said)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not cupy_available(), reason=f"needs CuPy and a CUDA device: {cupy_unavailable_reason()}")
+def test_the_average_on_the_gpu_matches_the_cpu():
+    """The same weights and updates on CuPy (one fused kernel per array) and NumPy: the averages
+    agree to float32 rounding (the GPU kernel may contract a multiply-add), and applied() swaps them
+    into the device arrays and back."""
+    cpu_model, gpu_model = small_cnn(batch_norm=True), small_cnn(batch_norm=True).to("gpu")
+    cpu_ema, gpu_ema = WeightEMA(cpu_model, 0.8), WeightEMA(gpu_model, 0.8)
+    rng = np.random.default_rng(3)
+    for _ in range(5):
+        for c, g in zip(cpu_model.parameters(), gpu_model.parameters()):
+            step = rng.standard_normal(c.shape).astype(c.data.dtype)
+            c.data += step
+            g.data += to_device(step, "cupy")
+        cpu_ema.update()
+        gpu_ema.update()
+    for key, value in cpu_ema.state_dict().items():
+        np.testing.assert_allclose(gpu_ema.state_dict()[key], value, rtol=1e-5, atol=1e-6, err_msg=key)
+    trained = gpu_model.state_dict()
+    with gpu_ema.applied():
+        inside = gpu_model.state_dict()
+    for key, value in gpu_ema.state_dict().items():
+        np.testing.assert_array_equal(inside[key], value)
+    for key, value in gpu_model.state_dict().items():
+        np.testing.assert_array_equal(value, trained[key])

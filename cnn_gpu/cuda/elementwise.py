@@ -39,6 +39,8 @@ _KERNELS = {
     """),
     # p in place. p -= lr * (g + wd * p)
     "sgd": (("T g, T lr, T wd", "T p"), "p = p - lr * (g + wd * p);"),
+    # a weight average in place (cnn_gpu/ema.py): a += rate * (x - a), rate = 1 - decay
+    "ema_update": (("T x, T rate", "T a"), "a = a + rate * (x - a);"),
     # p, m, v in place; step = lr / (1 - beta1^t), bc2 = 1 - beta2^t.
     "adam": (("T g, T step, T beta1, T beta2, T eps, T wd, T bc2", "T p, T m, T v"), """
         T d = g + wd * p;
@@ -120,6 +122,11 @@ def adam_update(p: Any, g: Any, m: Any, v: Any, step: float, beta1: float, beta2
     """One Adam step on p and its moments m, v, in place."""
     t = p.dtype.type
     kernel("adam")(g, t(step), t(beta1), t(beta2), t(eps), t(wd), t(bc2), p, m, v)
+
+
+def ema_update(average: Any, x: Any, rate: float) -> None:
+    """average += rate * (x - average), in place: one launch instead of three."""
+    kernel("ema_update")(x, average.dtype.type(rate), average)
 
 
 def relu_backward(dy: Any, y: Any) -> Any:
