@@ -123,8 +123,10 @@ def test_fit_evaluates_the_average_and_records_the_trained_weights_too(tmp_path)
     from cnn_gpu.data import NormStats, normalize
     stats = NormStats(mean=last.norm_mean, std=last.norm_std)
     loss, acc = evaluate(built, normalize(x, stats, dtype=np.float32), y)[:2]
-    assert acc == record["val_accuracy"]
-    assert loss == pytest.approx(record["val_loss"], rel=1e-6)  # one batch of 64 here, 500 in fit: rounding
+    # One batch of 64 here, of 500 in fit: other GEMM shapes, so the two agree to rounding (an
+    # argmax may flip on a near tie), not bit for bit.
+    assert abs(acc - record["val_accuracy"]) <= 1 / 64
+    assert loss == pytest.approx(record["val_loss"], rel=1e-5)
 
 
 def test_fit_without_an_average_records_no_raw_figures(tmp_path):
