@@ -88,15 +88,7 @@ class WeightEMA:
 
     def load_state_dict(self, state: dict[str, Any], updates: int) -> None:
         """Take a checkpoint's averages and update count (names, shapes and dtypes must match the model's)."""
-        missing, unexpected = sorted(set(self.averages) - set(state)), sorted(set(state) - set(self.averages))
-        if missing or unexpected:
-            raise ValueError(f"the weight averages do not match the model: missing {missing or 'nothing'}, "
-                             f"unexpected {unexpected or 'nothing'}")
-        for key, average in self.averages.items():
-            value = state[key]
-            if tuple(value.shape) != tuple(average.shape) or value.dtype != average.dtype:
-                raise ValueError(f"weight average {key!r}: the model has {average.dtype} {tuple(average.shape)}, "
-                                 f"got {value.dtype} {tuple(value.shape)}")
+        self.model.check_state(state)
         backend = self.model.backend
         self.averages = {key: to_device(np.array(to_numpy(state[key])), backend) for key in self.averages}
         self.updates = int(updates)

@@ -284,9 +284,9 @@ class Layer:
         state.update({key: to_numpy(value).copy() for key, value, _, _ in self.named_buffers()})
         return state
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Copy arrays into the model (onto its device), checking names, shapes and dtypes first.
-        On the CPU, subnormal parameter values become zero (see cnn_gpu.cpu.flush_subnormals)."""
+    def check_state(self, state: dict[str, Any]) -> None:
+        """Raise ValueError unless `state` has exactly this model's state keys, each with the
+        model's shape and dtype (what load_state_dict and a weight average's load check)."""
         expected = {key: (tuple(p.data.shape), p.data.dtype) for key, p in self.named_parameters()}
         expected.update({key: (tuple(v.shape), v.dtype) for key, v, _, _ in self.named_buffers()})
         missing = sorted(set(expected) - set(state))
@@ -299,6 +299,11 @@ class Layer:
             if tuple(value.shape) != shape or value.dtype != dtype:
                 raise ValueError(f"state entry {key!r}: the model expects {dtype} {shape}, "
                                  f"got {value.dtype} {tuple(value.shape)}")
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Copy arrays into the model (onto its device), checking names, shapes and dtypes first.
+        On the CPU, subnormal parameter values become zero (see cnn_gpu.cpu.flush_subnormals)."""
+        self.check_state(state)
         backend = self.backend
         for key, p in self.named_parameters():
             p.data = to_device(np.array(to_numpy(state[key])), backend)
