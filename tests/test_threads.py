@@ -3,6 +3,7 @@ threads ran them (the parts are fixed by sizes, and what is summed over them is 
 order). Each op below is run on one thread and on two, with the BLAS on one thread both times, and
 must give the same bits: the same computation, scheduled differently."""
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -150,6 +151,92 @@ def test_holds_in_two_python_threads_give_the_blas_back_when_the_last_ends(monke
         w.join(20)
     assert seen == {"a inside": 1, "after a left": 1}
     assert blas.n == 4
+
+
+def test_the_team_runs_parts_on_both_threads_and_sleeps_and_wakes_when_the_spins_run_out(monkeypatch, count):
+    """With SPINS at 1, every wait of the team's (the workers' for a job, the caller's for the
+    workers) ends in the sleep and wake path: each part must still run once, in order, and parts
+    run on the worker too."""
+    count(2)
+    monkeypatch.setattr(threads, "SPINS", 1)
+    monkeypatch.setattr(threads, "_team", None)  # a team made under this SPINS
+    for _ in range(20):
+        names = threads.for_each(list(range(8)), lambda p, s: (p, threading.current_thread().name))
+        assert [p for p, _ in names] == list(range(8))
+    seen = set()
+    for _ in range(50):  # a part that waits gives the worker time to take one
+        seen |= {n for _, n in threads.for_each([0.002] * 4, lambda p, s: (time.sleep(p), threading.current_thread().name))}
+    assert len(seen) == 2
+    threads._team.close()
+
+
+def test_the_team_without_numba_sleeps_and_wakes_and_gives_the_same_results(monkeypatch, count):
+    """spin.plain (what runs without Numba) never spins: every wait is the sleep and wake path."""
+    from cnn_gpu.cpu import spin
+    count(2)
+    monkeypatch.setattr(threads, "spin", spin.plain)
+    monkeypatch.setattr(threads, "_team", None)
+    for _ in range(20):
+        assert threads.for_each(list(range(7)), lambda p, s: p * 3) == [p * 3 for p in range(7)]
+    threads._team.close()
+
+
+def test_for_each_from_two_python_threads_at_once_gives_each_its_results(count):
+    """One caller at a time runs on the team; another's parts run on its own thread meanwhile."""
+    count(2)
+    results, errors = {}, []
+
+    def caller(k):
+        try:
+            for i in range(30):
+                got = threads.for_each(list(range(6)), lambda p, s: (time.sleep(0.0002), k * 100 + p + i)[1])
+                assert got == [k * 100 + p + i for p in range(6)]
+            results[k] = True
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    callers = [threading.Thread(target=caller, args=(k,)) for k in range(3)]
+    for c in callers:
+        c.start()
+    for c in callers:
+        c.join(60)
+    assert not errors and results == {0: True, 1: True, 2: True}
+
+
+def test_another_count_replaces_the_team_and_its_workers_end(count):
+    count(2)
+    threads.for_each([0, 1], lambda p, s: p)
+    old = threads._team
+    count(3)
+    assert threads.for_each(list(range(9)), lambda p, s: p * p) == [p * p for p in range(9)]
+    assert threads._team is not old and threads._team.size == 3
+    for t in old.threads:
+        t.join(10)
+        assert not t.is_alive()
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="needs os.fork")
+def test_a_forked_child_makes_a_team_of_its_own(count):
+    """The parent's workers do not exist in a forked child: its first for_each must not wait for them."""
+    import os
+    count(2)
+    threads.for_each([0, 1], lambda p, s: p)
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: a result on the pipe, then out without running pytest's exit handlers
+        try:
+            ok = threads.for_each(list(range(6)), lambda p, s: p + 1) == [1, 2, 3, 4, 5, 6]
+            os.write(write, b"ok" if ok else b"wrong")
+        finally:
+            os._exit(0)
+    os.close(write)
+    deadline = time.monotonic() + 30
+    while os.waitpid(pid, os.WNOHANG) == (0, 0):
+        if time.monotonic() > deadline:
+            os.kill(pid, 9)
+            pytest.fail("the forked child's for_each hung")
+        time.sleep(0.01)
+    assert os.read(read, 10) == b"ok"
 
 
 def test_inside_a_part_there_is_one_thread(count):

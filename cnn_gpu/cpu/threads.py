@@ -25,6 +25,13 @@ the parts (a dense layer's) takes a core from the parts that follow: resnet20's 
 on two threads ran no faster than on one until the BLAS was held for the whole step
 (BENCHMARKS.md, "Session 6").
 
+The threads are a team made once (_Team): count() - 1 workers and the caller, who takes a share
+too. Waiting threads spin on flags outside the GIL (cnn_gpu.cpu.spin) for about a millisecond
+before they sleep, as OpenMP's runtimes do: on a virtual machine whose idle CPUs halt, waking a
+sleeping thread took ~50 us, and the pool of threads this replaced spent ~0.1 ms handing out and
+collecting the parts of each op, as long as a small batch norm's pass (BENCHMARKS.md, "Session 13").
+One thread of Python's at a time has the team; another's parts meanwhile run on its own thread.
+
 Results do not depend on the thread count. An op whose outputs are each computed on their own
 (a ReLU, a pool, a batch norm's normalization) may be cut anywhere: split() gives one part per
 thread, so one thread makes one call. An op that sums over its parts (a convolution's weight
@@ -38,8 +45,9 @@ import contextlib
 import itertools
 import os
 import threading
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Iterator, Sequence, TypeVar
+
+from . import spin
 
 ENV_VAR = "CNN_GPU_THREADS"
 
@@ -47,8 +55,6 @@ P = TypeVar("P")
 R = TypeVar("R")
 
 _lock = threading.Lock()
-_pool: ThreadPoolExecutor | None = None
-_pool_size = 0
 _blas: list[Any] | None = None  # threadpoolctl's controllers of the loaded BLAS libraries
 # Per thread: .inside, it is running a part (no threads within threads); .held, the thread count
 # while blas_held() keeps the BLAS on one thread (None when no hold is on).
@@ -161,14 +167,116 @@ def blas_held() -> Iterator[None]:
                 _set_blas(_saved_counts)
 
 
-def _executor(size: int) -> ThreadPoolExecutor:
-    global _pool, _pool_size
+SPINS = 100_000  # spin-wait hints a waiting thread gives before it sleeps: ~1.5 ms on this
+                 # project's machines, longer than the gaps between the ops of a training step
+
+
+class _Team:
+    """`size - 1` worker threads and the caller, who run one job at a time: job() in each of them.
+
+    The caller posts a job by raising POSTED to the job's number and runs it too; each worker,
+    spinning on POSTED (cnn_gpu.cpu.spin), runs it and raises its DONE flag; the caller spins
+    until every DONE has the job's number. A thread that spun SPINS hints in vain sleeps on a
+    condition and says so in its ASLEEP flag, and whoever raises what it waits for wakes it
+    (each side stores its flag, then loads the other's, both sequentially consistent, so one of
+    them sees the other). After raising DONE a worker spins for the next job in the same compiled
+    call, outside the GIL: the caller, who waited for DONE, then takes the GIL at once instead of
+    sleeping on it (a wake costs ~50 us on these machines; spin.py). One caller at a time: `busy`."""
+
+    POSTED, CALLER_ASLEEP = 0, 1
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.workers = size - 1
+        self.flags = spin.new_flags(2 + 2 * self.workers)
+        self.job: Callable[[], None] = lambda: None
+        self.jobs = 0
+        self.closed = False
+        self.busy = threading.Lock()  # held by the thread whose job runs
+        self.wake = threading.Condition()  # the sleeping workers wait on it, the sleeping caller too
+        self.threads = [threading.Thread(target=self._work, args=(w,), daemon=True, name=f"cnn_gpu-cpu-{w}")
+                        for w in range(self.workers)]
+        for t in self.threads:
+            t.start()
+
+    def _done(self, w: int) -> int:
+        return 2 + w
+
+    def _asleep(self, w: int) -> int:
+        return 2 + self.workers + w
+
+    def _sleep_until(self, asleep: int, satisfied: Callable[[], bool], job: int) -> None:
+        with self.wake:
+            spin.publish(self.flags, asleep, job)
+            while not satisfied():
+                self.wake.wait(0.1)  # the timeout only guards against a lost wake
+
+    def _work(self, w: int) -> None:
+        _state.inside = True
+        flags, job = self.flags, 1
+        seen = spin.wait_for(flags, self.POSTED, job, SPINS)
+        while True:
+            if not seen:
+                self._sleep_until(self._asleep(w), lambda: spin.load(flags, self.POSTED) >= job, job)
+            if self.closed:
+                return
+            self.job()
+            woke = spin.publish_then_wait(flags, self._done(w), job, self.CALLER_ASLEEP, self.POSTED, job + 1, SPINS)
+            if woke < 0:  # the caller sleeps: wake it, then wait for the next job as before
+                with self.wake:
+                    self.wake.notify_all()
+                seen = spin.wait_for(flags, self.POSTED, job + 1, SPINS)
+            else:
+                seen = woke == 1
+            job += 1
+
+    def _post(self, job: Callable[[], None]) -> int:
+        self.jobs += 1
+        self.job = job
+        spin.publish(self.flags, self.POSTED, self.jobs)
+        if any(spin.load(self.flags, self._asleep(w)) >= self.jobs for w in range(self.workers)):
+            with self.wake:
+                self.wake.notify_all()
+        return self.jobs
+
+    def run(self, job: Callable[[], None]) -> None:
+        """job() on every thread of the team, this one included; returns when all have returned.
+        The caller holds `busy`."""
+        n = self._post(job)
+        try:
+            job()
+        finally:
+            done = lambda: spin.wait_all(self.flags, self._done(0), self._done(self.workers), n, 0)  # noqa: E731
+            if not spin.wait_all(self.flags, self._done(0), self._done(self.workers), n, SPINS):
+                self._sleep_until(self.CALLER_ASLEEP, done, n)
+
+    def close(self) -> None:
+        """Let the workers end (after the job they run, if any)."""
+        with self.busy:
+            self.closed = True
+            self._post(lambda: None)
+
+
+_team: _Team | None = None
+
+
+def _get_team(size: int) -> _Team:
+    global _team
     with _lock:
-        if _pool is None or _pool_size < size:
-            if _pool is not None:
-                _pool.shutdown(wait=False)
-            _pool, _pool_size = ThreadPoolExecutor(max_workers=size, thread_name_prefix="cnn_gpu-cpu"), size
-        return _pool
+        if _team is None or _team.size != size:
+            if _team is not None:
+                _team.close()
+            _team = _Team(size)
+        return _team
+
+
+def _forget_team() -> None:
+    global _team
+    _team = None  # a forked child has none of its parent's threads: it starts a team of its own
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_team)
 
 
 def for_each(parts: Sequence[P], work: Callable[[P, Any], R], scratch: Callable[[], Any] = lambda: None) -> list[R]:
@@ -180,26 +288,32 @@ def for_each(parts: Sequence[P], work: Callable[[P, Any], R], scratch: Callable[
         s = scratch()
         return [work(part, s) for part in parts]
     results: list[Any] = [None] * len(parts)
+    errors: list[BaseException] = []
     order = itertools.count()  # next() is atomic under the GIL: each part is taken once
 
-    def worker() -> None:
+    def share() -> None:
+        inside = getattr(_state, "inside", False)
         _state.inside = True
         try:
             s = scratch()
-            while (i := next(order)) < len(parts):
+            while not errors and (i := next(order)) < len(parts):
                 results[i] = work(parts[i], s)
+        except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread, below
+            errors.append(e)
         finally:
-            _state.inside = False
+            _state.inside = inside
 
-    with blas_held():
-        futures = [_executor(threads).submit(worker) for _ in range(threads - 1)]
+    team = _get_team(count())
+    if team.busy.acquire(blocking=False):
         try:
-            worker()  # this thread is one of them
+            with blas_held():
+                team.run(share)
         finally:
-            for f in futures:
-                f.exception()  # waits: no part is still running when the BLAS is given back
-        for f in futures:
-            f.result()  # re-raises a part's exception here
+            team.busy.release()
+    else:  # another Python thread's parts run on the team now: these run here, in turn (the same results)
+        share()
+    if errors:
+        raise errors[0]
     return results
 
 

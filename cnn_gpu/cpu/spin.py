@@ -1,0 +1,172 @@
+"""Flags that threads wait on by spinning, outside the GIL: how cnn_gpu.cpu.threads hands out parts.
+
+    flags = new_flags(n)                   # n int64 flags, each on a cache line of its own, all 0
+    publish(flags, i, value)               # flags[i] = value (an atomic store, release)
+    seen = wait_for(flags, i, value, spins)  # spin until flags[i] >= value, at most `spins` pauses
+    seen = wait_all(flags, first, last, value, spins)   # the same for flags first..last-1
+
+Why spin: a thread asleep on a lock or a condition takes ~50 us to wake on a virtual machine
+whose idle CPUs halt at once (no halt polling; our CI machines are such), so every hand-off of
+parts to a sleeping thread and back cost ~0.1 ms: more than a resnet20 batch norm's whole pass
+on a thread (BENCHMARKS.md, "Session 13"). A thread spinning on a flag sees it change in well under
+a microsecond. OpenMP's runtimes (PyTorch's threads) do the same: spin for a while, then sleep.
+The spins run in compiled code that releases the GIL, so a waiting thread holds back no other.
+
+The loads and stores are LLVM atomics (acquire, release) on int64s: a compiled loop may not
+keep a flag in a register, and what a thread wrote before publishing is seen by the thread
+that waited for it. Between loads the CPU's spin-wait hint (x86 `pause`, Arm `yield`) keeps the
+loop from flooding the core's pipeline.
+
+Without Numba (or with a Numba that does not import) the same calls are plain Python that holds
+the GIL, so they cannot spin: each wait looks once and reports what it saw, and the team in
+cnn_gpu.cpu.threads sleeps and wakes as a pool of threads does.
+"""
+from __future__ import annotations
+
+import platform
+
+import numpy as np
+
+from . import unavailable_reason
+
+LINE = 8  # int64s in a 64-byte cache line: flag i lives at flags[i * LINE], alone on its line
+
+# The spin-wait hint as an LLVM intrinsic (Numba's JIT takes no inline assembly): x86's pause,
+# Arm's hint #1 (yield); elsewhere none.
+_MACHINE = platform.machine().lower()
+_HINT = ("llvm.x86.sse2.pause" if _MACHINE in ("x86_64", "amd64", "i386", "i686")
+         else "llvm.aarch64.hint" if _MACHINE in ("aarch64", "arm64") else None)
+
+
+def new_flags(n: int) -> np.ndarray:
+    """n flags, each alone on a 64-byte line (two threads writing neighbours would share one)."""
+    return np.zeros(n * LINE, np.int64)
+
+
+class plain:
+    """The same calls in Python, for when Numba is missing: they hold the GIL, so each wait looks once."""
+
+    new_flags = staticmethod(new_flags)
+
+    @staticmethod
+    def publish(flags, i, value):
+        flags[i * LINE] = value
+
+    @staticmethod
+    def load(flags, i):
+        return int(flags[i * LINE])
+
+    @staticmethod
+    def wait_for(flags, i, value, spins):
+        return plain.load(flags, i) >= value
+
+    @staticmethod
+    def wait_all(flags, first, last, value, spins):
+        return all(plain.load(flags, i) >= value for i in range(first, last))
+
+    @staticmethod
+    def publish_then_wait(flags, i, value, asleep, j, next_value, spins):
+        plain.publish(flags, i, value)
+        if plain.load(flags, asleep) >= value:
+            return -1
+        return 1 if plain.wait_for(flags, j, next_value, spins) else 0
+
+
+COMPILED = unavailable_reason() is None  # Numba imports: the waits spin outside the GIL
+
+if COMPILED:
+    from llvmlite import ir
+    from numba import njit, types
+    from numba.core import cgutils
+    from numba.extending import intrinsic
+
+    from .simd import _address
+
+    def _check(flags) -> None:
+        if not (isinstance(flags, types.Array) and flags.ndim == 1 and flags.dtype == types.int64):
+            raise TypeError(f"cnn_gpu.cpu.spin: expected new_flags()'s 1-D int64 array, got {flags}")
+
+
+    @intrinsic
+    def _load(typingctx, flags, i):
+        _check(flags)
+
+        def codegen(context, builder, sig, args):
+            address = _address(context, builder, sig.args[0], args[0], builder.mul(args[1], ir.Constant(args[1].type, LINE)))
+            return builder.load_atomic(address, "seq_cst", 8)
+        return types.int64(flags, types.intp), codegen
+
+
+    @intrinsic
+    def _store(typingctx, flags, i, value):
+        _check(flags)
+
+        def codegen(context, builder, sig, args):
+            address = _address(context, builder, sig.args[0], args[0], builder.mul(args[1], ir.Constant(args[1].type, LINE)))
+            builder.store_atomic(args[2], address, "seq_cst", 8)
+            return context.get_dummy_value()
+        return types.void(flags, types.intp, types.int64), codegen
+
+
+    @intrinsic
+    def _hint(typingctx):
+        def codegen(context, builder, sig, args):
+            if _HINT == "llvm.x86.sse2.pause":
+                builder.call(cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), []), _HINT), [])
+            elif _HINT is not None:
+                i32 = ir.IntType(32)
+                builder.call(cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), [i32]), _HINT),
+                             [ir.Constant(i32, 1)])
+            return context.get_dummy_value()
+        return types.void(), codegen
+
+
+    _jit = njit(cache=True, nogil=True)
+    # publish and load keep the GIL: a store or a load takes nanoseconds, and a call that let the GIL
+    # go would let a woken thread take it, and this one then sleep to get it back
+    _jit_gil = njit(cache=True)
+
+
+    @_jit_gil
+    def publish(flags, i, value):  # pragma: no cover - compiled, tested
+        _store(flags, i, value)
+
+
+    @_jit_gil
+    def load(flags, i):  # pragma: no cover - compiled, tested
+        return _load(flags, i)
+
+
+    @_jit
+    def wait_for(flags, i, value, spins):  # pragma: no cover - compiled, tested
+        for _ in range(spins):
+            if _load(flags, i) >= value:
+                return True
+            _hint()
+        return _load(flags, i) >= value
+
+
+    @_jit
+    def wait_all(flags, first, last, value, spins):  # pragma: no cover - compiled, tested
+        for i in range(first, last):
+            while _load(flags, i) < value:
+                if spins <= 0:
+                    return False
+                spins -= 1
+                _hint()
+        return True
+
+
+    @_jit
+    def publish_then_wait(flags, i, value, asleep, j, next_value, spins):  # pragma: no cover - compiled, tested
+        """flags[i] = value; then -1 if flags[asleep] >= value (the thread waiting for it has gone to
+        sleep: wake it), else whether flags[j] reached next_value within `spins` (1 or 0). All outside
+        the GIL: the thread that waited for flags[i] takes the GIL at once, while this one spins."""
+        _store(flags, i, value)
+        if _load(flags, asleep) >= value:
+            return -1
+        return 1 if wait_for(flags, j, next_value, spins) else 0
+
+else:
+    publish, load, wait_for, wait_all, publish_then_wait = (
+        plain.publish, plain.load, plain.wait_for, plain.wait_all, plain.publish_then_wait)

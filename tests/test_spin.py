@@ -1,0 +1,77 @@
+"""cnn_gpu.cpu.spin: flags one thread raises and another waits for by spinning outside the GIL."""
+import threading
+import time
+
+import numpy as np
+
+from cnn_gpu.cpu import spin
+
+
+def test_flags_sit_on_lines_of_their_own_and_start_at_zero():
+    flags = spin.new_flags(3)
+    assert flags.dtype == np.int64 and flags.size == 3 * spin.LINE
+    spin.publish(flags, 2, 7)
+    assert [spin.load(flags, i) for i in range(3)] == [0, 0, 7]
+    assert flags[2 * spin.LINE] == 7 and np.count_nonzero(flags) == 1  # flag i at i * LINE, nowhere else
+
+
+def test_wait_for_sees_a_value_at_or_past_the_one_waited_for_and_gives_up_after_its_spins():
+    flags = spin.new_flags(1)
+    assert not spin.wait_for(flags, 0, 1, 1000)
+    spin.publish(flags, 0, 5)
+    assert spin.wait_for(flags, 0, 5, 0) and spin.wait_for(flags, 0, 3, 0)
+    assert not spin.wait_for(flags, 0, 6, 10)
+
+
+def test_wait_all_needs_every_flag_in_its_range():
+    flags = spin.new_flags(4)
+    for i in (1, 2):
+        spin.publish(flags, i, 2)
+    assert spin.wait_all(flags, 1, 3, 2, 0)
+    assert not spin.wait_all(flags, 1, 4, 2, 100)
+    assert not spin.wait_all(flags, 0, 3, 1, 100)
+
+
+def test_a_flag_raised_by_another_thread_is_seen_by_a_spinning_one():
+    """Ping-pong over two flags: a wait that cached the flag in a register would never end."""
+    flags = spin.new_flags(2)
+    rounds = 2000
+
+    def other():
+        for k in range(1, rounds + 1):
+            assert spin.wait_for(flags, 0, k, 1 << 40)
+            spin.publish(flags, 1, k)
+
+    t = threading.Thread(target=other, daemon=True)
+    t.start()
+    start = time.monotonic()
+    for k in range(1, rounds + 1):
+        spin.publish(flags, 0, k)
+        assert spin.wait_for(flags, 1, k, 1 << 40)
+    t.join(10)
+    assert not t.is_alive() and time.monotonic() - start < 30
+
+
+def test_publish_then_wait_reports_a_sleeper_or_the_next_value():
+    flags = spin.new_flags(3)  # 0: done, 1: the waiter's asleep flag, 2: the next job
+    assert spin.publish_then_wait(flags, 0, 1, 1, 2, 2, 10) == 0  # nobody asleep, no next job within 10 spins
+    assert spin.load(flags, 0) == 1
+    spin.publish(flags, 2, 2)
+    assert spin.publish_then_wait(flags, 0, 1, 1, 2, 2, 10) == 1  # the next job is there
+    spin.publish(flags, 1, 3)
+    assert spin.publish_then_wait(flags, 0, 3, 1, 2, 4, 10) == -1  # the waiter sleeps: wake it
+
+
+def test_without_numba_the_flags_are_plain_python_and_the_threads_still_run():
+    """In a process where `import numba` fails: spin falls back to spin.plain, and for_each on two
+    threads still gives every part's result."""
+    import subprocess
+    import sys
+    code = ("import sys; sys.modules['numba'] = None\n"
+            "from cnn_gpu.cpu import spin, threads\n"
+            "assert not spin.COMPILED and spin.wait_for is spin.plain.wait_for\n"
+            "threads.set_count(2)\n"
+            "assert threads.for_each(list(range(9)), lambda p, s: p + 1) == list(range(1, 10))\n"
+            "print('ok')\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr
