@@ -168,6 +168,11 @@ class Layer:
         own backward; this layer's next backward returns dy unchanged."""
         raise NotImplementedError
 
+    def backward_adds_dx(self) -> bool:
+        """Whether backward(dy, need_dx, dx_plus=g) takes g, the gradient the input already has
+        from its other readers (N, ...), and returns dx + g (so a graph adds no pass of its own)."""
+        return False
+
     def is_sum(self) -> bool:
         """Whether this layer is the elementwise sum of its inputs (Add), which the layer before
         one of them may compute (absorbs_add) and then hand on (sum_computed)."""
@@ -416,10 +421,13 @@ class Conv2D(Layer):
     def infer(self, x: Any, **options: Any) -> Any:
         return super().infer(x, inference=True, **options)
 
-    def backward(self, dy: Any, need_dx: bool = True) -> Any:
-        dx, dw, db = F.conv2d_backward(dy, self._cache, need_dx=need_dx)
+    def backward(self, dy: Any, need_dx: bool = True, dx_plus: Any = None) -> Any:
+        dx, dw, db = F.conv2d_backward(dy, self._cache, need_dx=need_dx, dx_plus=dx_plus)
         self._set_grads(weight=dw, bias=db)
         return dx
+
+    def backward_adds_dx(self) -> bool:
+        return True
 
     def absorbs_affine(self, channels: int) -> bool:
         return channels == self.out_channels

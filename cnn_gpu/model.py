@@ -18,7 +18,9 @@ the graph's structure: in order, each node's layer on the tensors it reads. The 
 nodes in reverse order with each layer's own backward: a node receives the gradient of its
 output, which is the sum of what every node reading that tensor sent back, added in one fixed
 order (the reverse of the nodes' order), so the result is deterministic; and it passes on the
-gradients of its inputs. There is no tape: the layers' forward/backward pairs are the autograd,
+gradients of its inputs. Where a tensor's last reader in that order is a layer that adds into its
+own input gradient (backward_adds_dx: a convolution), it is handed the sum so far and adds it
+as it makes its dx: the same numbers, without a pass of their own. There is no tape: the layers' forward/backward pairs are the autograd,
 and the graph's order is the schedule. Gradients are computed only where they lead to a
 parameter (or to the graph's input, with need_dx=True).
 """
@@ -137,6 +139,13 @@ class Graph(Layer):
                 node.layer._cache = None  # nothing upstream of this node wants a gradient
                 continue
             want = [needs[name] for name in node.inputs]
+            if want == [True] and node.inputs[0] in grads and node.layer.backward_adds_dx():
+                # the input has a gradient from its other readers: the layer adds it to its dx as
+                # it makes it (a convolution, chunk by chunk in cache), and the sum is a new array
+                name = node.inputs[0]
+                grads[name] = node.layer.backward(grad, need_dx=True, dx_plus=grads[name])
+                owned.add(name)
+                continue
             dxs = node.layer.backward(grad, need_dx=any(want))
             if not any(want):
                 continue

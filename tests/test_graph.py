@@ -88,6 +88,56 @@ def test_gradient_sum_does_not_modify_a_shared_array(rng):
     np.testing.assert_allclose(dx, 2 * dy)
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_a_convolution_adds_the_other_readers_gradient_into_its_own_bit_for_bit(monkeypatch, rng, dtype):
+    """An identity block's input is read by conv1 and by the Add: conv1's backward is handed the
+    Add's gradient (dx_plus) and adds it as it makes dx. The gradients are those of the graph's own
+    sum, bit for bit (one rounding per element either way), and the Add's dy is left as it was."""
+    model = basic_block(16, 16, stride=1, batch_norm=True, dtype=dtype, rng=np.random.default_rng(4))
+    x = rng.standard_normal((6, 8, 8, 16)).astype(dtype)
+    dy = rng.standard_normal((6, 8, 8, 16)).astype(dtype)
+    calls = []
+    conv_backward = Conv2D.backward
+
+    def recording(self, grad, need_dx=True, dx_plus=None):
+        calls.append(dx_plus is not None)
+        return conv_backward(self, grad, need_dx, dx_plus)
+    monkeypatch.setattr(Conv2D, "backward", recording)
+
+    def run():
+        model.forward(x)
+        dx = model.backward(dy.copy(), need_dx=True)
+        return [p.grad.copy() for p in model.parameters()] + [dx]
+    fused = run()
+    assert calls == [False, True]  # conv2, then conv1 with the Add's gradient
+    monkeypatch.setattr(Conv2D, "backward_adds_dx", lambda self: False)
+    calls.clear()
+    plain = run()
+    assert calls == [False, False]
+    for a, b in zip(fused, plain):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_conv2d_backward_dx_plus_is_dx_plus_the_other_gradient_and_is_checked(rng):
+    from cnn_gpu.functional import conv2d_backward, conv2d_forward
+    for c, dtype in ((16, "float32"), (3, "float32"), (4, "float64")):  # direct; the GEMM path inside it; GEMM
+        x = rng.standard_normal((5, 7, 6, c)).astype(dtype)
+        w = rng.standard_normal((3, 3, c, 16)).astype(dtype)
+        y, cache = conv2d_forward(x, w, padding=1)
+        dy = rng.standard_normal(y.shape).astype(dtype)
+        other = rng.standard_normal(x.shape).astype(dtype)
+        before = other.copy()
+        dx, dw, _ = conv2d_backward(dy, cache)
+        dx_sum, dw_sum, _ = conv2d_backward(dy, cache, dx_plus=other)
+        np.testing.assert_array_equal(dx_sum, dx + other)
+        np.testing.assert_array_equal(dw_sum, dw)
+        np.testing.assert_array_equal(other, before)
+        with pytest.raises(ValueError, match="dx_plus is float32 \\(5, 7, 6, 1\\) but x is"):
+            conv2d_backward(dy, cache, dx_plus=np.zeros((5, 7, 6, 1), np.float32))
+        with pytest.raises(ValueError, match="need_dx is False"):
+            conv2d_backward(dy, cache, need_dx=False, dx_plus=other)
+
+
 def test_nested_graphs_have_path_names_and_recurse(rng):
     inner = _residual_block(np.random.default_rng(3))
     model = Sequential([("stem", Conv2D(1, 3, 3, padding=1, dtype="float64")), ("block0", inner),

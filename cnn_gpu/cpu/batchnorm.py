@@ -28,7 +28,7 @@ import numba
 import numpy as np
 
 from . import threads
-from .simd import LANES64, fma64, load64, store64, where_positive, widen, zeros64
+from .simd import LANES64, aligned_empty, fma64, load64, store64, where_positive, widen, zeros64
 
 _jit = numba.njit(cache=True, nogil=True, boundscheck=False)
 
@@ -272,7 +272,7 @@ def batch_norm_normalize(x2d: Any, mean: Any, inv_std: Any, gamma: Any, beta: An
     """y = (x - mean) * inv_std * gamma + beta: (M, C) -> (M, C); add2d (M, C): y + add2d; relu:
     max(y, 0), last; all in the same pass. Centring first: x * scale - mean * scale would cancel
     away the digits of a large mean."""
-    y = np.empty(x2d.shape, dtype=x2d.dtype)
+    y = aligned_empty(x2d.shape, x2d.dtype)  # on a cache line: a convolution reading it loads whole lines
     x2d, scale = np.ascontiguousarray(x2d), gamma * inv_std
     added = add2d is not None
     add2d = np.ascontiguousarray(add2d) if added else x2d  # x2d unread: one array type, one compiled kernel

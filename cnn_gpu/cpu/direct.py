@@ -30,11 +30,13 @@ channels (24 accumulators, for AVX-512's 32 registers) for O a multiple of 4 * L
 6 x 2 (12 accumulators) for O a multiple of 2 * LANES; 12 x 1 for O a multiple of LANES (ResNet's
 16 channels on AVX-512). 12 accumulators, two weight vectors and a broadcast fit AVX2's 16 registers.
 
-    dw = conv3x3_weight_grad(x, dy, scratch, stride=1)   # (3, 3, C, O): x's windows times dy, summed
+    dw = conv3x3_weight_grad(x, dy, stride=1)            # (3, 3, C, O): x's windows times dy, summed
 
 The weight gradient's kernel (_weight_grad_kernel) turns the roles round: its vectors run over
 input channels, dy is broadcast, and each pass over the batch sums one row of taps for LANES
-input channels and 8 output channels.
+input channels and 8 output channels. It reads x itself, not a padded copy: a row of taps
+outside the image is skipped, and a column outside it is a vector of zeros (the padded copy's
+numbers, without a pass to make it).
 """
 from __future__ import annotations
 
@@ -46,7 +48,7 @@ import numba
 import numpy as np
 
 from . import simd
-from .simd import LANES, broadcast, fma, load, zeros
+from .simd import LANES, aligned_empty, broadcast, fma, load, zeros
 
 _jit = numba.njit(cache=True, nogil=True, boundscheck=False)
 
@@ -253,9 +255,11 @@ def _weight_grad_kernel(c: int, o: int, s: int = 1) -> Callable[..., None]:
     FMAs, where a GEMM of cols.T @ dy first needs cols. On AVX2's 16 registers the 24 accumulators
     spill: the same sums, slower (not measured: no AVX2 machine this session)."""
     @_jit
-    def weight_grad(x, dy, dw_t, n, hp, wp, oh, ow):  # pragma: no cover - compiled, tested
-        # x: n padded images (hp, wp, c), flat; dy: (n, oh, ow, o), flat; dw_t: (3, 3, o, c), flat,
-        # overwritten (channels last, so that each accumulator is stored as one vector)
+    def weight_grad(x, dy, dw_t, n, h, w, oh, ow):  # pragma: no cover - compiled, tested
+        # x: (n, h, w, c), flat; dy: (n, oh, ow, o), flat; dw_t: (3, 3, o, c), flat, overwritten
+        # (channels last, so that each accumulator is stored as one vector). Output (i, j) reads
+        # input row s i + p - 1 and columns s j - 1, s j, s j + 1 at taps (p, 0), (p, 1), (p, 2).
+        outside = zeros()
         for p in range(3):
             for c0 in range(0, c, LANES):
                 for o0 in range(0, o, 8):
@@ -267,12 +271,16 @@ def _weight_grad_kernel(c: int, o: int, s: int = 1) -> Callable[..., None]:
                                                               zeros(), zeros(), zeros(), zeros())
                     for b in range(n):
                         for i in range(oh):
-                            row = ((b * hp + s * i + p) * wp) * c + c0  # x's padded row s i + p
+                            r = s * i + p - 1
+                            if r < 0 or r >= h:  # the padding's row: it adds nothing
+                                continue
+                            row = ((b * h + r) * w) * c + c0
                             dy_row = ((b * oh + i) * ow) * o + o0
                             for j in range(ow):
-                                x0 = load(x, row + s * j * c)  # taps (p, 0), (p, 1), (p, 2) of output j
-                                x1 = load(x, row + (s * j + 1) * c)
-                                x2 = load(x, row + (s * j + 2) * c)
+                                col = s * j
+                                x0 = load(x, row + (col - 1) * c) if col >= 1 else outside
+                                x1 = load(x, row + col * c)
+                                x2 = load(x, row + (col + 1) * c) if col + 1 < w else outside
                                 d = broadcast(dy, dy_row + j * o + 0)
                                 a00, a10, a20 = fma(x0, d, a00), fma(x1, d, a10), fma(x2, d, a20)
                                 d = broadcast(dy, dy_row + j * o + 1)
@@ -296,17 +304,6 @@ def _weight_grad_kernel(c: int, o: int, s: int = 1) -> Callable[..., None]:
                         for k in range(8):
                             simd.store(dw_t, ((p * 3 + q) * o + o0 + k) * c + c0, accumulators[q][k])
     return weight_grad
-
-
-def aligned_empty(shape: tuple[int, ...]) -> np.ndarray:
-    """An uninitialized float32 array whose data starts on a 64-byte boundary (a cache line, an
-    AVX-512 vector). NumPy's own arrays start 16 bytes past one as often as not, and every vector
-    load or store of a row then straddles two lines (BENCHMARKS.md, session 9). Rows of a multiple
-    of 16 channels stay aligned."""
-    size = math.prod(shape)
-    buffer = np.empty(size + 16, dtype=np.float32)
-    start = (-(buffer.ctypes.data >> 2)) & 15
-    return buffer[start:start + size].reshape(shape)
 
 
 def _aligned(a: np.ndarray) -> np.ndarray:
@@ -383,14 +380,14 @@ def conv3x3_input_grad(dy: np.ndarray, w_t: np.ndarray, out: np.ndarray, scratch
     return out
 
 
-def conv3x3_weight_grad(x: np.ndarray, dy: np.ndarray, scratch: np.ndarray, stride: int = 1) -> np.ndarray:
+def conv3x3_weight_grad(x: np.ndarray, dy: np.ndarray, stride: int = 1) -> np.ndarray:
     """dw (3, 3, C, O) of y = conv3x3(x, w, stride=stride): sum over every output position of x's
     3x3 window (zero padded) times dy there. x (B, H, W, C) and dy (B, OH, OW, O) float32, C a
-    multiple of LANES, O of 8 (supports_weight_grad); scratch: padded_scratch(n >= B, H, W, C).
-    Returns a new array."""
+    multiple of LANES, O of 8 (supports_weight_grad); x on a 64-byte boundary (aligned_empty) is
+    faster. Returns a new array."""
     n, h, wd, c = x.shape
     o = dy.shape[3]
     dw_t = aligned_empty((3, 3, o, c))
-    _weight_grad_kernel(c, o, stride)(_padded(x, scratch), np.ascontiguousarray(dy).reshape(-1), dw_t.reshape(-1),
-                                      n, h + 2, wd + 2, *output_hw(h, wd, stride))
+    _weight_grad_kernel(c, o, stride)(np.ascontiguousarray(x).reshape(-1), np.ascontiguousarray(dy).reshape(-1),
+                                      dw_t.reshape(-1), n, h, wd, *output_hw(h, wd, stride))
     return np.ascontiguousarray(dw_t.transpose(0, 1, 3, 2))

@@ -15,6 +15,10 @@ and of float64, half as many lanes (LANES64), for sums of float32 data kept in f
     s = fma64(d, e, s)       # s + d * e
     g = where_positive(r, d) # d where r > 0, else 0 (a ReLU's backward select; NaN in r gives 0)
 
+and arrays for them:
+
+    a = aligned_empty(shape, dtype)   # uninitialized, its data on a 64-byte boundary
+
 Why: Numba has no vector type, and LLVM's auto-vectorizer keeps the accumulators of a
 convolution's inner loop in memory (it cannot prove the arrays do not alias); every direct
 convolution written as scalar Numba loops ran at a small fraction of OpenBLAS's GEMM
@@ -32,8 +36,10 @@ same bits on every run and thread count on one machine.
 """
 from __future__ import annotations
 
+import math
 import operator
 
+import numpy as np
 from llvmlite import binding as llvm
 from llvmlite import ir
 from numba import types
@@ -216,3 +222,15 @@ for _operator, _instruction in ((operator.add, "fadd"), (operator.sub, "fsub"), 
             if isinstance(a, Float64Vector) and isinstance(b, Float64Vector):
                 return lambda a, b: op(a, b)
     _register()
+
+
+def aligned_empty(shape: tuple[int, ...], dtype: object = np.float32) -> np.ndarray:
+    """An uninitialized array whose data starts on a 64-byte boundary (a cache line, an AVX-512
+    vector). NumPy's own arrays start 16 bytes past one as often as not, and every vector load or
+    store of a row then straddles two lines (BENCHMARKS.md, session 9). Rows of a multiple of 64
+    bytes (16 float32 channels) stay aligned."""
+    dtype = np.dtype(dtype)
+    size, per_line = math.prod(shape), 64 // dtype.itemsize
+    buffer = np.empty(size + per_line, dtype=dtype)
+    start = (-(buffer.ctypes.data // dtype.itemsize)) % per_line
+    return buffer[start:start + size].reshape(shape)

@@ -144,6 +144,8 @@ class Strategy(NamedTuple):
     forward: Callable[..., tuple[Any, Any]]
     # (dy, cache, need_dx) -> (dx or None, dw, db or None)
     backward: Callable[..., tuple[Any, Any, Any]]
+    # backward takes dx_plus= too and returns dx + dx_plus, adding while dx is in cache
+    adds_dx: bool = False
 
 
 REFERENCE = Strategy("reference", reference_forward, reference_backward)
@@ -480,33 +482,37 @@ def _input_grad_direct(dy2d: np.ndarray, w: np.ndarray, window: Window, out_hw: 
                               stride=window.sh)
 
 
-def _direct_backward(dy: Any, cache: ConvCache, need_dx: bool) -> tuple[Any, Any, Any]:
+def _direct_backward(dy: Any, cache: ConvCache, need_dx: bool, dx_plus: Any = None) -> tuple[Any, Any, Any]:
     """dx by the direct kernels (conv3x3_input_grad) and dw by the weight-gradient kernel, chunk by
-    chunk (on cnn_gpu.cpu.threads), the chunks' dw summed in chunk order; db a column sum. Where
-    the weight-gradient kernel does not take the channels (C not a multiple of LANES: a network's
-    first layer), NUMPY_GEMM_COMPILED's backward, with dx by the direct kernels where they take C."""
+    chunk (on cnn_gpu.cpu.threads), the chunks' dw summed in chunk order; db a column sum. dx_plus:
+    added to each chunk of dx while it is in cache. Where the weight-gradient kernel does not take
+    the channels (C not a multiple of LANES: a network's first layer), NUMPY_GEMM_COMPILED's
+    backward, with dx by the direct kernels where they take C."""
     direct = _cpu_direct()
     x, w, window, out_hw = np.ascontiguousarray(cache.x), cache.w, cache.window, cache.out_hw
     n, h, wd, c = x.shape
     o = w.shape[3]
     dx_direct = direct.supports(o, c)  # dx has C outputs
     if not (dx_direct and direct.supports_weight_grad(c, o)):
-        return _gemm_backward(dy, cache, need_dx, im2col=_im2col_compiled,
-                              input_grad=_input_grad_direct if dx_direct else _input_grad_compiled,
-                              input_grad_scratch=_padded_dy_scratch if dx_direct else _dcols_scratch)
+        dx, dw, db = _gemm_backward(dy, cache, need_dx, im2col=_im2col_compiled,
+                                    input_grad=_input_grad_direct if dx_direct else _input_grad_compiled,
+                                    input_grad_scratch=_padded_dy_scratch if dx_direct else _dcols_scratch)
+        return _plus(dx, dx_plus), dw, db
     dy = np.ascontiguousarray(dy)
     w_t = direct.swap_channels(w)
     dx = direct.aligned_empty(x.shape) if need_dx else None
-    chunks = _direct_chunks(n, (h + 2) * (wd + 2) * max(c, o) * x.itemsize)
+    chunks = _direct_chunks(n, (h + 2) * (wd + 2) * max(c, o) * x.itemsize)  # as the forward's, for dy too
     per_chunk = chunks[0].stop - chunks[0].start if chunks else 0
 
-    def scratch() -> tuple[np.ndarray, np.ndarray]:  # padded x, padded dy
-        return direct.padded_scratch(per_chunk, h, wd, c), direct.padded_scratch(per_chunk, *out_hw, o)
+    def scratch() -> np.ndarray | None:  # padded dy (the weight gradient reads x as it is)
+        return direct.padded_scratch(per_chunk, *out_hw, o) if need_dx else None
 
-    def run(part: slice, padded: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
+    def run(part: slice, padded_dy: np.ndarray | None) -> np.ndarray:
         if need_dx:
-            direct.conv3x3_input_grad(dy[part], w_t, dx[part], padded[1], stride=window.sh)
-        return direct.conv3x3_weight_grad(x[part], dy[part], padded[0], stride=window.sh)
+            direct.conv3x3_input_grad(dy[part], w_t, dx[part], padded_dy, stride=window.sh)
+            if dx_plus is not None:
+                np.add(dx[part], dx_plus[part], out=dx[part])
+        return direct.conv3x3_weight_grad(x[part], dy[part], stride=window.sh)
 
     dw = np.zeros(w.shape, dtype=w.dtype)
     for part_dw in threads.for_each(chunks, run, scratch):  # in chunk order: the same sum on any thread count
@@ -515,7 +521,7 @@ def _direct_backward(dy: Any, cache: ConvCache, need_dx: bool) -> tuple[Any, Any
     return dx, dw, db
 
 
-NUMPY_DIRECT = Strategy("numpy-direct 3x3, vector kernels", _direct_forward, _direct_backward)
+NUMPY_DIRECT = Strategy("numpy-direct 3x3, vector kernels", _direct_forward, _direct_backward, adds_dx=True)
 
 
 # ---- 2c. NumPy, depthwise (groups == C): a multiply-add per kernel tap ----------------------------
@@ -738,10 +744,18 @@ def conv2d_forward(x: Any, w: Any, b: Any = None, stride: int | tuple[int, int] 
     return y, ConvCache(x, w, b is not None, window, groups, out_hw, cols)
 
 
-def conv2d_backward(dy: Any, cache: ConvCache, need_dx: bool = True) -> tuple[Any, Any, Any]:
+def _plus(dx: Any, dx_plus: Any) -> Any:
+    return dx if dx_plus is None else dx + dx_plus
+
+
+def conv2d_backward(dy: Any, cache: ConvCache, need_dx: bool = True, dx_plus: Any = None) -> tuple[Any, Any, Any]:
     """dy (N, OH, OW, O) -> dx (N, H, W, C) or None, dw (KH, KW, C/groups, O), db (O,) or None.
 
     need_dx=False skips the input gradient (the first layer of a network has no use for it).
+    dx_plus (N, H, W, C): the gradient x has from its other readers; the dx returned is then
+    dx + dx_plus (each element rounded once, as a separate sum would: the same numbers), computed
+    by the direct strategy chunk by chunk while dx is in cache instead of in a pass of its own.
+    dx_plus is read, not written.
     """
     x, w = cache.x, cache.w
     get_array_module(dy, x)  # a TypeError for arrays of both backends
@@ -751,4 +765,14 @@ def conv2d_backward(dy: Any, cache: ConvCache, need_dx: bool = True) -> tuple[An
                          f"was {expected}")
     if dy.dtype != x.dtype:
         raise TypeError(f"conv2d backward: dy is {dy.dtype} but x is {x.dtype}; use one dtype")
-    return select(x, w, cache.groups, cache.window, cache.out_hw).backward(dy, cache, need_dx)
+    if dx_plus is not None:
+        if not need_dx:
+            raise ValueError("conv2d backward: dx_plus is added to dx, but need_dx is False")
+        if tuple(dx_plus.shape) != tuple(x.shape) or dx_plus.dtype != x.dtype:
+            raise ValueError(f"conv2d backward: dx_plus is {dx_plus.dtype} {tuple(dx_plus.shape)} but x is "
+                             f"{x.dtype} {tuple(x.shape)}")
+    strategy = select(x, w, cache.groups, cache.window, cache.out_hw)
+    if strategy.adds_dx:
+        return strategy.backward(dy, cache, need_dx, dx_plus=dx_plus)
+    dx, dw, db = strategy.backward(dy, cache, need_dx)
+    return _plus(dx, dx_plus), dw, db
