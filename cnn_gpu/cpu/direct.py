@@ -29,6 +29,8 @@ and compiled for each (C, O, stride) they meet (_kernel): 6 positions x 4 vector
 channels (24 accumulators, for AVX-512's 32 registers) for O a multiple of 4 * LANES on AVX-512;
 6 x 2 (12 accumulators) for O a multiple of 2 * LANES; 12 x 1 for O a multiple of LANES (ResNet's
 16 channels on AVX-512). 12 accumulators, two weight vectors and a broadcast fit AVX2's 16 registers.
+Where O is one vector at stride 1, 8 positions of one row (_rows8) share each broadcast among the
+three taps of a tap row that read it, and the tiles take what is left of each row.
 
     dw = conv3x3_weight_grad(x, dy, stride=1)            # (3, 3, C, O): x's windows times dy, summed
 
@@ -225,13 +227,97 @@ def _tiles12(c: int, o: int, s: int, taps: tuple) -> Callable[..., None]:
 FORWARD_TAPS = tuple((p, q, 3 * p + q) for p in range(3) for q in range(3))  # (row, column, weight) of each tap
 
 
+ROW_TILE = 8  # output positions of one row that _rows8 sums at a time
+
+
+@functools.lru_cache(maxsize=None)
+def _rows8(c: int, o: int, weights: tuple) -> Callable[..., None]:
+    """8 positions of one output row x 1 vector (O = LANES) at stride 1, for a full 3 x 3 set of
+    taps; weights[3 di + dj]: the weights w[tw // 3, tw % 3] that tap (di, dj) reads.
+
+    Along a row, input column u of tap row di is read by output j0 + k at tap column dj = u - k,
+    so each broadcast of x feeds up to three accumulators, each with its own weight vector:
+    per input channel 10 broadcasts and 3 weight loads for 24 FMAs, where 12 positions x 1 vector
+    (_tiles12) loads 13 times for 12 FMAs, and ran at load-port speed (BENCHMARKS.md, "Session 13")."""
+    @_jit
+    def rows8(x, w, y, n, hp, wp, gh, gw, full):  # pragma: no cover - compiled, tested
+        # x: n padded images (hp, wp, c), flat; y: (n, gh, gw, o), flat; columns 0..full-1 of each row
+        for b in range(n):
+            for i in range(gh):
+                for j0 in range(0, full, 8):
+                    a0, a1, a2, a3, a4, a5, a6, a7 = zeros(), zeros(), zeros(), zeros(), zeros(), zeros(), zeros(), zeros()
+                    for di in range(3):
+                        base = ((b * hp + i + di) * wp + j0) * c
+                        w_0, w_1, w_2 = weights[3 * di] * c * o, weights[3 * di + 1] * c * o, weights[3 * di + 2] * c * o
+                        for ch in range(c):
+                            w0, w1, w2 = load(w, w_0 + ch * o), load(w, w_1 + ch * o), load(w, w_2 + ch * o)
+                            v = broadcast(x, base + ch)
+                            a0 = fma(v, w0, a0)
+                            v = broadcast(x, base + c + ch)
+                            a1, a0 = fma(v, w0, a1), fma(v, w1, a0)
+                            v = broadcast(x, base + 2 * c + ch)
+                            a2, a1, a0 = fma(v, w0, a2), fma(v, w1, a1), fma(v, w2, a0)
+                            v = broadcast(x, base + 3 * c + ch)
+                            a3, a2, a1 = fma(v, w0, a3), fma(v, w1, a2), fma(v, w2, a1)
+                            v = broadcast(x, base + 4 * c + ch)
+                            a4, a3, a2 = fma(v, w0, a4), fma(v, w1, a3), fma(v, w2, a2)
+                            v = broadcast(x, base + 5 * c + ch)
+                            a5, a4, a3 = fma(v, w0, a5), fma(v, w1, a4), fma(v, w2, a3)
+                            v = broadcast(x, base + 6 * c + ch)
+                            a6, a5, a4 = fma(v, w0, a6), fma(v, w1, a5), fma(v, w2, a4)
+                            v = broadcast(x, base + 7 * c + ch)
+                            a7, a6, a5 = fma(v, w0, a7), fma(v, w1, a6), fma(v, w2, a5)
+                            v = broadcast(x, base + 8 * c + ch)
+                            a7, a6 = fma(v, w1, a7), fma(v, w2, a6)
+                            v = broadcast(x, base + 9 * c + ch)
+                            a7 = fma(v, w2, a7)
+                    out = ((b * gh + i) * gw + j0) * o
+                    simd.store(y, out, a0)
+                    simd.store(y, out + o, a1)
+                    simd.store(y, out + 2 * o, a2)
+                    simd.store(y, out + 3 * o, a3)
+                    simd.store(y, out + 4 * o, a4)
+                    simd.store(y, out + 5 * o, a5)
+                    simd.store(y, out + 6 * o, a6)
+                    simd.store(y, out + 7 * o, a7)
+    return rows8
+
+
+def _row_weights(taps: tuple) -> tuple | None:
+    """weights[3 di + dj] for _rows8 when the taps are all nine (di, dj) offsets once; else None."""
+    by_offset = {(di, dj): tw for di, dj, tw in taps}
+    if len(taps) != 9 or set(by_offset) != {(di, dj) for di in range(3) for dj in range(3)}:
+        return None
+    return tuple(by_offset[(di, dj)] for di in range(3) for dj in range(3))
+
+
+@functools.lru_cache(maxsize=None)
+def _rows_then_tiles(c: int, o: int, taps: tuple) -> Callable[..., None]:
+    """The tiles kernels' call for O = LANES at stride 1 with all nine taps: _rows8 over each row's
+    first columns in eights, _tiles12 over the rest (x and the columns offset to where they begin)."""
+    rows8, rest = _rows8(c, o, _row_weights(taps)), _tiles12(c, o, 1, taps)
+
+    def run(x, w, y, n, hp, wp, gh, gw, spread, row0, col0, oh, ow) -> None:
+        if spread != 1 or row0 or col0 or gw < ROW_TILE:
+            rest(x, w, y, n, hp, wp, gh, gw, spread, row0, col0, oh, ow)
+            return
+        full = gw - gw % ROW_TILE
+        rows8(x, w, y, n, hp, wp, gh, gw, full)
+        if full < gw:  # window j of x[full * c:] starts at padded column full + j
+            rest(x[full * c:], w, y, n, hp, wp, gh, gw - full, 1, 0, full, oh, ow)
+    return run
+
+
 def _kernel(c: int, o: int, s: int, taps: tuple = FORWARD_TAPS) -> Callable[..., None]:
     """The micro-kernel loop for c input channels, o output channels, windows s pixels apart and
     these taps ((row, column) offsets from a window's start, and the index p * 3 + q of the
     weights w[p, q] each reads), compiled for them: as constants they turn every address of the
     inner loop into a register plus a fixed offset (BENCHMARKS.md, session 9). Compiled on first
     use, under a second each, and cached on disk like the other kernels: Numba's cache key holds
-    a closure's variables."""
+    a closure's variables. One vector of outputs at stride 1 with all nine taps (a ResNet's
+    16-channel layers and their input gradients) runs along rows (_rows_then_tiles)."""
+    if o == LANES and s == 1 and _row_weights(taps) is not None:
+        return _rows_then_tiles(c, o, taps)
     return _tiles12(c, o, s, taps) if o % (2 * LANES) else _tiles6(c, o, s, taps)
 
 
