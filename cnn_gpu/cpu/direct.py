@@ -392,7 +392,7 @@ def _weight_grad_kernel(c: int, o: int, s: int = 1) -> Callable[..., None]:
     return weight_grad
 
 
-def _aligned(a: np.ndarray) -> np.ndarray:
+def aligned(a: np.ndarray) -> np.ndarray:
     """a itself when it is C-contiguous float32 on a 64-byte boundary, else such a copy."""
     if a.flags.c_contiguous and a.dtype == np.float32 and a.ctypes.data % 64 == 0:
         return a
@@ -431,14 +431,14 @@ def conv3x3(x: np.ndarray, w: np.ndarray, out: np.ndarray, scratch: np.ndarray, 
     n, h, wd, c = x.shape
     o = w.shape[3]
     oh, ow = output_hw(h, wd, stride)
-    _kernel(c, o, stride)(_padded(x, scratch), _aligned(w).reshape(-1), out.reshape(-1),
+    _kernel(c, o, stride)(_padded(x, scratch), aligned(w).reshape(-1), out.reshape(-1),
                           n, h + 2, wd + 2, oh, ow, 1, 0, 0, oh, ow)
     return out
 
 
 def swap_channels(w: np.ndarray) -> np.ndarray:
     """w (3, 3, C, O) -> (3, 3, O, C) on a 64-byte boundary: the weights conv3x3_input_grad reads."""
-    return _aligned(w.transpose(0, 1, 3, 2))
+    return aligned(w.transpose(0, 1, 3, 2))
 
 
 def conv3x3_input_grad(dy: np.ndarray, w_t: np.ndarray, out: np.ndarray, scratch: np.ndarray,

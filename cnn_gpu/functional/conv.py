@@ -456,6 +456,7 @@ def _direct_forward(x: Any, w: Any, b: Any, window: Window, groups: int, out_hw:
     o = w.shape[3]
     y = direct.aligned_empty((n, *out_hw, o))
     chunks = _direct_chunks(n, (h + 2) * (wd + 2) * c * x.itemsize)
+    w = direct.aligned(w)  # once, not a copy per chunk
 
     def run(part: slice, padded: np.ndarray) -> None:
         y_part = direct.conv3x3(x[part], w, y[part], padded, stride=window.sh).reshape(-1, o)
