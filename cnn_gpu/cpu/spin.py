@@ -1,20 +1,22 @@
 """Flags that threads wait on by spinning, outside the GIL: how cnn_gpu.cpu.threads hands out parts.
 
     flags = new_flags(n)                   # n int64 flags, each on a cache line of its own, all 0
-    publish(flags, i, value)               # flags[i] = value (an atomic store, release)
+    publish(flags, i, value)               # flags[i] = value (an atomic store); load(flags, i) reads one
     seen = wait_for(flags, i, value, spins)  # spin until flags[i] >= value, at most `spins` pauses
     seen = wait_all(flags, first, last, value, spins)   # the same for flags first..last-1
+    got = publish_then_wait(flags, i, value, asleep, j, next_value, spins)  # both, in one call
 
 Why spin: a thread asleep on a lock or a condition takes ~50 us to wake on a virtual machine
-whose idle CPUs halt at once (no halt polling; our CI machines are such), so every hand-off of
-parts to a sleeping thread and back cost ~0.1 ms: more than a resnet20 batch norm's whole pass
-on a thread (BENCHMARKS.md, "Session 13"). A thread spinning on a flag sees it change in well under
+whose idle CPUs halt at once (no halt polling: this project's machines are such), so every hand-off
+of parts to a sleeping thread and back cost ~0.1 ms, as long as the pass of one of resnet20's
+smaller batch norms (BENCHMARKS.md, "Session 13"). A thread spinning on a flag sees it change in well under
 a microsecond. OpenMP's runtimes (PyTorch's threads) do the same: spin for a while, then sleep.
 The spins run in compiled code that releases the GIL, so a waiting thread holds back no other.
 
-The loads and stores are LLVM atomics (acquire, release) on int64s: a compiled loop may not
-keep a flag in a register, and what a thread wrote before publishing is seen by the thread
-that waited for it. Between loads the CPU's spin-wait hint (x86 `pause`, Arm `yield`) keeps the
+The loads and stores are LLVM atomics (sequentially consistent) on int64s: a compiled loop may not
+keep a flag in a register, what a thread wrote before publishing is seen by the thread that
+waited for it, and of two threads that each store a flag and then load the other's, at least one
+sees the other's store (how a sleeping thread is never left asleep: cnn_gpu.cpu.threads._Team). Between loads the CPU's spin-wait hint (x86 `pause`, Arm `yield`) keeps the
 loop from flooding the core's pipeline.
 
 Without Numba (or with a Numba that does not import) the same calls are plain Python that holds
