@@ -379,3 +379,33 @@ def test_evaluation_in_slices_side_by_side_is_the_same_as_in_turn(monkeypatch, o
     two = on_threads(2, evaluate)
     assert len(set(runs)) == 2  # side by side
     assert_same(one, two)
+
+
+def test_changing_the_count_while_another_thread_runs_parts_does_not_deadlock(count):
+    """A thread that sets another count makes a new team and closes the old one, which waits for the
+    job running on it; that job's caller takes the module's lock when it lets the BLAS go."""
+    count(2)
+    started, finish, errors = threading.Event(), threading.Event(), []
+
+    def slow(part, _):
+        started.set()
+        finish.wait(10)
+        return part
+
+    def caller():
+        try:
+            assert threads.for_each([0, 1, 2], slow) == [0, 1, 2]
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    t = threading.Thread(target=caller)
+    t.start()
+    assert started.wait(10)
+    threads.set_count(3)
+    other = threading.Thread(target=lambda: threads.for_each([0, 1, 2], lambda p, s: p))
+    other.start()  # makes the team of 3 and closes the team of 2 while its job runs
+    time.sleep(0.05)
+    finish.set()
+    t.join(20)
+    other.join(20)
+    assert not t.is_alive() and not other.is_alive() and not errors

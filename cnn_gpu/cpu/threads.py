@@ -263,11 +263,13 @@ _team: _Team | None = None
 def _get_team(size: int) -> _Team:
     global _team
     with _lock:
-        if _team is None or _team.size != size:
-            if _team is not None:
-                _team.close()
+        old = _team
+        if old is None or old.size != size:
             _team = _Team(size)
-        return _team
+        team = _team
+    if old is not None and old is not team:
+        old.close()  # outside _lock: it waits for a job of the old team's, whose caller may need _lock
+    return team
 
 
 def _forget_team() -> None:
