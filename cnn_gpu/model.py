@@ -18,10 +18,10 @@ the graph's structure: in order, each node's layer on the tensors it reads. The 
 nodes in reverse order with each layer's own backward: a node receives the gradient of its
 output, which is the sum of what every node reading that tensor sent back, added in one fixed
 order (the reverse of the nodes' order), so the result is deterministic; and it passes on the
-gradients of its inputs. Where a tensor's last reader in that order is a layer that adds into its
-own input gradient (backward_adds_dx: a convolution), it is handed the sum so far and adds it
-as it makes its dx: the same numbers, without a pass of their own. There is no tape: the layers' forward/backward pairs are the autograd,
-and the graph's order is the schedule. Gradients are computed only where they lead to a
+gradients of its inputs. Where a reader after the first in that order is a layer that adds into
+its own input gradient (backward_adds_dx: a convolution), it is handed the sum so far and adds it
+as it makes its dx: the same numbers, without a pass of their own. There is no tape: the layers'
+forward/backward pairs are the autograd, and the graph's order is the schedule. Gradients are computed only where they lead to a
 parameter (or to the graph's input, with need_dx=True).
 """
 from __future__ import annotations

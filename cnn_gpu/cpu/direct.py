@@ -236,9 +236,9 @@ def _rows8(c: int, o: int, weights: tuple) -> Callable[..., None]:
     taps; weights[3 di + dj]: the weights w[tw // 3, tw % 3] that tap (di, dj) reads.
 
     Along a row, input column u of tap row di is read by output j0 + k at tap column dj = u - k,
-    so each broadcast of x feeds up to three accumulators, each with its own weight vector:
-    per input channel 10 broadcasts and 3 weight loads for 24 FMAs, where 12 positions x 1 vector
-    (_tiles12) loads 13 times for 12 FMAs, and ran at load-port speed (BENCHMARKS.md, "Session 13")."""
+    so each broadcast of x feeds up to three accumulators, each with its own weight vector: per
+    tap row and input channel, 10 broadcasts and 3 weight loads for 24 FMAs, where 12 positions x 1
+    vector (_tiles12) makes 13 loads for 12 FMAs and ran at load-port speed (BENCHMARKS.md, "Session 13")."""
     @_jit
     def rows8(x, w, y, n, hp, wp, gh, gw, full):  # pragma: no cover - compiled, tested
         # x: n padded images (hp, wp, c), flat; y: (n, gh, gw, o), flat; columns 0..full-1 of each row
