@@ -49,10 +49,11 @@ def _shapes(lanes):
     # (N, H, W, C, O): every micro-kernel (12 positions x 1 vector: O = LANES; 6 x 2: 2 LANES; 6 x 4
     # on AVX-512: 4 LANES), several output blocks (3 LANES), one input channel, odd and tiny images
     # (tiles running across rows and images, a last tile past the end), batch 1; rows of 8 (O = LANES,
-    # or dx's C = LANES, at stride 1: a row of 11 is 8 by _rows8 and 3 by the tiles, one of 16 two eights)
+    # or dx's C = LANES, at stride 1: a row of 11 is 8 by _rows8 and 3 by the tiles, one of 16 two
+    # eights; two vectors on AVX-512 by _rows8x2: 4 LANES is two passes, a row of 10 is 8 and 2)
     return [(2, 7, 5, 1, lanes), (3, 6, 9, 3, 2 * lanes), (1, 1, 1, 16, lanes), (2, 2, 3, 16, 4 * lanes),
             (2, 9, 8, 32, 3 * lanes), (4, 7, 7, 64, 4 * lanes), (2, 5, 13, 16, 2 * lanes),
-            (2, 5, 11, 16, lanes), (2, 4, 16, lanes, 2 * lanes)]
+            (2, 5, 11, 16, lanes), (2, 4, 16, lanes, 2 * lanes), (2, 3, 10, 8, 4 * lanes)]
 
 
 def _cases(lanes):
@@ -64,12 +65,14 @@ def _cases(lanes):
         [(shapes[1], 3), (shapes[4], 3), (shapes[6], 5)]
 
 
-def test_rows_of_eight_take_one_vector_at_stride_1_and_all_nine_taps(direct):
+def test_rows_of_eight_take_stride_1_and_all_nine_taps(direct):
     """Which kernel each call gets: _rows_then_tiles exactly where _rows8 applies."""
     lanes = direct.LANES
     assert direct._kernel(16, lanes, 1).__name__ == "run"  # rows of 8, then the tiles
     assert direct._kernel(16, lanes, 2).__name__ == "tiles12"  # strided
-    assert direct._kernel(16, 2 * lanes, 1).__name__ in ("tiles6", "tiles12")
+    assert direct._kernel(16, 2 * lanes, 1).__name__ == ("run" if lanes == 16 else "tiles6")  # 2 vectors: AVX-512
+    assert direct._kernel(16, 2 * lanes, 2).__name__ == "tiles6"
+    assert direct._kernel(16, 3 * lanes, 1).__name__ == "tiles12"  # an odd number of vectors
     assert direct._kernel(lanes, 16, 1, direct._input_grad_taps(1, 0, 0)).__name__ == "run"  # dx at stride 1
     assert direct._kernel(lanes, 16, 1, direct._input_grad_taps(2, 0, 0)).__name__ == "tiles12"  # one of stride 2's classes
     assert direct._row_weights(direct.FORWARD_TAPS) == tuple(range(9))

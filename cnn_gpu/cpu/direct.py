@@ -29,8 +29,8 @@ and compiled for each (C, O, stride) they meet (_kernel): 6 positions x 4 vector
 channels (24 accumulators, for AVX-512's 32 registers) for O a multiple of 4 * LANES on AVX-512;
 6 x 2 (12 accumulators) for O a multiple of 2 * LANES; 12 x 1 for O a multiple of LANES (ResNet's
 16 channels on AVX-512). 12 accumulators, two weight vectors and a broadcast fit AVX2's 16 registers.
-Where O is one vector at stride 1, 8 positions of one row (_rows8) share each broadcast among the
-three taps of a tap row that read it, and the tiles take what is left of each row.
+At stride 1, 8 positions of one row (_rows8, _rows8x2 for two vectors on AVX-512) share each
+broadcast among the three taps of a tap row that read it, and the tiles take what is left of each row.
 
     dw = conv3x3_weight_grad(x, dy, stride=1)            # (3, 3, C, O): x's windows times dy, summed
 
@@ -283,6 +283,63 @@ def _rows8(c: int, o: int, weights: tuple) -> Callable[..., None]:
     return rows8
 
 
+@functools.lru_cache(maxsize=None)
+def _rows8x2(c: int, o: int, weights: tuple) -> Callable[..., None]:
+    """_rows8 for two vectors of outputs at a time (O a multiple of 2 * LANES, on AVX-512): 16
+    accumulators, 6 weight vectors and a broadcast, 23 of the 32 registers; 10 broadcasts and 6
+    weight loads for 48 FMAs, against 6 x 2 tiles' 8 loads for 12 (BENCHMARKS.md, "Session 13")."""
+    @_jit
+    def rows8x2(x, w, y, n, hp, wp, gh, gw, full):  # pragma: no cover - compiled, tested
+        for b in range(n):
+            for i in range(gh):
+                for j0 in range(0, full, 8):
+                    for o0 in range(0, o, 2 * LANES):
+                        a0, a1, a2, a3, a4, a5, a6, a7 = zeros(), zeros(), zeros(), zeros(), zeros(), zeros(), zeros(), zeros()
+                        e0, e1, e2, e3, e4, e5, e6, e7 = zeros(), zeros(), zeros(), zeros(), zeros(), zeros(), zeros(), zeros()
+                        for di in range(3):
+                            base = ((b * hp + i + di) * wp + j0) * c
+                            w_0 = weights[3 * di] * c * o + o0
+                            w_1 = weights[3 * di + 1] * c * o + o0
+                            w_2 = weights[3 * di + 2] * c * o + o0
+                            for ch in range(c):
+                                w0, w1, w2 = load(w, w_0 + ch * o), load(w, w_1 + ch * o), load(w, w_2 + ch * o)
+                                u0 = load(w, w_0 + ch * o + LANES)
+                                u1 = load(w, w_1 + ch * o + LANES)
+                                u2 = load(w, w_2 + ch * o + LANES)
+                                v = broadcast(x, base + ch)
+                                a0, e0 = fma(v, w0, a0), fma(v, u0, e0)
+                                v = broadcast(x, base + c + ch)
+                                a1, a0, e1, e0 = fma(v, w0, a1), fma(v, w1, a0), fma(v, u0, e1), fma(v, u1, e0)
+                                v = broadcast(x, base + 2 * c + ch)
+                                a2, a1, a0 = fma(v, w0, a2), fma(v, w1, a1), fma(v, w2, a0)
+                                e2, e1, e0 = fma(v, u0, e2), fma(v, u1, e1), fma(v, u2, e0)
+                                v = broadcast(x, base + 3 * c + ch)
+                                a3, a2, a1 = fma(v, w0, a3), fma(v, w1, a2), fma(v, w2, a1)
+                                e3, e2, e1 = fma(v, u0, e3), fma(v, u1, e2), fma(v, u2, e1)
+                                v = broadcast(x, base + 4 * c + ch)
+                                a4, a3, a2 = fma(v, w0, a4), fma(v, w1, a3), fma(v, w2, a2)
+                                e4, e3, e2 = fma(v, u0, e4), fma(v, u1, e3), fma(v, u2, e2)
+                                v = broadcast(x, base + 5 * c + ch)
+                                a5, a4, a3 = fma(v, w0, a5), fma(v, w1, a4), fma(v, w2, a3)
+                                e5, e4, e3 = fma(v, u0, e5), fma(v, u1, e4), fma(v, u2, e3)
+                                v = broadcast(x, base + 6 * c + ch)
+                                a6, a5, a4 = fma(v, w0, a6), fma(v, w1, a5), fma(v, w2, a4)
+                                e6, e5, e4 = fma(v, u0, e6), fma(v, u1, e5), fma(v, u2, e4)
+                                v = broadcast(x, base + 7 * c + ch)
+                                a7, a6, a5 = fma(v, w0, a7), fma(v, w1, a6), fma(v, w2, a5)
+                                e7, e6, e5 = fma(v, u0, e7), fma(v, u1, e6), fma(v, u2, e5)
+                                v = broadcast(x, base + 8 * c + ch)
+                                a7, a6, e7, e6 = fma(v, w1, a7), fma(v, w2, a6), fma(v, u1, e7), fma(v, u2, e6)
+                                v = broadcast(x, base + 9 * c + ch)
+                                a7, e7 = fma(v, w2, a7), fma(v, u2, e7)
+                        out = ((b * gh + i) * gw + j0) * o + o0
+                        for k, low, high in ((0, a0, e0), (1, a1, e1), (2, a2, e2), (3, a3, e3),
+                                             (4, a4, e4), (5, a5, e5), (6, a6, e6), (7, a7, e7)):
+                            simd.store(y, out + k * o, low)
+                            simd.store(y, out + k * o + LANES, high)
+    return rows8x2
+
+
 def _row_weights(taps: tuple) -> tuple | None:
     """weights[3 di + dj] for _rows8 when the taps are all nine (di, dj) offsets once; else None."""
     by_offset = {(di, dj): tw for di, dj, tw in taps}
@@ -291,11 +348,23 @@ def _row_weights(taps: tuple) -> tuple | None:
     return tuple(by_offset[(di, dj)] for di in range(3) for dj in range(3))
 
 
+def _rows_apply(o: int, s: int, taps: tuple) -> bool:
+    """Whether _rows_then_tiles takes this kernel: stride 1, all nine taps, and O one vector
+    (_rows8) or, on AVX-512, a multiple of two (_rows8x2: AVX2's 16 registers would not hold it)."""
+    vectors = o == LANES or (LANES == 16 and o % (2 * LANES) == 0)
+    return vectors and s == 1 and _row_weights(taps) is not None
+
+
 @functools.lru_cache(maxsize=None)
 def _rows_then_tiles(c: int, o: int, taps: tuple) -> Callable[..., None]:
-    """The tiles kernels' call for O = LANES at stride 1 with all nine taps: _rows8 over each row's
-    first columns in eights, _tiles12 over the rest (x and the columns offset to where they begin)."""
-    rows8, rest = _rows8(c, o, _row_weights(taps)), _tiles12(c, o, 1, taps)
+    """The tiles kernels' call at stride 1 with all nine taps (_rows_apply): rows of 8 over each
+    row's first columns in eights, the tiles over the rest (x and the columns offset to where
+    they begin)."""
+    weights = _row_weights(taps)
+    if o == LANES:
+        rows8, rest = _rows8(c, o, weights), _tiles12(c, o, 1, taps)
+    else:
+        rows8, rest = _rows8x2(c, o, weights), _tiles6(c, o, 1, taps)
 
     def run(x, w, y, n, hp, wp, gh, gw, spread, row0, col0, oh, ow) -> None:
         if spread != 1 or row0 or col0 or gw < ROW_TILE:
@@ -314,9 +383,9 @@ def _kernel(c: int, o: int, s: int, taps: tuple = FORWARD_TAPS) -> Callable[...,
     weights w[p, q] each reads), compiled for them: as constants they turn every address of the
     inner loop into a register plus a fixed offset (BENCHMARKS.md, session 9). Compiled on first
     use, under a second each, and cached on disk like the other kernels: Numba's cache key holds
-    a closure's variables. One vector of outputs at stride 1 with all nine taps (a ResNet's
-    16-channel layers and their input gradients) runs along rows (_rows_then_tiles)."""
-    if o == LANES and s == 1 and _row_weights(taps) is not None:
+    a closure's variables. At stride 1 with all nine taps (a ResNet's layers and their input
+    gradients) the kernel runs along rows (_rows_then_tiles)."""
+    if _rows_apply(o, s, taps):
         return _rows_then_tiles(c, o, taps)
     return _tiles12(c, o, s, taps) if o % (2 * LANES) else _tiles6(c, o, s, taps)
 
