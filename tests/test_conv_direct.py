@@ -210,7 +210,7 @@ def test_the_avx2_kernels_too():
         "assert direct.LANES == 8, direct.LANES\n"
         "rng = np.random.default_rng(0)\n"
         "for c, o, s in ((16, 8, 1), (8, 16, 1), (16, 24, 1), (8, 16, 2), (16, 32, 2)):\n"
-        "    x = rng.standard_normal((3, 7, 6, c)).astype(np.float32)\n"
+        "    x = rng.standard_normal((3, 7, 11, c)).astype(np.float32)\n"  # rows of 11: 8 by rows, 3 by tiles
         "    w = rng.standard_normal((3, 3, c, o)).astype(np.float32)\n"
         "    y, cache = conv2d_forward(x, w, stride=s, padding=1)\n"
         "    assert conv.select(x, w, 1, cache.window, cache.out_hw) is conv.NUMPY_DIRECT\n"
