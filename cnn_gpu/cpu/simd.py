@@ -71,7 +71,7 @@ class _VectorModel(models.PrimitiveModel):
         super().__init__(dmm, fe_type, _VECTOR)
 
 
-def _address(context, builder, array_type, array, index):
+def element_address(context, builder, array_type, array, index):
     """A pointer to array[index] of a 1-D array (no bounds check, no negative wrap-around)."""
     data = context.make_array(array_type)(context, builder, array).data
     return builder.gep(data, [index], inbounds=True)
@@ -94,7 +94,7 @@ def load(typingctx, array, index):
     _check_array(array, types.float32, "float32")
 
     def codegen(context, builder, signature, args):
-        pointer = _address(context, builder, signature.args[0], args[0], args[1])
+        pointer = element_address(context, builder, signature.args[0], args[0], args[1])
         return builder.load(builder.bitcast(pointer, _VECTOR.as_pointer()), align=4)
     return float32_vector(array, types.intp), codegen
 
@@ -104,7 +104,7 @@ def store(typingctx, array, index, vector):
     _check_array(array, types.float32, "float32")
 
     def codegen(context, builder, signature, args):
-        pointer = _address(context, builder, signature.args[0], args[0], args[1])
+        pointer = element_address(context, builder, signature.args[0], args[0], args[1])
         builder.store(args[2], builder.bitcast(pointer, _VECTOR.as_pointer()), align=4)
     return types.void(array, types.intp, float32_vector), codegen
 
@@ -114,7 +114,7 @@ def broadcast(typingctx, array, index):
     _check_array(array, types.float32, "float32")
 
     def codegen(context, builder, signature, args):
-        value = builder.load(_address(context, builder, signature.args[0], args[0], args[1]), align=4)
+        value = builder.load(element_address(context, builder, signature.args[0], args[0], args[1]), align=4)
         first = builder.insert_element(ir.Constant(_VECTOR, ir.Undefined), value, ir.Constant(ir.IntType(32), 0))
         every_lane = ir.Constant(ir.VectorType(ir.IntType(32), LANES), [0] * LANES)
         return builder.shuffle_vector(first, ir.Constant(_VECTOR, ir.Undefined), every_lane)
@@ -162,7 +162,7 @@ def widen(typingctx, array, index):
     _check_array(array, types.float32, "float32")
 
     def codegen(context, builder, signature, args):
-        pointer = _address(context, builder, signature.args[0], args[0], args[1])
+        pointer = element_address(context, builder, signature.args[0], args[0], args[1])
         narrow = builder.load(builder.bitcast(pointer, ir.VectorType(ir.FloatType(), LANES64).as_pointer()), align=4)
         return builder.fpext(narrow, _VECTOR64)
     return float64_vector(array, types.intp), codegen
@@ -173,7 +173,7 @@ def load64(typingctx, array, index):
     _check_array(array, types.float64, "float64")
 
     def codegen(context, builder, signature, args):
-        pointer = _address(context, builder, signature.args[0], args[0], args[1])
+        pointer = element_address(context, builder, signature.args[0], args[0], args[1])
         return builder.load(builder.bitcast(pointer, _VECTOR64.as_pointer()), align=8)
     return float64_vector(array, types.intp), codegen
 
@@ -183,7 +183,7 @@ def store64(typingctx, array, index, vector):
     _check_array(array, types.float64, "float64")
 
     def codegen(context, builder, signature, args):
-        pointer = _address(context, builder, signature.args[0], args[0], args[1])
+        pointer = element_address(context, builder, signature.args[0], args[0], args[1])
         builder.store(args[2], builder.bitcast(pointer, _VECTOR64.as_pointer()), align=8)
     return types.void(array, types.intp, float64_vector), codegen
 

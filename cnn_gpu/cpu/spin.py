@@ -9,15 +9,16 @@
 Why spin: a thread asleep on a lock or a condition takes ~50 us to wake on a virtual machine
 whose idle CPUs halt at once (no halt polling: this project's machines are such), so every hand-off
 of parts to a sleeping thread and back cost ~0.1 ms, as long as the pass of one of resnet20's
-smaller batch norms (BENCHMARKS.md, "Session 13"). A thread spinning on a flag sees it change in well under
-a microsecond. OpenMP's runtimes (PyTorch's threads) do the same: spin for a while, then sleep.
+smaller batch norms (BENCHMARKS.md, "Session 13"). A thread spinning on a flag sees it change in
+well under a microsecond. OpenMP's runtimes (PyTorch's threads) do the same: spin for a while, then sleep.
 The spins run in compiled code that releases the GIL, so a waiting thread holds back no other.
 
 The loads and stores are LLVM atomics (sequentially consistent) on int64s: a compiled loop may not
 keep a flag in a register, what a thread wrote before publishing is seen by the thread that
 waited for it, and of two threads that each store a flag and then load the other's, at least one
-sees the other's store (how a sleeping thread is never left asleep: cnn_gpu.cpu.threads._Team). Between loads the CPU's spin-wait hint (x86 `pause`, Arm `yield`) keeps the
-loop from flooding the core's pipeline.
+sees the other's store (how a sleeping thread is never left asleep: cnn_gpu.cpu.threads._Team).
+Between loads the CPU's spin-wait hint (x86 `pause`, Arm `yield`) keeps the loop from flooding
+the core's pipeline.
 
 Without Numba (or with a Numba that does not import) the same calls are plain Python that holds
 the GIL, so they cannot spin: each wait looks once and reports what it saw, and the team in
@@ -82,20 +83,23 @@ if COMPILED:
     from numba.core import cgutils
     from numba.extending import intrinsic
 
-    from .simd import _address
+    from .simd import element_address
 
     def _check(flags) -> None:
         if not (isinstance(flags, types.Array) and flags.ndim == 1 and flags.dtype == types.int64):
             raise TypeError(f"cnn_gpu.cpu.spin: expected new_flags()'s 1-D int64 array, got {flags}")
 
 
+    def _flag_address(context, builder, flags_type, flags, i):
+        """A pointer to flag i: flags[i * LINE]."""
+        return element_address(context, builder, flags_type, flags, builder.mul(i, ir.Constant(i.type, LINE)))
+
     @intrinsic
     def _load(typingctx, flags, i):
         _check(flags)
 
         def codegen(context, builder, sig, args):
-            address = _address(context, builder, sig.args[0], args[0], builder.mul(args[1], ir.Constant(args[1].type, LINE)))
-            return builder.load_atomic(address, "seq_cst", 8)
+            return builder.load_atomic(_flag_address(context, builder, sig.args[0], args[0], args[1]), "seq_cst", 8)
         return types.int64(flags, types.intp), codegen
 
 
@@ -104,8 +108,7 @@ if COMPILED:
         _check(flags)
 
         def codegen(context, builder, sig, args):
-            address = _address(context, builder, sig.args[0], args[0], builder.mul(args[1], ir.Constant(args[1].type, LINE)))
-            builder.store_atomic(args[2], address, "seq_cst", 8)
+            builder.store_atomic(args[2], _flag_address(context, builder, sig.args[0], args[0], args[1]), "seq_cst", 8)
             return context.get_dummy_value()
         return types.void(flags, types.intp, types.int64), codegen
 
