@@ -48,12 +48,14 @@ def _close(got, want, rtol=1e-5, what=""):
 def _shapes(lanes):
     # (N, H, W, C, O): every micro-kernel (12 positions x 1 vector: O = LANES; 6 x 2: 2 LANES; 6 x 4
     # on AVX-512: 4 LANES), several output blocks (3 LANES), one input channel, odd and tiny images
-    # (tiles running across rows and images, a last tile past the end), batch 1; rows of 8 (O = LANES,
-    # or dx's C = LANES, at stride 1: a row of 11 is 8 by _rows8 and 3 by the tiles, one of 16 two
-    # eights; two vectors on AVX-512 by _rows8x2: 4 LANES is two passes, a row of 10 is 8 and 2)
+    # (tiles running across rows and images, a last tile past the end), batch 1; rows of 8 and 7
+    # (O = LANES, or dx's C = LANES, at stride 1: a row of 11 is 8 by _rows and 3 by the tiles, one
+    # of 16 two eights, one of 15 an eight and a seven; two vectors on AVX-512 by _rows_x2: 4 LANES
+    # is two passes, a row of 10 is 8 and 2, of 7 one seven, of 22 an eight and two sevens)
     return [(2, 7, 5, 1, lanes), (3, 6, 9, 3, 2 * lanes), (1, 1, 1, 16, lanes), (2, 2, 3, 16, 4 * lanes),
             (2, 9, 8, 32, 3 * lanes), (4, 7, 7, 64, 4 * lanes), (2, 5, 13, 16, 2 * lanes),
-            (2, 5, 11, 16, lanes), (2, 4, 16, lanes, 2 * lanes), (2, 3, 10, 8, 4 * lanes)]
+            (2, 5, 11, 16, lanes), (2, 4, 16, lanes, 2 * lanes), (2, 3, 10, 8, 4 * lanes),
+            (2, 3, 15, 16, lanes), (2, 3, 22, 16, 2 * lanes)]
 
 
 def _cases(lanes):
@@ -65,8 +67,8 @@ def _cases(lanes):
         [(shapes[1], 3), (shapes[4], 3), (shapes[6], 5)]
 
 
-def test_rows_of_eight_take_stride_1_and_all_nine_taps(direct):
-    """Which kernel each call gets: _rows_then_tiles exactly where _rows8 applies."""
+def test_rows_take_stride_1_and_all_nine_taps(direct):
+    """Which kernel each call gets: _rows_then_tiles exactly where _rows applies; how it splits a row."""
     lanes = direct.LANES
     assert direct._kernel(16, lanes, 1).__name__ == "run"  # rows of 8, then the tiles
     assert direct._kernel(16, lanes, 2).__name__ == "tiles12"  # strided
@@ -77,6 +79,10 @@ def test_rows_of_eight_take_stride_1_and_all_nine_taps(direct):
     assert direct._kernel(lanes, 16, 1, direct._input_grad_taps(2, 0, 0)).__name__ == "tiles12"  # one of stride 2's classes
     assert direct._row_weights(direct.FORWARD_TAPS) == tuple(range(9))
     assert direct._row_weights(direct._input_grad_taps(1, 0, 0)) == tuple(range(8, -1, -1))  # flipped
+    # (eights, sevens) covering the most columns, eights on a tie; the tiles take the rest
+    splits = {6: (0, 0), 7: (0, 1), 8: (1, 0), 11: (1, 0), 14: (0, 2), 15: (1, 1), 22: (1, 2), 28: (0, 4),
+              32: (4, 0), 56: (7, 0), 100: (9, 4)}
+    assert {width: direct.row_split(width) for width in splits} == splits
 
 
 def test_conv3x3_and_its_gradients_match_the_reference(direct, rng):
@@ -209,8 +215,10 @@ def test_the_avx2_kernels_too():
         "from cnn_gpu.functional import conv, conv2d_forward, conv2d_backward\n"
         "assert direct.LANES == 8, direct.LANES\n"
         "rng = np.random.default_rng(0)\n"
-        "for c, o, s in ((16, 8, 1), (8, 16, 1), (16, 24, 1), (8, 16, 2), (16, 32, 2)):\n"
-        "    x = rng.standard_normal((3, 7, 11, c)).astype(np.float32)\n"  # rows of 11: 8 by rows, 3 by tiles
+        # rows of 11: 8 by rows, 3 by tiles; of 15: a row of 8 and one of 7
+        "for c, o, s, width in ((16, 8, 1, 11), (16, 8, 1, 15), (8, 16, 1, 11), (16, 24, 1, 11),\n"
+        "                       (8, 16, 2, 11), (16, 32, 2, 11)):\n"
+        "    x = rng.standard_normal((3, 7, width, c)).astype(np.float32)\n"
         "    w = rng.standard_normal((3, 3, c, o)).astype(np.float32)\n"
         "    y, cache = conv2d_forward(x, w, stride=s, padding=1)\n"
         "    assert conv.select(x, w, 1, cache.window, cache.out_hw) is conv.NUMPY_DIRECT\n"

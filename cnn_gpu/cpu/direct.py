@@ -29,8 +29,9 @@ and compiled for each (C, O, stride) they meet (_kernel): 6 positions x 4 vector
 channels (24 accumulators, for AVX-512's 32 registers) for O a multiple of 4 * LANES on AVX-512;
 6 x 2 (12 accumulators) for O a multiple of 2 * LANES; 12 x 1 for O a multiple of LANES (ResNet's
 16 channels on AVX-512). 12 accumulators, two weight vectors and a broadcast fit AVX2's 16 registers.
-At stride 1, 8 positions of one row (_rows8, _rows8x2 for two vectors on AVX-512) share each
-broadcast among the three taps of a tap row that read it, and the tiles take what is left of each row.
+At stride 1, 8 or 7 positions of one row (_rows, _rows_x2 for two vectors on AVX-512) share each
+broadcast among the three taps of a tap row that read it (rows of 7 cover the 28, 14 and 7 columns
+of a Fashion-MNIST ResNet's maps whole), and the tiles take what is left of each row.
 
     dw = conv3x3_weight_grad(x, dy, stride=1)            # (3, 3, C, O): x's windows times dy, summed
 
@@ -227,24 +228,22 @@ def _tiles12(c: int, o: int, s: int, taps: tuple) -> Callable[..., None]:
 FORWARD_TAPS = tuple((p, q, 3 * p + q) for p in range(3) for q in range(3))  # (row, column, weight) of each tap
 
 
-ROW_TILE = 8  # output positions of one row that _rows8 sums at a time
-
-
 @functools.lru_cache(maxsize=None)
-def _rows8(c: int, o: int, weights: tuple) -> Callable[..., None]:
-    """8 positions of one output row x 1 vector (O = LANES) at stride 1, for a full 3 x 3 set of
-    taps; weights[3 di + dj]: the weights w[tw // 3, tw % 3] that tap (di, dj) reads.
+def _rows(c: int, o: int, weights: tuple, r: int) -> Callable[..., None]:
+    """r = 8 or 7 positions of one output row x 1 vector (O = LANES) at stride 1, for a full 3 x 3
+    set of taps; weights[3 di + dj]: the weights w[tw // 3, tw % 3] that tap (di, dj) reads.
 
     Along a row, input column u of tap row di is read by output j0 + k at tap column dj = u - k,
     so each broadcast of x feeds up to three accumulators, each with its own weight vector: per
-    tap row and input channel, 10 broadcasts and 3 weight loads for 24 FMAs, where 12 positions x 1
-    vector (_tiles12) makes 13 loads for 12 FMAs and ran at load-port speed (BENCHMARKS.md, "Session 13")."""
+    tap row and input channel, r + 2 broadcasts and 3 weight loads for 3 r FMAs, where 12 positions
+    x 1 vector (_tiles12) makes 13 loads for 12 FMAs and ran at load-port speed (BENCHMARKS.md,
+    "Session 13"). r is a constant of the compiled code: at r = 7 the lines for a7 are not there."""
     @_jit
-    def rows8(x, w, y, n, hp, wp, gh, gw, full):  # pragma: no cover - compiled, tested
+    def rows(x, w, y, n, hp, wp, gh, gw, full):  # pragma: no cover - compiled, tested
         # x: n padded images (hp, wp, c), flat; y: (n, gh, gw, o), flat; columns 0..full-1 of each row
         for b in range(n):
             for i in range(gh):
-                for j0 in range(0, full, 8):
+                for j0 in range(0, full, r):
                     a0, a1, a2, a3, a4, a5, a6, a7 = zeros(), zeros(), zeros(), zeros(), zeros(), zeros(), zeros(), zeros()
                     for di in range(3):
                         base = ((b * hp + i + di) * wp + j0) * c
@@ -266,11 +265,15 @@ def _rows8(c: int, o: int, weights: tuple) -> Callable[..., None]:
                             v = broadcast(x, base + 6 * c + ch)
                             a6, a5, a4 = fma(v, w0, a6), fma(v, w1, a5), fma(v, w2, a4)
                             v = broadcast(x, base + 7 * c + ch)
-                            a7, a6, a5 = fma(v, w0, a7), fma(v, w1, a6), fma(v, w2, a5)
+                            a6, a5 = fma(v, w1, a6), fma(v, w2, a5)
+                            if r == 8:
+                                a7 = fma(v, w0, a7)
                             v = broadcast(x, base + 8 * c + ch)
-                            a7, a6 = fma(v, w1, a7), fma(v, w2, a6)
-                            v = broadcast(x, base + 9 * c + ch)
-                            a7 = fma(v, w2, a7)
+                            a6 = fma(v, w2, a6)
+                            if r == 8:
+                                a7 = fma(v, w1, a7)
+                                v = broadcast(x, base + 9 * c + ch)
+                                a7 = fma(v, w2, a7)
                     out = ((b * gh + i) * gw + j0) * o
                     simd.store(y, out, a0)
                     simd.store(y, out + o, a1)
@@ -279,20 +282,22 @@ def _rows8(c: int, o: int, weights: tuple) -> Callable[..., None]:
                     simd.store(y, out + 4 * o, a4)
                     simd.store(y, out + 5 * o, a5)
                     simd.store(y, out + 6 * o, a6)
-                    simd.store(y, out + 7 * o, a7)
-    return rows8
+                    if r == 8:
+                        simd.store(y, out + 7 * o, a7)
+    return rows
 
 
 @functools.lru_cache(maxsize=None)
-def _rows8x2(c: int, o: int, weights: tuple) -> Callable[..., None]:
-    """_rows8 for two vectors of outputs at a time (O a multiple of 2 * LANES, on AVX-512): 16
-    accumulators, 6 weight vectors and a broadcast, 23 of the 32 registers; 10 broadcasts and 6
-    weight loads for 48 FMAs, against 6 x 2 tiles' 8 loads for 12 (BENCHMARKS.md, "Session 13")."""
+def _rows_x2(c: int, o: int, weights: tuple, r: int) -> Callable[..., None]:
+    """_rows for two vectors of outputs at a time (O a multiple of 2 * LANES, on AVX-512): 2 r
+    accumulators, 6 weight vectors and a broadcast, at most 23 of the 32 registers; r + 2
+    broadcasts and 6 weight loads for 6 r FMAs, against 6 x 2 tiles' 8 loads for 12
+    (BENCHMARKS.md, "Session 13")."""
     @_jit
-    def rows8x2(x, w, y, n, hp, wp, gh, gw, full):  # pragma: no cover - compiled, tested
+    def rows_x2(x, w, y, n, hp, wp, gh, gw, full):  # pragma: no cover - compiled, tested
         for b in range(n):
             for i in range(gh):
-                for j0 in range(0, full, 8):
+                for j0 in range(0, full, r):
                     for o0 in range(0, o, 2 * LANES):
                         a0, a1, a2, a3, a4, a5, a6, a7 = zeros(), zeros(), zeros(), zeros(), zeros(), zeros(), zeros(), zeros()
                         e0, e1, e2, e3, e4, e5, e6, e7 = zeros(), zeros(), zeros(), zeros(), zeros(), zeros(), zeros(), zeros()
@@ -326,22 +331,26 @@ def _rows8x2(c: int, o: int, weights: tuple) -> Callable[..., None]:
                                 a6, a5, a4 = fma(v, w0, a6), fma(v, w1, a5), fma(v, w2, a4)
                                 e6, e5, e4 = fma(v, u0, e6), fma(v, u1, e5), fma(v, u2, e4)
                                 v = broadcast(x, base + 7 * c + ch)
-                                a7, a6, a5 = fma(v, w0, a7), fma(v, w1, a6), fma(v, w2, a5)
-                                e7, e6, e5 = fma(v, u0, e7), fma(v, u1, e6), fma(v, u2, e5)
+                                a6, a5, e6, e5 = fma(v, w1, a6), fma(v, w2, a5), fma(v, u1, e6), fma(v, u2, e5)
+                                if r == 8:
+                                    a7, e7 = fma(v, w0, a7), fma(v, u0, e7)
                                 v = broadcast(x, base + 8 * c + ch)
-                                a7, a6, e7, e6 = fma(v, w1, a7), fma(v, w2, a6), fma(v, u1, e7), fma(v, u2, e6)
-                                v = broadcast(x, base + 9 * c + ch)
-                                a7, e7 = fma(v, w2, a7), fma(v, u2, e7)
+                                a6, e6 = fma(v, w2, a6), fma(v, u2, e6)
+                                if r == 8:
+                                    a7, e7 = fma(v, w1, a7), fma(v, u1, e7)
+                                    v = broadcast(x, base + 9 * c + ch)
+                                    a7, e7 = fma(v, w2, a7), fma(v, u2, e7)
                         out = ((b * gh + i) * gw + j0) * o + o0
                         for k, low, high in ((0, a0, e0), (1, a1, e1), (2, a2, e2), (3, a3, e3),
                                              (4, a4, e4), (5, a5, e5), (6, a6, e6), (7, a7, e7)):
-                            simd.store(y, out + k * o, low)
-                            simd.store(y, out + k * o + LANES, high)
-    return rows8x2
+                            if k < r:
+                                simd.store(y, out + k * o, low)
+                                simd.store(y, out + k * o + LANES, high)
+    return rows_x2
 
 
 def _row_weights(taps: tuple) -> tuple | None:
-    """weights[3 di + dj] for _rows8 when the taps are all nine (di, dj) offsets once; else None."""
+    """weights[3 di + dj] for _rows when the taps are all nine (di, dj) offsets once; else None."""
     by_offset = {(di, dj): tw for di, dj, tw in taps}
     if len(taps) != 9 or set(by_offset) != {(di, dj) for di in range(3) for dj in range(3)}:
         return None
@@ -350,30 +359,44 @@ def _row_weights(taps: tuple) -> tuple | None:
 
 def _rows_apply(o: int, s: int, taps: tuple) -> bool:
     """Whether _rows_then_tiles takes this kernel: stride 1, all nine taps, and O one vector
-    (_rows8) or, on AVX-512, a multiple of two (_rows8x2: AVX2's 16 registers would not hold it)."""
+    (_rows) or, on AVX-512, a multiple of two (_rows_x2: AVX2's 16 registers would not hold it)."""
     vectors = o == LANES or (LANES == 16 and o % (2 * LANES) == 0)
     return vectors and s == 1 and _row_weights(taps) is not None
 
 
 @functools.lru_cache(maxsize=None)
+def row_split(width: int) -> tuple[int, int]:
+    """(eights, sevens): rows of 8 and then of 7 that cover the most of a row of this width (more
+    eights on a tie); the tiles take the rest. 28 = 4 x 7, 14 = 2 x 7, 32 = 4 x 8, 15 = 8 + 7."""
+    best = (0, 0)
+    for sevens in range(min(7, width // 7) + 1):  # 8 sevens would be 7 eights
+        eights = (width - 7 * sevens) // 8
+        if 8 * eights + 7 * sevens > 8 * best[0] + 7 * best[1]:
+            best = (eights, sevens)
+    return best
+
+
+@functools.lru_cache(maxsize=None)
 def _rows_then_tiles(c: int, o: int, taps: tuple) -> Callable[..., None]:
-    """The tiles kernels' call at stride 1 with all nine taps (_rows_apply): rows of 8 over each
-    row's first columns in eights, the tiles over the rest (x and the columns offset to where
-    they begin)."""
+    """The tiles kernels' call at stride 1 with all nine taps (_rows_apply): rows of 8 and then of 7
+    over each row's first columns (row_split), the tiles over the rest (x and y, or the columns,
+    offset to where each part begins)."""
     weights = _row_weights(taps)
-    if o == LANES:
-        rows8, rest = _rows8(c, o, weights), _tiles12(c, o, 1, taps)
-    else:
-        rows8, rest = _rows8x2(c, o, weights), _tiles6(c, o, 1, taps)
+    rows, rest = (_rows, _tiles12(c, o, 1, taps)) if o == LANES else (_rows_x2, _tiles6(c, o, 1, taps))
 
     def run(x, w, y, n, hp, wp, gh, gw, spread, row0, col0, oh, ow) -> None:
-        if spread != 1 or row0 or col0 or gw < ROW_TILE:
+        eights, sevens = row_split(gw)
+        if spread != 1 or row0 or col0 or eights + sevens == 0:
             rest(x, w, y, n, hp, wp, gh, gw, spread, row0, col0, oh, ow)
             return
-        full = gw - gw % ROW_TILE
-        rows8(x, w, y, n, hp, wp, gh, gw, full)
-        if full < gw:  # window j of x[full * c:] starts at padded column full + j
-            rest(x[full * c:], w, y, n, hp, wp, gh, gw - full, 1, 0, full, oh, ow)
+        if eights:
+            rows(c, o, weights, 8)(x, w, y, n, hp, wp, gh, gw, 8 * eights)
+        start = 8 * eights
+        if sevens:  # window j of x[start * c:] starts at padded column start + j; y likewise
+            rows(c, o, weights, 7)(x[start * c:], w, y[start * o:], n, hp, wp, gh, gw, 7 * sevens)
+        start += 7 * sevens
+        if start < gw:
+            rest(x[start * c:], w, y, n, hp, wp, gh, gw - start, 1, 0, start, oh, ow)
     return run
 
 
