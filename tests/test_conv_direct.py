@@ -70,12 +70,12 @@ def _cases(lanes):
 def test_rows_take_stride_1_and_all_nine_taps(direct):
     """Which kernel each call gets: _rows_then_tiles exactly where _rows applies; how it splits a row."""
     lanes = direct.LANES
-    assert direct._kernel(16, lanes, 1).__name__ == "run"  # rows of 8, then the tiles
+    assert direct._kernel(16, lanes, 1).__name__ == "rows_then_tiles"  # rows of 8, then the tiles
     assert direct._kernel(16, lanes, 2).__name__ == "tiles12"  # strided
-    assert direct._kernel(16, 2 * lanes, 1).__name__ == ("run" if lanes == 16 else "tiles6")  # 2 vectors: AVX-512
+    assert direct._kernel(16, 2 * lanes, 1).__name__ == ("rows_then_tiles" if lanes == 16 else "tiles6")  # 2 vectors: AVX-512
     assert direct._kernel(16, 2 * lanes, 2).__name__ == "tiles6"
     assert direct._kernel(16, 3 * lanes, 1).__name__ == "tiles12"  # an odd number of vectors
-    assert direct._kernel(lanes, 16, 1, direct._input_grad_taps(1, 0, 0)).__name__ == "run"  # dx at stride 1
+    assert direct._kernel(lanes, 16, 1, direct._input_grad_taps(1, 0, 0)).__name__ == "rows_then_tiles"  # dx at stride 1
     assert direct._kernel(lanes, 16, 1, direct._input_grad_taps(2, 0, 0)).__name__ == "tiles12"  # one of stride 2's classes
     assert direct._row_weights(direct.FORWARD_TAPS) == tuple(range(9))
     assert direct._row_weights(direct._input_grad_taps(1, 0, 0)) == tuple(range(8, -1, -1))  # flipped
@@ -106,6 +106,74 @@ def test_conv3x3_and_its_gradients_match_the_reference(direct, rng):
         if direct.supports_weight_grad(c, o):
             _close(direct.conv3x3_weight_grad(x, dy, stride=stride), dw_ref, rtol=1e-4,
                    what=f"dw {n, h, w, c, o} stride {stride}")
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_the_chunk_loops_on_two_threads_give_the_whole_batch_bits(direct, rng, stride):
+    """conv3x3_chunks and conv3x3_backward_chunks over uneven chunks, shared by two threads (each
+    output position is summed on its own, whatever the chunk): y + bias through a ReLU as conv3x3 and
+    bias_relu give it, dx + dx_plus as conv3x3_input_grad and an add, each chunk's dw as
+    conv3x3_weight_grad of that chunk."""
+    from cnn_gpu.cpu import elementwise, threads
+
+    lanes = direct.LANES
+    for n, h, w, c, o in [(5, 7, 9, 16, 2 * lanes), (6, 8, 8, lanes, lanes), (5, 14, 14, 2 * lanes, 4 * lanes)]:
+        x = rng.standard_normal((n, h, w, c)).astype(np.float32)
+        wt = rng.standard_normal((3, 3, c, o)).astype(np.float32)
+        b = rng.standard_normal(o).astype(np.float32)
+        oh, ow = direct.output_hw(h, w, stride)
+        dy = rng.standard_normal((n, oh, ow, o)).astype(np.float32)
+        plus = rng.standard_normal(x.shape).astype(np.float32)
+        starts = np.array([0, 2, 3, n], np.int64)
+        threads.set_count(2)
+        try:
+            y = direct.aligned_empty((n, oh, ow, o))
+            threads.on_each(direct.conv3x3_chunks(x, direct.aligned(wt), y, starts, stride, b, True),
+                            lambda: direct.padded_scratch(3, h, w, c))
+            dx, dw_t_parts = direct.aligned_empty(x.shape), direct.aligned_empty((3, 9 * o * c))
+            if direct.supports(o, c) and direct.supports_weight_grad(c, o):
+                threads.on_each(direct.conv3x3_backward_chunks(x, dy, direct.swap_channels(wt), dx, plus, dw_t_parts,
+                                                               starts, stride),
+                                lambda: direct.kept_padded_scratch(3, oh, ow, o))
+        finally:
+            threads.set_count(None)
+        want = direct.conv3x3(x, wt, np.empty((n, oh, ow, o), np.float32), direct.padded_scratch(n, h, w, c), stride)
+        elementwise.bias_relu(want.reshape(-1, o), b, True)
+        np.testing.assert_array_equal(y, want)
+        if not (direct.supports(o, c) and direct.supports_weight_grad(c, o)):
+            continue
+        dx_want = direct.conv3x3_input_grad(dy, direct.swap_channels(wt), np.empty_like(x),
+                                            direct.padded_scratch(n, oh, ow, o), stride=stride)
+        np.testing.assert_array_equal(dx, dx_want + plus)
+        for k in range(3):
+            part = slice(starts[k], starts[k + 1])
+            np.testing.assert_array_equal(dw_t_parts[k].reshape(3, 3, o, c).transpose(0, 1, 3, 2),
+                                          direct.conv3x3_weight_grad(x[part], dy[part], stride=stride))
+
+
+def test_a_thread_keeps_its_padded_scratch_per_shape_and_its_borders_stay_zero(direct, rng):
+    import threading
+
+    a = direct.kept_padded_scratch(2, 5, 6, 16)
+    assert direct.kept_padded_scratch(2, 5, 6, 16) is a and direct.kept_padded_scratch(2, 5, 6, 32) is not a
+    x = rng.standard_normal((2, 5, 6, 16)).astype(np.float32)
+    wt = rng.standard_normal((3, 3, 16, direct.LANES)).astype(np.float32)
+    y = direct.conv3x3(x, wt, np.empty((2, 5, 6, direct.LANES), np.float32), a)
+    padded = a.reshape(2, 7, 8, 16)
+    np.testing.assert_array_equal(padded[:, 1:6, 1:7], x)
+    interior = np.zeros(padded.shape, bool)
+    interior[:, 1:6, 1:7] = True
+    assert not padded[~interior].any()  # the borders: still zero for the next call
+    y2 = direct.conv3x3(x, wt, np.empty_like(y), direct.kept_padded_scratch(2, 5, 6, 16))
+    np.testing.assert_array_equal(y, y2)
+    other = []
+    t = threading.Thread(target=lambda: other.append(direct.kept_padded_scratch(2, 5, 6, 16)))
+    t.start()
+    t.join()
+    assert other[0] is not a  # each thread its own
+    for k in range(direct.KEPT_SCRATCHES):  # as many other shapes: the first is let go
+        direct.kept_padded_scratch(1, 1, 1 + k, 16)
+    assert direct.kept_padded_scratch(2, 5, 6, 16) is not a
 
 
 def test_the_weight_gradient_over_a_large_batch(direct, rng):

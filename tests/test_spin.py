@@ -3,6 +3,7 @@ import threading
 import time
 
 import numpy as np
+import pytest
 
 from cnn_gpu.cpu import spin
 
@@ -60,6 +61,38 @@ def test_publish_then_wait_reports_a_sleeper_or_the_next_value():
     assert spin.publish_then_wait(flags, 0, 1, 1, 2, 2, 10) == 1  # the next job is there
     spin.publish(flags, 1, 3)
     assert spin.publish_then_wait(flags, 0, 3, 1, 2, 4, 10) == -1  # the waiter sleeps: wake it
+
+
+@pytest.mark.skipif(not spin.COMPILED, reason="take is an intrinsic for compiled code: needs Numba")
+def test_take_gives_each_number_once_to_threads_that_share_a_counter():
+    import numba
+
+    @numba.njit(nogil=True)
+    def take_until(flags, total, got):  # each number below total this thread took
+        count = 0
+        while True:
+            k = spin.take(flags, 0)
+            if k >= total:
+                return count
+            got[count] = k
+            count += 1
+
+    total = 200_000
+    flags = spin.new_flags(1)
+    got = [np.full(total, -1, np.int64) for _ in range(2)]
+    counts = [0, 0]
+
+    def run(i):
+        counts[i] = take_until(flags, total, got[i])
+
+    ts = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join(30)
+    taken = np.concatenate([g[:c] for g, c in zip(got, counts)])
+    np.testing.assert_array_equal(np.sort(taken), np.arange(total))  # every number once: none lost, none twice
+    assert spin.load(flags, 0) == total + 2  # and each thread's last take, past the end
 
 
 def test_without_numba_the_flags_are_plain_python_and_the_threads_still_run():

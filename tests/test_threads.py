@@ -77,6 +77,20 @@ def test_for_each_runs_every_part_once_in_order_on_two_threads(count):
     assert len(scratches) == 2 and sorted(sum(scratches, [])) == list(range(9))  # one scratch per thread
 
 
+def test_on_each_calls_each_thread_once_with_one_shared_counter(count):
+    for n in (1, 2):
+        count(n)
+        calls, scratches = [], []
+        threads.on_each(lambda counter, s: calls.append((id(counter), s, threading.get_ident())),
+                        lambda: scratches.append(object()) or scratches[-1])
+        assert len(calls) == n and len({c[0] for c in calls}) == 1  # one counter for all
+        assert len(scratches) <= n and all(any(c[1] is s for s in scratches) for c in calls)
+        by_thread = {}
+        for _, s, thread in calls:  # each thread's calls get its own scratch (a late thread may find no part left)
+            assert by_thread.setdefault(thread, s) is s
+        assert len({id(s) for s in by_thread.values()}) == len(by_thread)
+
+
 def test_for_each_on_one_thread_is_a_loop(count):
     count(1)
     idents = threads.for_each([1, 2, 3], lambda p, s: threading.get_ident())
@@ -178,6 +192,41 @@ def test_the_team_without_numba_sleeps_and_wakes_and_gives_the_same_results(monk
     monkeypatch.setattr(threads, "_team", None)
     for _ in range(20):
         assert threads.for_each(list(range(7)), lambda p, s: p * 3) == [p * 3 for p in range(7)]
+    threads._team.close()
+
+
+@pytest.mark.parametrize("spins", [1, threads.SPINS])
+def test_on_each_loops_post_their_job_and_share_the_parts(monkeypatch, count, spins):
+    """A compiled loop on each thread takes parts with spin.next_part, whose first call posts the
+    job to the worker: every part once, on both threads; with SPINS at 1 the workers are asleep
+    at every job, so the job is posted and they are woken at once (or after the loop)."""
+    numba = pytest.importorskip("numba")
+    from cnn_gpu.cpu import spin
+    if not spin.COMPILED:
+        pytest.skip("next_part is compiled code: needs Numba")
+
+    @numba.njit(nogil=True)
+    def loop(counter, total, owner, me, sums):
+        while True:
+            k = spin.next_part(counter)
+            if k >= total:
+                return
+            owner[k] = me
+            acc = 0.0
+            for i in range(20_000):  # ~20 us of work, in order (no reassociation), so that both threads take parts
+                acc += i * 1e-9
+            sums[k] = acc
+
+    count(2)
+    monkeypatch.setattr(threads, "SPINS", spins)
+    monkeypatch.setattr(threads, "_team", None)
+    seen = set()
+    for _ in range(100):
+        owner, sums = np.full(64, -1, np.int64), np.zeros(64)
+        threads.on_each(lambda counter, me: loop(counter, 64, owner, me, sums), threading.get_ident)
+        assert (owner >= 0).all()
+        seen |= set(owner.tolist())
+    assert len(seen) == 2
     threads._team.close()
 
 

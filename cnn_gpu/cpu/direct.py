@@ -40,17 +40,27 @@ input channels, dy is broadcast, and each pass over the batch sums one row of ta
 input channels and 8 output channels. It reads x itself, not a padded copy: a row of taps
 outside the image is skipped, and a column outside it is a vector of zeros (the padded copy's
 numbers, without a pass to make it).
+
+Over a batch cut into chunks (cnn_gpu.functional.conv, strategy NUMPY_DIRECT), each thread makes
+one call that takes chunks from a shared counter (cnn_gpu.cpu.threads.on_each) and pads, convolves
+and adds the bias of each, or makes its dx and weight gradient, with no Python between chunks:
+
+    run = conv3x3_chunks(x, w, y, starts, stride, bias, relu)          # run(counter, scratch) on each thread
+    run = conv3x3_backward_chunks(x, dy, w_t, dx, dx_plus, dw_t_parts, starts, stride)
+    scratch = kept_padded_scratch(B, H, W, C)    # a thread's own, kept from op to op
 """
 from __future__ import annotations
 
+import collections
 import functools
 import math
+import threading
 from typing import Callable
 
 import numba
 import numpy as np
 
-from . import simd
+from . import elementwise, simd, spin
 from .simd import LANES, aligned_empty, broadcast, fma, load, zeros
 
 _jit = numba.njit(cache=True, nogil=True, boundscheck=False)
@@ -364,40 +374,43 @@ def _rows_apply(o: int, s: int, taps: tuple) -> bool:
     return vectors and s == 1 and _row_weights(taps) is not None
 
 
-@functools.lru_cache(maxsize=None)
-def row_split(width: int) -> tuple[int, int]:
+@_jit
+def row_split(width):  # pragma: no cover - compiled, tested
     """(eights, sevens): rows of 8 and then of 7 that cover the most of a row of this width (more
-    eights on a tie); the tiles take the rest. 28 = 4 x 7, 14 = 2 x 7, 32 = 4 x 8, 15 = 8 + 7."""
-    best = (0, 0)
+    eights on a tie); the tiles take the rest. 28 = 4 x 7, 14 = 2 x 7, 32 = 4 x 8, 15 = 8 + 7.
+    Compiled: the kernels call it, and Python too."""
+    best_eights, best_sevens = 0, 0
     for sevens in range(min(7, width // 7) + 1):  # 8 sevens would be 7 eights
         eights = (width - 7 * sevens) // 8
-        if 8 * eights + 7 * sevens > 8 * best[0] + 7 * best[1]:
-            best = (eights, sevens)
-    return best
+        if 8 * eights + 7 * sevens > 8 * best_eights + 7 * best_sevens:
+            best_eights, best_sevens = eights, sevens
+    return best_eights, best_sevens
 
 
 @functools.lru_cache(maxsize=None)
 def _rows_then_tiles(c: int, o: int, taps: tuple) -> Callable[..., None]:
     """The tiles kernels' call at stride 1 with all nine taps (_rows_apply): rows of 8 and then of 7
     over each row's first columns (row_split), the tiles over the rest (x and y, or the columns,
-    offset to where each part begins)."""
+    offset to where each part begins). Compiled, so that the chunk loops below call it."""
     weights = _row_weights(taps)
     rows, rest = (_rows, _tiles12(c, o, 1, taps)) if o == LANES else (_rows_x2, _tiles6(c, o, 1, taps))
+    rows8, rows7 = rows(c, o, weights, 8), rows(c, o, weights, 7)
 
-    def run(x, w, y, n, hp, wp, gh, gw, spread, row0, col0, oh, ow) -> None:
+    @_jit
+    def rows_then_tiles(x, w, y, n, hp, wp, gh, gw, spread, row0, col0, oh, ow):  # pragma: no cover - compiled, tested
         eights, sevens = row_split(gw)
         if spread != 1 or row0 or col0 or eights + sevens == 0:
             rest(x, w, y, n, hp, wp, gh, gw, spread, row0, col0, oh, ow)
             return
         if eights:
-            rows(c, o, weights, 8)(x, w, y, n, hp, wp, gh, gw, 8 * eights)
+            rows8(x, w, y, n, hp, wp, gh, gw, 8 * eights)
         start = 8 * eights
         if sevens:  # window j of x[start * c:] starts at padded column start + j; y likewise
-            rows(c, o, weights, 7)(x[start * c:], w, y[start * o:], n, hp, wp, gh, gw, 7 * sevens)
+            rows7(x[start * c:], w, y[start * o:], n, hp, wp, gh, gw, 7 * sevens)
         start += 7 * sevens
         if start < gw:
             rest(x[start * c:], w, y, n, hp, wp, gh, gw - start, 1, 0, start, oh, ow)
-    return run
+    return rows_then_tiles
 
 
 def _kernel(c: int, o: int, s: int, taps: tuple = FORWARD_TAPS) -> Callable[..., None]:
@@ -484,6 +497,85 @@ def _weight_grad_kernel(c: int, o: int, s: int = 1) -> Callable[..., None]:
     return weight_grad
 
 
+@_jit
+def _pad_into(x, b0, b1, scratch, h, wd, c):  # pragma: no cover - compiled, tested
+    """Images b0..b1-1 of x (flat (N, h, wd, c)) into the interiors of scratch's first b1 - b0
+    padded images (flat (h + 2, wd + 2, c) each); the borders are scratch's zeros."""
+    hp, wp, row = h + 2, wd + 2, wd * c
+    for b in range(b1 - b0):
+        for i in range(h):
+            src, dst = ((b0 + b) * h + i) * row, ((b * hp + i + 1) * wp + 1) * c
+            scratch[dst:dst + row] = x[src:src + row]
+
+
+@functools.lru_cache(maxsize=None)
+def _forward_chunks(c: int, o: int, s: int) -> Callable[..., None]:
+    """conv3x3's work over chunks of a batch, each chunk taken from a shared counter: pad it, run
+    the kernel, add the bias and apply the ReLU while the chunk's outputs are in cache."""
+    kernel = _kernel(c, o, s)
+
+    @_jit
+    def forward_chunks(x, w, y, bias, relu, scratch, starts, counter, h, wd, oh, ow):  # pragma: no cover - compiled, tested
+        per_image = oh * ow * o
+        while True:
+            k = spin.next_part(counter)
+            if k + 1 >= len(starts):
+                return
+            b0, b1 = starts[k], starts[k + 1]
+            _pad_into(x, b0, b1, scratch, h, wd, c)
+            out = y[b0 * per_image:b1 * per_image]
+            kernel(scratch, w, out, b1 - b0, h + 2, wd + 2, oh, ow, 1, 0, 0, oh, ow)
+            if len(bias):
+                elementwise.bias_relu_loop(out.reshape((-1, o)), bias, relu)
+            elif relu:
+                elementwise.relu_loop(out, out)
+    return forward_chunks
+
+
+CHUNKED_STRIDES = (1, 2)  # the strides whose backward runs as compiled chunk loops (others: conv3x3_input_grad's)
+
+
+@functools.lru_cache(maxsize=None)
+def _backward_chunks(c: int, o: int, s: int) -> Callable[..., None]:
+    """The backward's work over chunks taken from a shared counter: dx of each chunk by the input
+    gradient's kernels (conv3x3_input_grad's: at stride 2, one per class of input positions), plus
+    another gradient while it is in cache, and the chunk's weight gradient into its own row."""
+    assert s in CHUNKED_STRIDES
+    classes = [(row0, col0, _kernel(o, c, 1, _input_grad_taps(s, row0, col0))) for row0 in range(s) for col0 in range(s)]
+    k0, k1, k2, k3 = [kernel for _, _, kernel in classes] + [classes[0][2]] * (4 - len(classes))
+    weight_grad = _weight_grad_kernel(c, o, s)
+
+    @_jit
+    def backward_chunks(x, dy, w_t, dx, plus, dw_t_parts, scratch, starts, counter, h, wd, oh, ow):  # pragma: no cover - compiled, tested
+        per_x, per_dy = h * wd * c, oh * ow * o
+        while True:
+            k = spin.next_part(counter)
+            if k + 1 >= len(starts):
+                return
+            b0, b1 = starts[k], starts[k + 1]
+            n = b1 - b0
+            if len(dx):
+                _pad_into(dy, b0, b1, scratch, oh, ow, o)
+                out = dx[b0 * per_x:b1 * per_x]
+                if s == 1:
+                    k0(scratch, w_t, out, n, oh + 2, ow + 2, h, wd, 1, 0, 0, h, wd)
+                else:  # the four classes (row mod 2, column mod 2), each with its own taps
+                    gh0, gh1, gw0, gw1 = (h + 1) // 2, h // 2, (wd + 1) // 2, wd // 2
+                    k0(scratch, w_t, out, n, oh + 2, ow + 2, gh0, gw0, 2, 0, 0, h, wd)
+                    if gw1:
+                        k1(scratch, w_t, out, n, oh + 2, ow + 2, gh0, gw1, 2, 0, 1, h, wd)
+                    if gh1:
+                        k2(scratch, w_t, out, n, oh + 2, ow + 2, gh1, gw0, 2, 1, 0, h, wd)
+                    if gh1 and gw1:
+                        k3(scratch, w_t, out, n, oh + 2, ow + 2, gh1, gw1, 2, 1, 1, h, wd)
+                if len(plus):
+                    more = plus[b0 * per_x:b1 * per_x]
+                    for i in range(len(out)):
+                        out[i] = out[i] + more[i]
+            weight_grad(x[b0 * per_x:b1 * per_x], dy[b0 * per_dy:b1 * per_dy], dw_t_parts[k], n, h, wd, oh, ow)
+    return backward_chunks
+
+
 def aligned(a: np.ndarray) -> np.ndarray:
     """a itself when it is C-contiguous float32 on a 64-byte boundary, else such a copy."""
     if a.flags.c_contiguous and a.dtype == np.float32 and a.ctypes.data % 64 == 0:
@@ -519,13 +611,94 @@ def conv3x3(x: np.ndarray, w: np.ndarray, out: np.ndarray, scratch: np.ndarray, 
     """out (B, OH, OW, O) = the 3x3 convolution of x (B, H, W, C) with w (3, 3, C, O), zero padding
     1, no bias, at this stride (OH, OW: output_hw); float32, O a multiple of LANES (supports), out
     C-contiguous (a batch slice of a larger array is fine; on a 64-byte boundary, from aligned_empty,
-    is faster). scratch: padded_scratch(n >= B, H, W, C). Returns out."""
+    is faster). scratch: padded_scratch(n >= B, H, W, C). Returns out. (conv3x3_chunks with the
+    batch as one chunk.)"""
+    run = conv3x3_chunks(x, aligned(w), out, np.array([0, len(x)], np.int64), stride)
+    run(spin.new_flags(spin.COUNTER_FLAGS), scratch)
+    return out
+
+
+def _scratch_floats(starts: np.ndarray, h: int, w: int, c: int) -> int:
+    """What a scratch needs for the largest chunk of starts: its padded images of (h, w, c)."""
+    return int(np.diff(starts).max(initial=0)) * (h + 2) * (w + 2) * c
+
+
+def _check_scratch(scratch: np.ndarray, floats: int) -> None:
+    if scratch.size < floats:
+        raise ValueError(f"conv3x3: the scratch holds {scratch.size} floats, and the largest chunk's padded images "
+                         f"need {floats}")
+
+
+def conv3x3_chunks(x: np.ndarray, w: np.ndarray, y: np.ndarray, starts: np.ndarray, stride: int = 1,
+                   bias: np.ndarray | None = None, relu: bool = False) -> Callable[[np.ndarray, np.ndarray], None]:
+    """conv3x3 over the chunks of a batch, as a thread's share: run(counter, scratch) takes chunk
+    after chunk k from counter (spin.next_part; on_each's counter, or spin.new_flags(spin.COUNTER_FLAGS)
+    for one thread alone) until none is left, and computes images starts[k]..starts[k + 1] - 1 of
+    x (N, H, W, C) into those of y (N, OH, OW, O), plus bias (O,) and then max(y, 0) where asked.
+    Threads that share one counter share the chunks, each in one call: no Python between chunks,
+    so the threads do not pass the GIL back and forth at every chunk (cnn_gpu.cpu.threads.on_each).
+    x and y as conv3x3's, w aligned(w); starts int64, N at its end; scratch: this thread's
+    padded_scratch(>= the largest chunk, H, W, C). The arguments are checked here, once."""
     n, h, wd, c = x.shape
     o = w.shape[3]
     oh, ow = output_hw(h, wd, stride)
-    _kernel(c, o, stride)(_padded(x, scratch), aligned(w).reshape(-1), out.reshape(-1),
-                          n, h + 2, wd + 2, oh, ow, 1, 0, 0, oh, ow)
-    return out
+    if not y.flags.c_contiguous or y.shape != (n, oh, ow, o):
+        raise ValueError(f"conv3x3: out must be C-contiguous of shape {(n, oh, ow, o)}, got {y.shape}")
+    loop, floats = _forward_chunks(c, o, stride), _scratch_floats(starts, h, wd, c)
+    xf, wf, yf = np.ascontiguousarray(x).reshape(-1), w.reshape(-1), y.reshape(-1)
+    b = np.empty(0, np.float32) if bias is None else bias
+
+    def run(counter: np.ndarray, scratch: np.ndarray) -> None:
+        _check_scratch(scratch, floats)
+        loop(xf, wf, yf, b, relu, scratch, starts, counter, h, wd, oh, ow)
+    return run
+
+
+def conv3x3_backward_chunks(x: np.ndarray, dy: np.ndarray, w_t: np.ndarray, dx: np.ndarray | None,
+                            dx_plus: np.ndarray | None, dw_t_parts: np.ndarray, starts: np.ndarray,
+                            stride: int = 1) -> Callable[[np.ndarray, np.ndarray | None], None]:
+    """The backward of conv3x3 over the chunks of a batch, as a thread's share (run(counter,
+    scratch), as conv3x3_chunks's): for chunk k, dx of its images (conv3x3_input_grad's numbers,
+    plus dx_plus's where given) unless dx is None, and its weight gradient into dw_t_parts[k] (as
+    (3, 3, O, C), flat: aligned_empty((chunks, 9 * O * C))), which the caller sums in chunk order.
+    stride in CHUNKED_STRIDES; C a multiple of LANES and O of 8 (supports_weight_grad, and
+    supports(O, C) for dx); scratch: padded_scratch(>= the largest chunk, OH, OW, O), or None
+    when dx is not wanted."""
+    n, h, wd, c = x.shape
+    _, oh, ow, o = dy.shape
+    none = np.empty(0, np.float32)
+    loop, floats = _backward_chunks(c, o, stride), _scratch_floats(starts, oh, ow, o) if dx is not None else 0
+    xf, dyf, wf = np.ascontiguousarray(x).reshape(-1), np.ascontiguousarray(dy).reshape(-1), w_t.reshape(-1)
+    dxf = none if dx is None else dx.reshape(-1)
+    plus = none if dx_plus is None else np.ascontiguousarray(dx_plus).reshape(-1)
+
+    def run(counter: np.ndarray, scratch: np.ndarray | None) -> None:
+        scratch = none if scratch is None else scratch
+        _check_scratch(scratch, floats)
+        loop(xf, dyf, wf, dxf, plus, dw_t_parts, scratch, starts, counter, h, wd, oh, ow)
+    return run
+
+
+_kept = threading.local()  # each thread's padded scratches (kept_padded_scratch)
+KEPT_SCRATCHES = 8  # shapes a thread keeps: a ResNet's stages, forward and backward, fit
+
+
+def kept_padded_scratch(n: int, h: int, w: int, c: int) -> np.ndarray:
+    """padded_scratch(n, h, w, c), this thread's own, kept for the thread's next call with that
+    shape: the kernels write only the images' interiors, so the borders stay zero, and an op
+    allocates and zeroes no buffer (~10 us a thread, on the path by which a second thread joins an
+    op). Up to KEPT_SCRATCHES shapes a thread, the least recently used let go first."""
+    kept = getattr(_kept, "buffers", None)
+    if kept is None:
+        kept = _kept.buffers = collections.OrderedDict()
+    key = (n, h, w, c)
+    buffer = kept.pop(key, None)
+    if buffer is None:
+        buffer = padded_scratch(n, h, w, c)
+        if len(kept) >= KEPT_SCRATCHES:
+            kept.popitem(last=False)
+    kept[key] = buffer
+    return buffer
 
 
 def swap_channels(w: np.ndarray) -> np.ndarray:

@@ -5,6 +5,7 @@
     dx = relu_backward(dy, y)    # dy where y > 0, else 0: one pass (NumPy: a mask, then a multiply)
     y = add_relu(a, b)           # max(a + b, 0): one pass (NumPy: a sum, then a maximum)
     (both in parts on cnn_gpu.cpu.threads)
+    relu_loop(x, y), bias_relu_loop(y2d, b, relu)      # the compiled loops of the first two, for compiled callers
     sgd_update(p, g, v, lr, momentum, wd, nesterov)    # in place, one pass (NumPy: five or six)
 
 The SGD update is cnn_gpu.optim's NumPy code (its reference) in one loop, with each scalar
@@ -27,7 +28,7 @@ _jit = numba.njit(cache=True, nogil=True, boundscheck=False)
 
 
 @_jit
-def _relu(x, y):  # pragma: no cover - compiled; tested against NumPy
+def relu_loop(x, y):  # pragma: no cover - compiled; tested against NumPy
     zero = y.dtype.type(0)
     for i in range(y.size):
         v = x[i]
@@ -39,12 +40,12 @@ def relu(x: Any, out: Any) -> Any:
     C-contiguous, and x may be out. One pass on this thread (callers cut their own parts).
     NumPy's maximum of a float32 array and the scalar 0 ran at 6.7 GB/s on an AVX2 machine, against
     35-50 GB/s for this loop or for maximum of two arrays (BENCHMARKS.md, session 7)."""
-    _relu(x.reshape(-1), out.reshape(-1))
+    relu_loop(x.reshape(-1), out.reshape(-1))
     return out
 
 
 @_jit
-def _bias_relu(y, b, relu):  # pragma: no cover - compiled; tested against NumPy
+def bias_relu_loop(y, b, relu):  # pragma: no cover - compiled; tested against NumPy
     m, c = y.shape
     zero = y.dtype.type(0)
     for r in range(m):
@@ -57,7 +58,7 @@ def bias_relu(y: Any, b: Any, relu: bool) -> Any:
     """y (M, C) += b (C,), then (relu) max(y, 0), in place and in one pass: equal bit for bit to
     NumPy's y += b and np.maximum(y, 0, out=y), two passes, the first a broadcast loop that restarts
     every C elements. y: C-contiguous. Returns y."""
-    _bias_relu(y, b, relu)
+    bias_relu_loop(y, b, relu)
     return y
 
 

@@ -5,6 +5,8 @@
     seen = wait_for(flags, i, value, spins)  # spin until flags[i] >= value, at most `spins` pauses
     seen = wait_all(flags, first, last, value, spins)   # the same for flags first..last-1
     got = publish_then_wait(flags, i, value, asleep, j, next_value, spins)  # both, in one call
+    k = take(flags, i)                     # in compiled code: flags[i] += 1, atomically; the value before
+    k = next_part(counter)                 # in compiled code: the next part of an on_each loop (below)
 
 Why spin: a thread asleep on a lock or a condition takes ~50 us to wake on a virtual machine
 whose idle CPUs halt at once (no halt polling: this project's machines are such), so every hand-off
@@ -34,6 +36,13 @@ from . import unavailable_reason
 
 LINE = 8  # int64s in a 64-byte cache line: flag i lives at flags[i * LINE], alone on its line
 
+# A counter of parts (cnn_gpu.cpu.threads.on_each) is the first three flags of a team's: the number
+# of the next part, the job that waits to be posted, and the job posted (what the team's other
+# threads wait for). A compiled loop's first next_part posts the pending job: the other threads
+# then come for the GIL when this one has let it go, instead of sleeping on it while it runs Python.
+PART, PENDING, POSTED = 0, 1, 2
+COUNTER_FLAGS = 3
+
 # The spin-wait hint as an LLVM intrinsic (Numba's JIT takes no inline assembly): x86's pause,
 # Arm's hint #1 (yield); elsewhere none.
 _MACHINE = platform.machine().lower()
@@ -50,6 +59,7 @@ class plain:
     """The same calls in Python, for when Numba is missing: they hold the GIL, so each wait looks once."""
 
     new_flags = staticmethod(new_flags)
+    PART, PENDING, POSTED, COUNTER_FLAGS = PART, PENDING, POSTED, COUNTER_FLAGS
 
     @staticmethod
     def publish(flags, i, value):
@@ -111,6 +121,29 @@ if COMPILED:
             builder.store_atomic(args[2], _flag_address(context, builder, sig.args[0], args[0], args[1]), "seq_cst", 8)
             return context.get_dummy_value()
         return types.void(flags, types.intp, types.int64), codegen
+
+
+    @intrinsic
+    def take(typingctx, flags, i):
+        """flags[i] += 1 as one atomic step, returning the value before: threads that each take
+        from one counter get each number once (compiled loops that hand out their own parts,
+        cnn_gpu.cpu.direct). For compiled code only: an intrinsic has no Python form."""
+        _check(flags)
+
+        def codegen(context, builder, sig, args):
+            address = _flag_address(context, builder, sig.args[0], args[0], args[1])
+            return builder.atomic_rmw("add", address, ir.Constant(ir.IntType(64), 1), "seq_cst")
+        return types.int64(flags, types.intp), codegen
+
+
+    @njit(inline="always")
+    def next_part(counter):  # pragma: no cover - compiled, tested
+        """The next part's number, from counter[PART] (take); first posts counter[PENDING] to
+        counter[POSTED] if it is not there yet. For compiled code (take is an intrinsic)."""
+        pending = _load(counter, PENDING)
+        if pending > _load(counter, POSTED):
+            _store(counter, POSTED, pending)
+        return take(counter, PART)
 
 
     @intrinsic

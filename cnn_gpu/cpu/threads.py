@@ -1,6 +1,7 @@
 """Threads over the parts of a batch, for the CPU ops that already work part by part.
 
     results = for_each(parts, work, scratch)    # [work(part, s) for part in parts], s: the thread's own scratch()
+    on_each(work, scratch)                      # work(counter, s) once per thread: a compiled loop takes its own parts
     parts = split(n, item_bytes)                # a slice of range(n) per thread, of at least 1 MiB
     parts = row_parts(rows, row_bytes)          # slices of about PART_BYTES, the same on any thread count
 
@@ -181,14 +182,21 @@ class _Team:
     (each side stores its flag, then loads the other's, both sequentially consistent, so one of
     them sees the other). After raising DONE a worker spins for the next job in the same compiled
     call, outside the GIL: the caller, who waited for DONE, then takes the GIL at once instead of
-    sleeping on it (a wake costs ~50 us on these machines; spin.py). One caller at a time: `busy`."""
+    sleeping on it (a wake costs ~50 us on these machines; spin.py). One caller at a time: `busy`.
 
-    POSTED, CALLER_ASLEEP = 0, 1
+    A job of on_each's is posted later: its number is left PENDING, and the caller's compiled loop
+    posts it as it takes its first part (spin.next_part), when the caller has let the GIL go; a
+    worker that then wakes takes the GIL at once, where one woken at once would find the caller
+    running Python and sleep for the GIL until the caller's loop starts (~70 us of the 0.2-2 ms of a
+    convolution's chunks, seen in a step's timeline). The flags begin with the counter of parts that
+    such a loop takes from (spin.PART, spin.PENDING, spin.POSTED)."""
+
+    POSTED, CALLER_ASLEEP = spin.POSTED, spin.COUNTER_FLAGS
 
     def __init__(self, size: int) -> None:
         self.size = size
         self.workers = size - 1
-        self.flags = spin.new_flags(2 + 2 * self.workers)
+        self.flags = spin.new_flags(spin.COUNTER_FLAGS + 1 + 2 * self.workers)
         self.job: Callable[[], None] = lambda: None
         self.jobs = 0
         self.closed = False
@@ -200,10 +208,10 @@ class _Team:
             t.start()
 
     def _done(self, w: int) -> int:
-        return 2 + w
+        return self.CALLER_ASLEEP + 1 + w
 
     def _asleep(self, w: int) -> int:
-        return 2 + self.workers + w
+        return self.CALLER_ASLEEP + 1 + self.workers + w
 
     def _sleep_until(self, asleep: int, satisfied: Callable[[], bool], job: int) -> None:
         with self.wake:
@@ -230,22 +238,36 @@ class _Team:
                 seen = woke == 1
             job += 1
 
-    def _post(self, job: Callable[[], None]) -> int:
+    def _post(self, job: Callable[[], None], later: bool = False) -> int:
+        """Post the next job now, or (later) leave it PENDING for the caller's compiled loop to post,
+        unless a worker sleeps (it must be woken after the post)."""
         self.jobs += 1
         self.job = job
-        spin.publish(self.flags, self.POSTED, self.jobs)
-        if any(spin.load(self.flags, self._asleep(w)) >= self.jobs for w in range(self.workers)):
-            with self.wake:
-                self.wake.notify_all()
+        spin.publish(self.flags, spin.PART, 0)
+        if later and not self._sleepers(self.jobs):
+            spin.publish(self.flags, spin.PENDING, self.jobs)
+        else:
+            self._post_now(self.jobs)
         return self.jobs
 
-    def run(self, job: Callable[[], None]) -> None:
+    def _sleepers(self, job: int) -> bool:
+        return any(spin.load(self.flags, self._asleep(w)) >= job for w in range(self.workers))
+
+    def _post_now(self, job: int) -> None:
+        spin.publish(self.flags, self.POSTED, job)
+        if self._sleepers(job):
+            with self.wake:
+                self.wake.notify_all()
+
+    def run(self, job: Callable[[], None], post_later: bool = False) -> None:
         """job() on every thread of the team, this one included; returns when all have returned.
-        The caller holds `busy`."""
-        n = self._post(job)
+        The caller holds `busy`. post_later: job's compiled loop posts it (on_each)."""
+        n = self._post(job, post_later)
         try:
             job()
         finally:
+            if spin.load(self.flags, self.POSTED) < n or self._sleepers(n):
+                self._post_now(n)  # the loop never ran, or a worker fell asleep before it posted
             done = lambda: spin.wait_all(self.flags, self._done(0), self._done(self.workers), n, 0)  # noqa: E731
             if not spin.wait_all(self.flags, self._done(0), self._done(self.workers), n, SPINS):
                 self._sleep_until(self.CALLER_ASLEEP, done, n)
@@ -285,21 +307,38 @@ def for_each(parts: Sequence[P], work: Callable[[P, Any], R], scratch: Callable[
     """[work(part, s) for part in parts], in part order. s is scratch() made once per thread (a
     buffer the thread reuses from part to part). On count() > 1 threads, with two or more parts,
     the parts run side by side with the BLAS held at one thread; else in turn, as written."""
+    return _share(parts, lambda part, s, _: work(part, s), scratch, post_later=False)
+
+
+def on_each(work: Callable[[Any, Any], None], scratch: Callable[[], Any] = lambda: None) -> None:
+    """work(counter, s) once on each of count() threads, s: that thread's scratch(), counter: the
+    flags (spin.COUNTER_FLAGS of them) from which a compiled loop takes its parts with
+    spin.next_part until none is left, shared by all the threads. for_each's threads run Python
+    at every part, and of two threads that want the GIL at once one sleeps for it (~20 us to wake
+    here); here each thread makes one call into compiled code, and the parts pass between the
+    threads there. A thread that comes late finds fewer parts, or none, left: the same parts, the
+    same results. The loop must take parts fixed by sizes, as for_each's callers do."""
+    _share(range(count()), lambda _, s, counter: work(counter, s), scratch, post_later=True)
+
+
+def _share(parts: Sequence[P], work: Callable[[P, Any, Any], R], scratch: Callable[[], Any],
+           post_later: bool) -> list[R]:
+    """[work(part, s, counter) for part in parts] on count() threads (for_each, on_each)."""
     threads = min(count(), len(parts))
     if threads <= 1:
-        s = scratch()
-        return [work(part, s) for part in parts]
+        s, counter = scratch(), spin.new_flags(spin.COUNTER_FLAGS)
+        return [work(part, s, counter) for part in parts]
     results: list[Any] = [None] * len(parts)
     errors: list[BaseException] = []
     order = itertools.count()  # next() is atomic under the GIL: each part is taken once
 
-    def share() -> None:
+    def share(counter: Any) -> None:
         inside = getattr(_state, "inside", False)
         _state.inside = True
         try:
             s = scratch()
             while not errors and (i := next(order)) < len(parts):
-                results[i] = work(parts[i], s)
+                results[i] = work(parts[i], s, counter)
         except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread, below
             errors.append(e)
         finally:
@@ -309,11 +348,11 @@ def for_each(parts: Sequence[P], work: Callable[[P, Any], R], scratch: Callable[
     if team.busy.acquire(blocking=False):
         try:
             with blas_held():
-                team.run(share)
+                team.run(lambda: share(team.flags), post_later)  # the team's flags begin with a counter
         finally:
             team.busy.release()
     else:  # another Python thread's parts run on the team now: these run here, in turn (the same results)
-        share()
+        share(spin.new_flags(spin.COUNTER_FLAGS))
     if errors:
         raise errors[0]
     return results

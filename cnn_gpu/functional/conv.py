@@ -449,25 +449,26 @@ def _direct_chunks(n: int, image_bytes: int) -> list[slice]:
 def _direct_forward(x: Any, w: Any, b: Any, window: Window, groups: int, out_hw: tuple[int, int],
                     inference: bool, relu: bool = False) -> tuple[Any, None]:
     """x (N, H, W, C), w (3, 3, C, O) -> y (N, OH, OW, O), in chunks of the batch whose padded copy
-    fits DIRECT_CHUNK_BYTES (on cnn_gpu.cpu.threads), each chunk's bias and ReLU applied while it is
-    in cache. Keeps no cols: the backward has kernels of its own."""
+    fits DIRECT_CHUNK_BYTES, each chunk's bias and ReLU applied while it is in cache; each thread
+    takes chunks in one compiled call (direct.conv3x3_chunks on cnn_gpu.cpu.threads.on_each).
+    Keeps no cols: the backward has kernels of its own."""
     direct = _cpu_direct()
     n, h, wd, c = x.shape
     o = w.shape[3]
     y = direct.aligned_empty((n, *out_hw, o))
     chunks = _direct_chunks(n, (h + 2) * (wd + 2) * c * x.itemsize)
-    w = direct.aligned(w)  # once, not a copy per chunk
-
-    def run(part: slice, padded: np.ndarray) -> None:
-        y_part = direct.conv3x3(x[part], w, y[part], padded, stride=window.sh).reshape(-1, o)
-        if b is not None:
-            _cpu_elementwise().bias_relu(y_part, b, relu)
-        elif relu:
-            relu_into(y_part, y_part)
-
+    starts = _starts(chunks, n)
+    x, w = np.ascontiguousarray(x), direct.aligned(w)  # once, not a copy per chunk
+    bias = None if b is None else np.ascontiguousarray(b, dtype=np.float32)
     per_chunk = chunks[0].stop - chunks[0].start if chunks else 0
-    threads.for_each(chunks, run, lambda: direct.padded_scratch(per_chunk, h, wd, c))
+    threads.on_each(direct.conv3x3_chunks(x, w, y, starts, window.sh, bias, relu),
+                    lambda: direct.kept_padded_scratch(per_chunk, h, wd, c))
     return y, None
+
+
+def _starts(chunks: list[slice], n: int) -> np.ndarray:
+    """Where each chunk begins, and n at the end: the chunk loops' int64 bounds."""
+    return np.array([part.start for part in chunks] + [n], np.int64)
 
 
 def _padded_dy_scratch(images: int, x: np.ndarray, w: np.ndarray, out_hw: tuple[int, int]) -> np.ndarray:
@@ -485,7 +486,9 @@ def _input_grad_direct(dy2d: np.ndarray, w: np.ndarray, window: Window, out_hw: 
 
 def _direct_backward(dy: Any, cache: ConvCache, need_dx: bool, dx_plus: Any = None) -> tuple[Any, Any, Any]:
     """dx by the direct kernels (conv3x3_input_grad) and dw by the weight-gradient kernel, chunk by
-    chunk (on cnn_gpu.cpu.threads), the chunks' dw summed in chunk order; db a column sum. dx_plus:
+    chunk (at strides 1 and 2 in one compiled call per thread, direct.conv3x3_backward_chunks; else
+    a call per chunk, on cnn_gpu.cpu.threads), the chunks' dw summed in chunk order; db a column
+    sum. dx_plus:
     added to each chunk of dx while it is in cache. Where the weight-gradient kernel does not take
     the channels (C not a multiple of LANES: a network's first layer), NUMPY_GEMM_COMPILED's
     backward, with dx by the direct kernels where they take C."""
@@ -506,7 +509,18 @@ def _direct_backward(dy: Any, cache: ConvCache, need_dx: bool, dx_plus: Any = No
     per_chunk = chunks[0].stop - chunks[0].start if chunks else 0
 
     def scratch() -> np.ndarray | None:  # padded dy (the weight gradient reads x as it is)
-        return direct.padded_scratch(per_chunk, *out_hw, o) if need_dx else None
+        return direct.kept_padded_scratch(per_chunk, *out_hw, o) if need_dx else None
+
+    if window.sh in direct.CHUNKED_STRIDES:  # the chunks in compiled loops, one call per thread
+        starts, plus = _starts(chunks, n), None if dx_plus is None else np.ascontiguousarray(dx_plus)
+        dw_t_parts = direct.aligned_empty((len(chunks), 9 * o * c))
+        threads.on_each(direct.conv3x3_backward_chunks(x, dy, w_t, dx, plus, dw_t_parts, starts, window.sh), scratch)
+        dw_t = np.zeros(9 * o * c, dtype=w.dtype)
+        for part_dw in dw_t_parts:  # in chunk order: the same sum on any thread count
+            dw_t += part_dw
+        dw = np.ascontiguousarray(dw_t.reshape(3, 3, o, c).transpose(0, 1, 3, 2))
+        db = column_sum(dy.reshape(-1, o)) if cache.has_bias else None
+        return dx, dw, db
 
     def run(part: slice, padded_dy: np.ndarray | None) -> np.ndarray:
         if need_dx:
