@@ -145,10 +145,15 @@ def test_the_chunk_loops_on_two_threads_give_the_whole_batch_bits(direct, rng, s
         dx_want = direct.conv3x3_input_grad(dy, direct.swap_channels(wt), np.empty_like(x),
                                             direct.padded_scratch(n, oh, ow, o), stride=stride)
         np.testing.assert_array_equal(dx, dx_want + plus)
+        total = np.zeros(9 * o * c, np.float32)
         for k in range(3):
             part = slice(starts[k], starts[k + 1])
             np.testing.assert_array_equal(dw_t_parts[k].reshape(3, 3, o, c).transpose(0, 1, 3, 2),
                                           direct.conv3x3_weight_grad(x[part], dy[part], stride=stride))
+            total += dw_t_parts[k]  # the sum in chunk order, as sum_weight_grads must make it
+        np.testing.assert_array_equal(direct.sum_weight_grads(dw_t_parts, c, o),
+                                      total.reshape(3, 3, o, c).transpose(0, 1, 3, 2))
+        np.testing.assert_array_equal(direct.swap_channels(wt), wt.transpose(0, 1, 3, 2))
 
 
 def test_a_thread_keeps_its_padded_scratch_per_shape_and_its_borders_stay_zero(direct, rng):

@@ -13,7 +13,8 @@ ReLU's output as relu_out=, and take dy (the gradient at the ReLU's output) thro
 they load it: dy where relu_out > 0, else 0. The ReLU's own forward and backward passes are gone.
 
 Each is one pass over its (M, C) operands with the channels innermost (SIMD over C), in parts of
-the rows on cnn_gpu.cpu.threads. The sums are float64 whatever the input's dtype, added part by
+the rows of about 256 KiB; on several threads (cnn_gpu.cpu.threads), each thread takes parts in
+one compiled call (threads.on_each) once a pass has ON_EACH_MIN_BYTES. The sums are float64 whatever the input's dtype, added part by
 part in order, and the variance's are shifted by one row of x (see _mean_var), so it keeps its
 digits when |mean| is far larger than the std. For float32 with C a multiple of simd.LANES64 the
 statistics run in float64 vector registers (_shifted_sums_vectors), and so do the gradient sums
@@ -22,12 +23,13 @@ plain loops, which serve every dtype and C, are their reference.
 """
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import numba
 import numpy as np
 
-from . import threads
+from . import spin, threads
 from .simd import LANES64, aligned_empty, fma64, load64, store64, where_positive, widen, zeros64
 
 _jit = numba.njit(cache=True, nogil=True, boundscheck=False)
@@ -157,16 +159,43 @@ def _summed(kernel: Any, args: tuple[Any, ...], rows: int, row_bytes: int, c: in
     """Two float64 (C,) sums over `rows` rows of (M, C) arrays, by kernel(*args, rows_per_part,
     first, last, sums_1, sums_2). The rows are cut into parts fixed by their size
     (cnn_gpu.cpu.threads.row_parts), each part's sums go to its own row of two (P, C) arrays, and
-    those rows are added in part order: the same result on any number of threads. Each thread
-    runs the kernel once, on a block of consecutive parts. flat: the kernel takes the (P, C) sums
-    flat (the vector kernels)."""
+    those rows are added in part order: the same result on any number of threads. On one thread
+    the kernel runs once over every part; on several, each thread takes parts in one compiled call
+    (_parts_loop, on threads.on_each) when there are ON_EACH_MIN_BYTES of rows. flat: the kernel
+    takes the (P, C) sums flat (the vector kernels)."""
     parts = threads.row_parts(rows, row_bytes)
     rows_per_part = parts[0].stop if parts else 1
     first, second = np.zeros((len(parts), c), np.float64), np.zeros((len(parts), c), np.float64)
     into = (first.reshape(-1), second.reshape(-1)) if flat else (first, second)
-    threads.for_each(threads.split(len(parts), threads.PART_BYTES),
-                     lambda block, _: kernel(*args, rows_per_part, block.start, block.stop, *into))
+    if _shared(rows * row_bytes, len(parts)):
+        loop = _parts_loop(kernel)
+        threads.on_each(lambda counter, _: loop(args, rows_per_part, len(parts), counter, *into))
+    else:
+        kernel(*args, rows_per_part, 0, len(parts), *into)
     return first.sum(axis=0), second.sum(axis=0)  # the same P rows, whichever threads made them
+
+
+ON_EACH_MIN_BYTES = 1 << 19  # of rows, before the parts of a pass are shared by the threads: below
+                             # it, the second thread's start (~25 us, threads.on_each) outweighs its half
+
+
+def _shared(nbytes: int, parts: int) -> bool:
+    """Whether a pass of nbytes in `parts` parts is shared by the threads."""
+    return parts > 1 and nbytes >= ON_EACH_MIN_BYTES and threads.count() > 1
+
+
+@functools.lru_cache(maxsize=None)
+def _parts_loop(kernel: Any) -> Any:
+    """kernel(*args, rows_per_part, k, k + 1, sums_1, sums_2) for each part k this thread takes
+    from counter (spin.next_part), compiled around this kernel (a closure, which Numba caches)."""
+    @_jit
+    def parts_loop(args, rows_per_part, parts, counter, sums_1, sums_2):  # pragma: no cover - compiled, tested
+        while True:
+            k = spin.next_part(counter)
+            if k >= parts:
+                return
+            kernel(*args, rows_per_part, k, k + 1, sums_1, sums_2)
+    return parts_loop
 
 
 def _mean_var(x2d: Any) -> tuple[Any, Any]:
@@ -215,6 +244,31 @@ def _train_dx(dy2d, x2d, mean, k, a, b, relu_out, masked, shift, recomputed, dx)
                 keep = not masked or relu_out[r, ch] > zero
             g = dy2d[r, ch] if keep else zero
             dx[r, ch] = g * k[ch] + d * a[ch] + b[ch]
+
+
+@_jit
+def _affine_parts(x2d, mean, scale, shift, relu, add2d, added, y, rows_per_part, counter):  # pragma: no cover
+    # _affine over the parts of rows_per_part rows this thread takes from counter (spin.next_part)
+    m = x2d.shape[0]
+    while True:
+        r0 = spin.next_part(counter) * rows_per_part
+        if r0 >= m:
+            return
+        r1 = min(r0 + rows_per_part, m)
+        _affine(x2d[r0:r1], mean, scale, shift, relu, add2d[r0:r1], added, y[r0:r1])
+
+
+@_jit
+def _train_dx_parts(dy2d, x2d, mean, k, a, b, relu_out, masked, shift, recomputed, dx, rows_per_part,
+                    counter):  # pragma: no cover - compiled
+    # _train_dx over the parts this thread takes, as _affine_parts
+    m = x2d.shape[0]
+    while True:
+        r0 = spin.next_part(counter) * rows_per_part
+        if r0 >= m:
+            return
+        r1 = min(r0 + rows_per_part, m)
+        _train_dx(dy2d[r0:r1], x2d[r0:r1], mean, k, a, b, relu_out[r0:r1], masked, shift, recomputed, dx[r0:r1])
 
 
 def channel_mean_var(x2d: Any) -> tuple[Any, Any]:
@@ -276,7 +330,12 @@ def batch_norm_normalize(x2d: Any, mean: Any, inv_std: Any, gamma: Any, beta: An
     x2d, scale = np.ascontiguousarray(x2d), gamma * inv_std
     added = add2d is not None
     add2d = np.ascontiguousarray(add2d) if added else x2d  # x2d unread: one array type, one compiled kernel
-    threads.for_each(_rows(y), lambda r, _: _affine(x2d[r], mean, scale, beta, relu, add2d[r], added, y[r]))
+    rows_per_part = _rows_per_part(y)
+    if _shared(y.nbytes, -(-len(y) // rows_per_part)):
+        threads.on_each(lambda counter, _: _affine_parts(x2d, mean, scale, beta, relu, add2d, added, y,
+                                                         rows_per_part, counter))
+    else:
+        _affine(x2d, mean, scale, beta, relu, add2d, added, y)
     return y
 
 
@@ -294,10 +353,16 @@ def batch_norm_backward_dx(dy2d: Any, x2d: Any, mean: Any, inv_std: Any, gamma: 
     dy2d, relu_out, masked = _through_relu(dy2d, relu_out)
     x2d = np.ascontiguousarray(x2d)
     _, shift, recomputed = _relu_kept((k, beta) if masked and beta is not None else None, x2d)
-    threads.for_each(_rows(dx), lambda r, _: _train_dx(dy2d[r], x2d[r], mean, k, a, b, relu_out[r], masked, shift,
-                                                       recomputed, dx[r]))
+    rows_per_part = _rows_per_part(dx)
+    if _shared(dx.nbytes, -(-len(dx) // rows_per_part)):
+        threads.on_each(lambda counter, _: _train_dx_parts(dy2d, x2d, mean, k, a, b, relu_out, masked, shift,
+                                                           recomputed, dx, rows_per_part, counter))
+    else:
+        _train_dx(dy2d, x2d, mean, k, a, b, relu_out, masked, shift, recomputed, dx)
     return dx
 
 
-def _rows(y2d: Any) -> list[slice]:
-    return threads.split(y2d.shape[0], y2d.shape[1] * y2d.itemsize)  # each row on its own: one part per thread
+def _rows_per_part(y2d: Any) -> int:
+    """Rows in each part of a pass whose every row is computed on its own (normalize, dx): about
+    threads.PART_BYTES of them, so that the threads even out as they take parts."""
+    return max(1, threads.PART_BYTES // max(y2d.shape[1] * y2d.itemsize, 1))

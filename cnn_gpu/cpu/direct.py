@@ -611,10 +611,13 @@ def conv3x3(x: np.ndarray, w: np.ndarray, out: np.ndarray, scratch: np.ndarray, 
     """out (B, OH, OW, O) = the 3x3 convolution of x (B, H, W, C) with w (3, 3, C, O), zero padding
     1, no bias, at this stride (OH, OW: output_hw); float32, O a multiple of LANES (supports), out
     C-contiguous (a batch slice of a larger array is fine; on a 64-byte boundary, from aligned_empty,
-    is faster). scratch: padded_scratch(n >= B, H, W, C). Returns out. (conv3x3_chunks with the
-    batch as one chunk.)"""
-    run = conv3x3_chunks(x, aligned(w), out, np.array([0, len(x)], np.int64), stride)
-    run(spin.new_flags(spin.COUNTER_FLAGS), scratch)
+    is faster). scratch: padded_scratch(n >= B, H, W, C). Returns out. (The kernel called from
+    Python: conv3x3_chunks compiles a loop around it, at a few seconds a shape, the first time.)"""
+    n, h, wd, c = x.shape
+    o = w.shape[3]
+    oh, ow = output_hw(h, wd, stride)
+    _kernel(c, o, stride)(_padded(x, scratch), aligned(w).reshape(-1), out.reshape(-1),
+                          n, h + 2, wd + 2, oh, ow, 1, 0, 0, oh, ow)
     return out
 
 
@@ -703,7 +706,42 @@ def kept_padded_scratch(n: int, h: int, w: int, c: int) -> np.ndarray:
 
 def swap_channels(w: np.ndarray) -> np.ndarray:
     """w (3, 3, C, O) -> (3, 3, O, C) on a 64-byte boundary: the weights conv3x3_input_grad reads."""
-    return aligned(w.transpose(0, 1, 3, 2))
+    _, _, c, o = w.shape
+    out = aligned_empty((3, 3, o, c))
+    _transpose_taps(np.ascontiguousarray(w, dtype=np.float32).reshape(9, c, o), out.reshape(9, o, c))
+    return out
+
+
+@_jit
+def _transpose_taps(a, out):  # pragma: no cover - compiled, tested
+    # a (T, P, Q) -> out (T, Q, P): a copy by rows of out (NumPy's strided copy ran ~4x slower here)
+    taps, p, q = a.shape
+    for t in range(taps):
+        for j in range(q):
+            for i in range(p):
+                out[t, j, i] = a[t, i, j]
+
+
+def sum_weight_grads(dw_t_parts: np.ndarray, c: int, o: int) -> np.ndarray:
+    """conv3x3_backward_chunks's dw_t_parts (P, 9 * O * C) -> dw (3, 3, C, O): the parts summed in
+    part order from zero (float32, as dw += part would), and turned back to (C, O) per tap."""
+    dw = np.empty((3, 3, c, o), np.float32)
+    _sum_transposed(dw_t_parts.reshape(len(dw_t_parts), 9, o, c), dw.reshape(9, c, o))
+    return dw
+
+
+@_jit
+def _sum_transposed(parts, out):  # pragma: no cover - compiled, tested
+    # parts (P, T, Q, R) -> out (T, R, Q) = parts[0] + parts[1] + ..., in that order, from zero
+    n, taps, q, r = parts.shape
+    zero = out.dtype.type(0)
+    for t in range(taps):
+        for j in range(q):
+            for i in range(r):
+                total = zero
+                for k in range(n):
+                    total = total + parts[k, t, j, i]
+                out[t, i, j] = total
 
 
 def conv3x3_input_grad(dy: np.ndarray, w_t: np.ndarray, out: np.ndarray, scratch: np.ndarray,

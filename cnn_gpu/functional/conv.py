@@ -515,10 +515,7 @@ def _direct_backward(dy: Any, cache: ConvCache, need_dx: bool, dx_plus: Any = No
         starts, plus = _starts(chunks, n), None if dx_plus is None else np.ascontiguousarray(dx_plus)
         dw_t_parts = direct.aligned_empty((len(chunks), 9 * o * c))
         threads.on_each(direct.conv3x3_backward_chunks(x, dy, w_t, dx, plus, dw_t_parts, starts, window.sh), scratch)
-        dw_t = np.zeros(9 * o * c, dtype=w.dtype)
-        for part_dw in dw_t_parts:  # in chunk order: the same sum on any thread count
-            dw_t += part_dw
-        dw = np.ascontiguousarray(dw_t.reshape(3, 3, o, c).transpose(0, 1, 3, 2))
+        dw = direct.sum_weight_grads(dw_t_parts, c, o)  # in chunk order: the same sum on any thread count
         db = column_sum(dy.reshape(-1, o)) if cache.has_bias else None
         return dx, dw, db
 
