@@ -1,8 +1,9 @@
 """The benchmark runs end to end on tiny settings and counts the seed network's FLOPs right.
-Nothing here is timed."""
+Nothing here is timed (one test checks where the benchmark's idle pauses fall, not a speed)."""
 import json
+import time
 
-from cnn_gpu.bench import main
+from cnn_gpu.bench import main, run
 from cnn_gpu.bench.flops import layer_flops, model_flops
 from cnn_gpu.models import seed_cnn
 
@@ -33,6 +34,7 @@ def test_bench_runs_end_to_end_and_writes_json(tmp_path, capsys):
     result = json.loads(out.read_text())
     assert {"date", "command", "machine", "gemm_gflops", "flops_per_image", "rows", "breakdown"} <= set(result)
     assert result["machine"]["torch"] == "skipped (--no-torch)"
+    assert result["timing"]["settle_s"] == run.SETTLE_S and result["timing"]["inner"] == 1
     assert result["gemm_gflops"] > 0
     assert result["flops_per_image"]["seed"]["training"] == SEED_TRAINING_FLOPS
     rows = result["rows"]
@@ -52,6 +54,17 @@ def test_bench_runs_end_to_end_and_writes_json(tmp_path, capsys):
     assert rows["stage1.block0.relu1"]["forward_ms"] == 0
     assert {b["type"] for b in result["breakdown"]["resnet20/train/8"]} >= {"Conv2D", "BatchNorm2D", "Add", "between"}
     assert "skipped (--no-torch)" in capsys.readouterr().out
+
+
+def test_each_timed_block_follows_an_idle_settle_and_an_untimed_step():
+    """The idle before each block keeps the other library's spinning threads out of it, the
+    untimed step wakes this one's, and neither is in the times."""
+    calls = []
+    steps = {name: (lambda name=name: calls.append((name, time.perf_counter()))) for name in ("a", "b")}
+    t = run.time_interleaved(steps, {"a": lambda: None, "b": lambda: None}, 0, 3, 1, settle=0.05)
+    assert [name for name, _ in calls] == ["a", "a", "b", "b"] * 3  # an untimed step, then the timed one
+    settled = [calls[i][1] - calls[i - 1][1] for i in range(2, len(calls), 2)]  # before each untimed step
+    assert min(settled) >= 0.05 and max(t.values()) < 0.05
 
 
 def test_resnet20_flops_by_hand():

@@ -9,6 +9,12 @@ zoo's resnet20 and depthwise mobilenet; one batch size):
 ours and PyTorch's steps are timed in alternation, round after round, after a warm-up, and
 each reports the median over the rounds: load from other processes on a shared machine then
 hits both alike, and their ratio (ours / PyTorch, > 1 means we are faster) is what counts.
+Before each timed block the run idles --settle seconds (20 ms) and then takes one untimed step
+of the same library: on several threads each library's workers spin for a while after its step
+(PyTorch's OpenMP threads, ours: spin.py) and would otherwise take cores from the other
+library's next step; after the pause the other's threads sleep, and the untimed step wakes this
+one's, so each block runs as in a process of its own stepping back to back (BENCHMARKS.md,
+"Session 15").
 
 %GEMM is the row's useful FLOP rate (flops.py: forward or training FLOPs per image x
 images/s) as a share of the float32 GEMM rate NumPy's BLAS (cuBLAS through CuPy on the GPU)
@@ -105,9 +111,13 @@ def gemm_ceiling(xp: Any, n: int, repeats: int, sync: Callable[[], None]) -> flo
 
 # -- timing -------------------------------------------------------------------------------------
 
+SETTLE_S = 0.02  # idle before each timed block: longer than either library's threads spin after a step
+
+
 def time_interleaved(steps: dict[str, Callable[[], None]], syncs: dict[str, Callable[[], None]],
-                     warmup: int, repeats: int, inner: int) -> dict[str, float]:
-    """Median seconds per step of each function, timed in alternation round after round."""
+                     warmup: int, repeats: int, inner: int, settle: float = 0.0) -> dict[str, float]:
+    """Median seconds per step of each function, timed in alternation round after round; with
+    settle, each block of `inner` steps after `settle` idle seconds and one untimed step."""
     for name, step in steps.items():
         for _ in range(warmup):
             step()
@@ -115,6 +125,10 @@ def time_interleaved(steps: dict[str, Callable[[], None]], syncs: dict[str, Call
     times: dict[str, list[float]] = {name: [] for name in steps}
     for _ in range(repeats):
         for name, step in steps.items():
+            if settle:
+                time.sleep(settle)
+                step()
+                syncs[name]()
             t0 = time.perf_counter()
             for _ in range(inner):
                 step()
@@ -239,6 +253,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=15, help="timed rounds; medians are reported (default 15)")
     p.add_argument("--inner", type=int, default=None,
                    help="steps per timed round (default 1 on the CPU, 20 on the GPU)")
+    p.add_argument("--settle", type=float, default=SETTLE_S,
+                   help=f"idle seconds, then one untimed step, before each timed block: the other library's "
+                        f"spinning threads go to sleep (default {SETTLE_S}; 0: neither)")
     p.add_argument("--threads", type=int, default=None,
                    help="limit NumPy's BLAS (through threadpoolctl) and PyTorch to N threads; "
                         "default: the BLAS's own count")
@@ -346,7 +363,7 @@ def main(argv: list[str] | None = None) -> int:
                         row[f"{impl}_error"] = f"{type(exc).__name__}: {exc}"
                         del steps[impl]
                         print(f"# {net} {mode} {batch}: {impl} failed: {row[f'{impl}_error']}")
-                t = time_interleaved(steps, syncs, args.warmup, args.repeats, inner)
+                t = time_interleaved(steps, syncs, args.warmup, args.repeats, inner, args.settle)
                 for impl, sec in t.items():
                     ips = batch / sec
                     row[f"{impl}_images_per_s"] = ips
@@ -372,6 +389,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {"date": datetime.datetime.now().isoformat(timespec="seconds"),
               "command": "python -m cnn_gpu.bench " + " ".join(sys.argv[1:] if argv is None else argv),
               "machine": machine, "gemm_gflops": ceiling, "gemm_size": gemm_n,
+              "timing": {"warmup": args.warmup, "repeats": args.repeats, "inner": inner, "settle_s": args.settle},
               "flops_per_image": flops,
               "layer_flops": {net: layer_flops(workloads.network(net), workloads.INPUT_SHAPE) for net in args.nets},
               "rows": rows}
