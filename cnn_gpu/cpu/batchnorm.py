@@ -246,15 +246,21 @@ def _train_dx(dy2d, x2d, mean, k, a, b, relu_out, masked, shift, recomputed, dx)
             dx[r, ch] = g * k[ch] + d * a[ch] + b[ch]
 
 
+@numba.njit(inline="always")
+def _next_rows(counter, rows_per_part, m):  # pragma: no cover - compiled
+    """Rows r0..r1-1 of the next part this thread takes from counter (spin.next_part); r0 >= r1:
+    none is left."""
+    r0 = spin.next_part(counter) * rows_per_part
+    return r0, min(r0 + rows_per_part, m)
+
+
 @_jit
 def _affine_parts(x2d, mean, scale, shift, relu, add2d, added, y, rows_per_part, counter):  # pragma: no cover
-    # _affine over the parts of rows_per_part rows this thread takes from counter (spin.next_part)
-    m = x2d.shape[0]
+    # _affine over the parts of rows_per_part rows this thread takes from counter
     while True:
-        r0 = spin.next_part(counter) * rows_per_part
-        if r0 >= m:
+        r0, r1 = _next_rows(counter, rows_per_part, x2d.shape[0])
+        if r0 >= r1:
             return
-        r1 = min(r0 + rows_per_part, m)
         _affine(x2d[r0:r1], mean, scale, shift, relu, add2d[r0:r1], added, y[r0:r1])
 
 
@@ -262,12 +268,10 @@ def _affine_parts(x2d, mean, scale, shift, relu, add2d, added, y, rows_per_part,
 def _train_dx_parts(dy2d, x2d, mean, k, a, b, relu_out, masked, shift, recomputed, dx, rows_per_part,
                     counter):  # pragma: no cover - compiled
     # _train_dx over the parts this thread takes, as _affine_parts
-    m = x2d.shape[0]
     while True:
-        r0 = spin.next_part(counter) * rows_per_part
-        if r0 >= m:
+        r0, r1 = _next_rows(counter, rows_per_part, x2d.shape[0])
+        if r0 >= r1:
             return
-        r1 = min(r0 + rows_per_part, m)
         _train_dx(dy2d[r0:r1], x2d[r0:r1], mean, k, a, b, relu_out[r0:r1], masked, shift, recomputed, dx[r0:r1])
 
 
