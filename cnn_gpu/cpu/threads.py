@@ -266,7 +266,7 @@ class _Team:
         try:
             job()
         finally:
-            if spin.load(self.flags, self.POSTED) < n or self._sleepers(n):
+            if spin.load(self.flags, self.POSTED) < n or (post_later and self._sleepers(n)):
                 self._post_now(n)  # the loop never ran, or a worker fell asleep before it posted
             done = lambda: spin.wait_all(self.flags, self._done(0), self._done(self.workers), n, 0)  # noqa: E731
             if not spin.wait_all(self.flags, self._done(0), self._done(self.workers), n, SPINS):
@@ -326,7 +326,7 @@ def _share(parts: Sequence[P], work: Callable[[P, Any, Any], R], scratch: Callab
     """[work(part, s, counter) for part in parts] on count() threads (for_each, on_each)."""
     threads = min(count(), len(parts))
     if threads <= 1:
-        s, counter = scratch(), spin.new_flags(spin.COUNTER_FLAGS)
+        s, counter = scratch(), spin.new_flags(spin.COUNTER_FLAGS) if post_later else None
         return [work(part, s, counter) for part in parts]
     results: list[Any] = [None] * len(parts)
     errors: list[BaseException] = []
@@ -352,7 +352,7 @@ def _share(parts: Sequence[P], work: Callable[[P, Any, Any], R], scratch: Callab
         finally:
             team.busy.release()
     else:  # another Python thread's parts run on the team now: these run here, in turn (the same results)
-        share(spin.new_flags(spin.COUNTER_FLAGS))
+        share(spin.new_flags(spin.COUNTER_FLAGS) if post_later else None)
     if errors:
         raise errors[0]
     return results
