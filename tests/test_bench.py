@@ -1,7 +1,8 @@
 """The benchmark runs end to end on tiny settings and counts the seed network's FLOPs right.
-Nothing here is timed (one test checks where the benchmark's idle pauses fall, not a speed)."""
+Nothing here is timed."""
 import json
-import time
+
+import pytest
 
 from cnn_gpu.bench import main, run
 from cnn_gpu.bench.flops import layer_flops, model_flops
@@ -56,15 +57,21 @@ def test_bench_runs_end_to_end_and_writes_json(tmp_path, capsys):
     assert "skipped (--no-torch)" in capsys.readouterr().out
 
 
-def test_each_timed_block_follows_an_idle_settle_and_an_untimed_step():
+def test_each_timed_block_follows_an_idle_settle_and_an_untimed_step(monkeypatch):
     """The idle before each block keeps the other library's spinning threads out of it, the
-    untimed step wakes this one's, and neither is in the times."""
-    calls = []
-    steps = {name: (lambda name=name: calls.append((name, time.perf_counter()))) for name in ("a", "b")}
+    untimed step wakes this one's, and neither is in the times. On a fake clock: nothing timed."""
+    now, calls, sleeps = [0.0], [], []
+    monkeypatch.setattr(run.time, "perf_counter", lambda: now[0])
+    monkeypatch.setattr(run.time, "sleep", lambda s: (sleeps.append((len(calls), s)), now.__setitem__(0, now[0] + s)))
+
+    def step(name, seconds):
+        calls.append(name)
+        now[0] += seconds
+    steps = {"a": lambda: step("a", 0.001), "b": lambda: step("b", 0.003)}
     t = run.time_interleaved(steps, {"a": lambda: None, "b": lambda: None}, 0, 3, 1, settle=0.05)
-    assert [name for name, _ in calls] == ["a", "a", "b", "b"] * 3  # an untimed step, then the timed one
-    settled = [calls[i][1] - calls[i - 1][1] for i in range(2, len(calls), 2)]  # before each untimed step
-    assert min(settled) >= 0.05 and max(t.values()) < 0.05
+    assert calls == ["a", "a", "b", "b"] * 3  # an untimed step, then the timed one
+    assert sleeps == [(k, 0.05) for k in range(0, 12, 2)]  # the idle before each untimed step
+    assert t == {"a": pytest.approx(0.001), "b": pytest.approx(0.003)}  # the step alone
 
 
 def test_resnet20_flops_by_hand():

@@ -334,7 +334,7 @@ def batch_norm_normalize(x2d: Any, mean: Any, inv_std: Any, gamma: Any, beta: An
     x2d, scale = np.ascontiguousarray(x2d), gamma * inv_std
     added = add2d is not None
     add2d = np.ascontiguousarray(add2d) if added else x2d  # x2d unread: one array type, one compiled kernel
-    rows_per_part = _rows_per_part(y)
+    rows_per_part = threads.rows_per_part(y.shape[1] * y.itemsize)  # each row on its own: any cut
     if _shared(y.nbytes, -(-len(y) // rows_per_part)):
         threads.on_each(lambda counter, _: _affine_parts(x2d, mean, scale, beta, relu, add2d, added, y,
                                                          rows_per_part, counter))
@@ -357,16 +357,10 @@ def batch_norm_backward_dx(dy2d: Any, x2d: Any, mean: Any, inv_std: Any, gamma: 
     dy2d, relu_out, masked = _through_relu(dy2d, relu_out)
     x2d = np.ascontiguousarray(x2d)
     _, shift, recomputed = _relu_kept((k, beta) if masked and beta is not None else None, x2d)
-    rows_per_part = _rows_per_part(dx)
+    rows_per_part = threads.rows_per_part(dx.shape[1] * dx.itemsize)
     if _shared(dx.nbytes, -(-len(dx) // rows_per_part)):
         threads.on_each(lambda counter, _: _train_dx_parts(dy2d, x2d, mean, k, a, b, relu_out, masked, shift,
                                                            recomputed, dx, rows_per_part, counter))
     else:
         _train_dx(dy2d, x2d, mean, k, a, b, relu_out, masked, shift, recomputed, dx)
     return dx
-
-
-def _rows_per_part(y2d: Any) -> int:
-    """Rows in each part of a pass whose every row is computed on its own (normalize, dx): about
-    threads.PART_BYTES of them, so that the threads even out as they take parts."""
-    return max(1, threads.PART_BYTES // max(y2d.shape[1] * y2d.itemsize, 1))

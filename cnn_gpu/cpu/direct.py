@@ -601,10 +601,11 @@ def output_hw(h: int, w: int, stride: int = 1) -> tuple[int, int]:
 
 
 def _padded(x: np.ndarray, scratch: np.ndarray) -> np.ndarray:
-    """x (B, H, W, C) copied into the interiors of scratch's first B padded images; returns scratch."""
+    """x (B, H, W, C) copied into the interiors of scratch's first B padded images (_pad_into, as
+    the chunk loops copy them); returns scratch, whose borders are its zeros."""
     n, h, wd, c = x.shape
-    scratch[:n * (h + 2) * (wd + 2) * c].reshape(n, h + 2, wd + 2, c)[:, 1:h + 1, 1:wd + 1] = x
-    return scratch  # the borders are the buffer's zeros
+    _pad_into(np.ascontiguousarray(x, dtype=np.float32).reshape(-1), 0, n, scratch, h, wd, c)
+    return scratch
 
 
 def conv3x3(x: np.ndarray, w: np.ndarray, out: np.ndarray, scratch: np.ndarray, stride: int = 1) -> np.ndarray:

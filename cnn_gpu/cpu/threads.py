@@ -371,7 +371,12 @@ PART_BYTES = 1 << 18  # of rows per part of a sum: 256 KiB, in L2 with its opera
 def row_parts(rows: int, row_bytes: int) -> list[slice]:
     """Fixed parts of `rows` rows (images, or rows of an (M, C) view) of about PART_BYTES each:
     for ops that sum over the parts."""
-    return ranges(rows, PART_BYTES // max(row_bytes, 1))
+    return ranges(rows, rows_per_part(row_bytes))
+
+
+def rows_per_part(row_bytes: int) -> int:
+    """Rows of row_bytes in each of row_parts' parts (at least one)."""
+    return max(1, PART_BYTES // max(row_bytes, 1))
 
 
 SPLIT_MIN_BYTES = 1 << 20  # what split() gives a thread at the least: handing a part to another
