@@ -61,9 +61,11 @@ import numba
 import numpy as np
 
 from . import elementwise, simd, spin
+from .jit import JIT, KERNEL_JIT, calling
 from .simd import LANES, aligned_empty, broadcast, fma, load, zeros
 
-_jit = numba.njit(cache=True, nogil=True, boundscheck=False)
+# The kernels that a compiled loop below calls by these names, bound for each shape (jit.calling)
+ROWS8 = ROWS7 = REST = KERNEL = K0 = K1 = K2 = K3 = WEIGHT_GRAD = None
 
 
 def supports(in_channels: int, out_channels: int) -> bool:
@@ -106,7 +108,7 @@ def _tiles6(c: int, o: int, s: int, taps: tuple) -> Callable[..., None]:
     """6 positions x 4 vectors (O a multiple of 4 * LANES, on AVX-512) or x 2 vectors (of 2 * LANES)."""
     vectors = 4 if LANES == 16 and o % (4 * LANES) == 0 else 2
 
-    @_jit
+    @KERNEL_JIT
     def tiles6(x, w, y, n, hp, wp, gh, gw, spread, row0, col0, oh, ow):  # pragma: no cover - compiled, tested
         per_image = gh * gw
         total = n * per_image
@@ -176,7 +178,7 @@ def _tiles6(c: int, o: int, s: int, taps: tuple) -> Callable[..., None]:
 @functools.lru_cache(maxsize=None)
 def _tiles12(c: int, o: int, s: int, taps: tuple) -> Callable[..., None]:
     """12 positions x 1 vector (O a multiple of LANES)."""
-    @_jit
+    @KERNEL_JIT
     def tiles12(x, w, y, n, hp, wp, gh, gw, spread, row0, col0, oh, ow):  # pragma: no cover - compiled, tested
         per_image = gh * gw
         total = n * per_image
@@ -248,7 +250,7 @@ def _rows(c: int, o: int, weights: tuple, r: int) -> Callable[..., None]:
     tap row and input channel, r + 2 broadcasts and 3 weight loads for 3 r FMAs, where 12 positions
     x 1 vector (_tiles12) makes 13 loads for 12 FMAs and ran at load-port speed (BENCHMARKS.md,
     "Session 13"). r is a constant of the compiled code: at r = 7 the lines for a7 are not there."""
-    @_jit
+    @KERNEL_JIT
     def rows(x, w, y, n, hp, wp, gh, gw, full):  # pragma: no cover - compiled, tested
         # x: n padded images (hp, wp, c), flat; y: (n, gh, gw, o), flat; columns 0..full-1 of each row
         for b in range(n):
@@ -303,7 +305,7 @@ def _rows_x2(c: int, o: int, weights: tuple, r: int) -> Callable[..., None]:
     accumulators, 6 weight vectors and a broadcast, at most 23 of the 32 registers; r + 2
     broadcasts and 6 weight loads for 6 r FMAs, against 6 x 2 tiles' 8 loads for 12
     (BENCHMARKS.md, "Session 13")."""
-    @_jit
+    @KERNEL_JIT
     def rows_x2(x, w, y, n, hp, wp, gh, gw, full):  # pragma: no cover - compiled, tested
         for b in range(n):
             for i in range(gh):
@@ -374,7 +376,7 @@ def _rows_apply(o: int, s: int, taps: tuple) -> bool:
     return vectors and s == 1 and _row_weights(taps) is not None
 
 
-@_jit
+@JIT
 def row_split(width):  # pragma: no cover - compiled, tested
     """(eights, sevens): rows of 8 and then of 7 that cover the most of a row of this width (more
     eights on a tie); the tiles take the rest. 28 = 4 x 7, 14 = 2 x 7, 32 = 4 x 8, 15 = 8 + 7.
@@ -391,26 +393,21 @@ def row_split(width):  # pragma: no cover - compiled, tested
 def _rows_then_tiles(c: int, o: int, taps: tuple) -> Callable[..., None]:
     """The tiles kernels' call at stride 1 with all nine taps (_rows_apply): rows of 8 and then of 7
     over each row's first columns (row_split), the tiles over the rest (x and y, or the columns,
-    offset to where each part begins). Compiled, so that the chunk loops below call it."""
+    offset to where each part begins)."""
     weights = _row_weights(taps)
     rows, rest = (_rows, _tiles12(c, o, 1, taps)) if o == LANES else (_rows_x2, _tiles6(c, o, 1, taps))
-    rows8, rows7 = rows(c, o, weights, 8), rows(c, o, weights, 7)
 
-    @_jit
     def rows_then_tiles(x, w, y, n, hp, wp, gh, gw, spread, row0, col0, oh, ow):  # pragma: no cover - compiled, tested
-        eights, sevens = row_split(gw)
-        if spread != 1 or row0 or col0 or eights + sevens == 0:
-            rest(x, w, y, n, hp, wp, gh, gw, spread, row0, col0, oh, ow)
-            return
+        eights, sevens = row_split(gw) if spread == 1 and row0 == 0 and col0 == 0 else (0, 0)
         if eights:
-            rows8(x, w, y, n, hp, wp, gh, gw, 8 * eights)
+            ROWS8(x, w, y, n, hp, wp, gh, gw, 8 * eights)
         start = 8 * eights
         if sevens:  # window j of x[start * c:] starts at padded column start + j; y likewise
-            rows7(x[start * c:], w, y[start * o:], n, hp, wp, gh, gw, 7 * sevens)
+            ROWS7(x[start * c:], w, y[start * o:], n, hp, wp, gh, gw, 7 * sevens)
         start += 7 * sevens
-        if start < gw:
-            rest(x[start * c:], w, y, n, hp, wp, gh, gw - start, 1, 0, start, oh, ow)
-    return rows_then_tiles
+        if start < gw:  # one call, so that the loops that inline this kernel hold one copy of the tiles
+            REST(x[start * c:], w, y, n, hp, wp, gh, gw - start, spread, row0, col0 + start, oh, ow)
+    return calling(rows_then_tiles, KERNEL_JIT, ROWS8=rows(c, o, weights, 8), ROWS7=rows(c, o, weights, 7), REST=rest)
 
 
 def _kernel(c: int, o: int, s: int, taps: tuple = FORWARD_TAPS) -> Callable[..., None]:
@@ -418,8 +415,8 @@ def _kernel(c: int, o: int, s: int, taps: tuple = FORWARD_TAPS) -> Callable[...,
     these taps ((row, column) offsets from a window's start, and the index p * 3 + q of the
     weights w[p, q] each reads), compiled for them: as constants they turn every address of the
     inner loop into a register plus a fixed offset (BENCHMARKS.md, session 9). Compiled on first
-    use, under a second each, and cached on disk like the other kernels: Numba's cache key holds
-    a closure's variables. At stride 1 with all nine taps (a ResNet's layers and their input
+    use, into the chunk loop that calls it (cached on disk with the loop: cnn_gpu.cpu.jit), or
+    alone when Python calls it (conv3x3, conv3x3_input_grad). At stride 1 with all nine taps (a ResNet's layers and their input
     gradients) the kernel runs along rows (_rows_then_tiles)."""
     if _rows_apply(o, s, taps):
         return _rows_then_tiles(c, o, taps)
@@ -445,7 +442,7 @@ def _weight_grad_kernel(c: int, o: int, s: int = 1) -> Callable[..., None]:
     position: per position three vector loads of x (one per tap q) and 8 broadcasts of dy for 24
     FMAs, where a GEMM of cols.T @ dy first needs cols. On AVX2's 16 registers the 24 accumulators
     spill: the same sums, slower (not measured: no AVX2 machine this session)."""
-    @_jit
+    @KERNEL_JIT
     def weight_grad(x, dy, dw_t, n, h, w, oh, ow):  # pragma: no cover - compiled, tested
         # x: (n, h, w, c), flat; dy: (n, oh, ow, o), flat; dw_t: (3, 3, o, c), flat, overwritten
         # (channels last, so that each accumulator is stored as one vector). Output (i, j) reads
@@ -497,7 +494,7 @@ def _weight_grad_kernel(c: int, o: int, s: int = 1) -> Callable[..., None]:
     return weight_grad
 
 
-@_jit
+@KERNEL_JIT
 def _pad_into(x, b0, b1, scratch, h, wd, c):  # pragma: no cover - compiled, tested
     """Images b0..b1-1 of x (flat (N, h, wd, c)) into the interiors of scratch's first b1 - b0
     padded images (flat (h + 2, wd + 2, c) each); the borders are scratch's zeros."""
@@ -512,9 +509,6 @@ def _pad_into(x, b0, b1, scratch, h, wd, c):  # pragma: no cover - compiled, tes
 def _forward_chunks(c: int, o: int, s: int) -> Callable[..., None]:
     """conv3x3's work over chunks of a batch, each chunk taken from a shared counter: pad it, run
     the kernel, add the bias and apply the ReLU while the chunk's outputs are in cache."""
-    kernel = _kernel(c, o, s)
-
-    @_jit
     def forward_chunks(x, w, y, bias, relu, scratch, starts, counter, h, wd, oh, ow):  # pragma: no cover - compiled, tested
         per_image = oh * ow * o
         while True:
@@ -524,12 +518,12 @@ def _forward_chunks(c: int, o: int, s: int) -> Callable[..., None]:
             b0, b1 = starts[k], starts[k + 1]
             _pad_into(x, b0, b1, scratch, h, wd, c)
             out = y[b0 * per_image:b1 * per_image]
-            kernel(scratch, w, out, b1 - b0, h + 2, wd + 2, oh, ow, 1, 0, 0, oh, ow)
+            KERNEL(scratch, w, out, b1 - b0, h + 2, wd + 2, oh, ow, 1, 0, 0, oh, ow)
             if len(bias):
                 elementwise.bias_relu_loop(out.reshape((-1, o)), bias, relu)
             elif relu:
                 elementwise.relu_loop(out, out)
-    return forward_chunks
+    return calling(forward_chunks, KERNEL=_kernel(c, o, s))
 
 
 CHUNKED_STRIDES = (1, 2)  # the strides whose backward runs as compiled chunk loops (others: conv3x3_input_grad's)
@@ -543,9 +537,7 @@ def _backward_chunks(c: int, o: int, s: int) -> Callable[..., None]:
     assert s in CHUNKED_STRIDES
     classes = [(row0, col0, _kernel(o, c, 1, _input_grad_taps(s, row0, col0))) for row0 in range(s) for col0 in range(s)]
     k0, k1, k2, k3 = [kernel for _, _, kernel in classes] + [classes[0][2]] * (4 - len(classes))
-    weight_grad = _weight_grad_kernel(c, o, s)
 
-    @_jit
     def backward_chunks(x, dy, w_t, dx, plus, dw_t_parts, scratch, starts, counter, h, wd, oh, ow):  # pragma: no cover - compiled, tested
         per_x, per_dy = h * wd * c, oh * ow * o
         while True:
@@ -558,22 +550,22 @@ def _backward_chunks(c: int, o: int, s: int) -> Callable[..., None]:
                 _pad_into(dy, b0, b1, scratch, oh, ow, o)
                 out = dx[b0 * per_x:b1 * per_x]
                 if s == 1:
-                    k0(scratch, w_t, out, n, oh + 2, ow + 2, h, wd, 1, 0, 0, h, wd)
+                    K0(scratch, w_t, out, n, oh + 2, ow + 2, h, wd, 1, 0, 0, h, wd)
                 else:  # the four classes (row mod 2, column mod 2), each with its own taps
                     gh0, gh1, gw0, gw1 = (h + 1) // 2, h // 2, (wd + 1) // 2, wd // 2
-                    k0(scratch, w_t, out, n, oh + 2, ow + 2, gh0, gw0, 2, 0, 0, h, wd)
+                    K0(scratch, w_t, out, n, oh + 2, ow + 2, gh0, gw0, 2, 0, 0, h, wd)
                     if gw1:
-                        k1(scratch, w_t, out, n, oh + 2, ow + 2, gh0, gw1, 2, 0, 1, h, wd)
+                        K1(scratch, w_t, out, n, oh + 2, ow + 2, gh0, gw1, 2, 0, 1, h, wd)
                     if gh1:
-                        k2(scratch, w_t, out, n, oh + 2, ow + 2, gh1, gw0, 2, 1, 0, h, wd)
+                        K2(scratch, w_t, out, n, oh + 2, ow + 2, gh1, gw0, 2, 1, 0, h, wd)
                     if gh1 and gw1:
-                        k3(scratch, w_t, out, n, oh + 2, ow + 2, gh1, gw1, 2, 1, 1, h, wd)
+                        K3(scratch, w_t, out, n, oh + 2, ow + 2, gh1, gw1, 2, 1, 1, h, wd)
                 if len(plus):
                     more = plus[b0 * per_x:b1 * per_x]
                     for i in range(len(out)):
                         out[i] = out[i] + more[i]
-            weight_grad(x[b0 * per_x:b1 * per_x], dy[b0 * per_dy:b1 * per_dy], dw_t_parts[k], n, h, wd, oh, ow)
-    return backward_chunks
+            WEIGHT_GRAD(x[b0 * per_x:b1 * per_x], dy[b0 * per_dy:b1 * per_dy], dw_t_parts[k], n, h, wd, oh, ow)
+    return calling(backward_chunks, K0=k0, K1=k1, K2=k2, K3=k3, WEIGHT_GRAD=_weight_grad_kernel(c, o, s))
 
 
 def aligned(a: np.ndarray) -> np.ndarray:
@@ -613,7 +605,8 @@ def conv3x3(x: np.ndarray, w: np.ndarray, out: np.ndarray, scratch: np.ndarray, 
     1, no bias, at this stride (OH, OW: output_hw); float32, O a multiple of LANES (supports), out
     C-contiguous (a batch slice of a larger array is fine; on a 64-byte boundary, from aligned_empty,
     is faster). scratch: padded_scratch(n >= B, H, W, C). Returns out. (The kernel called from
-    Python: conv3x3_chunks compiles a loop around it, at a few seconds a shape, the first time.)"""
+    Python, compiled for each process: the strategy's conv3x3_chunks compiles it into a loop that
+    the disk cache keeps.)"""
     n, h, wd, c = x.shape
     o = w.shape[3]
     oh, ow = output_hw(h, wd, stride)
@@ -713,7 +706,7 @@ def swap_channels(w: np.ndarray) -> np.ndarray:
     return out
 
 
-@_jit
+@JIT
 def _transpose_taps(a, out):  # pragma: no cover - compiled, tested
     # a (T, P, Q) -> out (T, Q, P): a copy by rows of out (NumPy's strided copy ran ~4x slower here)
     taps, p, q = a.shape
@@ -731,7 +724,7 @@ def sum_weight_grads(dw_t_parts: np.ndarray, c: int, o: int) -> np.ndarray:
     return dw
 
 
-@_jit
+@JIT
 def _sum_transposed(parts, out):  # pragma: no cover - compiled, tested
     # parts (P, T, Q, R) -> out (T, R, Q) = parts[0] + parts[1] + ..., in that order, from zero
     n, taps, q, r = parts.shape
