@@ -259,3 +259,21 @@ def test_evaluate_with_hflip_on_the_gpu_matches_the_cpu(rng, batch_norm):
     assert (gpu_predicted != cpu_predicted).sum() <= 1  # a near-tie may flip under float32
     assert gpu_acc == pytest.approx(cpu_acc, abs=1 / 40)
     assert gpu_loss == pytest.approx(cpu_loss, rel=1e-4)
+
+
+def test_the_bar_says_the_first_step_compiles_and_only_in_the_first_epoch(monkeypatch):
+    """The first step of a run on the CPU compiles the kernels Numba's cache lacks (a minute for a
+    ResNet-20 the first time): the bar says so meanwhile, instead of sitting at 0% unexplained."""
+    pytest.importorskip("tqdm")
+    from cnn_gpu import cpu
+    from cnn_gpu.training import progress
+    notes = []
+    monkeypatch.setattr(progress.ProgressBar, "note", lambda self, text: notes.append(text))
+    monkeypatch.setattr(cpu, "enabled", lambda: True)
+    model = small_cnn()
+    fit(model, SGD(model.parameters(), lr=0.05), bars(64, 0), epochs=2, batch_size=32, progress=True, log=None)
+    assert len(notes) == 1 and "compiling" in notes[0], notes
+    monkeypatch.setattr(cpu, "enabled", lambda: False)  # the NumPy code: nothing to compile
+    notes.clear()
+    fit(model, SGD(model.parameters(), lr=0.05), bars(64, 0), epochs=1, batch_size=32, progress=True, log=None)
+    assert notes == []

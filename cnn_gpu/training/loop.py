@@ -33,7 +33,7 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from .. import __version__
+from .. import __version__, cpu
 from ..backend import module_for, to_device, to_numpy
 from ..checkpoint import Checkpoint, load_checkpoint, restore, save_checkpoint, write_json_atomic
 from ..data import BatchIterator, NormStats, compute_norm_stats, is_on_disk, normalize
@@ -164,7 +164,8 @@ def fit(model: Layer, optimizer: Optimizer, train_data: Split, *, epochs: int,
                 loss, acc, seconds = captured.train_epoch(epoch, num_classes, optimizer.lr)
             else:
                 loss, acc, seconds = _train_epoch(model, optimizer, loader, transform, replicas, epoch, epochs,
-                                                  progress, label_smoothing, num_classes, ema)
+                                                  progress, label_smoothing, num_classes, ema,
+                                                  first=epoch == run.start_epoch)
             replicas.share_running_statistics(ema.buffers() if ema is not None else ())
             record: dict[str, Any] = {"epoch": epoch + 1, "train_loss": loss, "train_accuracy": acc}
             if label_smoothing:
@@ -340,8 +341,11 @@ def divergence_threshold(num_classes: int) -> float:
 
 def _train_epoch(model: Layer, optimizer: Optimizer, loader: BatchIterator, transform: Callable[[Any], Any],
                  replicas: Replicas, epoch: int, epochs: int, progress: bool, label_smoothing: float,
-                 num_classes: int, ema: WeightEMA | None = None) -> tuple[float, float, float]:
+                 num_classes: int, ema: WeightEMA | None = None, first: bool = False) -> tuple[float, float, float]:
     """One pass over the training data. Returns (mean loss, accuracy, seconds), over all ranks.
+    first: the run's first epoch in this process, whose first step compiles the CPU kernels that
+    Numba's disk cache does not hold yet (a minute for a ResNet-20's, the first time): the bar says
+    so until that step is done.
 
     The loss and the count of right answers are summed on the device and read only when the
     progress bar is refreshed (every step on the CPU, where reading costs nothing; every
@@ -353,12 +357,12 @@ def _train_epoch(model: Layer, optimizer: Optimizer, loader: BatchIterator, tran
     """
     with np.errstate(over="ignore", invalid="ignore"):
         return _train_steps(model, optimizer, loader, transform, replicas, epoch, epochs, progress,
-                            label_smoothing, num_classes, ema)
+                            label_smoothing, num_classes, ema, first)
 
 
 def _train_steps(model: Layer, optimizer: Optimizer, loader: BatchIterator, transform: Callable[[Any], Any],
                  replicas: Replicas, epoch: int, epochs: int, progress: bool, label_smoothing: float,
-                 num_classes: int, ema: WeightEMA | None = None) -> tuple[float, float, float]:
+                 num_classes: int, ema: WeightEMA | None = None, first: bool = False) -> tuple[float, float, float]:
     model.train()
     limit = divergence_threshold(num_classes)
     xp = module_for(model.backend)  # the loader's images may be a memory map on the host
@@ -369,6 +373,8 @@ def _train_steps(model: Layer, optimizer: Optimizer, loader: BatchIterator, tran
     seen, synced_step, synced_seen, synced_loss = 0, 0, 0.0, 0.0
     started = time.perf_counter()
     with ProgressBar(steps, f"epoch {epoch + 1}/{epochs}", enabled=progress and replicas.is_rank0) as bar:
+        if first and not on_gpu and cpu.enabled():
+            bar.note("compiling the CPU kernels not yet in Numba's cache")
         for step, shard in enumerate(replicas.shards(loader.batches(epoch), transform), start=1):
             if replicas.trains_on(shard):
                 logits = model.forward(shard.x)

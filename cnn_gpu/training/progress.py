@@ -23,6 +23,11 @@ class ProgressBar:
             # leave=False: the epoch's summary line replaces the bar when it ends.
             self._bar = tqdm(total=total, desc=description, unit="batch", leave=False, dynamic_ncols=True)
 
+    def note(self, text: str) -> None:
+        """Text in place of the figures until the next update (what the bar waits for)."""
+        if self._bar is not None:
+            self._bar.set_postfix_str(text, refresh=True)
+
     def update(self, steps: int, loss: float, acc: float, img_s: float) -> None:
         if self._bar is not None:
             self._bar.set_postfix(loss=f"{loss:.4f}", acc=f"{acc:.4f}", img_s=f"{img_s:.0f}", refresh=False)
