@@ -20,8 +20,8 @@ every kernel with it, and it runs wherever Numba is missing or switched off.
   multiplier, stride, padding and dilation; the same calls as `cnn_gpu.cuda.conv`'s)
 - `cnn_gpu.cpu.elementwise`: `relu`, `relu_backward`, `add_relu` (a residual sum and the ReLU
   after it), `bias_relu` (a 1x1 convolution's bias and ReLU), the SGD update
-- `cnn_gpu.cpu.jit`: `calling`, how a loop compiled for one shape calls that shape's kernels
-  and is found again in Numba's disk cache by the next process
+- `cnn_gpu.cpu.jit`: `specialized`, how a kernel compiled for one shape is named, and how a loop
+  compiled around it calls it and is found again in Numba's disk cache by the next process
 - `cnn_gpu.cpu.threads`: `for_each` over the parts of a batch on CNN_GPU_THREADS threads
   (plain Python and threadpoolctl: no Numba needed)
 - `cnn_gpu.cpu.heap`: `keep_freed_memory`, run on import: glibc's malloc keeps freed arrays for

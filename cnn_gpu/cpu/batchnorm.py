@@ -30,11 +30,11 @@ import numba
 import numpy as np
 
 from . import spin, threads
-from .jit import calling
+from .jit import specialized
 from .simd import LANES64, aligned_empty, fma64, load64, store64, where_positive, widen, zeros64
 
 _jit = numba.njit(cache=True, nogil=True, boundscheck=False)
-KERNEL = None  # the kernel that _parts_loop's loop calls, bound for each kernel (jit.calling)
+KERNEL = None  # the kernel that _parts_loop's loop calls, bound for each kernel (jit.specialized)
 
 TAKES_RELU = True  # batch_norm_normalize takes relu=, the backward's two calls relu_out= (see the top)
 
@@ -189,14 +189,14 @@ def _shared(nbytes: int, parts: int) -> bool:
 @functools.lru_cache(maxsize=None)
 def _parts_loop(kernel: Any) -> Any:
     """kernel(*args, rows_per_part, k, k + 1, sums_1, sums_2) for each part k this thread takes
-    from counter (spin.next_part), compiled around this kernel (jit.calling)."""
+    from counter (spin.next_part), compiled around this kernel (jit.specialized)."""
     def parts_loop(args, rows_per_part, parts, counter, sums_1, sums_2):  # pragma: no cover - compiled, tested
         while True:
             k = spin.next_part(counter)
             if k >= parts:
                 return
             KERNEL(*args, rows_per_part, k, k + 1, sums_1, sums_2)
-    return calling(parts_loop, KERNEL=kernel)
+    return specialized(parts_loop, KERNEL=kernel)
 
 
 def _mean_var(x2d: Any) -> tuple[Any, Any]:

@@ -61,10 +61,10 @@ import numba
 import numpy as np
 
 from . import elementwise, simd, spin
-from .jit import JIT, KERNEL_JIT, calling
+from .jit import JIT, KERNEL_JIT, specialized
 from .simd import LANES, aligned_empty, broadcast, fma, load, zeros
 
-# The kernels that a compiled loop below calls by these names, bound for each shape (jit.calling)
+# The kernels that a compiled loop below calls by these names, bound for each shape (jit.specialized)
 ROWS8 = ROWS7 = REST = KERNEL = K0 = K1 = K2 = K3 = WEIGHT_GRAD = None
 
 
@@ -108,7 +108,6 @@ def _tiles6(c: int, o: int, s: int, taps: tuple) -> Callable[..., None]:
     """6 positions x 4 vectors (O a multiple of 4 * LANES, on AVX-512) or x 2 vectors (of 2 * LANES)."""
     vectors = 4 if LANES == 16 and o % (4 * LANES) == 0 else 2
 
-    @KERNEL_JIT
     def tiles6(x, w, y, n, hp, wp, gh, gw, spread, row0, col0, oh, ow):  # pragma: no cover - compiled, tested
         per_image = gh * gw
         total = n * per_image
@@ -172,13 +171,12 @@ def _tiles6(c: int, o: int, s: int, taps: tuple) -> Callable[..., None]:
                     if f0 + k < total:
                         for v in range(vectors):
                             simd.store(y, d + o0 + v * LANES, acc[v])
-    return tiles6
+    return specialized(tiles6, KERNEL_JIT)
 
 
 @functools.lru_cache(maxsize=None)
 def _tiles12(c: int, o: int, s: int, taps: tuple) -> Callable[..., None]:
     """12 positions x 1 vector (O a multiple of LANES)."""
-    @KERNEL_JIT
     def tiles12(x, w, y, n, hp, wp, gh, gw, spread, row0, col0, oh, ow):  # pragma: no cover - compiled, tested
         per_image = gh * gw
         total = n * per_image
@@ -234,7 +232,7 @@ def _tiles12(c: int, o: int, s: int, taps: tuple) -> Callable[..., None]:
                                   (6, d6, a6), (7, d7, a7), (8, d8, a8), (9, d9, a9), (10, d10, a10), (11, d11, a11)):
                     if f0 + k < total:
                         simd.store(y, d + o0, acc)
-    return tiles12
+    return specialized(tiles12, KERNEL_JIT)
 
 
 FORWARD_TAPS = tuple((p, q, 3 * p + q) for p in range(3) for q in range(3))  # (row, column, weight) of each tap
@@ -250,7 +248,6 @@ def _rows(c: int, o: int, weights: tuple, r: int) -> Callable[..., None]:
     tap row and input channel, r + 2 broadcasts and 3 weight loads for 3 r FMAs, where 12 positions
     x 1 vector (_tiles12) makes 13 loads for 12 FMAs and ran at load-port speed (BENCHMARKS.md,
     "Session 13"). r is a constant of the compiled code: at r = 7 the lines for a7 are not there."""
-    @KERNEL_JIT
     def rows(x, w, y, n, hp, wp, gh, gw, full):  # pragma: no cover - compiled, tested
         # x: n padded images (hp, wp, c), flat; y: (n, gh, gw, o), flat; columns 0..full-1 of each row
         for b in range(n):
@@ -296,7 +293,7 @@ def _rows(c: int, o: int, weights: tuple, r: int) -> Callable[..., None]:
                     simd.store(y, out + 6 * o, a6)
                     if r == 8:
                         simd.store(y, out + 7 * o, a7)
-    return rows
+    return specialized(rows, KERNEL_JIT)
 
 
 @functools.lru_cache(maxsize=None)
@@ -305,7 +302,6 @@ def _rows_x2(c: int, o: int, weights: tuple, r: int) -> Callable[..., None]:
     accumulators, 6 weight vectors and a broadcast, at most 23 of the 32 registers; r + 2
     broadcasts and 6 weight loads for 6 r FMAs, against 6 x 2 tiles' 8 loads for 12
     (BENCHMARKS.md, "Session 13")."""
-    @KERNEL_JIT
     def rows_x2(x, w, y, n, hp, wp, gh, gw, full):  # pragma: no cover - compiled, tested
         for b in range(n):
             for i in range(gh):
@@ -358,7 +354,7 @@ def _rows_x2(c: int, o: int, weights: tuple, r: int) -> Callable[..., None]:
                             if k < r:
                                 simd.store(y, out + k * o, low)
                                 simd.store(y, out + k * o + LANES, high)
-    return rows_x2
+    return specialized(rows_x2, KERNEL_JIT)
 
 
 def _row_weights(taps: tuple) -> tuple | None:
@@ -407,7 +403,7 @@ def _rows_then_tiles(c: int, o: int, taps: tuple) -> Callable[..., None]:
         start += 7 * sevens
         if start < gw:  # one call, so that the loops that inline this kernel hold one copy of the tiles
             REST(x[start * c:], w, y, n, hp, wp, gh, gw - start, spread, row0, col0 + start, oh, ow)
-    return calling(rows_then_tiles, KERNEL_JIT, ROWS8=rows(c, o, weights, 8), ROWS7=rows(c, o, weights, 7), REST=rest)
+    return specialized(rows_then_tiles, KERNEL_JIT, ROWS8=rows(c, o, weights, 8), ROWS7=rows(c, o, weights, 7), REST=rest)
 
 
 def _kernel(c: int, o: int, s: int, taps: tuple = FORWARD_TAPS) -> Callable[..., None]:
@@ -442,7 +438,6 @@ def _weight_grad_kernel(c: int, o: int, s: int = 1) -> Callable[..., None]:
     position: per position three vector loads of x (one per tap q) and 8 broadcasts of dy for 24
     FMAs, where a GEMM of cols.T @ dy first needs cols. On AVX2's 16 registers the 24 accumulators
     spill: the same sums, slower (not measured: no AVX2 machine this session)."""
-    @KERNEL_JIT
     def weight_grad(x, dy, dw_t, n, h, w, oh, ow):  # pragma: no cover - compiled, tested
         # x: (n, h, w, c), flat; dy: (n, oh, ow, o), flat; dw_t: (3, 3, o, c), flat, overwritten
         # (channels last, so that each accumulator is stored as one vector). Output (i, j) reads
@@ -491,7 +486,7 @@ def _weight_grad_kernel(c: int, o: int, s: int = 1) -> Callable[..., None]:
                     for q in range(3):
                         for k in range(8):
                             simd.store(dw_t, ((p * 3 + q) * o + o0 + k) * c + c0, accumulators[q][k])
-    return weight_grad
+    return specialized(weight_grad, KERNEL_JIT)
 
 
 @KERNEL_JIT
@@ -523,7 +518,7 @@ def _forward_chunks(c: int, o: int, s: int) -> Callable[..., None]:
                 elementwise.bias_relu_loop(out.reshape((-1, o)), bias, relu)
             elif relu:
                 elementwise.relu_loop(out, out)
-    return calling(forward_chunks, KERNEL=_kernel(c, o, s))
+    return specialized(forward_chunks, KERNEL=_kernel(c, o, s))
 
 
 CHUNKED_STRIDES = (1, 2)  # the strides whose backward runs as compiled chunk loops (others: conv3x3_input_grad's)
@@ -565,7 +560,7 @@ def _backward_chunks(c: int, o: int, s: int) -> Callable[..., None]:
                     for i in range(len(out)):
                         out[i] = out[i] + more[i]
             WEIGHT_GRAD(x[b0 * per_x:b1 * per_x], dy[b0 * per_dy:b1 * per_dy], dw_t_parts[k], n, h, wd, oh, ow)
-    return calling(backward_chunks, K0=k0, K1=k1, K2=k2, K3=k3, WEIGHT_GRAD=_weight_grad_kernel(c, o, s))
+    return specialized(backward_chunks, K0=k0, K1=k1, K2=k2, K3=k3, WEIGHT_GRAD=_weight_grad_kernel(c, o, s))
 
 
 def aligned(a: np.ndarray) -> np.ndarray:
