@@ -108,3 +108,27 @@ def test_without_numba_the_flags_are_plain_python_and_the_threads_still_run():
             "print('ok')\n")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr
+
+
+@pytest.mark.skipif(not spin.COMPILED, reason="spin.leave is compiled code: needs Numba")
+def test_a_workers_loop_leaves_once_the_caller_waits_and_not_before():
+    """spin.leave at the end of an on_each loop: on a worker's counter (WAITING after the three
+    counter flags) it waits for the caller's announce_then_wait_all of the job posted, and gives up
+    after LEAVE_SPINS hints; on the caller's counter (three flags, a view of the same ones) and on a
+    lone thread's it waits for nothing."""
+    flags = spin.new_flags(spin.WORKER_COUNTER_FLAGS + 1)
+    worker, caller = flags[:spin.WORKER_COUNTER_FLAGS * spin.LINE], flags[:spin.COUNTER_FLAGS * spin.LINE]
+    spin.publish(flags, spin.POSTED, 3)
+    assert spin.leave(caller) and spin.leave(spin.new_flags(spin.COUNTER_FLAGS))
+    assert not spin.leave(worker)  # job 3 posted, the caller waits for none yet: the hints run out
+    spin.publish(flags, spin.WAITING, 2)
+    assert not spin.leave(worker)  # it waits for an earlier job's end
+    done = []
+    t = threading.Thread(target=lambda: done.append(spin.announce_then_wait_all(flags, spin.WAITING, 3, 4, 5, 1 << 40)))
+    t.start()  # the caller: raises WAITING to 3, then waits for flag 4 (a worker's DONE)
+    while spin.load(flags, spin.WAITING) < 3:
+        pass
+    assert spin.leave(worker)
+    spin.publish(flags, 4, 3)
+    t.join(timeout=60)
+    assert done == [True]

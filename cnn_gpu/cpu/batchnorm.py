@@ -194,6 +194,7 @@ def _parts_loop(kernel: Any) -> Any:
         while True:
             k = spin.next_part(counter)
             if k >= parts:
+                spin.leave(counter)
                 return
             KERNEL(*args, rows_per_part, k, k + 1, sums_1, sums_2)
     return specialized(parts_loop, KERNEL=kernel)
@@ -261,6 +262,7 @@ def _affine_parts(x2d, mean, scale, shift, relu, add2d, added, y, rows_per_part,
     while True:
         r0, r1 = _next_rows(counter, rows_per_part, x2d.shape[0])
         if r0 >= r1:
+            spin.leave(counter)
             return
         _affine(x2d[r0:r1], mean, scale, shift, relu, add2d[r0:r1], added, y[r0:r1])
 
@@ -272,6 +274,7 @@ def _train_dx_parts(dy2d, x2d, mean, k, a, b, relu_out, masked, shift, recompute
     while True:
         r0, r1 = _next_rows(counter, rows_per_part, x2d.shape[0])
         if r0 >= r1:
+            spin.leave(counter)
             return
         _train_dx(dy2d[r0:r1], x2d[r0:r1], mean, k, a, b, relu_out[r0:r1], masked, shift, recomputed, dx[r0:r1])
 

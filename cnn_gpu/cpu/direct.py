@@ -509,6 +509,7 @@ def _forward_chunks(c: int, o: int, s: int) -> Callable[..., None]:
         while True:
             k = spin.next_part(counter)
             if k + 1 >= len(starts):
+                spin.leave(counter)
                 return
             b0, b1 = starts[k], starts[k + 1]
             _pad_into(x, b0, b1, scratch, h, wd, c)
@@ -538,6 +539,7 @@ def _backward_chunks(c: int, o: int, s: int) -> Callable[..., None]:
         while True:
             k = spin.next_part(counter)
             if k + 1 >= len(starts):
+                spin.leave(counter)
                 return
             b0, b1 = starts[k], starts[k + 1]
             n = b1 - b0

@@ -7,6 +7,8 @@
     got = publish_then_wait(flags, i, value, asleep, j, next_value, spins)  # both, in one call
     k = take(flags, i)                     # in compiled code: flags[i] += 1, atomically; the value before
     k = next_part(counter)                 # in compiled code: the next part of an on_each loop (below)
+    leave(counter)                         # in compiled code: an on_each loop's last call (below)
+    seen = announce_then_wait_all(flags, i, value, first, last, spins)   # flags[i] = value, then wait_all
 
 Why spin: a thread asleep on a lock or a condition takes ~50 us to wake on a virtual machine
 whose idle CPUs halt at once (no halt polling: this project's machines are such), so every hand-off
@@ -42,6 +44,13 @@ LINE = 8  # int64s in a 64-byte cache line: flag i lives at flags[i * LINE], alo
 # then come for the GIL when this one has let it go, instead of sleeping on it while it runs Python.
 PART, PENDING, POSTED = 0, 1, 2
 COUNTER_FLAGS = 3
+# A team's workers get a fourth: the job whose end the caller waits for now, outside the GIL. A
+# worker whose loop ends first spins (leave) until it is raised, and then takes the GIL back at
+# once; otherwise it would come for the GIL while the caller still runs Python after its own loop,
+# sleep on it, and take ~20-50 us to wake once the caller lets it go, at the end of every job.
+WAITING = 3
+WORKER_COUNTER_FLAGS = 4
+LEAVE_SPINS = 100_000  # ~1.5 ms: a caller with more than that left to do runs its loop, without the GIL
 
 # The spin-wait hint as an LLVM intrinsic (Numba's JIT takes no inline assembly): x86's pause,
 # Arm's hint #1 (yield); elsewhere none.
@@ -59,7 +68,8 @@ class plain:
     """The same calls in Python, for when Numba is missing: they hold the GIL, so each wait looks once."""
 
     new_flags = staticmethod(new_flags)
-    PART, PENDING, POSTED, COUNTER_FLAGS = PART, PENDING, POSTED, COUNTER_FLAGS
+    PART, PENDING, POSTED, COUNTER_FLAGS, WAITING, LINE = PART, PENDING, POSTED, COUNTER_FLAGS, WAITING, LINE
+    WORKER_COUNTER_FLAGS = WORKER_COUNTER_FLAGS
 
     @staticmethod
     def publish(flags, i, value):
@@ -76,6 +86,11 @@ class plain:
     @staticmethod
     def wait_all(flags, first, last, value, spins):
         return all(plain.load(flags, i) >= value for i in range(first, last))
+
+    @staticmethod
+    def announce_then_wait_all(flags, i, value, first, last, spins):
+        plain.publish(flags, i, value)
+        return plain.wait_all(flags, first, last, value, spins)
 
     @staticmethod
     def publish_then_wait(flags, i, value, asleep, j, next_value, spins):
@@ -145,6 +160,22 @@ if COMPILED:
             _store(counter, POSTED, pending)
         return take(counter, PART)
 
+    @njit(inline="always")
+    def leave(counter):  # pragma: no cover - compiled, tested
+        """An on_each loop's last call, when next_part has no part left. On a team's worker (whose
+        counter has WORKER_COUNTER_FLAGS flags; the caller's and a lone thread's have COUNTER_FLAGS):
+        spin until the caller waits for the job's end outside the GIL (counter[WAITING] reaches the
+        job posted), at most LEAVE_SPINS hints, so that the worker takes the GIL back when it is free.
+        Returns False when the hints ran out first, else True."""
+        if len(counter) < WORKER_COUNTER_FLAGS * LINE:
+            return True
+        job = _load(counter, POSTED)
+        for _ in range(LEAVE_SPINS):
+            if _load(counter, WAITING) >= job:
+                return True
+            _hint()
+        return _load(counter, WAITING) >= job
+
 
     @intrinsic
     def _hint(typingctx):
@@ -196,6 +227,14 @@ if COMPILED:
 
 
     @_jit
+    def announce_then_wait_all(flags, i, value, first, last, spins):  # pragma: no cover - compiled, tested
+        """flags[i] = value once the GIL is let go (this call's first step), then wait_all: the
+        caller's wait for a job's end, which the workers' leave() waits for."""
+        _store(flags, i, value)
+        return wait_all(flags, first, last, value, spins)
+
+
+    @_jit
     def publish_then_wait(flags, i, value, asleep, j, next_value, spins):  # pragma: no cover - compiled, tested
         """flags[i] = value; then -1 if flags[asleep] >= value (the thread waiting for it has gone to
         sleep: wake it), else whether flags[j] reached next_value within `spins` (1 or 0). All outside
@@ -206,5 +245,6 @@ if COMPILED:
         return 1 if wait_for(flags, j, next_value, spins) else 0
 
 else:
-    publish, load, wait_for, wait_all, publish_then_wait = (
-        plain.publish, plain.load, plain.wait_for, plain.wait_all, plain.publish_then_wait)
+    publish, load, wait_for, wait_all, announce_then_wait_all, publish_then_wait = (
+        plain.publish, plain.load, plain.wait_for, plain.wait_all, plain.announce_then_wait_all,
+        plain.publish_then_wait)

@@ -189,15 +189,20 @@ class _Team:
     worker that then wakes takes the GIL at once, where one woken at once would find the caller
     running Python and sleep for the GIL until the caller's loop starts (~70 us of the 0.2-2 ms of a
     convolution's chunks, seen in a step's timeline). The flags begin with the counter of parts that
-    such a loop takes from (spin.PART, spin.PENDING, spin.POSTED)."""
+    such a loop takes from (spin.PART, spin.PENDING, spin.POSTED), which each thread's job(counter)
+    gets: the workers with spin.WAITING after it, which the caller raises as it starts to wait for
+    the job's end outside the GIL, and a worker's loop waits for (spin.leave) before it takes the
+    GIL back; the caller's without (a view of the first three flags)."""
 
-    POSTED, CALLER_ASLEEP = spin.POSTED, spin.COUNTER_FLAGS
+    POSTED, CALLER_ASLEEP = spin.POSTED, spin.WAITING + 1
 
     def __init__(self, size: int) -> None:
         self.size = size
         self.workers = size - 1
-        self.flags = spin.new_flags(spin.COUNTER_FLAGS + 1 + 2 * self.workers)
-        self.job: Callable[[], None] = lambda: None
+        self.flags = spin.new_flags(spin.WAITING + 2 + 2 * self.workers)
+        self.caller_counter = self.flags[:spin.COUNTER_FLAGS * spin.LINE]  # the same flags, without WAITING
+        self.worker_counter = self.flags[:spin.WORKER_COUNTER_FLAGS * spin.LINE]
+        self.job: Callable[[Any], None] = lambda _: None
         self.jobs = 0
         self.closed = False
         self.busy = threading.Lock()  # held by the thread whose job runs
@@ -228,7 +233,7 @@ class _Team:
                 self._sleep_until(self._asleep(w), lambda: spin.load(flags, self.POSTED) >= job, job)
             if self.closed:
                 return
-            self.job()
+            self.job(self.worker_counter)
             woke = spin.publish_then_wait(flags, self._done(w), job, self.CALLER_ASLEEP, self.POSTED, job + 1, SPINS)
             if woke < 0:  # the caller sleeps: wake it, then wait for the next job as before
                 with self.wake:
@@ -238,7 +243,7 @@ class _Team:
                 seen = woke == 1
             job += 1
 
-    def _post(self, job: Callable[[], None], later: bool = False) -> int:
+    def _post(self, job: Callable[[Any], None], later: bool = False) -> int:
         """Post the next job now, or (later) leave it PENDING for the caller's compiled loop to post,
         unless a worker sleeps (it must be woken after the post)."""
         self.jobs += 1
@@ -259,24 +264,25 @@ class _Team:
             with self.wake:
                 self.wake.notify_all()
 
-    def run(self, job: Callable[[], None], post_later: bool = False) -> None:
-        """job() on every thread of the team, this one included; returns when all have returned.
-        The caller holds `busy`. post_later: job's compiled loop posts it (on_each)."""
+    def run(self, job: Callable[[Any], None], post_later: bool = False) -> None:
+        """job(counter) on every thread of the team, this one included; returns when all have
+        returned. The caller holds `busy`. post_later: job's compiled loop posts it (on_each)."""
         n = self._post(job, post_later)
         try:
-            job()
+            job(self.caller_counter)
         finally:
             if spin.load(self.flags, self.POSTED) < n or (post_later and self._sleepers(n)):
                 self._post_now(n)  # the loop never ran, or a worker fell asleep before it posted
             done = lambda: spin.wait_all(self.flags, self._done(0), self._done(self.workers), n, 0)  # noqa: E731
-            if not spin.wait_all(self.flags, self._done(0), self._done(self.workers), n, SPINS):
+            if not spin.announce_then_wait_all(self.flags, spin.WAITING, n, self._done(0), self._done(self.workers),
+                                               SPINS):
                 self._sleep_until(self.CALLER_ASLEEP, done, n)
 
     def close(self) -> None:
         """Let the workers end (after the job they run, if any)."""
         with self.busy:
             self.closed = True
-            self._post(lambda: None)
+            self._post(lambda _: None)
 
 
 _team: _Team | None = None
@@ -348,7 +354,7 @@ def _share(parts: Sequence[P], work: Callable[[P, Any, Any], R], scratch: Callab
     if team.busy.acquire(blocking=False):
         try:
             with blas_held():
-                team.run(lambda: share(team.flags), post_later)  # the team's flags begin with a counter
+                team.run(share, post_later)  # each thread's counter: the team's first flags
         finally:
             team.busy.release()
     else:  # another Python thread's parts run on the team now: these run here, in turn (the same results)
