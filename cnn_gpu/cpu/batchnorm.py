@@ -30,10 +30,9 @@ import numba
 import numpy as np
 
 from . import spin, threads
-from .jit import specialized
+from .jit import JIT as _jit, specialized  # _jit: cached on disk, without the GIL or bounds checks
 from .simd import LANES64, aligned_empty, fma64, load64, store64, where_positive, widen, zeros64
 
-_jit = numba.njit(cache=True, nogil=True, boundscheck=False)
 KERNEL = None  # the kernel that _parts_loop's loop calls, bound for each kernel (jit.specialized)
 
 TAKES_RELU = True  # batch_norm_normalize takes relu=, the backward's two calls relu_out= (see the top)

@@ -15,12 +15,10 @@ from __future__ import annotations
 
 from typing import Any
 
-import numba
 import numpy as np
 
 from ..geometry import Window
-
-_jit = numba.njit(cache=True, nogil=True, boundscheck=False)
+from .jit import JIT as _jit  # cached on disk, without the GIL or bounds checks
 
 
 @_jit

@@ -401,7 +401,7 @@ def _rows_then_tiles(c: int, o: int, taps: tuple) -> Callable[..., None]:
         if sevens:  # window j of x[start * c:] starts at padded column start + j; y likewise
             ROWS7(x[start * c:], w, y[start * o:], n, hp, wp, gh, gw, 7 * sevens)
         start += 7 * sevens
-        if start < gw:  # one call, so that the loops that inline this kernel hold one copy of the tiles
+        if start < gw:  # the tiles: the rest of each row, or (no rows) all of it
             REST(x[start * c:], w, y, n, hp, wp, gh, gw - start, spread, row0, col0 + start, oh, ow)
     return specialized(rows_then_tiles, KERNEL_JIT, ROWS8=rows(c, o, weights, 8), ROWS7=rows(c, o, weights, 7), REST=rest)
 
@@ -412,8 +412,8 @@ def _kernel(c: int, o: int, s: int, taps: tuple = FORWARD_TAPS) -> Callable[...,
     weights w[p, q] each reads), compiled for them: as constants they turn every address of the
     inner loop into a register plus a fixed offset (BENCHMARKS.md, session 9). Compiled on first
     use, into the chunk loop that calls it (cached on disk with the loop: cnn_gpu.cpu.jit), or
-    alone when Python calls it (conv3x3, conv3x3_input_grad). At stride 1 with all nine taps (a ResNet's layers and their input
-    gradients) the kernel runs along rows (_rows_then_tiles)."""
+    alone when Python calls it (conv3x3, conv3x3_input_grad). At stride 1 with all nine taps (a
+    ResNet's layers and their input gradients) the kernel runs along rows (_rows_then_tiles)."""
     if _rows_apply(o, s, taps):
         return _rows_then_tiles(c, o, taps)
     return _tiles12(c, o, s, taps) if o % (2 * LANES) else _tiles6(c, o, s, taps)

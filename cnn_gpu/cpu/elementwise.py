@@ -18,13 +18,11 @@ from __future__ import annotations
 
 from typing import Any
 
-import numba
 import numpy as np
 
 from . import threads
 from .simd import aligned_empty
-
-_jit = numba.njit(cache=True, nogil=True, boundscheck=False)
+from .jit import JIT as _jit  # cached on disk, without the GIL or bounds checks
 
 
 @_jit

@@ -19,13 +19,12 @@ from __future__ import annotations
 
 from typing import Any
 
-import numba
 import numpy as np
 
 from ..geometry import Window, window_index_dtype
 from . import threads
+from .jit import JIT as _jit  # cached on disk, without the GIL or bounds checks
 
-_jit = numba.njit(cache=True, nogil=True, boundscheck=False)
 _NO_ARGMAX = np.zeros((1, 1, 1, 1), np.uint8)  # what evaluation passes for the argmax: never read or written
 
 
