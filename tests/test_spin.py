@@ -114,7 +114,7 @@ def test_without_numba_the_flags_are_plain_python_and_the_threads_still_run():
 def test_a_workers_loop_leaves_once_the_caller_waits_and_not_before():
     """spin.leave at the end of an on_each loop: on a worker's counter (WAITING after the three
     counter flags) it waits for the caller's announce_then_wait_all of the job posted, and gives up
-    after LEAVE_SPINS hints; on the caller's counter (three flags, a view of the same ones) and on a
+    after SPINS hints; on the caller's counter (three flags, a view of the same ones) and on a
     lone thread's it waits for nothing."""
     flags = spin.new_flags(spin.WORKER_COUNTER_FLAGS + 1)
     worker, caller = flags[:spin.WORKER_COUNTER_FLAGS * spin.LINE], flags[:spin.COUNTER_FLAGS * spin.LINE]

@@ -50,7 +50,8 @@ COUNTER_FLAGS = 3
 # sleep on it, and take ~20-50 us to wake once the caller lets it go, at the end of every job.
 WAITING = 3
 WORKER_COUNTER_FLAGS = 4
-LEAVE_SPINS = 100_000  # ~1.5 ms: a caller with more than that left to do runs its loop, without the GIL
+SPINS = 100_000  # hints before a wait gives up: ~1.5 ms here, longer than the gaps between a step's ops
+                 # (cnn_gpu.cpu.threads' waits before they sleep, and leave's)
 
 # The spin-wait hint as an LLVM intrinsic (Numba's JIT takes no inline assembly): x86's pause,
 # Arm's hint #1 (yield); elsewhere none.
@@ -165,12 +166,12 @@ if COMPILED:
         """An on_each loop's last call, when next_part has no part left. On a team's worker (whose
         counter has WORKER_COUNTER_FLAGS flags; the caller's and a lone thread's have COUNTER_FLAGS):
         spin until the caller waits for the job's end outside the GIL (counter[WAITING] reaches the
-        job posted), at most LEAVE_SPINS hints, so that the worker takes the GIL back when it is free.
+        job posted), at most SPINS hints, so that the worker takes the GIL back when it is free.
         Returns False when the hints ran out first, else True."""
         if len(counter) < WORKER_COUNTER_FLAGS * LINE:
             return True
         job = _load(counter, POSTED)
-        for _ in range(LEAVE_SPINS):
+        for _ in range(SPINS):
             if _load(counter, WAITING) >= job:
                 return True
             _hint()

@@ -168,8 +168,7 @@ def blas_held() -> Iterator[None]:
                 _set_blas(_saved_counts)
 
 
-SPINS = 100_000  # spin-wait hints a waiting thread gives before it sleeps: ~1.5 ms on this
-                 # project's machines, longer than the gaps between the ops of a training step
+SPINS = spin.SPINS  # spin-wait hints a waiting thread gives before it sleeps (~1.5 ms)
 
 
 class _Team:
@@ -201,7 +200,6 @@ class _Team:
         self.workers = size - 1
         self.flags = spin.new_flags(spin.WAITING + 2 + 2 * self.workers)
         self.caller_counter = self.flags[:spin.COUNTER_FLAGS * spin.LINE]  # the same flags, without WAITING
-        self.worker_counter = self.flags[:spin.WORKER_COUNTER_FLAGS * spin.LINE]
         self.job: Callable[[Any], None] = lambda _: None
         self.jobs = 0
         self.closed = False
@@ -233,7 +231,7 @@ class _Team:
                 self._sleep_until(self._asleep(w), lambda: spin.load(flags, self.POSTED) >= job, job)
             if self.closed:
                 return
-            self.job(self.worker_counter)
+            self.job(self.flags)  # the counter, WAITING and the rest: a worker's (spin.leave)
             woke = spin.publish_then_wait(flags, self._done(w), job, self.CALLER_ASLEEP, self.POSTED, job + 1, SPINS)
             if woke < 0:  # the caller sleeps: wake it, then wait for the next job as before
                 with self.wake:
